@@ -1,0 +1,201 @@
+"""Assembles and runs the server: gRPC, health, reflection, metrics, models, graceful shutdown.
+
+`start_server(settings)` returns a running `CamServer` (tests bind port 0 and read `.port`);
+`main()` is the `camserve-server` command: it serves until SIGTERM or SIGINT, then turns health
+to NOT_SERVING, refuses new calls, finishes every accepted one within the grace period, and exits.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import os
+import signal
+import sys
+from collections.abc import Sequence
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+from wsgiref.simple_server import WSGIServer
+
+import grpc
+from grpc_health.v1 import health, health_pb2, health_pb2_grpc
+from grpc_reflection.v1alpha import reflection
+
+from camserve.server import logs
+from camserve.server.interceptors import BearerTokenInterceptor, ObservabilityInterceptor
+from camserve.server.metrics import Metrics
+from camserve.server.registry import ModelRegistry
+from camserve.server.servicer import ExplainServicer
+from camserve.server.settings import METRICS_DISABLED, Settings, SettingsError, load_settings
+from camserve.v1 import explain_pb2, explain_pb2_grpc
+
+log = logging.getLogger("camserve.app")
+SERVICE_NAME = explain_pb2.DESCRIPTOR.services_by_name["ExplainService"].full_name
+
+
+def _read(path: str, what: str) -> bytes:
+    try:
+        return Path(path).read_bytes()
+    except OSError as exc:
+        raise SettingsError(f"cannot read {what} {path}: {exc.strerror}") from None
+
+
+def _credentials(settings: Settings) -> grpc.ServerCredentials | None:
+    if not settings.tls_cert_file:
+        return None
+    pair = (
+        _read(settings.tls_key_file, "TLS key"),
+        _read(settings.tls_cert_file, "TLS certificate"),
+    )
+    client_ca = (
+        _read(settings.tls_client_ca_file, "client CA") if settings.tls_client_ca_file else None
+    )
+    return grpc.ssl_server_credentials(
+        [pair], root_certificates=client_ca, require_client_auth=client_ca is not None
+    )
+
+
+def _token(settings: Settings) -> str:
+    if settings.auth_token_file:
+        return _read(settings.auth_token_file, "auth token file").decode().strip()
+    return settings.auth_token
+
+
+class CamServer:
+    """A started server: its port, its models, and how to stop it gracefully."""
+
+    def __init__(self, settings: Settings) -> None:
+        self.settings = settings
+        self.metrics = Metrics()
+        self.registry = ModelRegistry(settings, self.metrics)
+        self.health = health.aio.HealthServicer()
+        self._pool = ThreadPoolExecutor(
+            max_workers=settings.preprocess_threads, thread_name_prefix="preprocess"
+        )
+        interceptors: list[grpc.aio.ServerInterceptor] = [ObservabilityInterceptor(self.metrics)]
+        if token := _token(settings):
+            interceptors.insert(0, BearerTokenInterceptor(token))
+        self.server = grpc.aio.server(
+            interceptors=interceptors,
+            options=[
+                ("grpc.max_send_message_length", settings.max_message_bytes),
+                ("grpc.max_receive_message_length", settings.max_message_bytes),
+                ("grpc.max_concurrent_streams", settings.limits.max_concurrent_streams),
+                ("grpc.so_reuseport", 0),
+            ],
+        )
+        explain_pb2_grpc.add_ExplainServiceServicer_to_server(
+            ExplainServicer(self.registry, settings, self.metrics, self._pool), self.server
+        )
+        health_pb2_grpc.add_HealthServicer_to_server(self.health, self.server)
+        reflection.enable_server_reflection(
+            (
+                SERVICE_NAME,
+                health_pb2.DESCRIPTOR.services_by_name["Health"].full_name,
+                reflection.SERVICE_NAME,
+            ),
+            self.server,
+        )
+        address = f"{settings.host}:{settings.port}"
+        credentials = _credentials(settings)
+        self.port = (
+            self.server.add_secure_port(address, credentials)
+            if credentials
+            else self.server.add_insecure_port(address)
+        )
+        self.metrics_port: int | None = None
+        self._metrics_server: WSGIServer | None = None
+        self._stopped = asyncio.Event()
+
+    async def _set_health(self, status: health_pb2.HealthCheckResponse.ServingStatus) -> None:
+        for service in ("", SERVICE_NAME):
+            await self.health.set(service, status)
+
+    async def start(self) -> None:
+        """Starts answering (health NOT_SERVING), loads every model, then turns SERVING."""
+        await self._set_health(health_pb2.HealthCheckResponse.NOT_SERVING)
+        await self.server.start()
+        if self.settings.metrics_port != METRICS_DISABLED:
+            self._metrics_server = self.metrics.serve(
+                self.settings.host, self.settings.metrics_port
+            )
+            self.metrics_port = int(self._metrics_server.server_port)
+        await asyncio.get_running_loop().run_in_executor(None, self.registry.load_all)
+        self.registry.start_all()
+        await self._set_health(health_pb2.HealthCheckResponse.SERVING)
+        if self.settings.ready_file:
+            ready = {"port": self.port, "metrics_port": self.metrics_port, "pid": os.getpid()}
+            Path(self.settings.ready_file).write_text(json.dumps(ready))  # noqa: ASYNC240 - tiny
+        log.info(
+            "serving",
+            extra={
+                "port": self.port,
+                "metrics_port": self.metrics_port,
+                "models": ",".join(r.spec.name for r in self.registry),
+            },
+        )
+
+    async def stop(self, grace_s: float | None = None) -> None:
+        """Refuses new calls, lets accepted ones finish (up to the grace period), releases all."""
+        if self._stopped.is_set():
+            return
+        self._stopped.set()
+        grace = self.settings.grace_period_s if grace_s is None else grace_s
+        await self.health.enter_graceful_shutdown()
+        log.info("shutting down", extra={"grace_s": grace})
+        await self.server.stop(grace)
+        await self.registry.close_all()
+        self._pool.shutdown(wait=True)
+        if self._metrics_server is not None:
+            self._metrics_server.shutdown()
+            self._metrics_server.server_close()
+        log.info("stopped")
+
+    async def wait_for_termination(self) -> None:
+        await self.server.wait_for_termination()
+
+
+async def start_server(settings: Settings) -> CamServer:
+    """A server listening and with every model loaded; on failure nothing is left running."""
+    server = CamServer(settings)
+    try:
+        await server.start()
+    except BaseException:
+        await server.stop(0)
+        raise
+    return server
+
+
+async def serve(settings: Settings) -> None:
+    """Runs until SIGTERM or SIGINT, then shuts down gracefully."""
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for signum in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(signum, stop.set)
+    server = await start_server(settings)
+    await stop.wait()
+    await server.stop()
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """The `camserve-server` command."""
+    try:
+        settings = load_settings(argv, os.environ)
+    except SettingsError as exc:
+        print(f"camserve-server: {exc}", file=sys.stderr)
+        return 2
+    logs.configure(settings.log_level, settings.log_format)
+    if settings.engine_threads:
+        import torch
+
+        torch.set_num_threads(settings.engine_threads)
+    try:
+        asyncio.run(serve(settings))
+    except SettingsError as exc:
+        log.error("bad configuration", extra={"error": str(exc)})
+        return 2
+    except Exception:
+        log.exception("server failed")
+        return 1
+    return 0

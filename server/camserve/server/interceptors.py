@@ -1,0 +1,161 @@
+"""Server interceptors: per-RPC metrics and logs, and the optional bearer-token check.
+
+They sit beside the service, not inside each RPC, so every method is counted, timed and
+protected the same way.
+"""
+
+from __future__ import annotations
+
+import hmac
+import logging
+import time
+from collections.abc import AsyncIterator, Awaitable, Callable
+from typing import Any
+
+import grpc
+
+from camserve.server.metrics import Metrics
+
+log = logging.getLogger("camserve.rpc")
+# Probes and tooling stay reachable without a token.
+OPEN_PREFIXES = ("/grpc.health.v1.Health/", "/grpc.reflection.")
+
+Continuation = Callable[[grpc.HandlerCallDetails], Awaitable[grpc.RpcMethodHandler | None]]
+
+
+def _metadata(details: grpc.HandlerCallDetails, key: str) -> str:
+    for item in details.invocation_metadata or ():
+        if item.key == key:
+            value = item.value
+            return value.decode() if isinstance(value, bytes) else str(value)
+    return ""
+
+
+def _status(context: grpc.aio.ServicerContext, default: grpc.StatusCode) -> grpc.StatusCode:
+    code = context.code()
+    if isinstance(code, grpc.StatusCode):
+        return code
+    if isinstance(code, int):
+        return next((c for c in grpc.StatusCode if c.value[0] == code), default)
+    return default
+
+
+def _replace(handler: grpc.RpcMethodHandler, **behaviours: Any) -> grpc.RpcMethodHandler:
+    kind = (
+        "unary_unary"
+        if handler.unary_unary
+        else (
+            "unary_stream"
+            if handler.unary_stream
+            else ("stream_unary" if handler.stream_unary else "stream_stream")
+        )
+    )
+    factory = getattr(grpc, f"{kind}_rpc_method_handler")
+    return factory(
+        behaviours[kind],
+        request_deserializer=handler.request_deserializer,
+        response_serializer=handler.response_serializer,
+    )
+
+
+class ObservabilityInterceptor(grpc.aio.ServerInterceptor):
+    """Counts every RPC by status code and logs one line per call at debug level."""
+
+    def __init__(self, metrics: Metrics) -> None:
+        self._metrics = metrics
+
+    def _finish(self, rpc: str, code: grpc.StatusCode, started: float, request_id: str) -> None:
+        self._metrics.requests.labels(rpc, code.name).inc()
+        log.debug(
+            "rpc",
+            extra={
+                "rpc": rpc,
+                "code": code.name,
+                "request_id": request_id,
+                "ms": round((time.monotonic() - started) * 1000, 2),
+            },
+        )
+
+    async def intercept_service(
+        self, continuation: Continuation, handler_call_details: grpc.HandlerCallDetails
+    ) -> grpc.RpcMethodHandler | None:
+        handler = await continuation(handler_call_details)
+        if handler is None:
+            return None
+        rpc = handler_call_details.method.rsplit("/", 1)[-1]
+        header_id = _metadata(handler_call_details, "x-request-id")
+
+        if handler.unary_unary:
+            behaviour = handler.unary_unary
+
+            async def unary(request: Any, context: grpc.aio.ServicerContext) -> Any:
+                started, code = time.monotonic(), grpc.StatusCode.OK
+                request_id = getattr(request, "request_id", "") or header_id
+                try:
+                    return await behaviour(request, context)
+                except BaseException:
+                    code = _status(context, grpc.StatusCode.UNKNOWN)
+                    raise
+                finally:
+                    self._finish(rpc, code, started, request_id)
+
+            return _replace(handler, unary_unary=unary)
+        if handler.stream_stream:
+            stream_behaviour = handler.stream_stream
+
+            async def stream(
+                requests: Any, context: grpc.aio.ServicerContext
+            ) -> AsyncIterator[Any]:
+                started, code = time.monotonic(), grpc.StatusCode.OK
+                try:
+                    async for response in stream_behaviour(requests, context):
+                        yield response
+                except BaseException:
+                    code = _status(context, grpc.StatusCode.CANCELLED)
+                    raise
+                finally:
+                    self._finish(rpc, code, started, header_id)
+
+            return _replace(handler, stream_stream=stream)
+        return handler
+
+
+class BearerTokenInterceptor(grpc.aio.ServerInterceptor):
+    """Refuses calls without `authorization: Bearer <token>` (health and reflection stay open)."""
+
+    def __init__(self, token: str) -> None:
+        if not token:
+            raise ValueError("the bearer token must not be empty")
+        self._expected = f"Bearer {token}".encode()
+
+    async def intercept_service(
+        self, continuation: Continuation, handler_call_details: grpc.HandlerCallDetails
+    ) -> grpc.RpcMethodHandler | None:
+        handler = await continuation(handler_call_details)
+        if handler is None or handler_call_details.method.startswith(OPEN_PREFIXES):
+            return handler
+        presented = _metadata(handler_call_details, "authorization").encode()
+        if hmac.compare_digest(presented, self._expected):
+            return handler
+        message = (
+            "missing bearer token: send metadata 'authorization: Bearer <token>'"
+            if not presented
+            else "invalid bearer token"
+        )
+
+        async def refuse_unary(request: Any, context: grpc.aio.ServicerContext) -> Any:
+            await context.abort(grpc.StatusCode.UNAUTHENTICATED, message)
+
+        async def refuse_stream(
+            request: Any, context: grpc.aio.ServicerContext
+        ) -> AsyncIterator[Any]:
+            await context.abort(grpc.StatusCode.UNAUTHENTICATED, message)
+            yield  # pragma: no cover - makes this an async generator
+
+        return _replace(
+            handler,
+            unary_unary=refuse_unary,
+            unary_stream=refuse_stream,
+            stream_unary=refuse_unary,
+            stream_stream=refuse_stream,
+        )

@@ -1,0 +1,70 @@
+"""Prometheus metrics, one registry per server so several servers can share a process."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from wsgiref.simple_server import WSGIServer
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, start_http_server
+
+LATENCY_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0)
+BATCH_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256)
+
+
+@dataclass
+class Metrics:
+    """The server's instruments; names are stable and documented in README."""
+
+    registry: CollectorRegistry = field(
+        default_factory=lambda: CollectorRegistry(auto_describe=True)
+    )
+
+    def __post_init__(self) -> None:
+        r = self.registry
+        self.requests = Counter(
+            "camserve_requests",
+            "RPCs answered, by RPC and status code",
+            ["rpc", "code"],
+            registry=r,
+        )
+        self.images = Counter(
+            "camserve_images", "Images explained (computed by the engine)", ["model"], registry=r
+        )
+        self.expired = Counter(
+            "camserve_expired_items",
+            "Images dropped unprocessed because their deadline passed in the queue",
+            ["model"],
+            registry=r,
+        )
+        self.batch_size = Histogram(
+            "camserve_batch_size",
+            "Images per engine batch",
+            ["model"],
+            buckets=BATCH_BUCKETS,
+            registry=r,
+        )
+        self.queue_depth = Gauge(
+            "camserve_queue_depth", "Images waiting for a batch", ["model"], registry=r
+        )
+        self.latency = Histogram(
+            "camserve_latency_seconds",
+            "Time per stage: queue, preprocess, compute, total",
+            ["stage"],
+            buckets=LATENCY_BUCKETS,
+            registry=r,
+        )
+        self.model_ready = Gauge(
+            "camserve_model_ready", "1 when the model is loaded and serving", ["model"], registry=r
+        )
+        self.gpu_memory = Gauge(
+            "camserve_gpu_memory_bytes", "CUDA memory allocated by torch", ["device"], registry=r
+        )
+
+    def observe_batch(self, model: str, size: int, depth: int) -> None:
+        self.batch_size.labels(model).observe(size)
+        self.queue_depth.labels(model).set(depth)
+
+    def serve(self, host: str, port: int) -> WSGIServer:
+        """Serves /metrics over HTTP on a daemon thread; `server_port` tells the bound port."""
+        server, _thread = start_http_server(port, addr=host, registry=self.registry)
+        return server

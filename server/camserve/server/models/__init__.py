@@ -1,0 +1,1 @@
+"""Model loading and the registry of hosted models."""

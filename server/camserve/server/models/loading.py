@@ -1,0 +1,105 @@
+"""Builds a model's `nn.Module` from its configured source, loading weights safely.
+
+Weights are never unpickled: `.pt`/`.pth` files go through `torch.load(weights_only=True)`, which
+refuses anything but tensors and plain containers, and `.safetensors` files through safetensors.
+"""
+
+from __future__ import annotations
+
+import importlib
+import pickle
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from camserve.server.models.builtin import BUILTINS
+from camserve.server.settings import ModelSettings
+
+
+class ModelLoadError(RuntimeError):
+    """A model that cannot be built or whose weights cannot be loaded; says which and why."""
+
+
+def load_state_dict(path: str) -> dict[str, torch.Tensor]:
+    """Reads a state dict from `.safetensors` or a `.pt`/`.pth` file, never running pickled code."""
+    file = Path(path)
+    if not file.is_file():
+        raise ModelLoadError(f"weights file {path} does not exist")
+    if file.suffix == ".safetensors":
+        from safetensors.torch import load_file
+
+        return load_file(str(file), device="cpu")
+    try:
+        state = torch.load(file, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as exc:
+        raise ModelLoadError(
+            f"{path} is not a plain state dict and was refused unread (it would have to run "
+            f"pickled code): {str(exc).splitlines()[0]}. Save weights with "
+            "torch.save(model.state_dict(), path) or as .safetensors"
+        ) from None
+    if isinstance(state, dict) and "state_dict" in state and isinstance(state["state_dict"], dict):
+        state = state["state_dict"]
+    if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
+        raise ModelLoadError(f"{path} does not hold a state dict of tensors")
+    return state
+
+
+def _classes_in(state: dict[str, torch.Tensor]) -> int:
+    """The output size of the last 2-D weight: the classifier's class count."""
+    for key, value in reversed(list(state.items())):
+        if key.endswith("weight") and value.dim() == 2:
+            return int(value.shape[0])
+    raise ModelLoadError("cannot infer num_classes from the weights; set num_classes")
+
+
+def _apply_weights(model: nn.Module, state: dict[str, torch.Tensor], spec: ModelSettings) -> None:
+    try:
+        model.load_state_dict(state)
+    except RuntimeError as exc:
+        raise ModelLoadError(
+            f"model {spec.name!r}: weights {spec.weights} do not fit {spec.source}: {exc}"
+        ) from None
+
+
+def build_model(spec: ModelSettings) -> nn.Module:
+    """The module described by `spec`, with its weights loaded, on the CPU."""
+    kind, _, target = spec.source.partition(":")
+    if kind == "builtin":
+        if target not in BUILTINS:
+            raise ModelLoadError(f"unknown builtin model {target!r}; builtins: {sorted(BUILTINS)}")
+        return BUILTINS[target]()
+    if kind == "torchvision":
+        import torchvision
+
+        if not spec.weights:
+            raise ModelLoadError(
+                f"model {spec.name!r}: torchvision sources need `weights` (a local state dict); "
+                "nothing is downloaded at run time"
+            )
+        state = load_state_dict(spec.weights)
+        num_classes = spec.num_classes or _classes_in(state)
+        try:
+            model = torchvision.models.get_model(target, weights=None, num_classes=num_classes)
+        except ValueError:
+            known = ", ".join(sorted(torchvision.models.list_models(torchvision.models))[:12])
+            raise ModelLoadError(
+                f"unknown torchvision architecture {target!r}; e.g. {known}, ..."
+            ) from None
+        _apply_weights(model, state, spec)
+        return model
+    module_name, _, function_name = target.rpartition(":")
+    if not module_name or not function_name:
+        raise ModelLoadError(
+            f"factory source {spec.source!r} must read factory:package.module:function"
+        )
+    try:
+        factory = getattr(importlib.import_module(module_name), function_name)
+    except (ImportError, AttributeError) as exc:
+        raise ModelLoadError(f"cannot import factory {target!r}: {exc}") from None
+    model = factory()
+    if not isinstance(model, nn.Module):
+        raise ModelLoadError(f"factory {target!r} returned {type(model).__name__}, not nn.Module")
+    if spec.weights:
+        _apply_weights(model, load_state_dict(spec.weights), spec)
+    return model

@@ -1,0 +1,254 @@
+"""The server's one frozen settings object, merged from defaults, a TOML file, env and CLI flags.
+
+Precedence, lowest to highest: built-in defaults, the TOML file (`--config` or `CAMSERVE_CONFIG`),
+`CAMSERVE_*` environment variables, command-line flags. Nothing else in the server reads the
+environment or the command line: everything flows from the `Settings` built here.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import tomllib
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+BUILTIN_MODEL = "efficientnet-lite0"
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+METRICS_DISABLED = -1
+
+
+class SettingsError(ValueError):
+    """A configuration value that cannot be used; the message names the key and the fix."""
+
+
+@dataclass(frozen=True)
+class ModelSettings:
+    """One hosted model: where it comes from, how its inputs are made, how it is batched."""
+
+    name: str
+    source: str  # "builtin:NAME", "torchvision:ARCH" or "factory:package.module:function"
+    weights: str = ""  # state dict (.pt/.pth, weights_only) or .safetensors; builtin: ignored
+    labels: str = "imagenet"  # "imagenet", or a text file with one label per line
+    version: str = "1"
+    device: str = "auto"  # auto = CUDA when present, else CPU
+    precision: str = "float32"  # float32 | bfloat16 | float16 (autocast on CUDA)
+    default_layer: str = ""  # empty: detected (see camserve.server.engine)
+    num_classes: int = 0  # torchvision sources: 0 = infer from the weights (1000 without)
+    resize: int = 256  # shorter side before the centre crop; 0 = resize straight to crop x crop
+    crop: int = 224
+    mean: tuple[float, ...] = IMAGENET_MEAN
+    std: tuple[float, ...] = IMAGENET_STD
+    max_batch_size: int = 32
+    max_delay_ms: float = 5.0
+    max_queue: int = 256
+
+    def __post_init__(self) -> None:
+        where = f"models[{self.name!r}]"
+        if not self.name:
+            raise SettingsError("every [[models]] entry needs a non-empty `name`")
+        kind = self.source.split(":", 1)[0]
+        if kind not in ("builtin", "torchvision", "factory") or ":" not in self.source:
+            raise SettingsError(
+                f"{where}.source={self.source!r}: use 'builtin:efficientnet-lite0', "
+                "'torchvision:ARCH' (with `weights`) or 'factory:package.module:function'"
+            )
+        if self.precision not in ("float32", "bfloat16", "float16"):
+            raise SettingsError(f"{where}.precision={self.precision!r}: float32|bfloat16|float16")
+        if len(self.mean) != 3 or len(self.std) != 3 or any(s <= 0 for s in self.std):
+            raise SettingsError(f"{where}: mean and std need 3 values each, std > 0")
+        for key in ("max_batch_size", "max_queue", "crop"):
+            if getattr(self, key) < 1:
+                raise SettingsError(f"{where}.{key} must be at least 1")
+        if self.max_delay_ms < 0:
+            raise SettingsError(f"{where}.max_delay_ms must not be negative")
+        if self.resize and self.resize < self.crop:
+            raise SettingsError(f"{where}.resize must be 0 or at least crop ({self.crop})")
+
+
+@dataclass(frozen=True)
+class LimitsSettings:
+    """Per-request bounds that keep one caller from exhausting the server."""
+
+    max_images_per_request: int = 32
+    max_pixels: int = 40_000_000  # decoded image size; larger files are refused before decoding
+    max_output_pixels: int = 16_777_216  # per heatmap (4096 x 4096)
+    max_concurrent_streams: int = 256
+    max_top_k: int = 20  # classes explained per image
+
+
+@dataclass(frozen=True)
+class Settings:
+    """Everything the server needs to run; immutable once built."""
+
+    host: str = "127.0.0.1"
+    port: int = 50051
+    metrics_port: int = 9090  # 0 = ephemeral, -1 = disabled
+    grace_period_s: float = 20.0
+    max_message_mb: int = 64
+    log_level: str = "info"
+    log_format: str = "text"  # text | json
+    default_model: str = ""  # empty: the first model
+    auth_token_file: str = ""  # when set, calls need "authorization: Bearer <token>"
+    auth_token: str = ""  # the token itself (prefer the file; env CAMSERVE_AUTH_TOKEN)
+    tls_cert_file: str = ""
+    tls_key_file: str = ""
+    tls_client_ca_file: str = ""  # when set, clients must present a certificate signed by it
+    ready_file: str = ""  # JSON with the bound ports, written once serving
+    warmup: bool = True
+    engine_threads: int = 0  # torch intra-op threads; 0 = torch's default
+    preprocess_threads: int = 4  # decoding, resizing and response encoding
+    limits: LimitsSettings = field(default_factory=LimitsSettings)
+    models: tuple[ModelSettings, ...] = ()
+
+    def __post_init__(self) -> None:
+        if not self.models:
+            object.__setattr__(
+                self,
+                "models",
+                (ModelSettings(name=BUILTIN_MODEL, source=f"builtin:{BUILTIN_MODEL}"),),
+            )
+        names = [m.name for m in self.models]
+        if len(set(names)) != len(names):
+            raise SettingsError(f"model names must be unique, got {names}")
+        if self.default_model and self.default_model not in names:
+            raise SettingsError(f"default_model={self.default_model!r} is not one of {names}")
+        if bool(self.tls_cert_file) != bool(self.tls_key_file):
+            raise SettingsError("tls_cert_file and tls_key_file must be set together")
+        if self.tls_client_ca_file and not self.tls_cert_file:
+            raise SettingsError("tls_client_ca_file needs tls_cert_file and tls_key_file")
+        if self.log_format not in ("text", "json"):
+            raise SettingsError(f"log_format={self.log_format!r}: use 'text' or 'json'")
+        if self.max_message_mb < 1 or self.grace_period_s < 0 or self.preprocess_threads < 1:
+            raise SettingsError(
+                "max_message_mb and preprocess_threads must be >= 1, grace_period_s >= 0"
+            )
+
+    @property
+    def default_model_name(self) -> str:
+        return self.default_model or self.models[0].name
+
+    @property
+    def max_message_bytes(self) -> int:
+        return self.max_message_mb * 1024 * 1024
+
+    def replace(self, **changes: Any) -> Settings:
+        """A copy with some fields changed (settings stay immutable)."""
+        return dataclasses.replace(self, **changes)
+
+
+# Scalar server keys that may come from the environment, with their types.
+_ENV_KEYS: dict[str, type] = {
+    "host": str,
+    "port": int,
+    "metrics_port": int,
+    "grace_period_s": float,
+    "max_message_mb": int,
+    "log_level": str,
+    "log_format": str,
+    "default_model": str,
+    "auth_token_file": str,
+    "auth_token": str,
+    "tls_cert_file": str,
+    "tls_key_file": str,
+    "tls_client_ca_file": str,
+    "ready_file": str,
+    "engine_threads": int,
+    "preprocess_threads": int,
+}
+
+
+def _coerce(key: str, value: str, kind: type) -> Any:
+    try:
+        return kind(value)
+    except ValueError:
+        raise SettingsError(f"{key}={value!r} is not a valid {kind.__name__}") from None
+
+
+def _check_keys(given: Mapping[str, Any], known: set[str], where: str) -> None:
+    if bad := set(given) - known:
+        raise SettingsError(f"{where}: unknown keys {sorted(bad)}; known keys: {sorted(known)}")
+
+
+def _from_mapping(data: Mapping[str, Any], source: str) -> dict[str, Any]:
+    """Turns parsed TOML into Settings keyword arguments, refusing unknown keys."""
+    known_server = {f.name for f in dataclasses.fields(Settings)} - {"limits", "models"}
+    unknown_top = set(data) - {"server", "limits", "models"}
+    if unknown_top:
+        raise SettingsError(f"{source}: unknown sections {sorted(unknown_top)}")
+    server = dict(data.get("server", {}))
+    _check_keys(server, known_server, f"{source} [server]")
+    known_limits = {f.name for f in dataclasses.fields(LimitsSettings)}
+    limits = dict(data.get("limits", {}))
+    _check_keys(limits, known_limits, f"{source} [limits]")
+    known_model = {f.name for f in dataclasses.fields(ModelSettings)}
+    models = []
+    for entry in data.get("models", []):
+        _check_keys(entry, known_model, f"{source} [[models]]")
+        entry = dict(entry)
+        for key in ("mean", "std"):
+            if key in entry:
+                entry[key] = tuple(float(v) for v in entry[key])
+        models.append(ModelSettings(**entry))
+    result: dict[str, Any] = dict(server)
+    result["limits"] = LimitsSettings(**limits)
+    if models:
+        result["models"] = tuple(models)
+    return result
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="camserve-server",
+        description="Serve Grad-CAM explanations of PyTorch image classifiers over gRPC.",
+    )
+    parser.add_argument("--config", help="TOML file (env CAMSERVE_CONFIG)")
+    parser.add_argument("--host", help="bind address (default 127.0.0.1)")
+    parser.add_argument("--port", type=int, help="gRPC port; 0 picks a free one (default 50051)")
+    parser.add_argument(
+        "--metrics-port", type=int, help="Prometheus HTTP port; 0 picks one, -1 disables"
+    )
+    parser.add_argument("--log-level", help="debug|info|warning|error")
+    parser.add_argument("--grace-period", dest="grace_period_s", type=float, help="seconds")
+    parser.add_argument("--ready-file", help="write the bound ports here as JSON once serving")
+    parser.add_argument("--default-model", help="model used when a request names none")
+    return parser
+
+
+def load_settings(
+    argv: Sequence[str] | None = None, env: Mapping[str, str] | None = None
+) -> Settings:
+    """Builds Settings from CLI flags `argv`, environment `env` and the TOML file they name."""
+    env = {} if env is None else env
+    args = _parser().parse_args(argv)
+    config = args.config or env.get("CAMSERVE_CONFIG", "")
+    values: dict[str, Any] = {}
+    if config:
+        path = Path(config)
+        try:
+            data = tomllib.loads(path.read_text(encoding="utf-8"))
+        except OSError as exc:
+            raise SettingsError(f"cannot read config file {config}: {exc.strerror}") from None
+        except tomllib.TOMLDecodeError as exc:
+            raise SettingsError(f"config file {config} is not valid TOML: {exc}") from None
+        values.update(_from_mapping(data, config))
+    for key, kind in _ENV_KEYS.items():
+        raw = env.get(f"CAMSERVE_{key.upper()}")
+        if raw is not None and raw != "":
+            values[key] = _coerce(f"CAMSERVE_{key.upper()}", raw, kind)
+    for key in (
+        "host",
+        "port",
+        "metrics_port",
+        "log_level",
+        "grace_period_s",
+        "ready_file",
+        "default_model",
+    ):
+        value = getattr(args, key)
+        if value is not None:
+            values[key] = value
+    return Settings(**values)

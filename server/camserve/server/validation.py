@@ -1,0 +1,186 @@
+"""Checks an ExplainRequest against a model and the limits, before anything is queued.
+
+Every refusal is a `RequestError` whose message starts with the offending field (as a path such
+as `images[2].target.class_indices[0]`) and says what is allowed, so callers can fix the request
+without reading server logs.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from camserve.server.runtime import ModelMeta
+from camserve.server.settings import LimitsSettings
+from camserve.v1 import explain_pb2 as pb
+
+METHOD_NAMES: dict[int, str] = {
+    pb.METHOD_UNSPECIFIED: "gradcam",
+    pb.METHOD_GRADCAM: "gradcam",
+    pb.METHOD_GRADCAMPP: "gradcampp",
+    pb.METHOD_XGRADCAM: "xgradcam",
+    pb.METHOD_HIRESCAM: "hirescam",
+    pb.METHOD_LAYERCAM: "layercam",
+}
+METHOD_ENUMS: dict[str, int] = {name: value for value, name in METHOD_NAMES.items() if value}
+DEFAULT_TOP_PREDICTIONS = 5
+_RESOLUTIONS = frozenset(pb.Resolution.values())
+_DTYPES = frozenset(pb.DType.values())
+
+
+class RequestError(ValueError):
+    """A request the server refuses as INVALID_ARGUMENT."""
+
+
+@dataclass(frozen=True)
+class OutputPlan:
+    """How each heatmap is shaped and encoded."""
+
+    resolution: int  # a pb.Resolution value (UNSPECIFIED already turned into ORIGINAL)
+    size: tuple[int, int] | None  # RESOLUTION_EXPLICIT only
+    dtype: int  # a pb.DType value, never UNSPECIFIED
+    raw: bool
+    overlay: bool
+
+
+@dataclass(frozen=True)
+class ImageTarget:
+    """What to explain in one image: explicit classes, or the top_k predicted ones."""
+
+    classes: tuple[int, ...]
+    top_k: int
+
+
+@dataclass(frozen=True)
+class ExplainPlan:
+    """A validated request, ready for decoding and batching."""
+
+    layer: str
+    methods: tuple[str, ...]
+    output: OutputPlan
+    top_predictions: int
+    targets: tuple[ImageTarget, ...]
+
+
+def _choices(values: object) -> str:
+    return ", ".join(str(v) for v in values)  # type: ignore[attr-defined]
+
+
+def _methods(request: pb.ExplainRequest) -> tuple[str, ...]:
+    names: list[str] = []
+    for i, value in enumerate(request.methods):
+        if value not in METHOD_NAMES:
+            raise RequestError(
+                f"methods[{i}]: unknown method {value}; use one of "
+                f"{_choices(f'{pb.Method.Name(v)}={v}' for v in METHOD_ENUMS.values())}"
+            )
+        if METHOD_NAMES[value] not in names:
+            names.append(METHOD_NAMES[value])
+    return tuple(names) or ("gradcam",)
+
+
+def _output(options: pb.OutputOptions, limits: LimitsSettings) -> OutputPlan:
+    if options.resolution not in _RESOLUTIONS:
+        raise RequestError(
+            f"output.resolution: unknown value {options.resolution}; use one of "
+            f"{_choices(f'{pb.Resolution.Name(v)}={v}' for v in sorted(_RESOLUTIONS))}"
+        )
+    if options.dtype not in _DTYPES:
+        raise RequestError(
+            f"output.dtype: unknown value {options.dtype}; use DTYPE_FLOAT32, DTYPE_FLOAT16 "
+            "or DTYPE_UINT8"
+        )
+    resolution = options.resolution or pb.RESOLUTION_ORIGINAL
+    size = None
+    if resolution == pb.RESOLUTION_EXPLICIT:
+        height, width = options.height, options.width
+        if height < 1 or width < 1:
+            raise RequestError(
+                f"output.height/width: RESOLUTION_EXPLICIT needs both >= 1, got {height}x{width}"
+            )
+        if height * width > limits.max_output_pixels:
+            raise RequestError(
+                f"output.height/width: {height}x{width} is over the limit of "
+                f"{limits.max_output_pixels} pixels per heatmap"
+            )
+        size = (int(height), int(width))
+    elif options.height or options.width:
+        raise RequestError("output.height/width: only used with RESOLUTION_EXPLICIT; leave them 0")
+    dtype = options.dtype or pb.DTYPE_FLOAT32
+    if options.raw and dtype == pb.DTYPE_UINT8:
+        raise RequestError("output.dtype: DTYPE_UINT8 needs normalised maps; unset output.raw")
+    return OutputPlan(resolution, size, dtype, options.raw, options.overlay)
+
+
+def _target(target: pb.Target, field: str, meta: ModelMeta, limits: LimitsSettings) -> ImageTarget:
+    classes: list[int] = []
+    for j, index in enumerate(target.class_indices):
+        if not 0 <= index < meta.num_classes:
+            raise RequestError(
+                f"{field}.class_indices[{j}]: {index} is out of range; model {meta.name!r} has "
+                f"classes 0..{meta.num_classes - 1}"
+            )
+        classes.append(index)
+    label_index = {label: i for i, label in enumerate(meta.labels)}
+    for j, label in enumerate(target.class_labels):
+        if label not in label_index:
+            raise RequestError(
+                f"{field}.class_labels[{j}]: {label!r} is not a label of model {meta.name!r}; "
+                "labels are listed by GetModel"
+            )
+        classes.append(label_index[label])
+    classes = list(dict.fromkeys(classes))
+    if len(classes) > limits.max_top_k:
+        raise RequestError(
+            f"{field}: at most {limits.max_top_k} classes per image, got {len(classes)}"
+        )
+    if target.HasField("top_k"):
+        if classes:
+            raise RequestError(f"{field}.top_k: give either explicit classes or top_k, not both")
+        highest = min(limits.max_top_k, meta.num_classes)
+        if not 1 <= target.top_k <= highest:
+            raise RequestError(f"{field}.top_k: {target.top_k} is outside 1..{highest}")
+        return ImageTarget((), int(target.top_k))
+    return ImageTarget(tuple(classes), 1)
+
+
+def validate(request: pb.ExplainRequest, meta: ModelMeta, limits: LimitsSettings) -> ExplainPlan:
+    """The request as a plan, or RequestError naming the first bad field."""
+    count = len(request.images)
+    if count == 0:
+        raise RequestError("images: the request has no images; send at least one")
+    if count > limits.max_images_per_request:
+        raise RequestError(
+            f"images: {count} images is over the limit of {limits.max_images_per_request} per "
+            "request; split it, or use ExplainStream"
+        )
+    layer = request.layer or meta.default_layer
+    if layer not in meta.layer_names:
+        names = [spec.name for spec in meta.layers]
+        shown = ", ".join(names[-12:])
+        raise RequestError(
+            f"layer: {request.layer!r} is not a target layer of model {meta.name!r}; the last "
+            f"ones are {shown} ({len(names)} in all, listed by GetModel)"
+        )
+    if request.HasField("top_predictions") and not 1 <= request.top_predictions <= meta.num_classes:
+        raise RequestError(
+            f"top_predictions: {request.top_predictions} is outside 1..{meta.num_classes}"
+        )
+    top_predictions = (
+        request.top_predictions
+        if request.HasField("top_predictions")
+        else min(DEFAULT_TOP_PREDICTIONS, meta.num_classes)
+    )
+    targets = tuple(
+        _target(image.target, f"images[{i}].target", meta, limits)
+        for i, image in enumerate(request.images)
+    )
+    for i, image in enumerate(request.images):
+        if image.WhichOneof("source") is None:
+            raise RequestError(f"images[{i}]: set `encoded` (file bytes) or `tensor`")
+    return ExplainPlan(
+        layer=layer,
+        methods=_methods(request),
+        output=_output(request.output, limits),
+        top_predictions=int(top_predictions),
+        targets=targets,
+    )

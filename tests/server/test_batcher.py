@@ -1,0 +1,132 @@
+"""The dynamic batcher on its own: no torch, no gRPC; timing controlled with events, not sleeps."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+
+import pytest
+
+from camserve.server.batcher import BatcherClosed, DeadlineExpired, DynamicBatcher, QueueFull
+
+
+class Recorder:
+    """A processing function that records batches and can be held closed."""
+
+    def __init__(self) -> None:
+        self.batches: list[list[int]] = []
+        self.gate = asyncio.Event()
+        self.gate.set()
+        self.entered = asyncio.Event()
+
+    async def __call__(self, items: list[int]) -> list[int | BaseException]:
+        self.batches.append(items)
+        self.entered.set()
+        await self.gate.wait()
+        return [ValueError(f"bad {i}") if i < 0 else i * 10 for i in items]
+
+
+def make(recorder: Recorder, **options: float) -> DynamicBatcher[int, int]:
+    batcher: DynamicBatcher[int, int] = DynamicBatcher(
+        recorder,
+        max_batch_size=int(options.get("max_batch_size", 4)),
+        max_delay_s=options.get("max_delay_s", 0.05),
+        max_queue=int(options.get("max_queue", 16)),
+    )
+    batcher.start()
+    return batcher
+
+
+async def test_concurrent_items_share_batches_and_get_their_own_results() -> None:
+    recorder = Recorder()
+    batcher = make(recorder, max_batch_size=4, max_delay_s=0.5)
+    outcomes = await asyncio.gather(*(batcher.submit([i]) for i in range(8)))
+    assert [result for ((result, _),) in outcomes] == [i * 10 for i in range(8)]
+    assert [len(b) for b in recorder.batches] == [4, 4]  # full batches go without waiting
+    assert all(info.size == 4 for ((_, info),) in outcomes)
+    await batcher.close()
+
+
+async def test_a_lone_item_waits_at_most_the_delay() -> None:
+    recorder = Recorder()
+    batcher = make(recorder, max_batch_size=64, max_delay_s=0.05)
+    started = time.monotonic()
+    ((result, info),) = await batcher.submit([3])
+    assert result == 30 and info.size == 1
+    assert time.monotonic() - started < 1.0
+    await batcher.close()
+
+
+async def test_one_failing_item_fails_alone() -> None:
+    recorder = Recorder()
+    batcher = make(recorder, max_batch_size=3, max_delay_s=0.5)
+    results = await asyncio.gather(
+        batcher.submit([1]), batcher.submit([-1]), batcher.submit([2]), return_exceptions=True
+    )
+    assert results[0][0][0] == 10 and results[2][0][0] == 20  # type: ignore[index]
+    assert isinstance(results[1], ValueError)
+    await batcher.close()
+
+
+async def test_full_queue_refuses_whole_requests_at_once() -> None:
+    recorder = Recorder()
+    recorder.gate.clear()
+    batcher = make(recorder, max_batch_size=1, max_delay_s=0, max_queue=2)
+    running = asyncio.create_task(batcher.submit([1]))
+    await recorder.entered.wait()  # item 1 is being processed; the queue is empty
+    queued = asyncio.create_task(batcher.submit([2]))
+    await asyncio.sleep(0)
+    with pytest.raises(QueueFull) as refused:
+        await batcher.submit([3, 4])  # needs 2 slots, 1 left: refused whole
+    assert refused.value.retry_after_s > 0
+    recorder.gate.set()
+    assert (await running)[0][0] == 10 and (await queued)[0][0] == 20
+    await batcher.close()
+
+
+async def test_expired_items_are_never_processed() -> None:
+    recorder = Recorder()
+    recorder.gate.clear()
+    batcher = make(recorder, max_batch_size=1, max_delay_s=0)
+    running = asyncio.create_task(batcher.submit([1]))
+    await recorder.entered.wait()
+    late = asyncio.create_task(batcher.submit([2], deadline=time.monotonic() + 0.01))
+    await asyncio.sleep(0.05)
+    recorder.gate.set()
+    with pytest.raises(DeadlineExpired):
+        await late
+    await running
+    assert recorder.batches == [[1]]
+    await batcher.close()
+
+
+async def test_a_cancelled_caller_frees_its_slot() -> None:
+    recorder = Recorder()
+    recorder.gate.clear()
+    batcher = make(recorder, max_batch_size=1, max_delay_s=0, max_queue=1)
+    running = asyncio.create_task(batcher.submit([1]))
+    await recorder.entered.wait()
+    waiting = asyncio.create_task(batcher.submit([2]))
+    await asyncio.sleep(0)
+    assert batcher.depth == 1
+    waiting.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await waiting
+    assert batcher.depth == 0
+    replacement = asyncio.create_task(batcher.submit([3]))  # fits in the freed slot
+    recorder.gate.set()
+    await running
+    assert (await replacement)[0][0] == 30
+    assert [1, 2] not in recorder.batches and [2] not in recorder.batches
+    await batcher.close()
+
+
+async def test_close_finishes_queued_items_then_refuses() -> None:
+    recorder = Recorder()
+    batcher = make(recorder, max_batch_size=2, max_delay_s=10)
+    pending = [asyncio.create_task(batcher.submit([i])) for i in range(3)]
+    await asyncio.sleep(0)
+    await batcher.close()
+    assert [(await task)[0][0] for task in pending] == [0, 10, 20]
+    with pytest.raises(BatcherClosed):
+        await batcher.submit([5])
