@@ -14,6 +14,7 @@ from torch import nn
 
 GATE = threading.Event()
 GATE.set()
+ENTERED = threading.Event()  # set whenever a forward pass starts
 GATE_TIMEOUT_S = 60.0
 
 
@@ -33,6 +34,7 @@ class GatedNet(nn.Module):
         self.fc = nn.Linear(16, num_classes)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        ENTERED.set()
         if not GATE.wait(GATE_TIMEOUT_S):
             raise TimeoutError("test gate stayed closed")
         return self.fc(torch.flatten(self.pool(self.features(x)), 1))

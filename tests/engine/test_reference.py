@@ -1,0 +1,63 @@
+"""Every method equals pytorch-grad-cam 1.5.7 after `normalise(to_input(...))`, to 1e-4."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import numpy as np
+import pytest
+import torch
+from pytorch_grad_cam import GradCAM, GradCAMPlusPlus, HiResCAM, LayerCAM, XGradCAM
+from pytorch_grad_cam.base_cam import BaseCAM
+from pytorch_grad_cam.utils.model_targets import ClassifierOutputTarget
+
+from camserve.server.engine import METHODS, CamEngine, RowRequest, normalise, to_input
+from camserve.server.engine.methods import CAM_FUNCTIONS
+
+REFERENCES: dict[str, type[BaseCAM]] = {
+    "gradcam": GradCAM,
+    "gradcampp": GradCAMPlusPlus,
+    "xgradcam": XGradCAM,
+    "hirescam": HiResCAM,
+    "layercam": LayerCAM,
+}
+
+CASES = [
+    pytest.param("seeded_resnet18", "layer4", (224, 224), id="resnet18"),
+    pytest.param("seeded_mobilenet", "features", (128, 128), id="mobilenet_v3_small"),
+    pytest.param("lite0", "head", (224, 224), id="efficientnet_lite0"),
+]
+
+
+def test_method_table_covers_the_public_names() -> None:
+    assert tuple(CAM_FUNCTIONS) == METHODS == tuple(REFERENCES)
+
+
+@pytest.mark.parametrize(("model_fixture", "layer", "size"), CASES)
+def test_every_method_matches_pytorch_grad_cam(
+    request: pytest.FixtureRequest,
+    make_engine: Callable[..., CamEngine],
+    random_images: Callable[..., torch.Tensor],
+    model_fixture: str,
+    layer: str,
+    size: tuple[int, int],
+) -> None:
+    model = request.getfixturevalue(model_fixture)
+    batch = random_images(2, size, seed=7)
+    engine = make_engine(model)
+    # Row 0 names two classes explicitly, row 1 asks for its top 2: both paths, K = 2.
+    rows = [RowRequest(layer, METHODS, classes=(3, 1)), RowRequest(layer, METHODS, top_k=2)]
+    results = engine.explain(batch, rows)
+    assert results[1].classes == tuple(engine.predict(batch[1:]).topk(2).indices[0].tolist())
+
+    for method, reference_class in REFERENCES.items():
+        with reference_class(model=model, target_layers=[model.get_submodule(layer)]) as cam:
+            for slot in range(2):
+                targets = [ClassifierOutputTarget(r.classes[slot]) for r in results]
+                expected = cam(input_tensor=batch, targets=targets)
+                ours = torch.stack(
+                    [normalise(to_input(r.maps[(method, r.classes[slot])], size)) for r in results]
+                )
+                np.testing.assert_allclose(
+                    ours.numpy(), expected, atol=1e-4, err_msg=f"{method}, class slot {slot}"
+                )

@@ -1,0 +1,120 @@
+"""Admission control through the real server: full queue, expired deadlines, cancelled calls.
+
+The served model waits on a gate (see gated_model.py), so the tests decide exactly when a batch
+finishes instead of racing the clock.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import Iterator
+from typing import Any
+
+import gated_model
+import grpc
+import pytest
+from google.rpc import error_details_pb2, status_pb2
+from support import ServerThread, png_bytes, seeded_images
+
+from camserve.server.settings import ModelSettings, Settings
+from camserve.v1 import explain_pb2 as pb
+from camserve.v1 import explain_pb2_grpc as pb_grpc
+
+IMAGE = png_bytes(seeded_images(1, size=(32, 32))[0])
+REQUEST = pb.ExplainRequest(model="gated", images=[pb.Image(encoded=IMAGE)])
+
+
+@pytest.fixture
+def gated_server() -> Iterator[ServerThread]:
+    model = ModelSettings(
+        name="gated",
+        source="factory:gated_model:gated_net",
+        labels="",
+        resize=0,
+        crop=32,
+        max_batch_size=1,
+        max_delay_ms=0,
+        max_queue=2,
+    )
+    gated_model.GATE.set()
+    server = ServerThread(Settings(port=0, metrics_port=-1, models=(model,)))
+    gated_model.ENTERED.clear()
+    gated_model.GATE.clear()
+    yield server
+    gated_model.GATE.set()
+    server.stop(grace=1.0)
+
+
+def queue_depth(server: ServerThread) -> int:
+    return int(server.server.registry.get("gated").queue_depth)
+
+
+async def wait_until(condition: Any) -> None:
+    """Polls `condition` until true; fails after 10 s."""
+    async with asyncio.timeout(10):
+        while not condition():
+            await asyncio.sleep(0.01)
+
+
+def retry_delay(error: grpc.aio.AioRpcError) -> float:
+    """The google.rpc.RetryInfo hint carried in the rich status details."""
+    for key, value in error.trailing_metadata() or ():
+        if key == "grpc-status-details-bin":
+            status = status_pb2.Status.FromString(value)
+            for detail in status.details:
+                info = error_details_pb2.RetryInfo()
+                if detail.Unpack(info):
+                    return info.retry_delay.seconds + info.retry_delay.nanos / 1e9
+    raise AssertionError("no RetryInfo detail")
+
+
+async def test_full_queue_answers_resource_exhausted_at_once(gated_server: ServerThread) -> None:
+    async with grpc.aio.insecure_channel(gated_server.address) as channel:
+        explain = pb_grpc.ExplainServiceStub(channel).Explain
+        running = asyncio.ensure_future(explain(REQUEST))
+        await asyncio.to_thread(gated_model.ENTERED.wait, 10)
+        queued = [asyncio.ensure_future(explain(REQUEST)) for _ in range(2)]
+        await wait_until(lambda: queue_depth(gated_server) == 2)
+        started = time.monotonic()
+        with pytest.raises(grpc.aio.AioRpcError) as refused:
+            await explain(REQUEST)
+        assert time.monotonic() - started < 1.0
+        assert refused.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
+        assert "queue holds 2 of 2" in (refused.value.details() or "")
+        assert retry_delay(refused.value) > 0
+        gated_model.GATE.set()
+        replies = await asyncio.gather(running, *queued)
+    assert all(len(reply.results) == 1 for reply in replies)
+
+
+async def test_expired_deadline_is_never_computed(gated_server: ServerThread) -> None:
+    computed_before = gated_server.metric("camserve_images_total", model="gated")
+    async with grpc.aio.insecure_channel(gated_server.address) as channel:
+        explain = pb_grpc.ExplainServiceStub(channel).Explain
+        running = asyncio.ensure_future(explain(REQUEST))
+        await asyncio.to_thread(gated_model.ENTERED.wait, 10)
+        with pytest.raises(grpc.aio.AioRpcError) as late:
+            await explain(REQUEST, timeout=0.3)
+        assert late.value.code() == grpc.StatusCode.DEADLINE_EXCEEDED
+        await wait_until(lambda: queue_depth(gated_server) == 0)
+        gated_model.GATE.set()
+        await running
+    assert gated_server.metric("camserve_images_total", model="gated") - computed_before == 1
+
+
+async def test_cancelled_call_frees_its_slot(gated_server: ServerThread) -> None:
+    async with grpc.aio.insecure_channel(gated_server.address) as channel:
+        explain = pb_grpc.ExplainServiceStub(channel).Explain
+        running = asyncio.ensure_future(explain(REQUEST))
+        await asyncio.to_thread(gated_model.ENTERED.wait, 10)
+        waiting = [explain(REQUEST) for _ in range(2)]
+        await wait_until(lambda: queue_depth(gated_server) == 2)
+        for call in waiting:
+            call.cancel()
+        await wait_until(lambda: queue_depth(gated_server) == 0)
+        accepted = [asyncio.ensure_future(explain(REQUEST)) for _ in range(2)]
+        await wait_until(lambda: queue_depth(gated_server) == 2)
+        gated_model.GATE.set()
+        replies = await asyncio.gather(running, *accepted)
+    assert len(replies) == 3

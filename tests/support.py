@@ -1,0 +1,111 @@
+"""Helpers for the test suites: servers on loopback, seeded models, test images.
+
+Importable as `support` from any test (pytest puts the tests folder on sys.path through the
+top-level conftest.py).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import io
+import threading
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from PIL import Image
+
+EXAMPLES = Path(__file__).resolve().parent.parent / "examples"
+CAT_JPEG = EXAMPLES / "chelsea.jpg"
+COFFEE_JPEG = EXAMPLES / "coffee.jpg"
+
+
+class ServerThread:
+    """A camserve server on a private event loop; `address` is "127.0.0.1:PORT"."""
+
+    def __init__(self, settings: Any) -> None:
+        from camserve.server.app import start_server
+
+        self.settings = settings
+        self.loop = asyncio.new_event_loop()
+        self._thread = threading.Thread(
+            target=self.loop.run_forever, name="server-loop", daemon=True
+        )
+        self._thread.start()
+        try:
+            self.server = self.call(start_server(settings), timeout=180)
+        except BaseException:
+            self._close_loop()
+            raise
+
+    def call(self, coroutine: Any, timeout: float = 60) -> Any:
+        """Runs a coroutine on the server's loop and returns its result."""
+        return asyncio.run_coroutine_threadsafe(coroutine, self.loop).result(timeout)
+
+    @property
+    def port(self) -> int:
+        return int(self.server.port)
+
+    @property
+    def address(self) -> str:
+        return f"127.0.0.1:{self.port}"
+
+    @property
+    def metrics(self) -> Any:
+        return self.server.metrics
+
+    def metric(self, name: str, **labels: str) -> float:
+        """A sample's current value from the server's Prometheus registry (0 when absent)."""
+        value = self.server.metrics.registry.get_sample_value(name, labels)
+        return 0.0 if value is None else float(value)
+
+    def stop(self, grace: float = 2.0) -> None:
+        if self.loop.is_closed():
+            return
+        try:
+            self.call(self.server.stop(grace), timeout=grace + 60)
+        finally:
+            self._close_loop()
+
+    def _close_loop(self) -> None:
+        self.loop.call_soon_threadsafe(self.loop.stop)
+        self._thread.join(timeout=30)
+        self.loop.close()
+
+
+def seeded_model(arch: str, seed: int = 0, **kwargs: Any) -> Any:
+    """A torchvision architecture with deterministic random weights, in eval mode."""
+    import torch
+    import torchvision
+
+    torch.manual_seed(seed)
+    return torchvision.models.get_model(arch, weights=None, **kwargs).eval()
+
+
+CAT_BYTES = CAT_JPEG.read_bytes()
+COFFEE_BYTES = COFFEE_JPEG.read_bytes()
+
+
+def png_bytes(array: np.ndarray) -> bytes:
+    """Lossless PNG bytes of a uint8 HxWx3 array, so server and test decode the same pixels."""
+    buffer = io.BytesIO()
+    Image.fromarray(array).save(buffer, format="PNG")
+    return buffer.getvalue()
+
+
+def seeded_images(count: int, size: tuple[int, int] = (96, 128), seed: int = 0) -> list[np.ndarray]:
+    """Distinct uint8 RGB images: smooth random blobs, so every image explains differently."""
+    rng = np.random.default_rng(seed)
+    height, width = size
+    ys, xs = np.mgrid[0:height, 0:width]
+    images = []
+    for _ in range(count):
+        canvas = np.zeros((height, width, 3), dtype=np.float64)
+        for _ in range(4):
+            cy, cx = rng.uniform(0, height), rng.uniform(0, width)
+            radius = rng.uniform(8, 30)
+            colour = rng.uniform(0, 255, size=3)
+            blob = np.exp(-((ys - cy) ** 2 + (xs - cx) ** 2) / (2 * radius**2))
+            canvas += blob[..., None] * colour
+        images.append(np.clip(canvas + rng.normal(0, 8, canvas.shape), 0, 255).astype(np.uint8))
+    return images
