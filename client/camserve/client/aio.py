@@ -1,0 +1,299 @@
+"""The asyncio client (grpc.aio); same options, results and errors as the blocking `Client`.
+
+`timeout` arguments become the gRPC call's deadline rather than an `asyncio.timeout`, so the
+server sees the deadline too and stops working on calls nobody waits for any more.
+"""
+
+# ruff: noqa: ASYNC109
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import time
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Sequence
+from dataclasses import dataclass
+from types import TracebackType
+from typing import TYPE_CHECKING, Any, TypeVar
+
+import grpc
+
+from camserve.client.connection import DEFAULT_ADDRESS, DEFAULT_MESSAGE_BYTES, TLS, Connection
+from camserve.client.errors import CamserveError, ServerError, from_rpc_error
+from camserve.client.health import CHECK_METHOD, SERVING, decode_status, encode_request
+from camserve.client.images import ImageInput
+from camserve.client.requests import (
+    ExplainKwargs,
+    ExplainOptions,
+    Methods,
+    Resolution,
+    Target,
+    build_request,
+)
+from camserve.client.results import (
+    Explanation,
+    ModelInfo,
+    explanations_from_response,
+    model_from_proto,
+)
+from camserve.client.retry import NO_RETRY, RetryPolicy, call_with_retry_async, deadline_after
+from camserve.client.stream import Outcome, StreamScheduler
+from camserve.v1 import explain_pb2 as pb
+from camserve.v1 import explain_pb2_grpc
+
+if TYPE_CHECKING:
+    from typing import Unpack
+
+T = TypeVar("T")
+
+
+class AsyncClient:
+    """An asyncio client of a camserve server; see `Client` for the options.
+
+    The channel is opened on first use, inside the running event loop, and must be used from
+    that loop only. Use `async with` (or `await close()`); a closed client refuses further calls.
+    """
+
+    def __init__(
+        self,
+        *,
+        address: str = DEFAULT_ADDRESS,
+        tls: TLS = None,
+        timeout: float | None = 30.0,
+        retry: RetryPolicy | None = RetryPolicy(),  # noqa: B008 - frozen, so safe to share
+        max_send_bytes: int = DEFAULT_MESSAGE_BYTES,
+        max_receive_bytes: int = DEFAULT_MESSAGE_BYTES,
+        token: str | None = None,
+    ) -> None:
+        self._conn = Connection(
+            address=address,
+            tls=tls,
+            timeout=timeout,
+            retry=retry or NO_RETRY,
+            max_send_bytes=max_send_bytes,
+            max_receive_bytes=max_receive_bytes,
+            token=token,
+        )
+        self._open_channel: _Channel | None = None
+        self._closed = False
+
+    @property
+    def address(self) -> str:
+        return self._conn.address
+
+    async def __aenter__(self) -> AsyncClient:
+        self._open()
+        return self
+
+    async def __aexit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        await self.close()
+
+    async def close(self) -> None:
+        """Closes the channel, cancelling calls still running; calling it again does nothing."""
+        self._closed = True
+        opened, self._open_channel = self._open_channel, None
+        if opened is not None:
+            await opened.channel.close(grace=None)
+
+    async def explain(
+        self,
+        image: ImageInput,
+        *,
+        model: str | None = None,
+        target: Target = None,
+        top_k: int | None = None,
+        methods: Methods = "gradcam",
+        layer: str | None = None,
+        resolution: Resolution = "original",
+        dtype: str = "float32",
+        raw: bool = False,
+        overlay: bool = False,
+        top_predictions: int = 5,
+        timeout: float | None = None,
+        request_id: str | None = None,
+    ) -> Explanation:
+        """Explains one image; see `Client.explain`."""
+        options = ExplainOptions(
+            model=model,
+            target=target,
+            top_k=top_k,
+            methods=methods,
+            layer=layer,
+            resolution=resolution,
+            dtype=dtype,
+            raw=raw,
+            overlay=overlay,
+            top_predictions=top_predictions,
+        )
+        results = await self._explain([image], options, timeout=timeout, request_id=request_id)
+        return results[0]
+
+    async def explain_batch(
+        self,
+        images: Sequence[ImageInput],
+        *,
+        timeout: float | None = None,
+        request_id: str | None = None,
+        **options: Unpack[ExplainKwargs],
+    ) -> list[Explanation]:
+        """Explains several images in one request; see `Client.explain_batch`."""
+        return await self._explain(
+            list(images), ExplainOptions(**options), timeout=timeout, request_id=request_id
+        )
+
+    def explain_many(
+        self,
+        images: Iterable[ImageInput],
+        *,
+        max_in_flight: int = 16,
+        timeout: float | None = None,
+        return_exceptions: bool = False,
+        **options: Unpack[ExplainKwargs],
+    ) -> AsyncIterator[Explanation | CamserveError]:
+        """Explains a stream of images, yielding in input order; see `Client.explain_many`.
+
+        Use as `async for explanation in client.explain_many(images): ...`.
+        """
+        self._check_open()
+        scheduler = StreamScheduler(
+            images,
+            ExplainOptions(**options),
+            max_in_flight=max_in_flight,
+            retry=self._conn.retry,
+            deadline=deadline_after(timeout),
+        )
+        return self._run_stream(scheduler, timeout=timeout, return_exceptions=return_exceptions)
+
+    async def models(self, *, timeout: float | None = None) -> list[ModelInfo]:
+        """Every model the server hosts."""
+        stub = self._open().stub
+        response = await self._call(stub.ListModels, pb.ListModelsRequest(), timeout=timeout)
+        return [model_from_proto(info) for info in response.models]
+
+    async def model(self, name: str, *, timeout: float | None = None) -> ModelInfo:
+        """One model by name; NotFound when the server has no such model."""
+        stub = self._open().stub
+        info = await self._call(stub.GetModel, pb.GetModelRequest(name=name), timeout=timeout)
+        return model_from_proto(info)
+
+    async def health(self, *, service: str = "", timeout: float | None = None) -> bool:
+        """True when the server (or `service`) reports SERVING; errors raise as usual."""
+        return await self.health_status(service=service, timeout=timeout) == SERVING
+
+    async def health_status(self, *, service: str = "", timeout: float | None = None) -> str:
+        """The grpc.health.v1 status name: SERVING, NOT_SERVING, SERVICE_UNKNOWN or UNKNOWN."""
+        check = self._open().health_check
+        data = await self._call(check, encode_request(service), timeout=timeout)
+        return decode_status(data)
+
+    async def _explain(
+        self,
+        images: list[ImageInput],
+        options: ExplainOptions,
+        *,
+        timeout: float | None,
+        request_id: str | None,
+    ) -> list[Explanation]:
+        stub = self._open().stub
+        request = build_request(images, options, request_id=request_id)
+        response = await self._call(stub.Explain, request, timeout=timeout)
+        return explanations_from_response(response)
+
+    async def _call(
+        self, method: Callable[..., Awaitable[T]], request: Any, *, timeout: float | None
+    ) -> T:
+        metadata = self._conn.metadata()
+
+        async def attempt(time_left: float | None) -> T:
+            self._check_open()
+            try:
+                return await method(request, timeout=time_left, metadata=metadata)
+            except grpc.RpcError as exc:
+                raise from_rpc_error(exc) from exc
+
+        return await call_with_retry_async(
+            attempt, policy=self._conn.retry, timeout=self._conn.call_timeout(timeout)
+        )
+
+    async def _run_stream(
+        self, scheduler: StreamScheduler, *, timeout: float | None, return_exceptions: bool
+    ) -> AsyncIterator[Outcome]:
+        stub = self._open().stub
+        call = stub.ExplainStream(timeout=timeout, metadata=self._conn.metadata())
+        outgoing: asyncio.Queue[pb.ExplainRequest | None] = asyncio.Queue()
+        # Writing runs beside reading, so a server that answers while it reads never waits on us.
+        writer = asyncio.create_task(_write_all(call, outgoing))
+        try:
+            while not scheduler.finished:
+                for request in scheduler.to_send(time.monotonic()):
+                    outgoing.put_nowait(request)
+                if scheduler.on_wire == 0:
+                    await asyncio.sleep(scheduler.wait_s(time.monotonic()))
+                    continue
+                try:
+                    response = await call.read()
+                except grpc.RpcError as exc:
+                    raise from_rpc_error(exc) from exc
+                if response is grpc.aio.EOF:  # type: ignore[attr-defined]
+                    raise ServerError(
+                        "the server closed the stream before answering every request",
+                        code=grpc.StatusCode.INTERNAL,
+                    )
+                scheduler.on_response(response, time.monotonic())
+                for outcome in scheduler.ready():
+                    if isinstance(outcome, CamserveError) and not return_exceptions:
+                        raise outcome
+                    yield outcome
+            outgoing.put_nowait(None)
+            await writer
+            # Every answer is in: read the end of the stream so the call finishes cleanly.
+            try:
+                await call.read()
+                await call.code()
+            except grpc.RpcError as exc:
+                raise from_rpc_error(exc) from exc
+        finally:
+            call.cancel()
+            writer.cancel()
+            with contextlib.suppress(asyncio.CancelledError, grpc.RpcError):
+                await writer
+
+    def _open(self) -> _Channel:
+        self._check_open()
+        if self._open_channel is None:
+            channel = self._conn.aio_channel()
+            self._open_channel = _Channel(
+                channel=channel,
+                stub=explain_pb2_grpc.ExplainServiceStub(channel),
+                health_check=channel.unary_unary(
+                    CHECK_METHOD, request_serializer=None, response_deserializer=None
+                ),
+            )
+        return self._open_channel
+
+    def _check_open(self) -> None:
+        if self._closed:
+            raise RuntimeError(
+                "this camserve AsyncClient has been closed; create a new one to make more calls"
+            )
+
+
+@dataclass(frozen=True)
+class _Channel:
+    """The channel and the callables made from it, created together on first use."""
+
+    channel: grpc.aio.Channel
+    stub: explain_pb2_grpc.ExplainServiceStub
+    health_check: Any
+
+
+async def _write_all(call: Any, outgoing: asyncio.Queue[pb.ExplainRequest | None]) -> None:
+    """Writes queued requests until None, then half-closes the stream."""
+    while (request := await outgoing.get()) is not None:
+        await call.write(request)
+    await call.done_writing()

@@ -1,0 +1,158 @@
+"""Building and checking ExplainRequests: shared by the sync and asyncio clients.
+
+Arguments are checked here, before anything is sent, with messages that name the argument and
+what it accepts; the server checks again (the labels and layers only it knows).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import TypedDict
+
+from camserve.client.images import ImageInput, to_wire
+from camserve.v1 import explain_pb2 as pb
+
+Target = int | str | Sequence[int | str] | None
+Methods = str | Sequence[str]
+Resolution = str | tuple[int, int]
+
+METHODS: dict[str, pb.Method] = {
+    "gradcam": pb.METHOD_GRADCAM,
+    "gradcampp": pb.METHOD_GRADCAMPP,
+    "xgradcam": pb.METHOD_XGRADCAM,
+    "hirescam": pb.METHOD_HIRESCAM,
+    "layercam": pb.METHOD_LAYERCAM,
+}
+RESOLUTIONS: dict[str, pb.Resolution] = {
+    "original": pb.RESOLUTION_ORIGINAL,
+    "input": pb.RESOLUTION_INPUT,
+    "feature": pb.RESOLUTION_FEATURE_MAP,
+}
+DTYPES: dict[str, pb.DType] = {
+    "float32": pb.DTYPE_FLOAT32,
+    "float16": pb.DTYPE_FLOAT16,
+    "uint8": pb.DTYPE_UINT8,
+}
+
+
+class ExplainKwargs(TypedDict, total=False):
+    """The keyword options of `explain`, for typing `**options` of the batch and stream forms."""
+
+    model: str | None
+    target: Target
+    top_k: int | None
+    methods: Methods
+    layer: str | None
+    resolution: Resolution
+    dtype: str
+    raw: bool
+    overlay: bool
+    top_predictions: int
+
+
+@dataclass(frozen=True)
+class ExplainOptions:
+    """Everything about an explain call except its images, checked once on construction."""
+
+    model: str | None = None
+    target: Target = None
+    top_k: int | None = None
+    methods: Methods = "gradcam"
+    layer: str | None = None
+    resolution: Resolution = "original"
+    dtype: str = "float32"
+    raw: bool = False
+    overlay: bool = False
+    top_predictions: int = 5
+
+    def __post_init__(self) -> None:
+        if self.target is not None and self.top_k is not None:
+            raise ValueError("pass either `target` or `top_k`, not both")
+        if self.top_k is not None and (not isinstance(self.top_k, int) or self.top_k < 1):
+            raise ValueError(f"top_k must be a positive int; got {self.top_k!r}")
+        if not isinstance(self.top_predictions, int) or self.top_predictions < 1:
+            raise ValueError(
+                f"top_predictions must be a positive int; got {self.top_predictions!r}"
+            )
+        if self.dtype not in DTYPES:
+            raise ValueError(f"dtype={self.dtype!r}: use one of {sorted(DTYPES)}")
+        # Converting now surfaces a bad method, target or resolution before any image is read.
+        self.target_proto()
+        self.method_protos()
+        self.output_proto()
+
+    def target_proto(self) -> pb.Target:
+        if self.top_k is not None:
+            return pb.Target(top_k=self.top_k)
+        target = self.target
+        if target is None:
+            return pb.Target()
+        items = [target] if isinstance(target, (int, str)) else list(target)
+        indices: list[int] = []
+        labels: list[str] = []
+        for item in items:
+            if isinstance(item, bool) or not isinstance(item, (int, str)):
+                raise TypeError(
+                    f"target entries must be class indices (int) or labels (str); got {item!r}"
+                )
+            if isinstance(item, int):
+                if item < 0:
+                    raise ValueError(f"target class index must not be negative; got {item}")
+                indices.append(item)
+            else:
+                labels.append(item)
+        if not items:
+            raise ValueError("target is empty; leave it out to explain the predicted class")
+        return pb.Target(class_indices=indices, class_labels=labels)
+
+    def method_protos(self) -> list[pb.Method]:
+        names = [self.methods] if isinstance(self.methods, str) else list(self.methods)
+        if not names:
+            raise ValueError(f"methods is empty; use one or more of {list(METHODS)}")
+        unknown = [name for name in names if name not in METHODS]
+        if unknown:
+            raise ValueError(f"unknown methods {unknown}; use one or more of {list(METHODS)}")
+        return [METHODS[name] for name in dict.fromkeys(names)]
+
+    def output_proto(self) -> pb.OutputOptions:
+        output = pb.OutputOptions(dtype=DTYPES[self.dtype], raw=self.raw, overlay=self.overlay)
+        resolution = self.resolution
+        if isinstance(resolution, str):
+            if resolution not in RESOLUTIONS:
+                raise ValueError(
+                    f"resolution={resolution!r}: use one of {list(RESOLUTIONS)} or (height, width)"
+                )
+            output.resolution = RESOLUTIONS[resolution]
+            return output
+        size = tuple(resolution)
+        if len(size) != 2 or not all(isinstance(v, int) and v > 0 for v in size):
+            raise ValueError(
+                f"resolution as a size must be (height, width) > 0; got {resolution!r}"
+            )
+        output.resolution = pb.RESOLUTION_EXPLICIT
+        output.height, output.width = size
+        return output
+
+
+def build_request(
+    images: Sequence[ImageInput], options: ExplainOptions, *, request_id: str | None = None
+) -> pb.ExplainRequest:
+    """One ExplainRequest for `images`, each with the same target."""
+    if not images:
+        raise ValueError("images is empty; pass at least one image")
+    target = options.target_proto()
+    wire_images = []
+    for image in images:
+        wire = to_wire(image)
+        wire.target.CopyFrom(target)
+        wire_images.append(wire)
+    return pb.ExplainRequest(
+        model=options.model or "",
+        images=wire_images,
+        layer=options.layer or "",
+        methods=options.method_protos(),
+        output=options.output_proto(),
+        top_predictions=options.top_predictions,
+        request_id=request_id or "",
+    )

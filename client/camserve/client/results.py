@@ -1,0 +1,194 @@
+"""Immutable result types, and their construction from v1 protobuf messages.
+
+Callers get plain dataclasses and numpy arrays, never protobuf objects, so code using the client
+does not change when the wire format grows.
+"""
+
+from __future__ import annotations
+
+import io
+from collections.abc import Mapping
+from dataclasses import dataclass
+from types import MappingProxyType
+
+import numpy as np
+from PIL import Image as PILImage
+
+from camserve.v1 import explain_pb2 as pb
+from camserve.v1.tensors import from_proto
+
+METHOD_NAMES: dict[int, str] = {
+    pb.METHOD_UNSPECIFIED: "gradcam",
+    pb.METHOD_GRADCAM: "gradcam",
+    pb.METHOD_GRADCAMPP: "gradcampp",
+    pb.METHOD_XGRADCAM: "xgradcam",
+    pb.METHOD_HIRESCAM: "hirescam",
+    pb.METHOD_LAYERCAM: "layercam",
+}
+
+
+@dataclass(frozen=True)
+class Prediction:
+    """One class score: `probability` is the softmax of `logit` over all classes."""
+
+    index: int
+    label: str
+    probability: float
+    logit: float
+
+
+@dataclass(frozen=True)
+class Timing:
+    """Where the server spent a request's time, in milliseconds."""
+
+    queue_ms: float
+    preprocess_ms: float
+    compute_ms: float
+    total_ms: float
+
+
+@dataclass(frozen=True, eq=False)
+class Explanation:
+    """The explanation of one image.
+
+    `heatmaps` maps (method, class_index) to an HxW float array (read-only), in the order the
+    server sent them; `class_labels` names every class that has a heatmap. Fields about the
+    request (`timing`, `batch_size`, `model`, `request_id`) are shared by the images of one
+    request.
+    """
+
+    predictions: tuple[Prediction, ...]
+    heatmaps: Mapping[tuple[str, int], np.ndarray]
+    class_labels: Mapping[int, str]
+    layer: str
+    overlay: PILImage.Image | None
+    timing: Timing
+    batch_size: int
+    model: str
+    model_version: str
+    request_id: str
+
+    def heatmap(self, method: str | None = None, class_index: int | None = None) -> np.ndarray:
+        """The first heatmap matching `method` and `class_index` (either may be left out)."""
+        for (name, index), array in self.heatmaps.items():
+            if (method is None or name == method) and (class_index is None or index == class_index):
+                return array
+        raise KeyError(
+            f"no heatmap for method={method!r}, class_index={class_index!r}; "
+            f"available (method, class_index): {list(self.heatmaps)}"
+        )
+
+    @property
+    def top(self) -> Prediction:
+        """The most probable class."""
+        return self.predictions[0]
+
+
+@dataclass(frozen=True)
+class InputSpec:
+    """How the server turns an image into the model's input."""
+
+    height: int
+    width: int
+    resize: int
+    center_crop: bool
+    mean: tuple[float, ...]
+    std: tuple[float, ...]
+
+
+@dataclass(frozen=True)
+class LayerInfo:
+    """A layer that can be explained, with its output shape (C, H, W) for one image."""
+
+    name: str
+    output_shape: tuple[int, ...]
+
+
+@dataclass(frozen=True)
+class ModelInfo:
+    """A model the server hosts."""
+
+    name: str
+    version: str
+    device: str
+    ready: bool
+    input: InputSpec
+    num_classes: int
+    labels: tuple[str, ...]
+    default_layer: str
+    layers: tuple[LayerInfo, ...]
+    methods: tuple[str, ...]
+    max_batch_size: int
+
+
+def timing_from_proto(timing: pb.Timing) -> Timing:
+    return Timing(
+        queue_ms=timing.queue_ms,
+        preprocess_ms=timing.preprocess_ms,
+        compute_ms=timing.compute_ms,
+        total_ms=timing.total_ms,
+    )
+
+
+def explanations_from_response(response: pb.ExplainResponse) -> list[Explanation]:
+    """One Explanation per image of `response`, in the request's image order."""
+    timing = timing_from_proto(response.timing)
+    return [_explanation(result, response=response, timing=timing) for result in response.results]
+
+
+def _explanation(
+    result: pb.ImageResult, *, response: pb.ExplainResponse, timing: Timing
+) -> Explanation:
+    heatmaps: dict[tuple[str, int], np.ndarray] = {}
+    labels: dict[int, str] = {}
+    layer = ""
+    for i, heatmap in enumerate(result.heatmaps):
+        key = (METHOD_NAMES.get(heatmap.method, str(heatmap.method)), heatmap.class_index)
+        heatmaps[key] = from_proto(heatmap.data, field=f"results.heatmaps[{i}].data")
+        labels[heatmap.class_index] = heatmap.class_label
+        layer = layer or heatmap.layer
+    overlay = None
+    if result.overlay_png:
+        overlay = PILImage.open(io.BytesIO(result.overlay_png))
+        overlay.load()
+    return Explanation(
+        predictions=tuple(
+            Prediction(index=p.index, label=p.label, probability=p.probability, logit=p.logit)
+            for p in result.predictions
+        ),
+        heatmaps=MappingProxyType(heatmaps),
+        class_labels=MappingProxyType(labels),
+        layer=layer,
+        overlay=overlay,
+        timing=timing,
+        batch_size=response.batch_size,
+        model=response.model,
+        model_version=response.model_version,
+        request_id=response.request_id,
+    )
+
+
+def model_from_proto(info: pb.ModelInfo) -> ModelInfo:
+    return ModelInfo(
+        name=info.name,
+        version=info.version,
+        device=info.device,
+        ready=info.ready,
+        input=InputSpec(
+            height=info.input.height,
+            width=info.input.width,
+            resize=info.input.resize,
+            center_crop=info.input.center_crop,
+            mean=tuple(info.input.mean),
+            std=tuple(info.input.std),
+        ),
+        num_classes=info.num_classes,
+        labels=tuple(info.labels),
+        default_layer=info.default_layer,
+        layers=tuple(
+            LayerInfo(name=layer.name, output_shape=tuple(layer.output_shape))
+            for layer in info.layers
+        ),
+        methods=tuple(METHOD_NAMES.get(m, str(m)) for m in info.methods),
+        max_batch_size=info.max_batch_size,
+    )

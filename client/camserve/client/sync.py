@@ -1,0 +1,266 @@
+"""The blocking client."""
+
+from __future__ import annotations
+
+import queue
+import time
+from collections.abc import Callable, Iterable, Iterator, Sequence
+from types import TracebackType
+from typing import TYPE_CHECKING, Any, TypeVar
+
+import grpc
+
+from camserve.client.connection import DEFAULT_ADDRESS, DEFAULT_MESSAGE_BYTES, TLS, Connection
+from camserve.client.errors import CamserveError, ServerError, from_rpc_error
+from camserve.client.health import CHECK_METHOD, SERVING, decode_status, encode_request
+from camserve.client.images import ImageInput
+from camserve.client.requests import (
+    ExplainKwargs,
+    ExplainOptions,
+    Methods,
+    Resolution,
+    Target,
+    build_request,
+)
+from camserve.client.results import (
+    Explanation,
+    ModelInfo,
+    explanations_from_response,
+    model_from_proto,
+)
+from camserve.client.retry import NO_RETRY, RetryPolicy, call_with_retry, deadline_after
+from camserve.client.stream import Outcome, StreamScheduler
+from camserve.v1 import explain_pb2 as pb
+from camserve.v1 import explain_pb2_grpc
+
+if TYPE_CHECKING:
+    from typing import Unpack
+
+T = TypeVar("T")
+_CLOSE = object()
+
+
+class Client:
+    """A blocking client of a camserve server; one channel, safe to share between threads.
+
+    Use it as a context manager (or call `close()`); a closed client refuses further calls.
+    Plaintext by default, for local use; pass `tls` for TLS and `token` when the server wants a
+    bearer token. Calls that fail with UNAVAILABLE or RESOURCE_EXHAUSTED are retried per `retry`
+    (None turns that off) within the call's timeout.
+    """
+
+    def __init__(
+        self,
+        *,
+        address: str = DEFAULT_ADDRESS,
+        tls: TLS = None,
+        timeout: float | None = 30.0,
+        retry: RetryPolicy | None = RetryPolicy(),  # noqa: B008 - frozen, so safe to share
+        max_send_bytes: int = DEFAULT_MESSAGE_BYTES,
+        max_receive_bytes: int = DEFAULT_MESSAGE_BYTES,
+        token: str | None = None,
+    ) -> None:
+        self._conn = Connection(
+            address=address,
+            tls=tls,
+            timeout=timeout,
+            retry=retry or NO_RETRY,
+            max_send_bytes=max_send_bytes,
+            max_receive_bytes=max_receive_bytes,
+            token=token,
+        )
+        self._channel = self._conn.channel()
+        self._stub = explain_pb2_grpc.ExplainServiceStub(self._channel)
+        self._health_check = self._channel.unary_unary(
+            CHECK_METHOD, request_serializer=None, response_deserializer=None
+        )
+        self._closed = False
+
+    @property
+    def address(self) -> str:
+        return self._conn.address
+
+    def __enter__(self) -> Client:
+        self._check_open()
+        return self
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        self.close()
+
+    def close(self) -> None:
+        """Closes the channel; calling it again does nothing."""
+        if not self._closed:
+            self._closed = True
+            self._channel.close()
+
+    def explain(
+        self,
+        image: ImageInput,
+        *,
+        model: str | None = None,
+        target: Target = None,
+        top_k: int | None = None,
+        methods: Methods = "gradcam",
+        layer: str | None = None,
+        resolution: Resolution = "original",
+        dtype: str = "float32",
+        raw: bool = False,
+        overlay: bool = False,
+        top_predictions: int = 5,
+        timeout: float | None = None,
+        request_id: str | None = None,
+    ) -> Explanation:
+        """Explains one image; see `ExplainOptions` for the options and README for examples."""
+        options = ExplainOptions(
+            model=model,
+            target=target,
+            top_k=top_k,
+            methods=methods,
+            layer=layer,
+            resolution=resolution,
+            dtype=dtype,
+            raw=raw,
+            overlay=overlay,
+            top_predictions=top_predictions,
+        )
+        return self._explain([image], options, timeout=timeout, request_id=request_id)[0]
+
+    def explain_batch(
+        self,
+        images: Sequence[ImageInput],
+        *,
+        timeout: float | None = None,
+        request_id: str | None = None,
+        **options: Unpack[ExplainKwargs],
+    ) -> list[Explanation]:
+        """Explains several images in one request (batched together on the server).
+
+        Takes the same keyword options as `explain`; every image gets the same target.
+        """
+        return self._explain(
+            list(images), ExplainOptions(**options), timeout=timeout, request_id=request_id
+        )
+
+    def explain_many(
+        self,
+        images: Iterable[ImageInput],
+        *,
+        max_in_flight: int = 16,
+        timeout: float | None = None,
+        return_exceptions: bool = False,
+        **options: Unpack[ExplainKwargs],
+    ) -> Iterator[Explanation | CamserveError]:
+        """Explains a stream of images over one ExplainStream call, yielding in input order.
+
+        At most `max_in_flight` images are sent and not yet yielded. A failed image raises its
+        exception when its turn comes (or is yielded when `return_exceptions`). `timeout` bounds
+        the whole stream; without it the stream has no deadline. Leaving the loop early cancels
+        the call.
+        """
+        self._check_open()
+        scheduler = StreamScheduler(
+            images,
+            ExplainOptions(**options),
+            max_in_flight=max_in_flight,
+            retry=self._conn.retry,
+            deadline=deadline_after(timeout),
+        )
+        return self._run_stream(scheduler, timeout=timeout, return_exceptions=return_exceptions)
+
+    def models(self, *, timeout: float | None = None) -> list[ModelInfo]:
+        """Every model the server hosts."""
+        response = self._call(self._stub.ListModels, pb.ListModelsRequest(), timeout=timeout)
+        return [model_from_proto(info) for info in response.models]
+
+    def model(self, name: str, *, timeout: float | None = None) -> ModelInfo:
+        """One model by name; NotFound when the server has no such model."""
+        info = self._call(self._stub.GetModel, pb.GetModelRequest(name=name), timeout=timeout)
+        return model_from_proto(info)
+
+    def health(self, *, service: str = "", timeout: float | None = None) -> bool:
+        """True when the server (or `service`) reports SERVING; errors raise as usual."""
+        return self.health_status(service=service, timeout=timeout) == SERVING
+
+    def health_status(self, *, service: str = "", timeout: float | None = None) -> str:
+        """The grpc.health.v1 status name: SERVING, NOT_SERVING, SERVICE_UNKNOWN or UNKNOWN."""
+        data = self._call(self._health_check, encode_request(service), timeout=timeout)
+        return decode_status(data)
+
+    def _explain(
+        self,
+        images: list[ImageInput],
+        options: ExplainOptions,
+        *,
+        timeout: float | None,
+        request_id: str | None,
+    ) -> list[Explanation]:
+        request = build_request(images, options, request_id=request_id)
+        response = self._call(self._stub.Explain, request, timeout=timeout)
+        return explanations_from_response(response)
+
+    def _call(self, method: Callable[..., T], request: Any, *, timeout: float | None) -> T:
+        self._check_open()
+        metadata = self._conn.metadata()
+
+        def attempt(time_left: float | None) -> T:
+            try:
+                return method(request, timeout=time_left, metadata=metadata)
+            except grpc.RpcError as exc:
+                raise from_rpc_error(exc) from exc
+
+        return call_with_retry(
+            attempt, policy=self._conn.retry, timeout=self._conn.call_timeout(timeout)
+        )
+
+    def _run_stream(
+        self, scheduler: StreamScheduler, *, timeout: float | None, return_exceptions: bool
+    ) -> Iterator[Outcome]:
+        outgoing: queue.Queue[Any] = queue.Queue()
+
+        def requests() -> Iterator[pb.ExplainRequest]:
+            while (request := outgoing.get()) is not _CLOSE:
+                yield request
+
+        call = self._stub.ExplainStream(requests(), timeout=timeout, metadata=self._conn.metadata())
+        try:
+            while not scheduler.finished:
+                for request in scheduler.to_send(time.monotonic()):
+                    outgoing.put(request)
+                if scheduler.on_wire == 0:
+                    time.sleep(scheduler.wait_s(time.monotonic()))
+                    continue
+                try:
+                    response = next(call)
+                except StopIteration:
+                    raise ServerError(
+                        "the server closed the stream before answering every request",
+                        code=grpc.StatusCode.INTERNAL,
+                    ) from None
+                except grpc.RpcError as exc:
+                    raise from_rpc_error(exc) from exc
+                scheduler.on_response(response, time.monotonic())
+                for outcome in scheduler.ready():
+                    if isinstance(outcome, CamserveError) and not return_exceptions:
+                        raise outcome
+                    yield outcome
+            # Every answer is in: half-close and read the end so the call finishes cleanly.
+            outgoing.put(_CLOSE)
+            try:
+                for _ in call:
+                    pass
+            except grpc.RpcError as exc:
+                raise from_rpc_error(exc) from exc
+        finally:
+            outgoing.put(_CLOSE)
+            call.cancel()
+
+    def _check_open(self) -> None:
+        if self._closed:
+            raise RuntimeError(
+                "this camserve Client has been closed; create a new one to make more calls"
+            )
