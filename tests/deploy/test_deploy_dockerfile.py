@@ -106,9 +106,10 @@ def test_every_base_image_is_pinned(dockerfile: Dockerfile, variant: str) -> Non
 def test_variants_select_cuda_pytorch_or_cpu_wheels(dockerfile: Dockerfile) -> None:
     """The default is a CUDA PyTorch image; VARIANT=cpu installs torch from the CPU wheel index."""
     assert dockerfile.global_args["VARIANT"] == "cuda"
-    assert re.fullmatch(r"pytorch/pytorch:[\d.]+-cuda[\d.]+-cudnn\d+-runtime", (
-        dockerfile.global_args["BASE_IMAGE"]
-    ))
+    assert re.fullmatch(
+        r"pytorch/pytorch:[\d.]+-cuda[\d.]+-cudnn\d+-runtime",
+        dockerfile.global_args["BASE_IMAGE"],
+    )
     assert dockerfile.global_args["CPU_BASE_IMAGE"].startswith("python:3.")
     cpu = next(s for s in dockerfile.stages if s.name == "torch-cpu")
     assert any("download.pytorch.org/whl/cpu" in a for a in dockerfile.all("ARG", cpu))
@@ -122,7 +123,9 @@ def test_multi_stage_build_installs_the_server_extra(dockerfile: Dockerfile) -> 
     assert any("[server]" in a for a in dockerfile.all("RUN", builder))
     final = dockerfile.final()
     assert any(a.startswith("--from=builder") for a in dockerfile.all("COPY", final))
-    assert not any(a.startswith(("client", "server", "protos")) for a in dockerfile.all("COPY", final))
+    assert not any(
+        a.startswith(("client", "server", "protos")) for a in dockerfile.all("COPY", final)
+    )
 
 
 def test_runtime_runs_as_non_root(dockerfile: Dockerfile) -> None:
@@ -146,7 +149,8 @@ def test_signals_reach_the_server(dockerfile: Dockerfile) -> None:
     final = dockerfile.final()
     assert dockerfile.all("STOPSIGNAL", final) == ["SIGTERM"]
     entrypoints = dockerfile.all("ENTRYPOINT", final)
-    assert entrypoints and all(_is_exec_form(e) for e in entrypoints)
+    assert entrypoints
+    assert all(_is_exec_form(e) for e in entrypoints)
     assert json.loads(entrypoints[-1])[0] == "camserve-server"
     assert all(_is_exec_form(c) for c in dockerfile.all("CMD", final))
 
