@@ -100,7 +100,8 @@ def test_images_are_pinned(resolved: dict[str, Any]) -> None:
     for name, service in resolved["services"].items():
         image = service["image"]
         repository, _, tag = image.rpartition(":")
-        assert repository and "/" not in tag, f"{name}: image {image!r} has no tag"
+        assert repository, f"{name}: image {image!r} has no tag"
+        assert "/" not in tag, f"{name}: image {image!r} has no tag"
         assert tag != "latest", f"{name}: image {image!r} uses latest"
 
 
@@ -120,9 +121,10 @@ def test_profiles_add_loadtest_monitoring_and_scale_out(
 
     prometheus = services["prometheus"]
     assert prometheus["profiles"] == ["monitoring"]
-    assert any(v.endswith("/deploy/prometheus.yml:/etc/prometheus/prometheus.yml:ro") for v in (
-        prometheus["volumes"]
-    ))
+    assert any(
+        v.endswith("/deploy/prometheus.yml:/etc/prometheus/prometheus.yml:ro")
+        for v in prometheus["volumes"]
+    )
     scrape = yaml.safe_load((repo_root / "deploy" / "prometheus.yml").read_text())
     scraped = {
         t for job in scrape["scrape_configs"] for sc in job["static_configs"] for t in sc["targets"]
@@ -141,7 +143,8 @@ def test_profiles_add_loadtest_monitoring_and_scale_out(
     assert sorted(upstream) == sorted(scale_replicas)
     for name in scale_replicas:
         devices = services[name]["deploy"]["resources"]["reservations"]["devices"]
-        assert devices[0]["driver"] == "nvidia" and devices[0]["capabilities"] == ["gpu"]
+        assert devices[0]["driver"] == "nvidia"
+        assert devices[0]["capabilities"] == ["gpu"]
 
 
 def _nginx_conf(repo_root: Path) -> str:
