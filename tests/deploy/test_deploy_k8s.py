@@ -66,7 +66,8 @@ def test_pod_gets_a_gpu_and_bounded_memory(manifests: dict[str, dict[str, Any]])
     resources = _container(manifests["Deployment"])["resources"]
     assert resources["limits"]["nvidia.com/gpu"] == 1
     assert resources["requests"]["nvidia.com/gpu"] == resources["limits"]["nvidia.com/gpu"]
-    assert resources["requests"]["cpu"] and resources["requests"]["memory"]
+    assert resources["requests"]["cpu"]
+    assert resources["requests"]["memory"]
     assert resources["limits"]["memory"]
 
 
@@ -93,7 +94,8 @@ def test_config_and_weights_come_from_volumes(manifests: dict[str, dict[str, Any
     assert models["readOnly"] is True
     assert "persistentVolumeClaim" in volumes[models["name"]]
     weights = [m["weights"] for m in _config(manifests)["models"] if m.get("weights")]
-    assert weights and all(w.startswith("/models/") for w in weights)
+    assert weights
+    assert all(w.startswith("/models/") for w in weights)
 
 
 def test_pod_is_hardened(manifests: dict[str, dict[str, Any]]) -> None:
@@ -102,7 +104,8 @@ def test_pod_is_hardened(manifests: dict[str, dict[str, Any]]) -> None:
     container = _container(manifests["Deployment"])
     assert container["securityContext"]["allowPrivilegeEscalation"] is False
     image = container["image"]
-    assert ":" in image.rsplit("/", 1)[-1] and not image.endswith(":latest"), image
+    assert ":" in image.rsplit("/", 1)[-1], f"untagged image {image}"
+    assert not image.endswith(":latest"), image
 
 
 def test_service_selects_the_deployment_pods(manifests: dict[str, dict[str, Any]]) -> None:
@@ -115,7 +118,8 @@ def test_service_selects_the_deployment_pods(manifests: dict[str, dict[str, Any]
     assert service["spec"]["selector"].items() <= pod_labels.items()
     assert service["spec"]["clusterIP"] == "None"
     grpc_port = next(p for p in service["spec"]["ports"] if p["name"] == "grpc")
-    assert grpc_port["port"] == GRPC_PORT and grpc_port["targetPort"] == "grpc"
+    assert grpc_port["port"] == GRPC_PORT
+    assert grpc_port["targetPort"] == "grpc"
     if "PodDisruptionBudget" in manifests:
         pdb = manifests["PodDisruptionBudget"]["spec"]["selector"]["matchLabels"]
         assert pdb.items() <= pod_labels.items()
