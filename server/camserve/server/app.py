@@ -13,6 +13,7 @@ import logging
 import os
 import signal
 import sys
+import time
 from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -31,6 +32,8 @@ from camserve.server.settings import METRICS_DISABLED, Settings, SettingsError, 
 from camserve.v1 import explain_pb2, explain_pb2_grpc
 
 log = logging.getLogger("camserve.app")
+# After the last started request, a moment for calls already on the wire to be refused cleanly.
+DRAIN_SETTLE_S = 0.2
 SERVICE_NAME = explain_pb2.DESCRIPTOR.services_by_name["ExplainService"].full_name
 
 
@@ -85,9 +88,8 @@ class CamServer:
                 ("grpc.so_reuseport", 0),
             ],
         )
-        explain_pb2_grpc.add_ExplainServiceServicer_to_server(
-            ExplainServicer(self.registry, settings, self.metrics, self._pool), self.server
-        )
+        self.servicer = ExplainServicer(self.registry, settings, self.metrics, self._pool)
+        explain_pb2_grpc.add_ExplainServiceServicer_to_server(self.servicer, self.server)
         health_pb2_grpc.add_HealthServicer_to_server(self.health, self.server)
         reflection.enable_server_reflection(
             (
@@ -142,9 +144,20 @@ class CamServer:
             return
         self._stopped.set()
         grace = self.settings.grace_period_s if grace_s is None else grace_s
+        deadline = time.monotonic() + grace
         await self.health.enter_graceful_shutdown()
         log.info("shutting down", extra={"grace_s": grace})
-        await self.server.stop(grace)
+        # Calls that reached the server before this point but were not started yet would be
+        # cancelled by server.stop(); draining first refuses them with a retryable UNAVAILABLE
+        # while every started request runs to its answer.
+        self.servicer.begin_drain()
+        try:
+            async with asyncio.timeout(grace):
+                await self.servicer.wait_idle()
+        except TimeoutError:
+            log.warning("grace period over with requests still running")
+        await asyncio.sleep(min(DRAIN_SETTLE_S, max(0.0, deadline - time.monotonic())))
+        await self.server.stop(max(0.0, deadline - time.monotonic()))
         await self.registry.close_all()
         self._pool.shutdown(wait=True)
         if self._metrics_server is not None:

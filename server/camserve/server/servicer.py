@@ -106,6 +106,36 @@ class ExplainServicer(pb_grpc.ExplainServiceServicer):
         self._limits = settings.limits
         self._metrics = metrics
         self._pool = pool
+        self._draining = False
+        self._active = 0
+        self._idle = asyncio.Event()
+        self._idle.set()
+
+    def begin_drain(self) -> None:
+        """From now on requests not yet started are refused with UNAVAILABLE (retryable)."""
+        self._draining = True
+
+    async def wait_idle(self) -> None:
+        """Waits until every started request has been answered."""
+        await self._idle.wait()
+
+    async def _explain_tracked(
+        self, request: pb.ExplainRequest, time_remaining: float | None
+    ) -> pb.ExplainResponse:
+        """`_explain`, counted so that shutdown can wait for every started request."""
+        if self._draining:
+            raise Refusal(
+                grpc.StatusCode.UNAVAILABLE,
+                "server is shutting down and starts no new work; retry on another replica",
+            )
+        self._active += 1
+        self._idle.clear()
+        try:
+            return await self._explain(request, time_remaining)
+        finally:
+            self._active -= 1
+            if not self._active:
+                self._idle.set()
 
     def _runtime(self, name: str) -> ModelRuntime:
         try:
@@ -222,7 +252,7 @@ class ExplainServicer(pb_grpc.ExplainServiceServicer):
         self, request: pb.ExplainRequest, context: grpc.aio.ServicerContext
     ) -> pb.ExplainResponse:
         try:
-            return await self._explain(request, context.time_remaining())
+            return await self._explain_tracked(request, context.time_remaining())
         except Refusal as refusal:
             await context.abort(refusal.code, refusal.message, refusal.trailing_metadata())
             raise  # unreachable: abort raises
@@ -237,7 +267,7 @@ class ExplainServicer(pb_grpc.ExplainServiceServicer):
         async def answer(request: pb.ExplainRequest) -> None:
             request_id = request.request_id or uuid.uuid4().hex
             try:
-                response = await self._explain(request, context.time_remaining())
+                response = await self._explain_tracked(request, context.time_remaining())
                 response.request_id = request_id
             except Refusal as refusal:
                 self._metrics.requests.labels("ExplainStream.item", refusal.code.name).inc()
