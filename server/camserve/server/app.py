@@ -125,6 +125,8 @@ class CamServer:
             self.metrics_port = int(self._metrics_server.server_port)
         await asyncio.get_running_loop().run_in_executor(None, self.registry.load_all)
         self.registry.start_all()
+        if any(runtime.meta.device.startswith("cuda") for runtime in self.registry):
+            self.metrics.watch_cuda_memory()
         await self._set_health(health_pb2.HealthCheckResponse.SERVING)
         if self.settings.ready_file:
             ready = {"port": self.port, "metrics_port": self.metrics_port, "pid": os.getpid()}

@@ -60,6 +60,15 @@ class Metrics:
             "camserve_gpu_memory_bytes", "CUDA memory allocated by torch", ["device"], registry=r
         )
 
+    def watch_cuda_memory(self) -> None:
+        """Reports torch's allocated CUDA memory per device at each scrape."""
+        import torch
+
+        for index in range(torch.cuda.device_count()):
+            self.gpu_memory.labels(f"cuda:{index}").set_function(
+                lambda index=index: torch.cuda.memory_allocated(index)
+            )
+
     def observe_batch(self, model: str, size: int, depth: int) -> None:
         self.batch_size.labels(model).observe(size)
         self.queue_depth.labels(model).set(depth)

@@ -20,7 +20,7 @@ from camserve.server.batcher import BatchInfo, DynamicBatcher
 from camserve.server.engine import METHODS, CamEngine, LayerSpec, RowRequest, RowResult
 from camserve.server.metrics import Metrics
 from camserve.server.models.labels import load_labels
-from camserve.server.models.loading import ModelLoadError, build_model
+from camserve.server.models.loading import ModelLoadError, build_model, normalisation
 from camserve.server.preprocess import InputRecipe
 from camserve.server.settings import ModelSettings
 
@@ -118,7 +118,8 @@ class ModelRuntime:
             labels = load_labels(spec.labels, num_classes)
         except ValueError as exc:
             raise ModelLoadError(f"model {spec.name!r}: {exc}") from None
-        recipe = InputRecipe(resize=spec.resize, crop=spec.crop, mean=spec.mean, std=spec.std)
+        mean, std = normalisation(spec)
+        recipe = InputRecipe(resize=spec.resize, crop=spec.crop, mean=mean, std=std)
         if warmup:
             batch = spec.max_batch_size if device.type == "cuda" else 1
             rows = [RowRequest(layer=default_layer, methods=METHODS)] * batch

@@ -40,8 +40,8 @@ class ModelSettings:
     num_classes: int = 0  # torchvision sources: 0 = infer from the weights (1000 without)
     resize: int = 256  # shorter side before the centre crop; 0 = resize straight to crop x crop
     crop: int = 224
-    mean: tuple[float, ...] = IMAGENET_MEAN
-    std: tuple[float, ...] = IMAGENET_STD
+    mean: tuple[float, ...] = ()  # empty: the source's own (ImageNet's for torchvision)
+    std: tuple[float, ...] = ()
     max_batch_size: int = 32
     max_delay_ms: float = 5.0
     max_queue: int = 256
@@ -58,7 +58,9 @@ class ModelSettings:
             )
         if self.precision not in ("float32", "bfloat16", "float16"):
             raise SettingsError(f"{where}.precision={self.precision!r}: float32|bfloat16|float16")
-        if len(self.mean) != 3 or len(self.std) != 3 or any(s <= 0 for s in self.std):
+        if (self.mean or self.std) and (
+            len(self.mean) != 3 or len(self.std) != 3 or any(s <= 0 for s in self.std)
+        ):
             raise SettingsError(f"{where}: mean and std need 3 values each, std > 0")
         for key in ("max_batch_size", "max_queue", "crop"):
             if getattr(self, key) < 1:

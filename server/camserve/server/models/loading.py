@@ -13,8 +13,8 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from camserve.server.models.builtin import BUILTINS
-from camserve.server.settings import ModelSettings
+from camserve.server.models.builtin import BUILTINS, LITE_MEAN, LITE_STD
+from camserve.server.settings import IMAGENET_MEAN, IMAGENET_STD, ModelSettings
 
 
 class ModelLoadError(RuntimeError):
@@ -60,6 +60,16 @@ def _apply_weights(model: nn.Module, state: dict[str, torch.Tensor], spec: Model
         raise ModelLoadError(
             f"model {spec.name!r}: weights {spec.weights} do not fit {spec.source}: {exc}"
         ) from None
+
+
+def normalisation(spec: ModelSettings) -> tuple[tuple[float, ...], tuple[float, ...]]:
+    """The configured mean/std, else the source's own: the builtin's training recipe, or
+    ImageNet's statistics, which torchvision's classifiers and most fine-tunes of them use."""
+    if spec.mean and spec.std:
+        return spec.mean, spec.std
+    if spec.source.startswith("builtin:"):
+        return LITE_MEAN, LITE_STD
+    return IMAGENET_MEAN, IMAGENET_STD
 
 
 def build_model(spec: ModelSettings) -> nn.Module:

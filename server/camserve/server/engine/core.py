@@ -1,0 +1,354 @@
+"""`CamEngine`: Grad-CAM-family explanations for a whole batch from one forward and one backward.
+
+How it stays close to the cost of a plain forward pass:
+
+- The model's parameters are frozen, so autograd records nothing while the input travels through
+  the layers before the earliest target layer: that part runs, and frees memory, like inference.
+- A forward hook on each target layer swaps its output for a differentiable copy (see `hooks`),
+  so the tape starts there.
+- One `torch.autograd.grad` call, never `.backward()`, gives every row's gradient at once (rows
+  are independent in eval mode); several classes per row use `is_grads_batched=True` with one-hot
+  grad outputs, rows with fewer classes padded with zero vectors. Parameter `.grad` stays None.
+- All requested methods come from the same activations and gradients (see `methods`).
+
+Ownership and threads: the engine owns the model it is given. It moves it to the device, puts it
+in eval mode and freezes its parameters; `explain` and `predict` refuse to run if it is later put
+back in train mode or unfrozen. One engine serves one caller at a time (an internal lock
+serialises concurrent calls); different engines on different models may run in parallel threads.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import threading
+from collections.abc import Iterator, Sequence
+
+import torch
+from torch import nn
+
+from camserve.server.engine.hooks import Capture, capture_targets
+from camserve.server.engine.layers import Probe, probe, unknown_layer, unusable_layer
+from camserve.server.engine.methods import compute
+from camserve.server.engine.rows import check_batch, check_images, check_row, resolve_classes
+from camserve.server.engine.types import (
+    EngineError,
+    LayerError,
+    LayerSpec,
+    RowRequest,
+    RowResult,
+)
+
+PRECISIONS: dict[str, torch.dtype] = {
+    "float32": torch.float32,
+    "bfloat16": torch.bfloat16,
+    "float16": torch.float16,
+}
+
+
+def _parse_device(device: torch.device | str) -> torch.device:
+    try:
+        parsed = torch.device(device)
+    except (RuntimeError, TypeError) as exc:
+        raise EngineError(
+            f"device {device!r} is not a torch device; use 'cpu' or 'cuda:0'"
+        ) from exc
+    if parsed.type == "cuda" and not torch.cuda.is_available():
+        raise EngineError(f"device {device!r} asked for CUDA but none is available; use 'cpu'")
+    if parsed.type not in ("cpu", "cuda"):
+        raise EngineError(f"device {device!r} is not supported; use 'cpu' or 'cuda'")
+    return parsed
+
+
+def _check_input_size(input_size: tuple[int, int]) -> tuple[int, int]:
+    if (
+        len(input_size) != 2
+        or not all(isinstance(side, int) and not isinstance(side, bool) for side in input_size)
+        or min(input_size) < 1
+    ):
+        raise EngineError(f"input_size must be (height, width) positive ints, got {input_size!r}")
+    return (input_size[0], input_size[1])
+
+
+class CamEngine:
+    """Explains batches of images for one model on one device. See the module docstring."""
+
+    def __init__(
+        self,
+        model: nn.Module,
+        *,
+        device: torch.device | str = "cpu",
+        precision: str = "float32",
+        channels_last: bool = False,
+    ) -> None:
+        if not isinstance(model, nn.Module):
+            raise EngineError(f"model must be a torch.nn.Module, got {type(model).__name__}")
+        self._device = _parse_device(device)
+        if precision not in PRECISIONS:
+            raise EngineError(f"precision {precision!r} is unknown; use one of {list(PRECISIONS)}")
+        if precision != "float32" and self._device.type != "cuda":
+            raise EngineError(
+                f"precision {precision!r} needs a CUDA device (autocast); use 'float32' on the CPU"
+            )
+        self._precision = precision
+        self._memory_format = torch.channels_last if channels_last else torch.contiguous_format
+        model.eval()
+        model.requires_grad_(False)
+        self._model = model.to(self._device).to(memory_format=self._memory_format)
+        self._lock = threading.Lock()
+        self._probes: dict[tuple[int, int], Probe] = {}
+        self._batched_grads = True  # cleared for good if a model cannot vmap its backward
+
+    @property
+    def model(self) -> nn.Module:
+        """The model the engine owns (eval mode, frozen, on `device`); do not modify it."""
+        return self._model
+
+    @property
+    def device(self) -> torch.device:
+        return self._device
+
+    @property
+    def precision(self) -> str:
+        return self._precision
+
+    @property
+    def channels_last(self) -> bool:
+        return self._memory_format == torch.channels_last
+
+    # ----------------------------------------------------------------------------- model facts
+
+    def layers(self, input_size: tuple[int, int]) -> list[LayerSpec]:
+        """Every valid target layer at `input_size` (height, width), in forward order."""
+        with self._lock:
+            return self._probe(_check_input_size(input_size)).specs()
+
+    def default_layer(self, input_size: tuple[int, int]) -> str:
+        """The layer explained when a request names none; the rule is in `layers`' docstring."""
+        with self._lock:
+            return self._probe(_check_input_size(input_size)).default_layer()
+
+    def num_classes(self, input_size: tuple[int, int]) -> int:
+        """The length of the model's logits for an input of `input_size` (height, width)."""
+        with self._lock:
+            found = self._probe(_check_input_size(input_size))
+        shape = found.output_shape
+        if shape is None or len(shape) != 2:
+            raise EngineError(
+                f"the model returns {shape if shape else 'a non-tensor'}, not (N, num_classes) "
+                "logits; camserve explains classifiers"
+            )
+        return int(shape[1])
+
+    # ------------------------------------------------------------------------------ inference
+
+    def predict(self, batch: torch.Tensor) -> torch.Tensor:
+        """Logits (N, num_classes), float32 on the CPU, from an inference-mode forward pass."""
+        images = check_images(batch)
+        with self._lock:
+            self._check_state()
+            x = self._to_device(images)
+            with torch.inference_mode(), self._autocast():
+                logits = self._model(x)
+            self._check_logits(logits, int(images.shape[0]))
+            return logits.float().cpu()
+
+    def explain(self, batch: torch.Tensor, rows: Sequence[RowRequest]) -> list[RowResult]:
+        """Predictions and maps for each image of `batch` (N, 3, H, W), one RowRequest per image.
+
+        Rows may name different layers, methods and classes; the union of their layers is hooked
+        and each row gets only the methods it asked for. Maps are float32 on the CPU, ReLU'd, not
+        normalised, at feature resolution.
+        """
+        rows = list(rows)
+        images = check_batch(batch, rows)
+        for index, row in enumerate(rows):
+            check_row(index, row)
+        input_hw = (int(images.shape[2]), int(images.shape[3]))
+        with self._lock:
+            self._check_state()
+            with torch.inference_mode(False), torch.enable_grad():
+                return self._explain(images, rows, input_hw)
+
+    # -------------------------------------------------------------------------------- internals
+
+    def _explain(
+        self, images: torch.Tensor, rows: list[RowRequest], input_hw: tuple[int, int]
+    ) -> list[RowResult]:
+        batch_size = int(images.shape[0])
+        layer_names = list(dict.fromkeys(row.layer for row in rows))
+        modules = {name: self._module(name, input_hw) for name in layer_names}
+        x = self._to_device(images)
+        if x.is_inference():  # made under the caller's inference_mode: copy it for autograd
+            x = x.clone()
+        with capture_targets(modules, batch_size) as captures, self._autocast():
+            logits = self._model(x)
+        self._check_logits(logits, batch_size)
+        activations = [self._activation(captures[name], input_hw) for name in layer_names]
+
+        scores = logits.detach().float()
+        classes = [resolve_classes(i, row, scores[i]) for i, row in enumerate(rows)]
+        gradients = self._gradients(logits, activations, classes)
+        for name, gradient in zip(layer_names, gradients, strict=True):
+            if gradient is None:
+                raise LayerError(
+                    f"layer {name!r} does not influence the model's logits, so it has no "
+                    f"gradient to explain; {self._probe(input_hw).listing()}"
+                )
+
+        maps: list[dict[tuple[str, int], torch.Tensor]] = [{} for _ in rows]
+        with torch.no_grad():
+            for name, activation, gradient in zip(layer_names, activations, gradients, strict=True):
+                assert gradient is not None
+                self._layer_maps(name, activation.detach(), gradient, rows, classes, maps)
+
+        scores = scores.cpu()
+        probabilities = torch.softmax(scores, dim=1)
+        return [
+            RowResult(
+                logits=scores[i],
+                probabilities=probabilities[i],
+                classes=classes[i],
+                layer=row.layer,
+                maps=maps[i],
+            )
+            for i, row in enumerate(rows)
+        ]
+
+    def _gradients(
+        self,
+        logits: torch.Tensor,
+        activations: list[torch.Tensor],
+        classes: list[tuple[int, ...]],
+    ) -> list[torch.Tensor | None]:
+        """dY_c/dA for every layer as (K, N, C, h, w): K = the most classes any row asks for."""
+        depth = max(len(row_classes) for row_classes in classes)
+        index = [(k, i, c) for i, wanted in enumerate(classes) for k, c in enumerate(wanted)]
+        one_hot = torch.zeros((depth, *logits.shape), dtype=logits.dtype)
+        one_hot[tuple(torch.tensor(index).T)] = 1  # rows with fewer classes keep zero vectors
+        one_hot = one_hot.to(logits.device)
+        if depth == 1:
+            single = torch.autograd.grad(logits, activations, one_hot[0], allow_unused=True)
+            return [None if g is None else g[None] for g in single]
+        if self._batched_grads:
+            try:
+                return list(
+                    torch.autograd.grad(
+                        logits,
+                        activations,
+                        one_hot,
+                        retain_graph=True,  # the per-class fallback below needs the graph
+                        allow_unused=True,
+                        is_grads_batched=True,
+                    )
+                )
+            except torch.OutOfMemoryError:
+                raise
+            except (RuntimeError, NotImplementedError):
+                # Some ops (custom autograd Functions among them) cannot run under vmap: fall
+                # back to one backward per class for this model from now on.
+                self._batched_grads = False
+        per_class = [
+            torch.autograd.grad(
+                logits, activations, one_hot[k], retain_graph=k < depth - 1, allow_unused=True
+            )
+            for k in range(depth)
+        ]
+        stacked: list[torch.Tensor | None] = []
+        for layer in range(len(activations)):
+            grads = [per_class[k][layer] for k in range(depth)]
+            present = [g for g in grads if g is not None]
+            stacked.append(torch.stack(present) if len(present) == depth else None)
+        return stacked
+
+    @staticmethod
+    def _layer_maps(
+        name: str,
+        activation: torch.Tensor,
+        gradient: torch.Tensor,
+        rows: list[RowRequest],
+        classes: list[tuple[int, ...]],
+        maps: list[dict[tuple[str, int], torch.Tensor]],
+    ) -> None:
+        """Fills `maps` with every method asked of layer `name`, one tensor op per method."""
+        on_layer = [i for i, row in enumerate(rows) if row.layer == name]
+        methods = dict.fromkeys(m for i in on_layer for m in rows[i].methods)
+        for method in methods:
+            wanted = [i for i in on_layer if method in rows[i].methods]
+            if len(wanted) == activation.shape[0]:
+                a, g = activation, gradient
+            else:
+                picked = torch.tensor(wanted, device=activation.device)
+                a, g = activation[picked], gradient[:, picked]
+            cams = compute(method, a, g).cpu()  # (K, len(wanted), h, w)
+            for column, i in enumerate(wanted):
+                for k, class_index in enumerate(classes[i]):
+                    maps[i][(method, class_index)] = cams[k, column]
+
+    def _module(self, name: str, input_hw: tuple[int, int]) -> nn.Module:
+        try:
+            return self._model.get_submodule(name)
+        except AttributeError:
+            raise unknown_layer(name, self._probe(input_hw)) from None
+
+    def _activation(self, capture: Capture, input_hw: tuple[int, int]) -> torch.Tensor:
+        name = capture.name
+        if capture.calls == 0:
+            raise unusable_layer(name, "did not run during the forward pass", self._probe(input_hw))
+        if capture.calls > 1:
+            raise unusable_layer(
+                name,
+                f"runs {capture.calls} times per forward pass (the model reuses this module), "
+                "so it has no single feature map to explain",
+                self._probe(input_hw),
+            )
+        if capture.problem is not None or capture.activation is None:
+            reason = capture.problem or "produced no feature map"
+            raise unusable_layer(name, reason, self._probe(input_hw))
+        return capture.activation
+
+    def _probe(self, input_hw: tuple[int, int]) -> Probe:
+        """The model's layers at `input_hw`, from a cached probe forward pass."""
+        found = self._probes.get(input_hw)
+        if found is None:
+            self._check_state()
+            found = probe(self._model, input_hw, self._device, self._memory_format)
+            self._probes[input_hw] = found
+        return found
+
+    def _check_state(self) -> None:
+        if any(module.training for module in self._model.modules()):
+            raise EngineError(
+                "the engine's model was put back in train mode after the engine was built; the "
+                "engine owns its model: call model.eval() again or build a new CamEngine"
+            )
+        if any(parameter.requires_grad for parameter in self._model.parameters()):
+            raise EngineError(
+                "the engine's model has parameters with requires_grad=True; the engine owns its "
+                "model and keeps it frozen: call model.requires_grad_(False) or build a new "
+                "CamEngine"
+            )
+
+    @staticmethod
+    def _check_logits(logits: object, batch_size: int) -> None:
+        if (
+            not isinstance(logits, torch.Tensor)
+            or logits.dim() != 2
+            or logits.shape[0] != batch_size
+        ):
+            got = tuple(logits.shape) if isinstance(logits, torch.Tensor) else type(logits).__name__
+            raise EngineError(
+                f"the model must return logits of shape (N, num_classes), it returned {got}; "
+                "camserve explains classifiers (wrap the model so forward returns logits)"
+            )
+
+    def _to_device(self, images: torch.Tensor) -> torch.Tensor:
+        x = images.detach().to(self._device, dtype=torch.float32, non_blocking=True)
+        return x.contiguous(memory_format=self._memory_format)
+
+    @contextlib.contextmanager
+    def _autocast(self) -> Iterator[None]:
+        if self._precision == "float32":
+            yield
+            return
+        with torch.autocast(self._device.type, dtype=PRECISIONS[self._precision]):
+            yield

@@ -1,0 +1,105 @@
+"""Forward hooks, held as resources: registered on entry, removed on exit even if forward raises.
+
+Two uses: `capture_targets` turns each target layer's output into a tensor autograd can
+differentiate with respect to, and `record_outputs` watches every submodule once to learn which
+layers exist, what they output and how often they run.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator, Mapping
+from contextlib import contextmanager
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from torch import nn
+from torch.utils.hooks import RemovableHandle
+
+
+@dataclass
+class Capture:
+    """What one target layer's hook saw during a forward pass."""
+
+    name: str
+    calls: int = 0
+    activation: torch.Tensor | None = None  # the differentiable (N, C, h, w) output
+    problem: str | None = None  # why the output cannot be explained, if it cannot
+
+
+def _make_target_hook(capture: Capture, batch_size: int) -> Any:
+    def hook(module: nn.Module, inputs: Any, output: Any) -> torch.Tensor | None:
+        capture.calls += 1
+        if capture.calls > 1:  # the engine refuses such layers after the pass
+            return None
+        if not isinstance(output, torch.Tensor):
+            capture.problem = f"returns a {type(output).__name__}, not a tensor"
+            return None
+        if output.dim() != 4 or output.shape[0] != batch_size:
+            capture.problem = (
+                f"outputs a tensor of shape {tuple(output.shape)}, not an (N, C, H, W) feature "
+                f"map for the batch of {batch_size}"
+            )
+            return None
+        if output.requires_grad:
+            # An earlier target layer already put this output on the tape: differentiate with
+            # respect to it directly so the chain back to that earlier layer stays intact.
+            capture.activation = output
+            return output.clone()
+        # With frozen parameters nothing before this point was recorded: start the tape here.
+        # The clone keeps in-place ops that follow (ReLU(inplace=True)) off the saved tensor.
+        leaf = output.detach().requires_grad_()
+        capture.activation = leaf
+        return leaf.clone()
+
+    return hook
+
+
+@contextmanager
+def capture_targets(
+    modules: Mapping[str, nn.Module], batch_size: int
+) -> Iterator[dict[str, Capture]]:
+    """Hooks each named module for one forward pass; yields name -> Capture."""
+    captures = {name: Capture(name) for name in modules}
+    handles: list[RemovableHandle] = []
+    try:
+        for name, module in modules.items():
+            handles.append(
+                module.register_forward_hook(_make_target_hook(captures[name], batch_size))
+            )
+        yield captures
+    finally:
+        for handle in handles:
+            handle.remove()
+
+
+@dataclass(frozen=True)
+class OutputEvent:
+    """One completed module call: its name and output shape (None for a non-tensor output)."""
+
+    name: str
+    shape: tuple[int, ...] | None
+    kind: str  # the output's type name, for messages
+
+
+@contextmanager
+def record_outputs(model: nn.Module) -> Iterator[list[OutputEvent]]:
+    """Hooks every submodule (not the root); yields the list of calls in completion order."""
+    events: list[OutputEvent] = []
+    handles: list[RemovableHandle] = []
+
+    def make_hook(name: str) -> Any:
+        def hook(module: nn.Module, inputs: Any, output: Any) -> None:
+            shape = tuple(output.shape) if isinstance(output, torch.Tensor) else None
+            events.append(OutputEvent(name, shape, type(output).__name__))
+
+        return hook
+
+    try:
+        for name, module in model.named_modules():
+            if name:
+                handles.append(module.register_forward_hook(make_hook(name)))
+        yield events
+    finally:
+        for handle in handles:
+            handle.remove()
