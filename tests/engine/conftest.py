@@ -81,6 +81,12 @@ def seeded_mobilenet() -> nn.Module:
     return torchvision.models.mobilenet_v3_small().eval()
 
 
+@pytest.fixture(scope="session")
+def seeded_vgg11() -> nn.Module:
+    torch.manual_seed(1)
+    return torchvision.models.vgg11().eval()
+
+
 @pytest.fixture
 def make_engine() -> Callable[..., CamEngine]:
     """Builds an engine on a deep copy, so session models stay trainable and unhooked."""
