@@ -6,6 +6,8 @@ Needs numpy only, never torch.
 
 from __future__ import annotations
 
+from typing import cast
+
 import numpy as np
 
 from camserve.v1 import explain_pb2 as pb
@@ -15,7 +17,11 @@ _WIRE_DTYPES: dict[int, np.dtype] = {
     pb.DTYPE_FLOAT16: np.dtype("<f2"),
     pb.DTYPE_UINT8: np.dtype("u1"),
 }
-_DTYPE_NAMES = {pb.DTYPE_FLOAT32: "float32", pb.DTYPE_FLOAT16: "float16", pb.DTYPE_UINT8: "uint8"}
+_DTYPE_NAMES: dict[int, str] = {
+    pb.DTYPE_FLOAT32: "float32",
+    pb.DTYPE_FLOAT16: "float16",
+    pb.DTYPE_UINT8: "uint8",
+}
 
 
 class TensorFormatError(ValueError):
@@ -49,7 +55,8 @@ def to_proto(array: np.ndarray, dtype: int | None = None) -> pb.Tensor:
             )
     target = wire_dtype(dtype)
     data = np.ascontiguousarray(array, dtype=target).tobytes()
-    return pb.Tensor(dtype=dtype or pb.DTYPE_FLOAT32, shape=list(array.shape), data=data)
+    wire = cast("pb.DType", dtype or pb.DTYPE_FLOAT32)
+    return pb.Tensor(dtype=wire, shape=list(array.shape), data=data)
 
 
 def from_proto(tensor: pb.Tensor, field: str = "tensor") -> np.ndarray:

@@ -72,7 +72,7 @@ class CamServer:
         self.settings = settings
         self.metrics = Metrics()
         self.registry = ModelRegistry(settings, self.metrics)
-        self.health = health.aio.HealthServicer()
+        self.health = health.aio.HealthServicer()  # type: ignore[attr-defined]
         self._pool = ThreadPoolExecutor(
             max_workers=settings.preprocess_threads, thread_name_prefix="preprocess"
         )

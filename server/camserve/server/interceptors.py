@@ -20,13 +20,13 @@ log = logging.getLogger("camserve.rpc")
 # Probes and tooling stay reachable without a token.
 OPEN_PREFIXES = ("/grpc.health.v1.Health/", "/grpc.reflection.")
 
-Continuation = Callable[[grpc.HandlerCallDetails], Awaitable[grpc.RpcMethodHandler | None]]
+# grpc-stubs type handlers for the sync API; the aio ones differ, so they are Any here.
+Continuation = Callable[[grpc.HandlerCallDetails], Awaitable[Any]]
 
 
 def _metadata(details: grpc.HandlerCallDetails, key: str) -> str:
-    for item in details.invocation_metadata or ():
-        if item.key == key:
-            value = item.value
+    for name, value in details.invocation_metadata or ():
+        if name == key:
             return value.decode() if isinstance(value, bytes) else str(value)
     return ""
 
@@ -40,7 +40,7 @@ def _status(context: grpc.aio.ServicerContext, default: grpc.StatusCode) -> grpc
     return default
 
 
-def _replace(handler: grpc.RpcMethodHandler, **behaviours: Any) -> grpc.RpcMethodHandler:
+def _replace(handler: Any, **behaviours: Any) -> Any:
     kind = (
         "unary_unary"
         if handler.unary_unary
@@ -78,7 +78,7 @@ class ObservabilityInterceptor(grpc.aio.ServerInterceptor):
 
     async def intercept_service(
         self, continuation: Continuation, handler_call_details: grpc.HandlerCallDetails
-    ) -> grpc.RpcMethodHandler | None:
+    ) -> Any:
         handler = await continuation(handler_call_details)
         if handler is None:
             return None
@@ -130,7 +130,7 @@ class BearerTokenInterceptor(grpc.aio.ServerInterceptor):
 
     async def intercept_service(
         self, continuation: Continuation, handler_call_details: grpc.HandlerCallDetails
-    ) -> grpc.RpcMethodHandler | None:
+    ) -> Any:
         handler = await continuation(handler_call_details)
         if handler is None or handler_call_details.method.startswith(OPEN_PREFIXES):
             return handler

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass, field
 from wsgiref.simple_server import WSGIServer
 
@@ -65,9 +66,8 @@ class Metrics:
         import torch
 
         for index in range(torch.cuda.device_count()):
-            self.gpu_memory.labels(f"cuda:{index}").set_function(
-                lambda index=index: torch.cuda.memory_allocated(index)
-            )
+            allocated = functools.partial(torch.cuda.memory_allocated, index)
+            self.gpu_memory.labels(f"cuda:{index}").set_function(allocated)
 
     def observe_batch(self, model: str, size: int, depth: int) -> None:
         self.batch_size.labels(model).observe(size)

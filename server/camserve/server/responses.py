@@ -7,6 +7,7 @@ never hold up the engine.
 from __future__ import annotations
 
 import io
+from typing import cast
 
 import numpy as np
 import torch
@@ -70,7 +71,7 @@ def image_result(
     shaped = _shape(raw, prepared, plan.output).contiguous().numpy()
     heatmaps = [
         pb.Heatmap(
-            method=METHOD_ENUMS[method],
+            method=cast("pb.Method", METHOD_ENUMS[method]),
             class_index=cls,
             class_label=meta.labels[cls],
             layer=result.layer,

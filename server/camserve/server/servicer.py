@@ -13,6 +13,7 @@ import uuid
 from collections.abc import AsyncIterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
+from typing import cast
 
 import grpc
 import torch
@@ -333,7 +334,7 @@ class ExplainServicer(pb_grpc.ExplainServiceServicer):
         info.layers.extend(
             pb.LayerInfo(name=layer.name, output_shape=layer.shape) for layer in meta.layers
         )
-        info.methods.extend(METHOD_ENUMS.values())
+        info.methods.extend(cast("list[pb.Method]", list(METHOD_ENUMS.values())))
         return info
 
     async def ListModels(  # noqa: N802 - gRPC method name

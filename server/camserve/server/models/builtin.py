@@ -9,6 +9,8 @@ is its own module (`stem`, `blocks.N`, `head`) and `head` is the natural Grad-CA
 
 from __future__ import annotations
 
+from typing import Any
+
 import torch
 from torch import nn
 
@@ -20,7 +22,7 @@ LITE_STD = (128.0 / 255.0,) * 3
 class EfficientNetLite0(nn.Module):
     """EfficientNet-Lite0 with one module per stage, so every stage output can be explained."""
 
-    def __init__(self, net: nn.Module) -> None:
+    def __init__(self, net: Any) -> None:
         super().__init__()
         self.stem = nn.Sequential(net._conv_stem, net._bn0, nn.ReLU6())
         self.blocks = net._blocks
