@@ -4,8 +4,12 @@ The engine returns raw maps at the target layer's resolution; this module brings
 model input (`to_input`), back onto the original image by undoing the centre crop and the resize
 (`to_original`, `to_size`), and normalises them (`normalise`). Resampling is bilinear with
 half-pixel centres (`align_corners=False`), as cv2.resize does, so `normalise(to_input(raw))`
-equals pytorch-grad-cam's output: min-max normalisation is affine and bilinear resizing commutes
-with affine maps, so normalising before or after resizing gives the same result.
+equals pytorch-grad-cam's output, which normalises, resizes and normalises again: min-max
+scaling is affine and bilinear resizing commutes with affine maps, so the first normalisation
+changes nothing. (Normalising only before resizing would not do: resized maps need not reach
+the original extremes.) The one difference is pytorch-grad-cam's 1e-7 epsilon in the divisor,
+which shifts its output visibly only for maps whose raw maximum is below about 1e-3; `normalise`
+is exactly scale-invariant.
 
 Every function takes (K, h, w) maps (or a single (h, w) map) and returns the same rank.
 """
