@@ -65,6 +65,13 @@ def _token(settings: Settings) -> str:
     return settings.auth_token
 
 
+def _write_atomically(path: Path, text: str) -> None:
+    """Writes via a temporary file and a rename, so readers never see half a file."""
+    partial = path.with_name(path.name + ".partial")
+    partial.write_text(text)
+    partial.replace(path)
+
+
 class CamServer:
     """A started server: its port, its models, and how to stop it gracefully."""
 
@@ -130,7 +137,7 @@ class CamServer:
         await self._set_health(health_pb2.HealthCheckResponse.SERVING)
         if self.settings.ready_file:
             ready = {"port": self.port, "metrics_port": self.metrics_port, "pid": os.getpid()}
-            Path(self.settings.ready_file).write_text(json.dumps(ready))  # noqa: ASYNC240 - tiny
+            _write_atomically(Path(self.settings.ready_file), json.dumps(ready))
         log.info(
             "serving",
             extra={
