@@ -20,7 +20,7 @@ from camserve.client.images import to_pil
 from camserve.client.render import COLORMAPS, overlay, panel
 from camserve.client.requests import METHODS
 from camserve.client.results import Explanation, ModelInfo
-from camserve.client.retry import NO_RETRY, RetryPolicy
+from camserve.client.retry import DEFAULT_RETRY, NO_RETRY
 from camserve.client.sync import Client
 
 ENV_SERVER = "CAMSERVE_SERVER"
@@ -126,7 +126,7 @@ def _client(args: argparse.Namespace) -> Client:
         tls=tls,
         token=token,
         timeout=args.timeout or (HEALTH_TIMEOUT_S if is_health else CALL_TIMEOUT_S),
-        retry=NO_RETRY if is_health else RetryPolicy(),
+        retry=NO_RETRY if is_health else DEFAULT_RETRY,
     )
 
 

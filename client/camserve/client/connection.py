@@ -7,12 +7,12 @@ credentials, channel options and per-call metadata, so the two cannot drift apar
 from __future__ import annotations
 
 import os
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
 import grpc
 
-from camserve.client.retry import RetryPolicy
+from camserve.client.retry import DEFAULT_RETRY, RetryPolicy
 
 DEFAULT_ADDRESS = "127.0.0.1:50051"
 DEFAULT_MESSAGE_BYTES = 64 * 1024 * 1024
@@ -63,7 +63,7 @@ class Connection:
     address: str = DEFAULT_ADDRESS
     tls: TLS = None
     timeout: float | None = 30.0
-    retry: RetryPolicy = field(default_factory=RetryPolicy)
+    retry: RetryPolicy = DEFAULT_RETRY
     max_send_bytes: int = DEFAULT_MESSAGE_BYTES
     max_receive_bytes: int = DEFAULT_MESSAGE_BYTES
     token: str | None = None

@@ -53,7 +53,9 @@ def normalise(heatmap: np.ndarray) -> np.ndarray:
     if array.dtype == np.uint8:
         return array.astype(np.float32) / 255
     array = np.nan_to_num(array.astype(np.float32))
-    low, high = float(array.min(initial=0.0)), float(array.max(initial=0.0))
+    if not array.size:
+        return array
+    low, high = float(array.min()), float(array.max())
     if high <= low:
         return np.zeros_like(array)
     return (array - low) / (high - low)

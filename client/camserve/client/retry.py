@@ -50,6 +50,7 @@ class RetryPolicy:
         return wait
 
 
+DEFAULT_RETRY = RetryPolicy()
 NO_RETRY = RetryPolicy(max_attempts=1)
 
 

@@ -6,7 +6,7 @@ import queue
 import time
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from types import TracebackType
-from typing import TYPE_CHECKING, Any, TypeVar
+from typing import Any, TypeVar, Unpack
 
 import grpc
 
@@ -28,13 +28,16 @@ from camserve.client.results import (
     explanations_from_response,
     model_from_proto,
 )
-from camserve.client.retry import NO_RETRY, RetryPolicy, call_with_retry, deadline_after
+from camserve.client.retry import (
+    DEFAULT_RETRY,
+    NO_RETRY,
+    RetryPolicy,
+    call_with_retry,
+    deadline_after,
+)
 from camserve.client.stream import Outcome, StreamScheduler
 from camserve.v1 import explain_pb2 as pb
 from camserve.v1 import explain_pb2_grpc
-
-if TYPE_CHECKING:
-    from typing import Unpack
 
 T = TypeVar("T")
 _CLOSE = object()
@@ -55,7 +58,7 @@ class Client:
         address: str = DEFAULT_ADDRESS,
         tls: TLS = None,
         timeout: float | None = 30.0,
-        retry: RetryPolicy | None = RetryPolicy(),  # noqa: B008 - frozen, so safe to share
+        retry: RetryPolicy | None = DEFAULT_RETRY,
         max_send_bytes: int = DEFAULT_MESSAGE_BYTES,
         max_receive_bytes: int = DEFAULT_MESSAGE_BYTES,
         token: str | None = None,
