@@ -7,7 +7,7 @@ import time
 
 import grpc
 import pytest
-from conftest import BAD, BUSY_ONCE, HEATMAP
+from client_support import BAD, BUSY_ONCE, HEATMAP
 
 from camserve.client import (
     AsyncClient,
