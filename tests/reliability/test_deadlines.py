@@ -1,0 +1,165 @@
+"""Deadlines and cancellation through the client SDK, several calls at once.
+
+The served model waits on a gate (tests/gated_model.py), so a call's time in the queue is decided
+by the test, not by the machine's speed. What must hold: a call whose deadline passes while it
+waits fails with DEADLINE_EXCEEDED and its image is never computed; a call that goes away (its
+deadline passed, or the caller cancelled it, or its stream ended) frees its queue slots at once,
+so new calls are admitted.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import Iterator
+from typing import Any
+
+import gated_model
+import pytest
+from reliability_support import wait_until
+from support import ServerThread, png_bytes, seeded_images
+
+from camserve.client import AsyncClient, DeadlineExceeded, Explanation, Overloaded
+from camserve.server.settings import ModelSettings, Settings
+
+pytestmark = pytest.mark.timeout(120)
+
+MAX_QUEUE = 8
+IMAGE = png_bytes(seeded_images(1, size=(32, 32), seed=3)[0])
+
+
+@pytest.fixture
+def server() -> Iterator[ServerThread]:
+    """The gated model, one image per batch, a queue of 8; the gate is closed once it serves."""
+    model = ModelSettings(
+        name="gated",
+        source="factory:gated_model:gated_net",
+        labels="",
+        resize=0,
+        crop=32,
+        max_batch_size=1,
+        max_delay_ms=0,
+        max_queue=MAX_QUEUE,
+    )
+    gated_model.GATE.set()
+    running = ServerThread(Settings(port=0, metrics_port=-1, models=(model,)))
+    gated_model.ENTERED.clear()
+    gated_model.GATE.clear()
+    yield running
+    gated_model.GATE.set()
+    running.stop(grace=1.0)
+
+
+def depth(server: ServerThread) -> int:
+    return int(server.server.registry.get("gated").queue_depth)
+
+
+def computed(server: ServerThread) -> float:
+    return server.metric("camserve_images_total", model="gated")
+
+
+async def wait_for_depth(server: ServerThread, expected: int) -> None:
+    await asyncio.to_thread(
+        wait_until, lambda: depth(server) == expected, 5.0, f"queue depth {expected}"
+    )
+
+
+async def block_the_engine(client: AsyncClient) -> asyncio.Task[Explanation]:
+    """A call whose batch is in the engine, held at the gate: everything else queues behind."""
+    running = asyncio.create_task(client.explain(IMAGE, timeout=60))
+    assert await asyncio.to_thread(gated_model.ENTERED.wait, 10)
+    return running
+
+
+async def test_calls_whose_deadline_passes_in_the_queue_fail_and_are_never_computed(
+    server: ServerThread,
+) -> None:
+    async with AsyncClient(address=server.address, retry=None) as client:
+        running = await block_the_engine(client)
+        before = computed(server)
+        started = time.monotonic()
+        short = [asyncio.create_task(client.explain(IMAGE, timeout=0.4)) for _ in range(5)]
+        patient = [asyncio.create_task(client.explain(IMAGE, timeout=60)) for _ in range(2)]
+        await wait_for_depth(server, 7)
+
+        failures = await asyncio.gather(*short, return_exceptions=True)
+        assert all(isinstance(f, DeadlineExceeded) for f in failures), failures
+        assert time.monotonic() - started < 5.0
+        await wait_for_depth(server, 2)  # the expired calls left the queue; the patient stayed
+        assert computed(server) == before
+
+        gated_model.GATE.set()
+        answers = await asyncio.gather(running, *patient)
+    assert all(isinstance(a, Explanation) for a in answers)
+    await asyncio.to_thread(wait_until, lambda: computed(server) - before == 3)
+    assert depth(server) == 0
+
+
+async def test_cancelling_the_newest_queued_call_takes_only_it_out_of_the_queue(
+    server: ServerThread,
+) -> None:
+    """The queue is a FIFO: a call cancelled behind another one must leave it too, not only a
+    call at its head."""
+    async with AsyncClient(address=server.address, retry=None) as client:
+        running = await block_the_engine(client)
+        first = asyncio.create_task(client.explain(IMAGE, timeout=60))
+        await wait_for_depth(server, 1)
+        second = asyncio.create_task(client.explain(IMAGE, timeout=60))
+        await wait_for_depth(server, 2)
+        second.cancel()
+        await wait_for_depth(server, 1)
+        gated_model.GATE.set()
+        answers = await asyncio.gather(running, first)
+    assert all(isinstance(a, Explanation) for a in answers)
+
+
+async def test_cancelled_calls_free_their_slots_for_new_ones(server: ServerThread) -> None:
+    async with AsyncClient(address=server.address, retry=None) as client:
+        running = await block_the_engine(client)
+        before = computed(server)
+        waiting = [asyncio.create_task(client.explain(IMAGE, timeout=60)) for _ in range(MAX_QUEUE)]
+        await wait_for_depth(server, MAX_QUEUE)
+        with pytest.raises(Overloaded):
+            await client.explain(IMAGE, timeout=10)
+
+        for task in waiting:
+            task.cancel()
+        cancelled = await asyncio.gather(*waiting, return_exceptions=True)
+        assert all(isinstance(c, asyncio.CancelledError) for c in cancelled)
+        await wait_for_depth(server, 0)
+
+        admitted = [
+            asyncio.create_task(client.explain(IMAGE, timeout=60)) for _ in range(MAX_QUEUE)
+        ]
+        await wait_for_depth(server, MAX_QUEUE)
+        gated_model.GATE.set()
+        answers = await asyncio.gather(running, *admitted)
+    assert len(answers) == MAX_QUEUE + 1
+    await asyncio.to_thread(wait_until, lambda: computed(server) - before == MAX_QUEUE + 1)
+
+
+async def test_stream_past_its_deadline_frees_its_slots(server: ServerThread) -> None:
+    """A stream whose deadline passes with requests still queued ends with DEADLINE_EXCEEDED;
+    its queued requests leave the queue and are never computed."""
+    async with AsyncClient(address=server.address, retry=None) as client:
+        running = await block_the_engine(client)
+        before = computed(server)
+        outcomes: list[Any] = []
+
+        async def consume() -> None:
+            async for outcome in client.explain_many(
+                [IMAGE] * 6, max_in_flight=6, timeout=0.5, return_exceptions=True
+            ):
+                outcomes.append(outcome)
+
+        with pytest.raises(DeadlineExceeded):
+            await consume()
+        assert outcomes == []
+        await wait_for_depth(server, 0)
+
+        late = asyncio.create_task(client.explain(IMAGE, timeout=60))
+        await wait_for_depth(server, 1)
+        gated_model.GATE.set()
+        answers = await asyncio.gather(running, late)
+    assert all(isinstance(a, Explanation) for a in answers)
+    await asyncio.to_thread(wait_until, lambda: computed(server) - before == 2)
