@@ -103,28 +103,27 @@ def _size(input_hw: tuple[int, int]) -> str:
     return f"{input_hw[0]}x{input_hw[1]}"
 
 
-def probe(
-    model: nn.Module,
-    input_hw: tuple[int, int],
-    device: torch.device,
-    memory_format: torch.memory_format,
-) -> Probe:
-    """Runs one inference forward pass on a zero image of `input_hw` and records every call."""
-    height, width = input_hw
-    sample = torch.zeros(1, PROBE_CHANNELS, height, width, device=device)
-    sample = sample.contiguous(memory_format=memory_format)
+def probe(model: nn.Module, sample: torch.Tensor) -> Probe:
+    """Runs one inference forward pass on `sample` (1, C, H, W) and records every module call.
+
+    Exceptions from the model propagate unchanged; the caller words them for its user.
+    """
+    input_hw = (int(sample.shape[-2]), int(sample.shape[-1]))
     with torch.inference_mode(), record_outputs(model) as events:
-        try:
-            output = model(sample)
-        except Exception as exc:
-            raise EngineError(
-                f"input_size {_size(input_hw)}: the model cannot run on a "
-                f"{PROBE_CHANNELS}x{height}x{width} image ({type(exc).__name__}: {exc}); "
-                "use the input size the model was built for"
-            ) from exc
+        output = model(sample)
     calls = Counter(event.name for event in events)
     output_shape = tuple(output.shape) if isinstance(output, torch.Tensor) else None
     return Probe(input_hw, tuple(events), dict(calls), output_shape)
+
+
+def probe_failed(input_hw: tuple[int, int], exc: Exception) -> EngineError:
+    """The error for a model that cannot run at all on a probe input of `input_hw`."""
+    height, width = input_hw
+    return EngineError(
+        f"input_size {_size(input_hw)}: the model cannot run on a "
+        f"{PROBE_CHANNELS}x{height}x{width} image ({type(exc).__name__}: {exc}); "
+        "use the input size the model was built for"
+    )
 
 
 def unknown_layer(name: str, probe_result: Probe) -> LayerError:

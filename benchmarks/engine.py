@@ -1,0 +1,419 @@
+"""How much a Grad-CAM costs with camserve's engine, next to a forward pass and the usual ways.
+
+For each (model, batch) case, in a fresh subprocess, it times by alternating contenders run by
+run (A B C ... A B C ...) after a warm-up, and reports medians:
+
+- forward: a plain forward pass under `torch.inference_mode`, the floor;
+- engine: `CamEngine.explain`, Grad-CAM only, and all five methods at once;
+- reference: pytorch-grad-cam's `GradCAM` on the whole batch;
+- loop: the per-image hook loop of the Grad-CAM tutorials (forward + backward per image).
+
+Peak memory above the loaded model is measured for the forward pass and the engine: on the CPU
+each probe runs in its own subprocess (glibc told to return large blocks to the system, so
+resident-set growth is the tensors' footprint) and reads the kernel's resident high-water mark
+after resetting it; on CUDA it is `torch.cuda.max_memory_allocated`.
+
+    python benchmarks/engine.py                       # table, all default cases
+    python benchmarks/engine.py --models resnet18 --batches 8 --repeats 3
+    python benchmarks/engine.py --json                # {"device": ..., "results": [...]}
+
+The forward pass uses the memory format the engine settles on (`--memory-format auto`, the
+engine's default, is channels_last on the CPU and under CUDA autocast), so the ratio to it measures
+the explanation's cost, not the layout's. pytorch-grad-cam and the tutorial loop run as their users
+run them: contiguous and float32 (pytorch-grad-cam converts activations to numpy, which has no
+bfloat16).
+
+On CUDA the cases also cover float32 and bfloat16 (autocast) and each result carries a
+"precision" field; CPU results hold exactly the fields listed in `FIELDS`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import copy
+import gc
+import json
+import os
+import statistics
+import subprocess
+import sys
+import time
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn.functional as F  # noqa: N812 - the conventional alias
+import torchvision
+from torch import nn
+
+from camserve.server.engine import METHODS, CamEngine, RowRequest
+
+FIELDS = (
+    "model",
+    "batch",
+    "forward_s",
+    "engine_s",
+    "engine_all_methods_s",
+    "reference_s",
+    "loop_s",
+    "engine_over_forward",
+    "speedup_vs_reference",
+    "engine_peak_mb",
+    "forward_peak_mb",
+)
+LAYER = "layer4"
+INPUT = 224
+CPU_BATCHES = (1, 8, 32)
+CUDA_BATCHES = (1, 8, 32, 64, 256)
+# Targets on the CPU for batches of 8 and more.
+TARGETS = {
+    "engine_over_forward": 1.10,
+    "all_methods_over_forward": 1.15,
+    "speedup_vs_reference_at_32": 2.5,
+    "peak_ratio": 1.2,
+}
+_MIB = 1024 * 1024
+
+
+def build_model(name: str) -> nn.Module:
+    """A torchvision classifier with seeded random weights: nothing is downloaded."""
+    torch.manual_seed(0)
+    return torchvision.models.get_model(name, weights=None).eval()
+
+
+class TutorialGradCAM:
+    """The Grad-CAM tutorials' loop: hooks, then forward and backward one image at a time."""
+
+    def __init__(self, model: nn.Module, layer: nn.Module) -> None:
+        self.model = model
+        self.activation: torch.Tensor | None = None
+        self.gradient: torch.Tensor | None = None
+        self.handle = layer.register_forward_hook(self._save)
+
+    def _save(self, module: nn.Module, inputs: Any, output: torch.Tensor) -> None:
+        self.activation = output.detach()
+
+        def keep(grad: torch.Tensor) -> None:
+            self.gradient = grad.detach()
+
+        output.register_hook(keep)
+
+    def __call__(self, batch: torch.Tensor) -> list[torch.Tensor]:
+        maps = []
+        for image in batch:
+            self.model.zero_grad()
+            logits = self.model(image[None])
+            logits[0, logits[0].argmax()].backward()
+            assert self.activation is not None
+            assert self.gradient is not None
+            weights = self.gradient.mean(dim=(2, 3), keepdim=True)
+            cam = F.relu((weights * self.activation).sum(dim=1, keepdim=True))
+            cam = F.interpolate(cam, size=image.shape[-2:], mode="bilinear", align_corners=False)
+            cam = cam - cam.min()
+            maps.append((cam / cam.max().clamp(min=1e-7))[0, 0].cpu())
+        return maps
+
+
+# ------------------------------------------------------------------------------ one case
+
+
+@contextlib.contextmanager
+def _autocast(device: torch.device, precision: str) -> Iterator[None]:
+    if precision == "float32":
+        yield
+        return
+    with torch.autocast(device.type, dtype=getattr(torch, precision)):
+        yield
+
+
+FORMATS: dict[str, bool | None] = {"auto": None, "channels_last": True, "contiguous": False}
+
+
+def _contenders(
+    name: str, batch: int, device: torch.device, precision: str, memory_format: str
+) -> dict[str, Callable[[], object]]:
+    from pytorch_grad_cam import GradCAM
+
+    base = build_model(name)
+    engine = CamEngine(
+        copy.deepcopy(base),
+        device=device,
+        precision=precision,
+        channels_last=FORMATS[memory_format],
+    )
+    layout = torch.channels_last if engine.channels_last else torch.contiguous_format
+    x = torch.randn(batch, 3, INPUT, INPUT, generator=torch.Generator().manual_seed(1))
+    x = x.to(device)
+    x_engine = x.contiguous(memory_format=layout)
+    plain = copy.deepcopy(base).to(device).to(memory_format=layout)
+
+    def forward() -> object:
+        with torch.inference_mode(), _autocast(device, precision):
+            return plain(x_engine)
+
+    one = [RowRequest(LAYER)] * batch
+    every = [RowRequest(LAYER, METHODS)] * batch
+
+    reference_model = copy.deepcopy(base).to(device)
+    reference = GradCAM(model=reference_model, target_layers=[reference_model.get_submodule(LAYER)])
+    loop_model = copy.deepcopy(base).to(device)
+    loop = TutorialGradCAM(loop_model, loop_model.get_submodule(LAYER))
+    return {
+        "forward": forward,
+        "engine": lambda: engine.explain(x_engine, one),
+        "engine_all_methods": lambda: engine.explain(x_engine, every),
+        "reference": lambda: reference(input_tensor=x, targets=None),
+        "loop": lambda: loop(x),
+    }
+
+
+def _timed(fn: Callable[[], object], device: torch.device) -> float:
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+    start = time.perf_counter()
+    fn()
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+    return time.perf_counter() - start
+
+
+def _cuda_peak_mb(fn: Callable[[], object]) -> float:
+    fn()
+    torch.cuda.synchronize()
+    gc.collect()
+    torch.cuda.reset_peak_memory_stats()
+    before = torch.cuda.memory_allocated()
+    fn()
+    torch.cuda.synchronize()
+    return (torch.cuda.max_memory_allocated() - before) / _MIB
+
+
+def _status_kib(key: str) -> int:
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith(key + ":"):
+            return int(line.split()[1])
+    raise RuntimeError(f"{key} missing from /proc/self/status")
+
+
+def memory_probe(name: str, batch: int, contender: str, memory_format: str) -> float:
+    """Peak resident-set growth (MiB) of one run, after a warm-up run, on the CPU."""
+    engine = CamEngine(build_model(name), channels_last=FORMATS[memory_format])
+    layout = torch.channels_last if engine.channels_last else torch.contiguous_format
+    x = torch.randn(batch, 3, INPUT, INPUT).contiguous(memory_format=layout)
+    if contender == "forward":
+        model = engine.model
+
+        def run() -> object:
+            with torch.inference_mode():
+                return model(x)
+
+    else:
+        rows = [RowRequest(LAYER)] * batch
+
+        def run() -> object:
+            return engine.explain(x, rows)
+
+    run()  # one-time allocations (thread pools, kernel caches) are not the contender's footprint
+    gc.collect()
+    Path("/proc/self/clear_refs").write_text("5")  # reset the resident high-water mark
+    before = _status_kib("VmRSS")
+    run()
+    return (_status_kib("VmHWM") - before) / 1024
+
+
+def _cpu_peak_mb(name: str, batch: int, contender: str, memory_format: str) -> float:
+    env = dict(os.environ, MALLOC_MMAP_THRESHOLD_="65536", MALLOC_TRIM_THRESHOLD_="0")
+    command = [sys.executable, __file__, "--memory-probe", f"{name}:{batch}:{contender}"]
+    command += ["--memory-format", memory_format]
+    done = subprocess.run(command, env=env, capture_output=True, text=True, check=True)
+    return float(done.stdout.strip().splitlines()[-1])
+
+
+def run_case(
+    name: str, batch: int, device: torch.device, precision: str, repeats: int, memory_format: str
+) -> dict[str, Any]:
+    contenders = _contenders(name, batch, device, precision, memory_format)
+    for fn in contenders.values():  # warm-up
+        fn()
+    times: dict[str, list[float]] = {key: [] for key in contenders}
+    for _ in range(repeats):
+        for key, fn in contenders.items():
+            times[key].append(_timed(fn, device))
+    median = {key: statistics.median(values) for key, values in times.items()}
+    if device.type == "cuda":
+        engine_mb = _cuda_peak_mb(contenders["engine"])
+        forward_mb = _cuda_peak_mb(contenders["forward"])
+    else:
+        engine_mb = _cpu_peak_mb(name, batch, "engine", memory_format)
+        forward_mb = _cpu_peak_mb(name, batch, "forward", memory_format)
+    result: dict[str, Any] = {
+        "model": name,
+        "batch": batch,
+        "forward_s": median["forward"],
+        "engine_s": median["engine"],
+        "engine_all_methods_s": median["engine_all_methods"],
+        "reference_s": median["reference"],
+        "loop_s": median["loop"],
+        "engine_over_forward": median["engine"] / median["forward"],
+        "speedup_vs_reference": median["reference"] / median["engine"],
+        "engine_peak_mb": engine_mb,
+        "forward_peak_mb": forward_mb,
+    }
+    if device.type == "cuda":
+        result["precision"] = precision
+    return result
+
+
+# ------------------------------------------------------------------------------- driver
+
+
+def _spawn_case(name: str, batch: int, precision: str, args: argparse.Namespace) -> dict[str, Any]:
+    command = [
+        sys.executable,
+        __file__,
+        "--case",
+        f"{name}:{batch}:{precision}",
+        "--device",
+        args.device,
+        "--repeats",
+        str(args.repeats),
+    ]
+    command += ["--memory-format", args.memory_format]
+    done = subprocess.run(command, capture_output=True, text=True)
+    if done.returncode != 0:
+        raise SystemExit(f"case {name} batch {batch} failed:\n{done.stderr}")
+    result: dict[str, Any] = json.loads(done.stdout.strip().splitlines()[-1])
+    return result
+
+
+def _table(device: str, results: list[dict[str, Any]]) -> str:
+    header = (
+        f"{'model':<10}{'batch':>6}{'prec':>10}{'forward s':>11}{'engine s':>10}{'all5 s':>9}"
+        f"{'ref s':>9}{'loop s':>9}{'eng/fwd':>9}{'all/fwd':>9}{'vs ref':>8}{'vs loop':>9}"
+        f"{'eng MB':>8}{'fwd MB':>8}"
+    )
+    lines = [f"device: {device}", header, "-" * len(header)]
+    for r in results:
+        lines.append(
+            f"{r['model']:<10}{r['batch']:>6}{r.get('precision', 'float32'):>10}"
+            f"{r['forward_s']:>11.4f}{r['engine_s']:>10.4f}{r['engine_all_methods_s']:>9.4f}"
+            f"{r['reference_s']:>9.4f}{r['loop_s']:>9.4f}{r['engine_over_forward']:>9.3f}"
+            f"{r['engine_all_methods_s'] / r['forward_s']:>9.3f}"
+            f"{r['speedup_vs_reference']:>8.2f}{r['loop_s'] / r['engine_s']:>9.2f}"
+            f"{r['engine_peak_mb']:>8.1f}{r['forward_peak_mb']:>8.1f}"
+        )
+    return "\n".join(lines)
+
+
+def _target_report(results: list[dict[str, Any]]) -> str:
+    """Each CPU target for batches >= 8: met or missed, with the worst case."""
+    checked = [r for r in results if r["batch"] >= 8 and "precision" not in r]
+    if not checked:
+        return "targets: no CPU case with batch >= 8 was run"
+    at_32 = [r for r in checked if r["batch"] == 32]
+    rows = [
+        (
+            "engine / forward <= 1.10",
+            max(r["engine_over_forward"] for r in checked),
+            TARGETS["engine_over_forward"],
+            True,
+        ),
+        (
+            "all five methods / forward <= 1.15",
+            max(r["engine_all_methods_s"] / r["forward_s"] for r in checked),
+            TARGETS["all_methods_over_forward"],
+            True,
+        ),
+        (
+            "engine peak / forward peak <= 1.2",
+            max(r["engine_peak_mb"] / max(r["forward_peak_mb"], 1e-9) for r in checked),
+            TARGETS["peak_ratio"],
+            True,
+        ),
+    ]
+    if at_32:
+        rows.append(
+            (
+                "speedup vs pytorch-grad-cam at batch 32 >= 2.5",
+                min(r["speedup_vs_reference"] for r in at_32),
+                TARGETS["speedup_vs_reference_at_32"],
+                False,
+            )
+        )
+    lines = ["targets (CPU, batch >= 8; worst case shown):"]
+    for label, worst, bound, upper in rows:
+        met = worst <= bound if upper else worst >= bound
+        lines.append(f"  {'met   ' if met else 'MISSED'} {label}: {worst:.3f}")
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--models", default="resnet18,resnet50", help="comma-separated")
+    parser.add_argument("--batches", default="", help="comma-separated; default per device")
+    parser.add_argument("--repeats", type=int, default=5, help="timed runs per contender")
+    parser.add_argument(
+        "--device", default="cuda" if torch.cuda.is_available() else "cpu", help="cpu or cuda"
+    )
+    parser.add_argument(
+        "--precisions", default="", help="CUDA only; default float32,bfloat16 on CUDA"
+    )
+    parser.add_argument(
+        "--memory-format",
+        choices=list(FORMATS),
+        default="auto",
+        help="the engine's layout (auto: its default); the forward pass follows it",
+    )
+    parser.add_argument("--json", action="store_true", help="print JSON instead of a table")
+    parser.add_argument("--case", help=argparse.SUPPRESS)
+    parser.add_argument("--memory-probe", help=argparse.SUPPRESS)
+    args = parser.parse_args(argv)
+
+    if args.memory_probe:
+        name, batch, contender = args.memory_probe.split(":")
+        print(memory_probe(name, int(batch), contender, args.memory_format))
+        return
+    device = torch.device(args.device)
+    if args.case:
+        name, batch, precision = args.case.split(":")
+        print(
+            json.dumps(
+                run_case(name, int(batch), device, precision, args.repeats, args.memory_format)
+            )
+        )
+        return
+
+    if args.repeats < 1:
+        parser.error("--repeats must be >= 1")
+    cuda = device.type == "cuda"
+    batches = (
+        [int(b) for b in args.batches.split(",")]
+        if args.batches
+        else list(CUDA_BATCHES if cuda else CPU_BATCHES)
+    )
+    precisions = (
+        args.precisions.split(",")
+        if args.precisions
+        else (["float32", "bfloat16"] if cuda else ["float32"])
+    )
+    if not cuda and precisions != ["float32"]:
+        parser.error("--precisions other than float32 need --device cuda")
+    results = []
+    for name in args.models.split(","):
+        for batch in batches:
+            for precision in precisions:
+                print(f"running {name} batch {batch} {precision} ...", file=sys.stderr, flush=True)
+                results.append(_spawn_case(name, batch, precision, args))
+    description = torch.cuda.get_device_name(device) if cuda else f"cpu ({os.cpu_count()} cores)"
+    if args.json:
+        print(json.dumps({"device": description, "results": results}))
+    else:
+        print(_table(description, results))
+        if not cuda:
+            print(_target_report(results))
+
+
+if __name__ == "__main__":
+    main()

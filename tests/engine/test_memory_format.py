@@ -1,0 +1,76 @@
+"""channels_last by default on the CPU, the same maps either way, and the fallback."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import pytest
+import torch
+from torch import nn
+
+from camserve.server.engine import METHODS, CamEngine, RowRequest
+
+
+class _ViewsFeatureMaps(nn.Module):
+    """Flattens a feature map with `.view`, which channels_last tensors cannot do."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        torch.manual_seed(4)
+        self.conv = nn.Conv2d(3, 6, 3, padding=1)
+        self.fc = nn.Linear(6, 4)
+        self.broken = False
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.broken:
+            raise RuntimeError("broken for a reason that has nothing to do with memory format")
+        features = self.conv(x)
+        n, c, h, w = features.shape
+        flat = features.view(n, c * h * w)  # needs NCHW-contiguous memory
+        return self.fc(flat.view(n, c, h * w).mean(dim=2))
+
+
+def test_cpu_default_is_channels_last_with_equal_maps(
+    seeded_resnet18: nn.Module,
+    make_engine: Callable[..., CamEngine],
+    random_images: Callable[..., torch.Tensor],
+) -> None:
+    fast = make_engine(seeded_resnet18)
+    plain = make_engine(seeded_resnet18, channels_last=False)
+    assert fast.channels_last
+    assert not plain.channels_last
+    batch = random_images(2, (128, 128), seed=9)
+    rows = [RowRequest("layer3", METHODS, top_k=2), RowRequest("layer4", METHODS)]
+    for a, b in zip(fast.explain(batch, rows), plain.explain(batch, rows), strict=True):
+        assert a.classes == b.classes
+        for key, cam in b.maps.items():
+            scale = max(float(cam.abs().max()), 1.0)
+            torch.testing.assert_close(a.maps[key], cam, rtol=1e-4, atol=1e-5 * scale)
+
+
+def test_default_falls_back_to_contiguous_for_models_that_need_it(
+    random_images: Callable[..., torch.Tensor],
+) -> None:
+    batch = random_images(2, (8, 8))
+    engine = CamEngine(_ViewsFeatureMaps())
+    assert engine.channels_last
+    result = engine.explain(batch, [RowRequest("conv", top_k=2)] * 2)
+    assert not engine.channels_last
+    assert len(result[0].maps) == 2
+    assert engine.predict(batch).shape == (2, 4)
+
+    forced = CamEngine(_ViewsFeatureMaps(), channels_last=True)
+    with pytest.raises(RuntimeError, match="view"):
+        forced.predict(batch)
+    assert forced.channels_last
+
+
+def test_a_failure_unrelated_to_the_format_keeps_channels_last(
+    random_images: Callable[..., torch.Tensor],
+) -> None:
+    broken = _ViewsFeatureMaps()
+    broken.broken = True
+    engine = CamEngine(broken)
+    with pytest.raises(RuntimeError, match="nothing to do with memory format"):
+        engine.predict(random_images(1, (8, 8)))
+    assert engine.channels_last
