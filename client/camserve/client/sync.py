@@ -47,9 +47,12 @@ class Client:
     """A blocking client of a camserve server; one channel, safe to share between threads.
 
     Use it as a context manager (or call `close()`); a closed client refuses further calls.
-    Plaintext by default, for local use; pass `tls` for TLS and `token` when the server wants a
-    bearer token. Calls that fail with UNAVAILABLE or RESOURCE_EXHAUSTED are retried per `retry`
-    (None turns that off) within the call's timeout.
+
+    Options: `address` HOST:PORT. `tls`: None/False for plaintext (local use), True for TLS with
+    the system's roots, a `TLSConfig` (own CA, client certificate) or `grpc.ChannelCredentials`.
+    `timeout`: default seconds per call, retries included (None: no deadline). `retry`: how
+    UNAVAILABLE and RESOURCE_EXHAUSTED are retried (None: not at all). `max_send_bytes` and
+    `max_receive_bytes`: message size limits. `token`: sent as `authorization: Bearer <token>`.
     """
 
     def __init__(
@@ -118,7 +121,16 @@ class Client:
         timeout: float | None = None,
         request_id: str | None = None,
     ) -> Explanation:
-        """Explains one image; see `ExplainOptions` for the options and README for examples."""
+        """Explains one image.
+
+        `image`: a file path, encoded bytes, a PIL image, a uint8 HxWx3 RGB array or a float32
+        3xHxW normalised array. `target`: class index, label, or a sequence of them (default: the
+        predicted class); `top_k`: the k most probable classes instead. `methods`: one or more of
+        gradcam, gradcampp, xgradcam, hirescam, layercam. `layer`: default the model's.
+        `resolution`: "original", "input", "feature" or (height, width). `dtype`: "float32",
+        "float16" or "uint8". `raw`: unnormalised maps. `overlay`: also get the server's PNG
+        overlay of the first heatmap. `timeout`: this call's, instead of the client's.
+        """
         options = ExplainOptions(
             model=model,
             target=target,
