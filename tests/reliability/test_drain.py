@@ -1,0 +1,172 @@
+"""SIGTERM with a stream open: new work is refused, the open stream cannot hold the process.
+
+tests/server/test_shutdown.py shows that every accepted unary request is answered. This adds what
+it leaves out: once draining, new calls (and new requests on an open stream) get the retryable
+UNAVAILABLE, health turns NOT_SERVING, and an idle stream the client never closes does not keep
+the process alive past the grace period: it exits 0 in time.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import AsyncIterator, Iterator
+from pathlib import Path
+
+import grpc
+import pytest
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+from support import png_bytes, seeded_images
+
+from camserve.v1 import explain_pb2 as pb
+from camserve.v1 import explain_pb2_grpc as pb_grpc
+
+pytestmark = pytest.mark.timeout(120)
+GRACE_S = 4.0
+IMAGE = png_bytes(seeded_images(1, size=(64, 64), seed=4)[0])
+
+
+@pytest.fixture
+def server_process(
+    tmp_path: Path, resnet18_weights: Path
+) -> Iterator[tuple[subprocess.Popen[bytes], int]]:
+    """`camserve-server` as a child process (resnet18 at 64x64); killed if a test leaves it."""
+    config = tmp_path / "camserve.toml"
+    config.write_text(
+        f"""
+[server]
+grace_period_s = {GRACE_S}
+[[models]]
+name = "resnet18"
+source = "torchvision:resnet18"
+weights = "{resnet18_weights.as_posix()}"
+labels = ""
+resize = 0
+crop = 64
+max_batch_size = 4
+max_delay_ms = 2
+"""
+    )
+    ready = tmp_path / "ready.json"
+    process = subprocess.Popen(
+        [
+            sys.executable,
+            "-m",
+            "camserve.server",
+            "--config",
+            str(config),
+            "--port",
+            "0",
+            "--metrics-port",
+            "-1",
+            "--ready-file",
+            str(ready),
+        ],
+        env={**os.environ, "CAMSERVE_LOG_LEVEL": "warning"},
+    )
+    try:
+        deadline = time.monotonic() + 90
+        while not (ready.exists() and ready.stat().st_size):
+            assert process.poll() is None, "server exited during start-up"
+            assert time.monotonic() < deadline, "server did not become ready"
+            time.sleep(0.05)
+        yield process, int(json.loads(ready.read_text())["port"])
+    finally:
+        if process.poll() is None:
+            process.kill()
+            process.wait()
+
+
+def request(request_id: str) -> pb.ExplainRequest:
+    return pb.ExplainRequest(images=[pb.Image(encoded=IMAGE)], request_id=request_id)
+
+
+async def health(address: str) -> str:
+    """NOT_SERVING/SERVING, or the status code name when the call itself fails."""
+    async with grpc.aio.insecure_channel(address) as channel:
+        try:
+            reply = await health_pb2_grpc.HealthStub(channel).Check(
+                health_pb2.HealthCheckRequest(), timeout=2
+            )
+        except grpc.aio.AioRpcError as exc:
+            return exc.code().name
+    return health_pb2.HealthCheckResponse.ServingStatus.Name(reply.status)
+
+
+async def test_sigterm_refuses_new_work_and_exits_in_time_with_a_stream_open(
+    server_process: tuple[subprocess.Popen[bytes], int],
+) -> None:
+    process, port = server_process
+    address = f"127.0.0.1:{port}"
+    outgoing: asyncio.Queue[pb.ExplainRequest | None] = asyncio.Queue()
+
+    async def requests() -> AsyncIterator[pb.ExplainRequest]:
+        while (item := await outgoing.get()) is not None:
+            yield item
+
+    async with grpc.aio.insecure_channel(address) as channel:
+        stub = pb_grpc.ExplainServiceStub(channel)
+        stream = stub.ExplainStream(requests())
+        await outgoing.put(request("before"))
+        first = await stream.read()
+        assert first.request_id == "before"
+        assert not first.HasField("error")
+
+        # The stream stays open and idle (never half-closed) from here on.
+        process.send_signal(signal.SIGTERM)
+        signalled = time.monotonic()
+        async with asyncio.timeout(GRACE_S):
+            while (status := await health(address)) == "SERVING":  # noqa: ASYNC110 - another process
+                await asyncio.sleep(0.02)
+        assert status in ("NOT_SERVING", "UNAVAILABLE")
+
+        with pytest.raises(grpc.aio.AioRpcError) as refused:
+            await stub.Explain(request("after"), timeout=10)
+        assert refused.value.code() == grpc.StatusCode.UNAVAILABLE
+
+        await outgoing.put(request("on-open-stream"))
+        late = await stream.read()
+        if late is not grpc.aio.EOF:  # answered while draining: refused, never computed
+            assert late.request_id == "on-open-stream"
+            assert late.error.code == grpc.StatusCode.UNAVAILABLE.value[0], late.error.message
+            assert not late.results
+
+        exit_code = await asyncio.to_thread(process.wait, GRACE_S + 15)
+        exited_after = time.monotonic() - signalled
+        stream.cancel()
+    print(f"\ndrain: exited {exit_code} {exited_after:.2f}s after SIGTERM (grace {GRACE_S}s)")
+    assert exit_code == 0
+    assert exited_after < GRACE_S + 5
+
+
+async def test_request_in_flight_on_a_stream_at_sigterm_is_answered(
+    server_process: tuple[subprocess.Popen[bytes], int],
+) -> None:
+    """A stream request sent just before SIGTERM gets its response, a result if the server had
+    started it or UNAVAILABLE if not, and a client that half-closes sees the stream end OK."""
+    process, port = server_process
+    async with grpc.aio.insecure_channel(f"127.0.0.1:{port}") as channel:
+        stream = pb_grpc.ExplainServiceStub(channel).ExplainStream()
+        for i in range(8):
+            await stream.write(request(f"r{i}"))
+        first = await stream.read()
+        process.send_signal(signal.SIGTERM)
+        await stream.done_writing()
+        replies = [first]
+        while (reply := await stream.read()) is not grpc.aio.EOF:
+            replies.append(reply)
+        code = await stream.code()
+        exit_code = await asyncio.to_thread(process.wait, GRACE_S + 15)
+    assert code == grpc.StatusCode.OK
+    assert sorted(r.request_id for r in replies) == [f"r{i}" for i in range(8)]
+    for reply in replies:
+        if reply.HasField("error"):
+            assert reply.error.code == grpc.StatusCode.UNAVAILABLE.value[0]
+        else:
+            assert len(reply.results) == 1
+    assert exit_code == 0
