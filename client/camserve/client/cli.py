@@ -74,7 +74,8 @@ def build_parser(*, default_server: str = DEFAULT_ADDRESS) -> argparse.ArgumentP
         parents=[common],
         help="explain images and write overlay PNGs",
         description="Writes <stem>_<method>_<class>.png overlays (original size) per image, "
-        "or one <stem>_panel.png with --panel, and prints the top predictions.",
+        "or one <stem>_panel.png with --panel, and prints the top predictions. "
+        "--timeout applies per image.",
     )
     explain.add_argument("images", nargs="+", type=Path, metavar="IMG")
     explain.add_argument("--model", help="model name (default: the server's default)")
@@ -138,6 +139,7 @@ def _explain(client: Client, args: argparse.Namespace) -> int:
     args.out.mkdir(parents=True, exist_ok=True)
     outcomes = client.explain_many(
         args.images,
+        timeout=(args.timeout or CALL_TIMEOUT_S) * len(args.images),  # --timeout is per image
         return_exceptions=True,
         model=args.model,
         target=args.target or None,
