@@ -18,9 +18,16 @@ IMAGES = [f"image-{i}".encode() for i in range(6)]
 DEFAULT_RETRY = RetryPolicy()
 
 
-def scheduler(images=IMAGES, *, max_in_flight=2, retry=DEFAULT_RETRY, deadline=None):
+def scheduler(
+    images=IMAGES, *, max_in_flight=2, retry=DEFAULT_RETRY, deadline=None, return_exceptions=True
+):
     return StreamScheduler(
-        images, ExplainOptions(), max_in_flight=max_in_flight, retry=retry, deadline=deadline
+        images,
+        ExplainOptions(),
+        max_in_flight=max_in_flight,
+        retry=retry,
+        deadline=deadline,
+        return_exceptions=return_exceptions,
     )
 
 
@@ -83,6 +90,18 @@ def test_failed_requests_become_their_exception_in_place() -> None:
     assert labels(outcomes) == ["image-0", "InvalidArgument", "image-2"]
     assert isinstance(outcomes[1], InvalidArgument)
     assert outcomes[1].message == "no"
+
+
+def test_without_return_exceptions_a_failure_raises_in_its_place() -> None:
+    stream = scheduler(IMAGES[:3], max_in_flight=3, return_exceptions=False)
+    sent = stream.to_send(0.0)
+    stream.on_response(failed(sent[1], grpc.StatusCode.INVALID_ARGUMENT), 0.0)
+    stream.on_response(ok(sent[0]), 0.0)
+    stream.on_response(ok(sent[2]), 0.0)
+    ready = stream.ready()
+    assert next(ready).top.label == "image-0"
+    with pytest.raises(InvalidArgument, match="no"):
+        next(ready)
 
 
 def test_overloaded_requests_are_sent_again_after_the_hint() -> None:

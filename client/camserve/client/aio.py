@@ -19,7 +19,7 @@ from typing import Any, TypeVar, Unpack
 import grpc
 
 from camserve.client.connection import DEFAULT_ADDRESS, DEFAULT_MESSAGE_BYTES, TLS, Connection
-from camserve.client.errors import CamserveError, ServerError, from_rpc_error
+from camserve.client.errors import CamserveError, from_rpc_error
 from camserve.client.health import CHECK_METHOD, SERVING, decode_status, encode_request
 from camserve.client.images import ImageInput
 from camserve.client.requests import (
@@ -169,8 +169,9 @@ class AsyncClient:
             max_in_flight=max_in_flight,
             retry=self._conn.retry,
             deadline=deadline_after(timeout),
+            return_exceptions=return_exceptions,
         )
-        return self._run_stream(scheduler, timeout=timeout, return_exceptions=return_exceptions)
+        return self._run_stream(scheduler, timeout=timeout)
 
     async def models(self, *, timeout: float | None = None) -> list[ModelInfo]:
         """Every model the server hosts."""
@@ -224,7 +225,7 @@ class AsyncClient:
         )
 
     async def _run_stream(
-        self, scheduler: StreamScheduler, *, timeout: float | None, return_exceptions: bool
+        self, scheduler: StreamScheduler, *, timeout: float | None
     ) -> AsyncIterator[Outcome]:
         stub = self._open().stub
         call = stub.ExplainStream(timeout=timeout, metadata=self._conn.metadata())
@@ -243,14 +244,9 @@ class AsyncClient:
                 except grpc.RpcError as exc:
                     raise from_rpc_error(exc) from exc
                 if response is grpc.aio.EOF:  # type: ignore[attr-defined]
-                    raise ServerError(
-                        "the server closed the stream before answering every request",
-                        code=grpc.StatusCode.INTERNAL,
-                    )
+                    raise scheduler.ended_early()
                 scheduler.on_response(response, time.monotonic())
                 for outcome in scheduler.ready():
-                    if isinstance(outcome, CamserveError) and not return_exceptions:
-                        raise outcome
                     yield outcome
             outgoing.put_nowait(None)
             await writer

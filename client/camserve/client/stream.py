@@ -48,6 +48,7 @@ class StreamScheduler:
         max_in_flight: int,
         retry: RetryPolicy,
         deadline: float | None = None,
+        return_exceptions: bool = False,
     ) -> None:
         if max_in_flight < 1:
             raise ValueError(f"max_in_flight must be at least 1; got {max_in_flight}")
@@ -56,6 +57,7 @@ class StreamScheduler:
         self._max_in_flight = max_in_flight
         self._retry = retry
         self._deadline = deadline
+        self._return_exceptions = return_exceptions
         self._prefix = uuid.uuid4().hex[:12]
         self._ids = itertools.count()
         self._exhausted = False
@@ -120,11 +122,23 @@ class StreamScheduler:
         self._done[item.index] = results[0]
 
     def ready(self) -> Iterator[Outcome]:
-        """Outcomes that can be handed back now, in input order."""
+        """Outcomes that can be handed back now, in input order.
+
+        A failed input raises its exception in its place, unless `return_exceptions` was set.
+        """
         while self._next_out in self._done:
             outcome = self._done.pop(self._next_out)
             self._next_out += 1
+            if isinstance(outcome, CamserveError) and not self._return_exceptions:
+                raise outcome
             yield outcome
+
+    def ended_early(self) -> ServerError:
+        """The error for a stream the server closed while answers were still due."""
+        return ServerError(
+            f"the server closed the stream with {self.on_wire} requests unanswered",
+            code=grpc.StatusCode.INTERNAL,
+        )
 
     def _send(self, item: _Item) -> pb.ExplainRequest:
         request_id = f"{self._prefix}-{next(self._ids)}"

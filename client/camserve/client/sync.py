@@ -11,7 +11,7 @@ from typing import Any, TypeVar, Unpack
 import grpc
 
 from camserve.client.connection import DEFAULT_ADDRESS, DEFAULT_MESSAGE_BYTES, TLS, Connection
-from camserve.client.errors import CamserveError, ServerError, from_rpc_error
+from camserve.client.errors import CamserveError, from_rpc_error
 from camserve.client.health import CHECK_METHOD, SERVING, decode_status, encode_request
 from camserve.client.images import ImageInput
 from camserve.client.requests import (
@@ -184,8 +184,9 @@ class Client:
             max_in_flight=max_in_flight,
             retry=self._conn.retry,
             deadline=deadline_after(timeout),
+            return_exceptions=return_exceptions,
         )
-        return self._run_stream(scheduler, timeout=timeout, return_exceptions=return_exceptions)
+        return self._run_stream(scheduler, timeout=timeout)
 
     def models(self, *, timeout: float | None = None) -> list[ModelInfo]:
         """Every model the server hosts."""
@@ -233,7 +234,7 @@ class Client:
         )
 
     def _run_stream(
-        self, scheduler: StreamScheduler, *, timeout: float | None, return_exceptions: bool
+        self, scheduler: StreamScheduler, *, timeout: float | None
     ) -> Iterator[Outcome]:
         outgoing: queue.Queue[Any] = queue.Queue()
 
@@ -252,17 +253,11 @@ class Client:
                 try:
                     response = next(call)
                 except StopIteration:
-                    raise ServerError(
-                        "the server closed the stream before answering every request",
-                        code=grpc.StatusCode.INTERNAL,
-                    ) from None
+                    raise scheduler.ended_early() from None
                 except grpc.RpcError as exc:
                     raise from_rpc_error(exc) from exc
                 scheduler.on_response(response, time.monotonic())
-                for outcome in scheduler.ready():
-                    if isinstance(outcome, CamserveError) and not return_exceptions:
-                        raise outcome
-                    yield outcome
+                yield from scheduler.ready()
             # Every answer is in: half-close and read the end so the call finishes cleanly.
             outgoing.put(_CLOSE)
             try:
