@@ -144,3 +144,11 @@ def test_an_open_loop_load_test_sends_exactly_the_requests_asked(camserve_server
     assert captured.err == ""
     assert captured.out.startswith("requests   20 in ")
     assert "latency ms p50" in captured.out
+
+
+def test_an_open_loop_load_test_stops_at_its_duration(camserve_server, capsys) -> None:
+    argv = ["--server", camserve_server.address, "--rate", "20", "--duration", "1.5"]
+    assert loadtest.main([*argv, "--json", "--quiet", "--seed", "3"]) == 0
+    report = json.loads(capsys.readouterr().out)
+    assert 5 <= report["requests"] <= 80  # Poisson arrivals at 20/s for 1.5 s
+    assert 1.5 <= report["duration_s"] < 20

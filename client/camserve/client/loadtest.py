@@ -198,8 +198,10 @@ class _Run:
                 slots.release()
 
         scheduled = time.monotonic()
-        while self.may_issue():
+        while True:
             await asyncio.sleep(max(scheduled - time.monotonic(), 0.0))
+            if not self.may_issue():  # checked at the arrival time, so none lands past the end
+                break
             await slots.acquire()
             task = asyncio.create_task(limited(scheduled))
             tasks.add(task)
