@@ -26,7 +26,7 @@ from camserve.client.sync import Client
 ENV_SERVER = "CAMSERVE_SERVER"
 OK, FAILED, USAGE = 0, 1, 2
 CALL_TIMEOUT_S = 30.0
-HEALTH_TIMEOUT_S = 5.0
+HEALTH_TIMEOUT_S = 3.0  # below the usual 5 s probe timeout, so the probe reports first
 
 
 def main(argv: Sequence[str] | None = None) -> int:
