@@ -51,8 +51,8 @@ def queue_depth(server: ServerThread) -> int:
 
 
 async def wait_until(condition: Any) -> None:
-    """Polls `condition` until true; fails after 10 s."""
-    async with asyncio.timeout(10):
+    """Polls `condition` until true; fails after 30 s."""
+    async with asyncio.timeout(30):
         while not condition():  # noqa: ASYNC110 - the state lives on the server's thread
             await asyncio.sleep(0.01)
 
@@ -73,7 +73,7 @@ async def test_full_queue_answers_resource_exhausted_at_once(gated_server: Serve
     async with grpc.aio.insecure_channel(gated_server.address) as channel:
         explain = pb_grpc.ExplainServiceStub(channel).Explain
         running = asyncio.ensure_future(explain(REQUEST))
-        await asyncio.to_thread(gated_model.ENTERED.wait, 10)
+        assert await asyncio.to_thread(gated_model.ENTERED.wait, 30)
         queued = [asyncio.ensure_future(explain(REQUEST)) for _ in range(2)]
         await wait_until(lambda: queue_depth(gated_server) == 2)
         started = time.monotonic()
@@ -93,7 +93,7 @@ async def test_expired_deadline_is_never_computed(gated_server: ServerThread) ->
     async with grpc.aio.insecure_channel(gated_server.address) as channel:
         explain = pb_grpc.ExplainServiceStub(channel).Explain
         running = asyncio.ensure_future(explain(REQUEST))
-        await asyncio.to_thread(gated_model.ENTERED.wait, 10)
+        assert await asyncio.to_thread(gated_model.ENTERED.wait, 30)
         with pytest.raises(grpc.aio.AioRpcError) as late:
             await explain(REQUEST, timeout=0.3)
         assert late.value.code() == grpc.StatusCode.DEADLINE_EXCEEDED
@@ -107,7 +107,7 @@ async def test_cancelled_call_frees_its_slot(gated_server: ServerThread) -> None
     async with grpc.aio.insecure_channel(gated_server.address) as channel:
         explain = pb_grpc.ExplainServiceStub(channel).Explain
         running = asyncio.ensure_future(explain(REQUEST))
-        await asyncio.to_thread(gated_model.ENTERED.wait, 10)
+        assert await asyncio.to_thread(gated_model.ENTERED.wait, 30)
         waiting = [explain(REQUEST) for _ in range(2)]
         await wait_until(lambda: queue_depth(gated_server) == 2)
         for call in waiting:

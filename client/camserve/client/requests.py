@@ -8,22 +8,17 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import TypedDict
+from typing import TypedDict, cast
 
 from camserve.client.images import ImageInput, to_wire
 from camserve.v1 import explain_pb2 as pb
+from camserve.v1.methods import METHOD_BY_NAME
 
 Target = int | str | Sequence[int | str] | None
 Methods = str | Sequence[str]
 Resolution = str | tuple[int, int]
 
-METHODS: dict[str, pb.Method] = {
-    "gradcam": pb.METHOD_GRADCAM,
-    "gradcampp": pb.METHOD_GRADCAMPP,
-    "xgradcam": pb.METHOD_XGRADCAM,
-    "hirescam": pb.METHOD_HIRESCAM,
-    "layercam": pb.METHOD_LAYERCAM,
-}
+METHODS = cast("dict[str, pb.Method]", METHOD_BY_NAME)
 RESOLUTIONS: dict[str, pb.Resolution] = {
     "original": pb.RESOLUTION_ORIGINAL,
     "input": pb.RESOLUTION_INPUT,

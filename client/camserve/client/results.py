@@ -15,16 +15,10 @@ import numpy as np
 from PIL import Image as PILImage
 
 from camserve.v1 import explain_pb2 as pb
+from camserve.v1.methods import NAME_BY_METHOD
 from camserve.v1.tensors import from_proto
 
-METHOD_NAMES: dict[int, str] = {
-    pb.METHOD_UNSPECIFIED: "gradcam",
-    pb.METHOD_GRADCAM: "gradcam",
-    pb.METHOD_GRADCAMPP: "gradcampp",
-    pb.METHOD_XGRADCAM: "xgradcam",
-    pb.METHOD_HIRESCAM: "hirescam",
-    pb.METHOD_LAYERCAM: "layercam",
-}
+METHOD_NAMES = NAME_BY_METHOD
 
 
 @dataclass(frozen=True)

@@ -12,16 +12,10 @@ from dataclasses import dataclass
 from camserve.server.runtime import ModelMeta
 from camserve.server.settings import LimitsSettings
 from camserve.v1 import explain_pb2 as pb
+from camserve.v1.methods import METHOD_BY_NAME, NAME_BY_METHOD
 
-METHOD_NAMES: dict[int, str] = {
-    pb.METHOD_UNSPECIFIED: "gradcam",
-    pb.METHOD_GRADCAM: "gradcam",
-    pb.METHOD_GRADCAMPP: "gradcampp",
-    pb.METHOD_XGRADCAM: "xgradcam",
-    pb.METHOD_HIRESCAM: "hirescam",
-    pb.METHOD_LAYERCAM: "layercam",
-}
-METHOD_ENUMS: dict[str, int] = {name: value for value, name in METHOD_NAMES.items() if value}
+METHOD_NAMES = NAME_BY_METHOD
+METHOD_ENUMS = METHOD_BY_NAME
 DEFAULT_TOP_PREDICTIONS = 5
 _RESOLUTIONS = frozenset(pb.Resolution.values())
 _DTYPES = frozenset(pb.DType.values())
