@@ -26,8 +26,17 @@ START_TIMEOUT_S = 180
 def start_server(ready_file: Path) -> tuple[subprocess.Popen[bytes], int]:
     """Starts the server on a free port; returns the process and its port once it serves."""
     process = subprocess.Popen(
-        [sys.executable, "-m", "camserve.server", "--port", "0", "--metrics-port", "-1",
-         "--ready-file", str(ready_file)],
+        [
+            sys.executable,
+            "-m",
+            "camserve.server",
+            "--port",
+            "0",
+            "--metrics-port",
+            "-1",
+            "--ready-file",
+            str(ready_file),
+        ],
     )
     deadline = time.monotonic() + START_TIMEOUT_S
     while time.monotonic() < deadline:
