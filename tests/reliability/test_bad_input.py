@@ -568,4 +568,3 @@ def test_server_stays_serving_and_good_traffic_was_never_disturbed(
     assert health_status(server.address) == SERVING
     assert not traffic.failures
     assert traffic.answered >= 2 * len(CASES)
-    assert server.server.registry.get("resnet18").queue_depth == 0
