@@ -146,12 +146,15 @@ class CamEngine:
             return self._probe(_check_input_size(input_size)).specs()
 
     def default_layer(self, input_size: tuple[int, int]) -> str:
-        """The layer explained when a request names none; the rule is in `layers`' docstring."""
+        """The layer explained when a request names none (rule: `camserve.server.engine.layers`)."""
         with self._lock:
             return self._probe(_check_input_size(input_size)).default_layer()
 
     def num_classes(self, input_size: tuple[int, int]) -> int:
-        """The length of the model's logits for an input of `input_size` (height, width)."""
+        """The length of the model's logits for an input of `input_size` (height, width).
+
+        A method rather than a property because it takes a probe forward pass (cached per size).
+        """
         with self._lock:
             found = self._probe(_check_input_size(input_size))
         shape = found.output_shape
