@@ -87,22 +87,16 @@ def tiny_model(name: str = "tiny", **changes: Any) -> ModelSettings:
     return ModelSettings(**values)
 
 
-def health_status(address: str, timeout: float = 10.0, **channel: Any) -> int:
+def health_status(address: str, timeout: float = 10.0) -> int:
     """The grpc.health.v1 status of the whole server (a HealthCheckResponse.ServingStatus)."""
-    credentials = channel.get("credentials")
-    with (
-        grpc.secure_channel(address, credentials)
-        if credentials is not None
-        else grpc.insecure_channel(address)
-    ) as chan:
-        reply = health_pb2_grpc.HealthStub(chan).Check(
+    with grpc.insecure_channel(address) as channel:
+        reply = health_pb2_grpc.HealthStub(channel).Check(
             health_pb2.HealthCheckRequest(), timeout=timeout
         )
     return int(reply.status)
 
 
 SERVING = int(health_pb2.HealthCheckResponse.SERVING)
-NOT_SERVING = int(health_pb2.HealthCheckResponse.NOT_SERVING)
 
 
 def wait_until(condition: Callable[[], bool], timeout: float = 10.0, what: str = "") -> None:
@@ -112,11 +106,6 @@ def wait_until(condition: Callable[[], bool], timeout: float = 10.0, what: str =
         if time.monotonic() > deadline:
             raise AssertionError(f"timed out after {timeout}s waiting for {what or condition}")
         time.sleep(0.005)
-
-
-def heatmaps(response: pb.ExplainResponse) -> list[list[np.ndarray]]:
-    """Every heatmap of a response as arrays, per image."""
-    return [[from_proto(h.data) for h in result.heatmaps] for result in response.results]
 
 
 def assert_same_explanation(

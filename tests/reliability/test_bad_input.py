@@ -7,7 +7,7 @@ same, correct answers, and the server stays SERVING.
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -454,11 +454,14 @@ def test_bad_request_gets_a_precise_status_naming_the_field(
     ],
 )
 def test_non_rgb_png_is_accepted_as_its_rgb_conversion(
-    stub: pb_grpc.ExplainServiceStub, traffic: GoodTraffic, mode: str, make: object
+    stub: pb_grpc.ExplainServiceStub,
+    traffic: GoodTraffic,
+    mode: str,
+    make: Callable[[np.ndarray], Image.Image],
 ) -> None:
     """Grayscale, alpha, palette and 16-bit PNGs explain exactly like the same picture
     converted to RGB by the caller, on every call."""
-    picture: Image.Image = make(SMALL)  # type: ignore[operator]
+    picture = make(SMALL)
     assert picture.mode == mode
     as_sent = request(image(encoded(picture)), top_predictions=3)
     as_rgb = request(image(encoded(picture.convert("RGB"))), top_predictions=3)
