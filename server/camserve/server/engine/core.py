@@ -35,6 +35,7 @@ from torch import nn
 
 from camserve.server.engine.hooks import Capture, capture_targets
 from camserve.server.engine.layers import (
+    PROBE_BATCH,
     PROBE_CHANNELS,
     Probe,
     probe,
@@ -273,7 +274,7 @@ class CamEngine:
                         is_grads_batched=True,
                     )
                 )
-            except torch.OutOfMemoryError:
+            except torch.cuda.OutOfMemoryError:  # an alias of torch.OutOfMemoryError
                 raise
             except (RuntimeError, NotImplementedError):
                 # Some ops (custom autograd Functions among them) cannot run under vmap: fall
@@ -343,7 +344,7 @@ class CamEngine:
         found = self._probes.get(input_hw)
         if found is None:
             self._check_state()
-            sample = torch.zeros(1, PROBE_CHANNELS, *input_hw)
+            sample = torch.zeros(PROBE_BATCH, PROBE_CHANNELS, *input_hw)
             try:
                 found = self._run(lambda x: probe(self._model, x), sample)
             except Exception as exc:

@@ -27,6 +27,8 @@ from camserve.server.engine.hooks import OutputEvent, record_outputs
 from camserve.server.engine.types import EngineError, LayerError, LayerSpec
 
 PROBE_CHANNELS = 3
+# Two images, not one: a model that squeezes its batch dimension would mislead a batch-1 probe.
+PROBE_BATCH = 2
 _LISTED = 20  # names shown in an error message before "... and N more"
 
 
@@ -35,16 +37,21 @@ class Probe:
     """What one forward pass at `input_hw` revealed about the model's modules."""
 
     input_hw: tuple[int, int]
+    batch: int  # images in the probe's input
     events: tuple[OutputEvent, ...]
     calls: dict[str, int]
     output_shape: tuple[int, ...] | None  # the model's own output, None if not a tensor
+
+    def _feature_map(self, event: OutputEvent) -> bool:
+        """A 4-D output with one entry per image of the batch."""
+        return event.shape is not None and len(event.shape) == 4 and event.shape[0] == self.batch
 
     def specs(self) -> list[LayerSpec]:
         """Every valid target layer, in forward-completion order."""
         return [
             LayerSpec(event.name, (event.shape[1], event.shape[2], event.shape[3]))
             for event in self.events
-            if event.shape is not None and len(event.shape) == 4 and self.calls[event.name] == 1
+            if event.shape is not None and self._feature_map(event) and self.calls[event.name] == 1
         ]
 
     def default_layer(self) -> str:
@@ -53,7 +60,7 @@ class Probe:
             event
             for event in self.events
             if event.shape is not None
-            and len(event.shape) == 4
+            and self._feature_map(event)
             and event.shape[2] * event.shape[3] > 1
         ]
         size = _size(self.input_hw)
@@ -104,7 +111,7 @@ def _size(input_hw: tuple[int, int]) -> str:
 
 
 def probe(model: nn.Module, sample: torch.Tensor) -> Probe:
-    """Runs one inference forward pass on `sample` (1, C, H, W) and records every module call.
+    """Runs one inference forward pass on `sample` (N, C, H, W) and records every module call.
 
     Exceptions from the model propagate unchanged; the caller words them for its user.
     """
@@ -113,7 +120,7 @@ def probe(model: nn.Module, sample: torch.Tensor) -> Probe:
         output = model(sample)
     calls = Counter(event.name for event in events)
     output_shape = tuple(output.shape) if isinstance(output, torch.Tensor) else None
-    return Probe(input_hw, tuple(events), dict(calls), output_shape)
+    return Probe(input_hw, int(sample.shape[0]), tuple(events), dict(calls), output_shape)
 
 
 def probe_failed(input_hw: tuple[int, int], exc: Exception) -> EngineError:
