@@ -6,6 +6,7 @@ Needs numpy only, never torch.
 
 from __future__ import annotations
 
+import math
 from typing import cast
 
 import numpy as np
@@ -61,11 +62,14 @@ def to_proto(array: np.ndarray, dtype: int | None = None) -> pb.Tensor:
 
 def from_proto(tensor: pb.Tensor, field: str = "tensor") -> np.ndarray:
     """Decodes a wire tensor into a read-only numpy array, checking shape against byte length."""
-    dtype = wire_dtype(tensor.dtype)
+    try:
+        dtype = wire_dtype(tensor.dtype)
+    except TensorFormatError as exc:
+        raise TensorFormatError(f"{field}.dtype: {exc}") from None
     shape = tuple(int(d) for d in tensor.shape)
     if any(d < 0 for d in shape):
         raise TensorFormatError(f"{field}.shape {list(shape)} has a negative dimension")
-    count = int(np.prod(shape, dtype=np.int64)) if shape else 1
+    count = math.prod(shape)  # exact integers: a huge shape must not wrap around
     expected = count * dtype.itemsize
     if len(tensor.data) != expected:
         raise TensorFormatError(

@@ -41,7 +41,7 @@ class BatcherClosed(Exception):
     """The batcher is shutting down and accepts no more items."""
 
 
-@dataclass
+@dataclass(eq=False)  # identity: queue removal must never compare payloads
 class _Entry(Generic[T, R]):
     item: T
     deadline: float | None  # time.monotonic() value

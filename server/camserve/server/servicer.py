@@ -36,7 +36,12 @@ from camserve.server.registry import ModelRegistry, UnknownModel
 from camserve.server.responses import image_result
 from camserve.server.runtime import Computed, ImageJob, ModelMeta, ModelRuntime
 from camserve.server.settings import Settings
-from camserve.server.validation import METHOD_ENUMS, RequestError, validate
+from camserve.server.validation import (
+    METHOD_ENUMS,
+    RequestError,
+    check_response_size,
+    validate,
+)
 from camserve.v1 import explain_pb2 as pb
 from camserve.v1 import explain_pb2_grpc as pb_grpc
 from camserve.v1.tensors import TensorFormatError, from_proto
@@ -107,6 +112,7 @@ class ExplainServicer(pb_grpc.ExplainServiceServicer):
         self._limits = settings.limits
         self._metrics = metrics
         self._pool = pool
+        self._max_bytes = settings.max_message_bytes
         self._draining = False
         self._active = 0
         self._idle = asyncio.Event()
@@ -177,6 +183,10 @@ class ExplainServicer(pb_grpc.ExplainServiceServicer):
                 )
             )
         except ImageError as exc:
+            raise Refusal(grpc.StatusCode.INVALID_ARGUMENT, str(exc)) from None
+        try:
+            check_response_size(plan, [item.geometry for item in prepared], meta, self._max_bytes)
+        except RequestError as exc:
             raise Refusal(grpc.StatusCode.INVALID_ARGUMENT, str(exc)) from None
         preprocessed = time.monotonic()
         jobs = [

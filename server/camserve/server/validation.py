@@ -7,8 +7,10 @@ without reading server logs.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
 
+from camserve.server.engine.shaping import Geometry
 from camserve.server.runtime import ModelMeta
 from camserve.server.settings import LimitsSettings
 from camserve.v1 import explain_pb2 as pb
@@ -135,6 +137,41 @@ def _target(target: pb.Target, field: str, meta: ModelMeta, limits: LimitsSettin
             raise RequestError(f"{field}.top_k: {target.top_k} is outside 1..{highest}")
         return ImageTarget((), int(target.top_k))
     return ImageTarget(tuple(classes), 1)
+
+
+_DTYPE_BYTES: dict[int, int] = {pb.DTYPE_FLOAT32: 4, pb.DTYPE_FLOAT16: 2, pb.DTYPE_UINT8: 1}
+RESPONSE_OVERHEAD = 64 * 1024  # predictions, labels, framing: generous
+
+
+def _heatmap_pixels(plan: ExplainPlan, geometry: Geometry, meta: ModelMeta) -> int:
+    output = plan.output
+    if output.resolution == pb.RESOLUTION_EXPLICIT and output.size is not None:
+        return output.size[0] * output.size[1]
+    if output.resolution == pb.RESOLUTION_INPUT:
+        return meta.recipe.crop * meta.recipe.crop
+    if output.resolution == pb.RESOLUTION_FEATURE_MAP:
+        shape = next(layer.shape for layer in meta.layers if layer.name == plan.layer)
+        return shape[1] * shape[2]
+    return geometry.original_hw[0] * geometry.original_hw[1]
+
+
+def check_response_size(
+    plan: ExplainPlan, geometries: Sequence[Geometry], meta: ModelMeta, max_bytes: int
+) -> None:
+    """Refuses, before any compute, a request whose answer could not be sent back."""
+    itemsize = _DTYPE_BYTES[plan.output.dtype]
+    total = RESPONSE_OVERHEAD
+    for target, geometry in zip(plan.targets, geometries, strict=True):
+        maps = (len(target.classes) or target.top_k) * len(plan.methods)
+        total += maps * _heatmap_pixels(plan, geometry, meta) * itemsize
+        if plan.output.overlay:
+            total += geometry.original_hw[0] * geometry.original_hw[1] * 3  # PNG, worst case
+    if total > max_bytes:
+        raise RequestError(
+            f"output: the response would be about {total / 2**20:.1f} MiB, over the server's "
+            f"message limit of {max_bytes / 2**20:.0f} MiB; ask for fewer images, classes or "
+            "methods per request, a smaller resolution, or dtype float16/uint8"
+        )
 
 
 def validate(request: pb.ExplainRequest, meta: ModelMeta, limits: LimitsSettings) -> ExplainPlan:
