@@ -8,7 +8,12 @@ from __future__ import annotations
 
 import asyncio
 import io
+import json
+import os
+import subprocess
+import sys
 import threading
+import time
 from pathlib import Path
 from typing import Any
 
@@ -109,3 +114,41 @@ def seeded_images(count: int, size: tuple[int, int] = (96, 128), seed: int = 0) 
             canvas += blob[..., None] * colour
         images.append(np.clip(canvas + rng.normal(0, 8, canvas.shape), 0, 255).astype(np.uint8))
     return images
+
+
+def start_server_process(
+    config: Path, ready: Path, timeout_s: float = 120.0, **popen: Any
+) -> tuple[subprocess.Popen[bytes], int]:
+    """Runs `python -m camserve.server --config CONFIG` on a free port, as an operator would;
+    returns the process and its gRPC port once the server reports SERVING."""
+    process = subprocess.Popen(
+        [
+            sys.executable,
+            "-m",
+            "camserve.server",
+            "--config",
+            str(config),
+            "--port",
+            "0",
+            "--metrics-port",
+            "-1",
+            "--ready-file",
+            str(ready),
+        ],
+        env={**os.environ, "CAMSERVE_LOG_LEVEL": "warning"},
+        **popen,
+    )
+    deadline = time.monotonic() + timeout_s
+    while not (ready.exists() and ready.stat().st_size):
+        if process.poll() is not None or time.monotonic() > deadline:
+            stop_process(process)
+            raise AssertionError(f"server did not become ready (exit code {process.returncode})")
+        time.sleep(0.05)
+    return process, int(json.loads(ready.read_text())["port"])
+
+
+def stop_process(process: subprocess.Popen[bytes]) -> None:
+    """Kills a server process that is still running (cleanup after a failed test)."""
+    if process.poll() is None:
+        process.kill()
+        process.wait()

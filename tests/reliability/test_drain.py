@@ -9,11 +9,8 @@ the process alive past the grace period: it exits 0 in time.
 from __future__ import annotations
 
 import asyncio
-import json
-import os
 import signal
 import subprocess
-import sys
 import time
 from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
@@ -21,7 +18,7 @@ from pathlib import Path
 import grpc
 import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
-from support import png_bytes, seeded_images
+from support import png_bytes, seeded_images, start_server_process, stop_process
 
 from camserve.v1 import explain_pb2 as pb
 from camserve.v1 import explain_pb2_grpc as pb_grpc
@@ -52,34 +49,11 @@ max_batch_size = 4
 max_delay_ms = 2
 """
     )
-    ready = tmp_path / "ready.json"
-    process = subprocess.Popen(
-        [
-            sys.executable,
-            "-m",
-            "camserve.server",
-            "--config",
-            str(config),
-            "--port",
-            "0",
-            "--metrics-port",
-            "-1",
-            "--ready-file",
-            str(ready),
-        ],
-        env={**os.environ, "CAMSERVE_LOG_LEVEL": "warning"},
-    )
+    process, port = start_server_process(config, tmp_path / "ready.json")
     try:
-        deadline = time.monotonic() + 90
-        while not (ready.exists() and ready.stat().st_size):
-            assert process.poll() is None, "server exited during start-up"
-            assert time.monotonic() < deadline, "server did not become ready"
-            time.sleep(0.05)
-        yield process, int(json.loads(ready.read_text())["port"])
+        yield process, port
     finally:
-        if process.poll() is None:
-            process.kill()
-            process.wait()
+        stop_process(process)
 
 
 def request(request_id: str) -> pb.ExplainRequest:

@@ -3,18 +3,14 @@
 from __future__ import annotations
 
 import asyncio
-import json
-import os
 import signal
 import subprocess
-import sys
-import time
 from pathlib import Path
 
 import grpc
 import numpy as np
 import pytest
-from support import png_bytes, seeded_images
+from support import png_bytes, seeded_images, start_server_process, stop_process
 
 from camserve.v1 import explain_pb2 as pb
 from camserve.v1 import explain_pb2_grpc as pb_grpc
@@ -39,29 +35,7 @@ max_batch_size = 8
 max_delay_ms = 5
 """
     )
-    ready = tmp_path / "ready.json"
-    process = subprocess.Popen(
-        [
-            sys.executable,
-            "-m",
-            "camserve.server",
-            "--config",
-            str(config),
-            "--port",
-            "0",
-            "--metrics-port",
-            "-1",
-            "--ready-file",
-            str(ready),
-        ],
-        env={**os.environ, "CAMSERVE_LOG_LEVEL": "warning"},
-    )
-    deadline = time.monotonic() + 120
-    while not (ready.exists() and ready.stat().st_size):
-        assert process.poll() is None, "server exited during start-up"
-        assert time.monotonic() < deadline, "server did not become ready"
-        time.sleep(0.1)
-    return process, json.loads(ready.read_text())["port"]
+    return start_server_process(config, tmp_path / "ready.json")
 
 
 async def test_sigterm_answers_every_accepted_request(
@@ -99,6 +73,4 @@ async def test_sigterm_answers_every_accepted_request(
             np.testing.assert_allclose(heatmap, expected, atol=1e-5)
         assert process.wait(timeout=GRACE_S + 10) == 0
     finally:
-        if process.poll() is None:
-            process.kill()
-            process.wait()
+        stop_process(process)
