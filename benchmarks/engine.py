@@ -271,6 +271,8 @@ def run_case(
     }
     if device.type == "cuda":
         result["precision"] = precision
+    # For the table and the target check only; --json leaves it out.
+    result[ALL_METHODS_RATIO] = paired("engine_all_methods", "forward")
     return result
 
 
