@@ -12,8 +12,9 @@ How it stays close to the cost of a plain forward pass:
 - All requested methods come from the same activations and gradients (see `methods`).
 
 Memory format: with `channels_last=None` (the default) the engine uses channels_last tensors on
-the CPU, where oneDNN convolutions run measurably faster in that layout (1.2-1.6x on ResNets and
-EfficientNet-Lite0 in benchmarks/engine.py's runs), and under CUDA autocast; contiguous tensors
+the CPU, where oneDNN convolutions run measurably faster in that layout (about 1.2-1.4x for
+ResNet-18/50 and 1.3x for EfficientNet-Lite0 on a 2-core machine; compare
+`benchmarks/engine.py --memory-format contiguous`), and under CUDA autocast; contiguous tensors
 for CUDA float32. A model that fails on channels_last input but works on contiguous input makes
 the engine switch to contiguous for good. Pass True or False to decide explicitly.
 
