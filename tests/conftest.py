@@ -10,8 +10,9 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
+import gated_model
 import pytest
-from support import ServerThread, seeded_model
+from support import ServerThread, gated_settings, seeded_model
 
 
 @pytest.fixture(scope="session")
@@ -75,3 +76,21 @@ def camserve_server(test_settings: Callable[..., Any]) -> Iterator[ServerThread]
     server = ServerThread(test_settings())
     yield server
     server.stop(grace=1.0)
+
+
+@pytest.fixture
+def gated_server_factory(
+    server_factory: Callable[..., ServerThread],
+) -> Iterator[Callable[..., ServerThread]]:
+    """Starts a server whose only model, "gated", blocks in its forward pass until the test
+    opens `gated_model.GATE`; the gate is closed once the server serves."""
+
+    def start(max_queue: int = 2) -> ServerThread:
+        gated_model.GATE.set()  # the warm-up pass must get through
+        server = server_factory(models=(gated_settings(max_queue),), metrics_port=-1)
+        gated_model.ENTERED.clear()
+        gated_model.GATE.clear()
+        return server
+
+    yield start
+    gated_model.GATE.set()  # before server_factory stops the servers

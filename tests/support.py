@@ -152,3 +152,19 @@ def stop_process(process: subprocess.Popen[bytes]) -> None:
     if process.poll() is None:
         process.kill()
         process.wait()
+
+
+def gated_settings(max_queue: int = 2) -> Any:
+    """The gated model (see gated_model.py): 32x32 inputs, one image per batch, no delay."""
+    from camserve.server.settings import ModelSettings
+
+    return ModelSettings(
+        name="gated",
+        source="factory:gated_model:gated_net",
+        labels="",
+        resize=0,
+        crop=32,
+        max_batch_size=1,
+        max_delay_ms=0,
+        max_queue=max_queue,
+    )

@@ -15,7 +15,7 @@ from concurrent.futures import ThreadPoolExecutor
 
 import gated_model
 import pytest
-from support import png_bytes, seeded_images
+from support import gated_settings, png_bytes, seeded_images
 
 from camserve.client import (
     AsyncClient,
@@ -28,30 +28,15 @@ from camserve.client import (
     Unavailable,
     cli,
 )
-from camserve.server.settings import ModelSettings
 
 IMAGE = png_bytes(seeded_images(1, size=(32, 32))[0])
-GATED = ModelSettings(
-    name="gated",
-    source="factory:gated_model:gated_net",
-    labels="",
-    resize=0,
-    crop=32,
-    max_batch_size=1,
-    max_delay_ms=0,
-    max_queue=2,
-)
+GATED = gated_settings(max_queue=2)
 
 
 @pytest.fixture
-def gated_server(server_factory):
+def gated_server(gated_server_factory):
     """A server whose only model blocks in its forward pass until the test opens the gate."""
-    gated_model.GATE.set()  # warm-up must pass
-    server = server_factory(models=(GATED,), metrics_port=-1)
-    gated_model.ENTERED.clear()
-    gated_model.GATE.clear()
-    yield server
-    gated_model.GATE.set()
+    return gated_server_factory(max_queue=2)
 
 
 @pytest.fixture

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import time
-from collections.abc import Iterator
+from collections.abc import Callable
 from typing import Any
 
 import gated_model
@@ -20,7 +20,6 @@ from reliability_support import wait_until
 from support import ServerThread, png_bytes, seeded_images
 
 from camserve.client import AsyncClient, DeadlineExceeded, Explanation, Overloaded
-from camserve.server.settings import ModelSettings, Settings
 
 pytestmark = pytest.mark.timeout(120)
 
@@ -29,25 +28,9 @@ IMAGE = png_bytes(seeded_images(1, size=(32, 32), seed=3)[0])
 
 
 @pytest.fixture
-def server() -> Iterator[ServerThread]:
+def server(gated_server_factory: Callable[..., ServerThread]) -> ServerThread:
     """The gated model, one image per batch, a queue of 8; the gate is closed once it serves."""
-    model = ModelSettings(
-        name="gated",
-        source="factory:gated_model:gated_net",
-        labels="",
-        resize=0,
-        crop=32,
-        max_batch_size=1,
-        max_delay_ms=0,
-        max_queue=MAX_QUEUE,
-    )
-    gated_model.GATE.set()
-    running = ServerThread(Settings(port=0, metrics_port=-1, models=(model,)))
-    gated_model.ENTERED.clear()
-    gated_model.GATE.clear()
-    yield running
-    gated_model.GATE.set()
-    running.stop(grace=1.0)
+    return gated_server_factory(max_queue=MAX_QUEUE)
 
 
 def depth(server: ServerThread) -> int:

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import time
-from collections.abc import Iterator
+from collections.abc import Callable
 from typing import Any
 
 import gated_model
@@ -17,7 +17,6 @@ import pytest
 from google.rpc import error_details_pb2, status_pb2
 from support import ServerThread, png_bytes, seeded_images
 
-from camserve.server.settings import ModelSettings, Settings
 from camserve.v1 import explain_pb2 as pb
 from camserve.v1 import explain_pb2_grpc as pb_grpc
 
@@ -26,24 +25,8 @@ REQUEST = pb.ExplainRequest(model="gated", images=[pb.Image(encoded=IMAGE)])
 
 
 @pytest.fixture
-def gated_server() -> Iterator[ServerThread]:
-    model = ModelSettings(
-        name="gated",
-        source="factory:gated_model:gated_net",
-        labels="",
-        resize=0,
-        crop=32,
-        max_batch_size=1,
-        max_delay_ms=0,
-        max_queue=2,
-    )
-    gated_model.GATE.set()
-    server = ServerThread(Settings(port=0, metrics_port=-1, models=(model,)))
-    gated_model.ENTERED.clear()
-    gated_model.GATE.clear()
-    yield server
-    gated_model.GATE.set()
-    server.stop(grace=1.0)
+def gated_server(gated_server_factory: Callable[..., ServerThread]) -> ServerThread:
+    return gated_server_factory(max_queue=2)
 
 
 def queue_depth(server: ServerThread) -> int:
