@@ -174,9 +174,6 @@ class CamServer:
             self._metrics_server.server_close()
         log.info("stopped")
 
-    async def wait_for_termination(self) -> None:
-        await self.server.wait_for_termination()
-
 
 async def start_server(settings: Settings) -> CamServer:
     """A server listening and with every model loaded; on failure nothing is left running."""

@@ -25,10 +25,6 @@ class ModelRegistry:
     def __iter__(self) -> Iterator[ModelRuntime]:
         return iter(self._runtimes.values())
 
-    @property
-    def ready(self) -> bool:
-        return all(runtime.ready for runtime in self)
-
     def get(self, name: str) -> ModelRuntime:
         """The named model, or the default one for an empty name."""
         try:

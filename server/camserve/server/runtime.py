@@ -9,6 +9,7 @@ concerns, and the others still get their results.
 from __future__ import annotations
 
 import asyncio
+import functools
 import logging
 import time
 from concurrent.futures import ThreadPoolExecutor
@@ -58,9 +59,14 @@ class ModelMeta:
     recipe: InputRecipe
     max_batch_size: int
 
-    @property
+    @functools.cached_property
     def layer_names(self) -> frozenset[str]:
         return frozenset(layer.name for layer in self.layers)
+
+    @functools.cached_property
+    def label_index(self) -> dict[str, int]:
+        """Label to class index, built once per model rather than per request."""
+        return {label: i for i, label in enumerate(self.labels)}
 
 
 def _resolve_device(requested: str) -> torch.device:
@@ -158,9 +164,6 @@ class ModelRuntime:
             on_expired=lambda count: self._metrics.expired.labels(name).inc(count),
         )
         self._batcher.start()
-
-    def retry_after_s(self) -> float:
-        return 1.0 if self._batcher is None else self._batcher.retry_after_s()
 
     async def explain(self, jobs: list[ImageJob], deadline: float | None) -> list[Computed]:
         """Queues the jobs of one request together and waits for their results."""

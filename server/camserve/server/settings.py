@@ -137,10 +137,6 @@ class Settings:
     def max_message_bytes(self) -> int:
         return self.max_message_mb * 1024 * 1024
 
-    def replace(self, **changes: Any) -> Settings:
-        """A copy with some fields changed (settings stay immutable)."""
-        return dataclasses.replace(self, **changes)
-
 
 # Scalar server keys that may come from the environment, with their types.
 _ENV_KEYS: dict[str, type] = {

@@ -116,7 +116,7 @@ def _target(target: pb.Target, field: str, meta: ModelMeta, limits: LimitsSettin
                 f"classes 0..{meta.num_classes - 1}"
             )
         classes.append(index)
-    label_index = {label: i for i, label in enumerate(meta.labels)}
+    label_index = meta.label_index
     for j, label in enumerate(target.class_labels):
         if label not in label_index:
             raise RequestError(
