@@ -164,8 +164,8 @@ def _contenders(
     loop = TutorialGradCAM(loop_model, loop_model.get_submodule(LAYER))
     return {
         "forward": forward,
-        "engine": lambda: engine.explain(x_engine, one),
-        "engine_all_methods": lambda: engine.explain(x_engine, every),
+        "engine": lambda: engine.explain_batch(x_engine, one),
+        "engine_all_methods": lambda: engine.explain_batch(x_engine, every),
         "reference": lambda: reference(input_tensor=x, targets=None),
         "loop": lambda: loop(x),
     }
@@ -215,7 +215,7 @@ def memory_probe(name: str, batch: int, contender: str, memory_format: str) -> f
         rows = [RowRequest(LAYER)] * batch
 
         def run() -> object:
-            return engine.explain(x, rows)
+            return engine.explain_batch(x, rows)
 
     run()  # one-time allocations (thread pools, kernel caches) are not the contender's footprint
     gc.collect()

@@ -139,13 +139,13 @@ def worker_offline(
     images = torch.stack([tensors[i % len(tensors)] for i in range(batch)])
     rows = [RowRequest(layer=LAYER)] * batch
     for _ in range(2):  # the first calls probe the model and build kernels for this shape
-        engine.explain(images, rows)
+        engine.explain_batch(images, rows)
     rates = []
     for _ in range(repeats):
         calls = 0
         started = time.perf_counter()
         while calls == 0 or time.perf_counter() - started < min_run_s:
-            engine.explain(images, rows)
+            engine.explain_batch(images, rows)
             calls += 1
         rates.append(calls * batch / (time.perf_counter() - started))
     return {"device": _describe_device(device), "ips": statistics.median(rates), "runs": rates}

@@ -39,9 +39,9 @@ def test_mixed_batch_equals_each_image_alone(
     resnet_engine: CamEngine, random_images: Callable[..., torch.Tensor]
 ) -> None:
     batch = random_images(4, (160, 160), seed=3)
-    together = resnet_engine.explain(batch, MIXED_ROWS)
+    together = resnet_engine.explain_batch(batch, MIXED_ROWS)
     for i, row in enumerate(MIXED_ROWS):
-        alone = resnet_engine.explain(batch[i : i + 1], [row])[0]
+        alone = resnet_engine.explain_batch(batch[i : i + 1], [row])[0]
         assert_same_row(together[i], alone)
     # Only what was asked: row 0 gets one map, row 1 two methods x three classes.
     assert set(together[0].maps) == {("gradcam", 1)}
@@ -55,8 +55,8 @@ def test_a_row_does_not_depend_on_its_neighbours(
     first = random_images(4, (160, 160), seed=3)
     second = torch.cat([first[2:3], random_images(2, (160, 160), seed=4), first[:1]])
     rows = [MIXED_ROWS[2], MIXED_ROWS[1], MIXED_ROWS[3], MIXED_ROWS[0]]
-    a = resnet_engine.explain(first, MIXED_ROWS)
-    b = resnet_engine.explain(second, rows)
+    a = resnet_engine.explain_batch(first, MIXED_ROWS)
+    b = resnet_engine.explain_batch(second, rows)
     assert_same_row(b[0], a[2])
     assert_same_row(b[3], a[0])
 
@@ -65,7 +65,7 @@ def test_top_k_row_explains_the_highest_scores_in_order(
     resnet_engine: CamEngine, random_images: Callable[..., torch.Tensor]
 ) -> None:
     batch = random_images(2, (128, 128), seed=5)
-    results = resnet_engine.explain(
+    results = resnet_engine.explain_batch(
         batch, [RowRequest("layer4", top_k=5), RowRequest("layer4", classes=(9,))]
     )
     top5 = resnet_engine.predict(batch).topk(5, dim=1).indices
@@ -83,7 +83,7 @@ def test_top_k_row_explains_the_highest_scores_in_order(
             assert float(cam.min()) >= 0.0
     # K = 5 classes for one row: each map equals explaining that class on its own.
     for class_index in results[0].classes:
-        alone = resnet_engine.explain(batch[:1], [RowRequest("layer4", classes=(class_index,))])
+        alone = resnet_engine.explain_batch(batch[:1], [RowRequest("layer4", classes=(class_index,))])
         torch.testing.assert_close(
             results[0].maps[("gradcam", class_index)], alone[0].maps[("gradcam", class_index)]
         )
@@ -119,16 +119,16 @@ def test_falls_back_to_one_backward_per_class_when_vmap_fails(
     engine = CamEngine(_UnbatchableHead())
     batch = random_images(2, (16, 16), seed=1)
     rows = [RowRequest("conv", METHODS, top_k=3), RowRequest("conv", METHODS, classes=(5, 0))]
-    together = engine.explain(batch, rows)
+    together = engine.explain_batch(batch, rows)
     for i, row in enumerate(together):
         for class_index in row.classes:
-            alone = engine.explain(batch[i : i + 1], [RowRequest("conv", METHODS, (class_index,))])
+            alone = engine.explain_batch(batch[i : i + 1], [RowRequest("conv", METHODS, (class_index,))])
             for method in METHODS:
                 torch.testing.assert_close(
                     row.maps[(method, class_index)], alone[0].maps[(method, class_index)]
                 )
     assert not engine._batched_grads  # the batched form was tried, failed and is not retried
-    again = engine.explain(batch, rows)
+    again = engine.explain_batch(batch, rows)
     assert_same_row(again[0], together[0])
 
 
@@ -137,11 +137,11 @@ def test_works_inside_the_callers_no_grad_or_inference_mode(
     resnet_engine: CamEngine, random_images: Callable[..., torch.Tensor], context: str
 ) -> None:
     batch = random_images(1, (128, 128), seed=6)
-    expected = resnet_engine.explain(batch, [RowRequest("layer4", METHODS)])[0]
+    expected = resnet_engine.explain_batch(batch, [RowRequest("layer4", METHODS)])[0]
     manager = torch.no_grad() if context == "no_grad" else torch.inference_mode()
     with manager:
         inner = batch.clone()  # an inference tensor under inference_mode
-        got = resnet_engine.explain(inner, [RowRequest("layer4", METHODS)])[0]
+        got = resnet_engine.explain_batch(inner, [RowRequest("layer4", METHODS)])[0]
     assert_same_row(got, expected)
 
 
@@ -149,8 +149,8 @@ def test_accepts_float64_and_non_contiguous_batches(
     resnet_engine: CamEngine, random_images: Callable[..., torch.Tensor]
 ) -> None:
     batch = random_images(2, (128, 128), seed=8)
-    expected = resnet_engine.explain(batch, [RowRequest("layer4")] * 2)
+    expected = resnet_engine.explain_batch(batch, [RowRequest("layer4")] * 2)
     flipped = batch.double().permute(0, 1, 3, 2).contiguous().permute(0, 1, 3, 2)
-    got = resnet_engine.explain(flipped, [RowRequest("layer4")] * 2)
+    got = resnet_engine.explain_batch(flipped, [RowRequest("layer4")] * 2)
     for a, b in zip(got, expected, strict=True):
         assert_same_row(a, b)

@@ -46,11 +46,11 @@ def test_cuda_matches_the_cpu_engine(
     prob_tol: float,
 ) -> None:
     batch = random_images(3, (160, 160), seed=31)
-    cpu = make_engine(seeded_resnet18).explain(batch, ROWS)
+    cpu = make_engine(seeded_resnet18).explain_batch(batch, ROWS)
     cuda_engine = make_engine(
         seeded_resnet18, device="cuda", precision=precision, channels_last=channels_last
     )
-    gpu = cuda_engine.explain(batch.cuda(), ROWS)
+    gpu = cuda_engine.explain_batch(batch.cuda(), ROWS)
     for row, got, want in zip(ROWS, gpu, cpu, strict=True):
         assert got.logits.device.type == "cpu"
         assert got.logits.dtype == torch.float32
@@ -83,6 +83,6 @@ def test_cuda_peak_memory_stays_near_a_forward_pass(
     forward_peak = torch.cuda.max_memory_allocated() - base
     torch.cuda.reset_peak_memory_stats()
     base = torch.cuda.memory_allocated()
-    engine.explain(batch, [RowRequest("layer4", METHODS)] * 32)
+    engine.explain_batch(batch, [RowRequest("layer4", METHODS)] * 32)
     explain_peak = torch.cuda.max_memory_allocated() - base
     assert explain_peak <= 1.5 * forward_peak, (explain_peak, forward_peak)

@@ -41,7 +41,7 @@ def test_cpu_default_is_channels_last_with_equal_maps(
     assert not plain.channels_last
     batch = random_images(2, (128, 128), seed=9)
     rows = [RowRequest("layer3", METHODS, top_k=2), RowRequest("layer4", METHODS)]
-    for a, b in zip(fast.explain(batch, rows), plain.explain(batch, rows), strict=True):
+    for a, b in zip(fast.explain_batch(batch, rows), plain.explain_batch(batch, rows), strict=True):
         assert a.classes == b.classes
         for key, cam in b.maps.items():
             scale = max(float(cam.abs().max()), 1.0)
@@ -54,7 +54,7 @@ def test_default_falls_back_to_contiguous_for_models_that_need_it(
     batch = random_images(2, (8, 8))
     engine = CamEngine(_ViewsFeatureMaps())
     assert engine.channels_last
-    result = engine.explain(batch, [RowRequest("conv", top_k=2)] * 2)
+    result = engine.explain_batch(batch, [RowRequest("conv", top_k=2)] * 2)
     assert not engine.channels_last
     assert len(result[0].maps) == 2
     assert engine.predict(batch).shape == (2, 4)

@@ -38,7 +38,7 @@ def test_maps_follow_the_class_asked_for(
     """A cat and an espresso side by side: each class's map sits on its own half."""
     engine = make_engine(lite0)
     pair = lite_side_by_side(left, right)
-    result = engine.explain(pair, [RowRequest("head", METHODS, classes=(CAT, ESPRESSO))])[0]
+    result = engine.explain_batch(pair, [RowRequest("head", METHODS, classes=(CAT, ESPRESSO))])[0]
     top5 = set(result.probabilities.topk(5).indices.tolist())
     assert {CAT, ESPRESSO} <= top5
     cat_side = slice(0, 7) if left == "chelsea.jpg" else slice(7, 14)
@@ -60,7 +60,7 @@ def test_wide_input_matches_pytorch_grad_cam(
     lite_side_by_side: Callable[[str, str], torch.Tensor],
 ) -> None:
     pair = lite_side_by_side("chelsea.jpg", "coffee.jpg")
-    result = make_engine(lite0).explain(pair, [RowRequest("head", classes=(CAT, ESPRESSO))])[0]
+    result = make_engine(lite0).explain_batch(pair, [RowRequest("head", classes=(CAT, ESPRESSO))])[0]
     with GradCAM(model=lite0, target_layers=[lite0.head]) as cam:
         for class_index in (CAT, ESPRESSO):
             expected = cam(input_tensor=pair, targets=[ClassifierOutputTarget(class_index)])[0]

@@ -49,7 +49,7 @@ def test_every_method_matches_pytorch_grad_cam(
     engine = make_engine(model)
     # Row 0 names two classes explicitly, row 1 asks for its top 2: both paths, K = 2.
     rows = [RowRequest(layer, METHODS, classes=(3, 1)), RowRequest(layer, METHODS, top_k=2)]
-    results = engine.explain(batch, rows)
+    results = engine.explain_batch(batch, rows)
     assert results[1].classes == tuple(engine.predict(batch[1:]).topk(2).indices[0].tolist())
 
     for method, reference_class in REFERENCES.items():
@@ -82,8 +82,8 @@ def test_tiny_maps_match_once_above_the_reference_epsilon(
         scaled.classifier[-1].weight.mul_(1e8)
         scaled.classifier[-1].bias.mul_(1e8)
     rows = [RowRequest("features", METHODS, classes=(3,))] * 2
-    tiny = make_engine(seeded_mobilenet).explain(batch, rows)
-    large = make_engine(scaled).explain(batch, rows)
+    tiny = make_engine(seeded_mobilenet).explain_batch(batch, rows)
+    large = make_engine(scaled).explain_batch(batch, rows)
     assert max(float(m.max()) for r in tiny for m in r.maps.values()) < 1e-7
     for method, reference_class in REFERENCES.items():
         ours = torch.stack([normalise(to_input(r.maps[(method, 3)], size)) for r in large])

@@ -90,7 +90,7 @@ def test_no_hooks_or_parameter_grads_left_after_success(
 ) -> None:
     batch = random_images(2, (128, 128))
     resnet_engine.layers((128, 128))
-    resnet_engine.explain(batch, [RowRequest("layer3", METHODS, top_k=2), RowRequest("layer4")])
+    resnet_engine.explain_batch(batch, [RowRequest("layer3", METHODS, top_k=2), RowRequest("layer4")])
     resnet_engine.predict(batch)
     assert_no_hooks(resnet_engine.model)
     assert all(parameter.grad is None for parameter in resnet_engine.model.parameters())
@@ -103,10 +103,10 @@ def test_no_hooks_left_when_the_model_raises(
     engine = CamEngine(model)
     batch = random_images(2, (12, 12))
     with pytest.raises(RuntimeError, match="exploded"):
-        engine.explain(batch, [RowRequest("net.conv2", top_k=2), RowRequest("net.act1")])
+        engine.explain_batch(batch, [RowRequest("net.conv2", top_k=2), RowRequest("net.act1")])
     assert_no_hooks(model)
     model.fail = False
-    results = engine.explain(batch, [RowRequest("net.conv2", top_k=2), RowRequest("net.act1")])
+    results = engine.explain_batch(batch, [RowRequest("net.conv2", top_k=2), RowRequest("net.act1")])
     assert len(results[0].maps) == 2
     assert_no_hooks(model)
 
@@ -137,8 +137,8 @@ def test_nothing_before_the_target_layer_is_recorded(seeded_resnet18: nn.Module)
 def test_inplace_relu_after_the_target_layer(random_images: Callable[..., torch.Tensor]) -> None:
     batch = random_images(2, (12, 12), seed=2)
     rows = [RowRequest("conv2", METHODS, top_k=2), RowRequest("conv1", METHODS)]
-    inplace = CamEngine(_SmallNet(inplace=True)).explain(batch, rows)
-    plain = CamEngine(_SmallNet(inplace=False)).explain(batch, rows)
+    inplace = CamEngine(_SmallNet(inplace=True)).explain_batch(batch, rows)
+    plain = CamEngine(_SmallNet(inplace=False)).explain_batch(batch, rows)
     for a, b in zip(inplace, plain, strict=True):
         assert a.classes == b.classes
         for key, cam in b.maps.items():
@@ -152,7 +152,7 @@ def test_module_called_twice_is_refused_with_the_enclosing_block(
 ) -> None:
     batch = random_images(1, (64, 64))
     with pytest.raises(LayerError) as caught:
-        resnet_engine.explain(batch, [RowRequest("layer4.1.relu")])
+        resnet_engine.explain_batch(batch, [RowRequest("layer4.1.relu")])
     message = str(caught.value)
     assert "'layer4.1.relu' runs 2 times per forward pass" in message
     assert "enclosing block 'layer4.1'" in message
@@ -167,12 +167,12 @@ def test_tuple_output_and_unused_modules_are_refused(
     engine = CamEngine(model)
     batch = random_images(1, (8, 8))
     with pytest.raises(LayerError, match=r"'block' returns a tuple, not a tensor.*block\.conv"):
-        engine.explain(batch, [RowRequest("block")])
+        engine.explain_batch(batch, [RowRequest("block")])
     with pytest.raises(LayerError, match="'unused' did not run during the forward pass"):
-        engine.explain(batch, [RowRequest("unused")])
+        engine.explain_batch(batch, [RowRequest("unused")])
     assert_no_hooks(model)
     assert [spec.name for spec in engine.layers((8, 8))] == ["block.conv"]
-    assert engine.explain(batch, [RowRequest("block.conv")])[0].maps
+    assert engine.explain_batch(batch, [RowRequest("block.conv")])[0].maps
 
 
 def test_non_spatial_and_unknown_layers_are_refused(
@@ -180,9 +180,9 @@ def test_non_spatial_and_unknown_layers_are_refused(
 ) -> None:
     batch = random_images(1, (64, 64))
     with pytest.raises(LayerError, match=r"'fc' outputs a tensor of shape \(1, 1000\)"):
-        resnet_engine.explain(batch, [RowRequest("fc")])
+        resnet_engine.explain_batch(batch, [RowRequest("fc")])
     with pytest.raises(LayerError) as caught:
-        resnet_engine.explain(batch, [RowRequest("layer5")])
+        resnet_engine.explain_batch(batch, [RowRequest("layer5")])
     message = str(caught.value)
     assert "'layer5' is not a module of this model" in message
     assert "did you mean 'layer4'" in message
@@ -196,15 +196,15 @@ def test_train_mode_and_unfrozen_parameters_are_refused(
     batch = random_images(1, (64, 64))
     resnet_engine.model.train()
     with pytest.raises(EngineError, match="train mode"):
-        resnet_engine.explain(batch, [RowRequest("layer4")])
+        resnet_engine.explain_batch(batch, [RowRequest("layer4")])
     with pytest.raises(EngineError, match="train mode"):
         resnet_engine.predict(batch)
     resnet_engine.model.eval()
     resnet_engine.model.fc.weight.requires_grad_(True)
     with pytest.raises(EngineError, match="requires_grad=True"):
-        resnet_engine.explain(batch, [RowRequest("layer4")])
+        resnet_engine.explain_batch(batch, [RowRequest("layer4")])
     resnet_engine.model.requires_grad_(False)
-    assert resnet_engine.explain(batch, [RowRequest("layer4")])[0].maps
+    assert resnet_engine.explain_batch(batch, [RowRequest("layer4")])[0].maps
 
 
 @pytest.mark.parametrize(
@@ -230,7 +230,7 @@ def test_bad_requests_name_the_argument(
     match: str,
 ) -> None:
     with pytest.raises(EngineError, match=match):
-        resnet_engine.explain(random_images(1, (64, 64)), rows)
+        resnet_engine.explain_batch(random_images(1, (64, 64)), rows)
 
 
 @pytest.mark.parametrize(
@@ -244,7 +244,7 @@ def test_bad_requests_name_the_argument(
 )
 def test_bad_batches_are_refused(resnet_engine: CamEngine, batch: object, match: str) -> None:
     with pytest.raises(EngineError, match=match):
-        resnet_engine.explain(batch, [RowRequest("layer4")])  # type: ignore[arg-type]
+        resnet_engine.explain_batch(batch, [RowRequest("layer4")])  # type: ignore[arg-type]
 
 
 def test_bad_engine_options_are_refused(seeded_resnet18: nn.Module) -> None:
@@ -273,7 +273,7 @@ def test_two_engines_in_two_threads(
         name: [RowRequest(name, METHODS, top_k=2), RowRequest(name), RowRequest(name, classes=(4,))]
         for _, _, name in jobs
     }
-    expected = [engine.explain(batch, rows[name]) for engine, batch, name in jobs]
+    expected = [engine.explain_batch(batch, rows[name]) for engine, batch, name in jobs]
     outcomes: dict[int, list[object]] = {0: [], 1: []}
     start = threading.Barrier(2)
 
@@ -282,7 +282,7 @@ def test_two_engines_in_two_threads(
         start.wait()
         for _ in range(4):
             try:
-                outcomes[slot].append(engine.explain(batch, rows[name]))
+                outcomes[slot].append(engine.explain_batch(batch, rows[name]))
             except Exception as exc:  # reported below, with the thread's result
                 outcomes[slot].append(exc)
 
@@ -305,11 +305,11 @@ def test_one_engine_shared_by_threads_serialises_calls(
     resnet_engine: CamEngine, random_images: Callable[..., torch.Tensor]
 ) -> None:
     batches = [random_images(1, (64, 64), seed=s) for s in range(4)]
-    expected = [resnet_engine.explain(b, [RowRequest("layer4", top_k=2)])[0] for b in batches]
+    expected = [resnet_engine.explain_batch(b, [RowRequest("layer4", top_k=2)])[0] for b in batches]
     results: list[object] = [None] * 4
 
     def work(i: int) -> None:
-        results[i] = resnet_engine.explain(batches[i], [RowRequest("layer4", top_k=2)])[0]
+        results[i] = resnet_engine.explain_batch(batches[i], [RowRequest("layer4", top_k=2)])[0]
 
     threads = [threading.Thread(target=work, args=(i,)) for i in range(4)]
     for thread in threads:

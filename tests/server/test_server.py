@@ -82,7 +82,7 @@ def engine_reference(weights: Any, image: bytes, row: RowRequest) -> dict[tuple[
     engine = CamEngine(seeded_model("resnet18"))
     recipe = InputRecipe(resize=256, crop=224, mean=IMAGENET_MEAN, std=IMAGENET_STD)
     prepared = prepare(Image.open(io.BytesIO(image)).convert("RGB"), recipe, keep_original=False)
-    (result,) = engine.explain(prepared.tensor[None], [row])
+    (result,) = engine.explain_batch(prepared.tensor[None], [row])
     return {
         key: normalise(to_original(value[None], prepared.geometry))[0].numpy()
         for key, value in result.maps.items()

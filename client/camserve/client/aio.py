@@ -25,9 +25,6 @@ from camserve.client.images import ImageInput
 from camserve.client.requests import (
     ExplainKwargs,
     ExplainOptions,
-    Methods,
-    Resolution,
-    Target,
     build_request,
 )
 from camserve.client.results import (
@@ -107,33 +104,13 @@ class AsyncClient:
         self,
         image: ImageInput,
         *,
-        model: str | None = None,
-        target: Target = None,
-        top_k: int | None = None,
-        methods: Methods = "gradcam",
-        layer: str | None = None,
-        resolution: Resolution = "original",
-        dtype: str = "float32",
-        raw: bool = False,
-        overlay: bool = False,
-        top_predictions: int = 5,
         timeout: float | None = None,
         request_id: str | None = None,
+        **options: Unpack[ExplainKwargs],
     ) -> Explanation:
         """Explains one image; see `Client.explain`."""
-        options = ExplainOptions(
-            model=model,
-            target=target,
-            top_k=top_k,
-            methods=methods,
-            layer=layer,
-            resolution=resolution,
-            dtype=dtype,
-            raw=raw,
-            overlay=overlay,
-            top_predictions=top_predictions,
-        )
-        results = await self._explain([image], options, timeout=timeout, request_id=request_id)
+        chosen = ExplainOptions(**options)
+        results = await self._explain([image], chosen, timeout=timeout, request_id=request_id)
         return results[0]
 
     async def explain_batch(

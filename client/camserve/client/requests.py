@@ -32,7 +32,16 @@ DTYPES: dict[str, pb.DType] = {
 
 
 class ExplainKwargs(TypedDict, total=False):
-    """The keyword options of `explain`, for typing `**options` of the batch and stream forms."""
+    """The keyword options of `explain`, `explain_batch` and `explain_many` of both clients.
+
+    `model`: a hosted model's name (default: the server's default). `target`: class index,
+    label, or a sequence of them (default: the predicted class); `top_k`: the k most probable
+    classes instead. `methods`: one or more of gradcam, gradcampp, xgradcam, hirescam, layercam.
+    `layer`: default the model's. `resolution`: "original", "input", "feature" or (height,
+    width). `dtype`: "float32", "float16" or "uint8". `raw`: unnormalised maps. `overlay`: also
+    get the server's PNG overlay of the first heatmap. `top_predictions`: predictions returned.
+    Checked by `ExplainOptions`, whose fields are these keys with their defaults.
+    """
 
     model: str | None
     target: Target
@@ -48,7 +57,10 @@ class ExplainKwargs(TypedDict, total=False):
 
 @dataclass(frozen=True)
 class ExplainOptions:
-    """Everything about an explain call except its images, checked once on construction."""
+    """Everything about an explain call except its images, checked once on construction.
+
+    Its fields are exactly the keys of `ExplainKwargs` (a test keeps the two in step).
+    """
 
     model: str | None = None
     target: Target = None

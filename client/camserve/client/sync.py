@@ -17,9 +17,6 @@ from camserve.client.images import ImageInput
 from camserve.client.requests import (
     ExplainKwargs,
     ExplainOptions,
-    Methods,
-    Resolution,
-    Target,
     build_request,
 )
 from camserve.client.results import (
@@ -108,42 +105,19 @@ class Client:
         self,
         image: ImageInput,
         *,
-        model: str | None = None,
-        target: Target = None,
-        top_k: int | None = None,
-        methods: Methods = "gradcam",
-        layer: str | None = None,
-        resolution: Resolution = "original",
-        dtype: str = "float32",
-        raw: bool = False,
-        overlay: bool = False,
-        top_predictions: int = 5,
         timeout: float | None = None,
         request_id: str | None = None,
+        **options: Unpack[ExplainKwargs],
     ) -> Explanation:
         """Explains one image.
 
         `image`: a file path, encoded bytes, a PIL image, a uint8 HxWx3 RGB array or a float32
-        3xHxW normalised array. `target`: class index, label, or a sequence of them (default: the
-        predicted class); `top_k`: the k most probable classes instead. `methods`: one or more of
-        gradcam, gradcampp, xgradcam, hirescam, layercam. `layer`: default the model's.
-        `resolution`: "original", "input", "feature" or (height, width). `dtype`: "float32",
-        "float16" or "uint8". `raw`: unnormalised maps. `overlay`: also get the server's PNG
-        overlay of the first heatmap. `timeout`: this call's, instead of the client's.
+        3xHxW normalised array. The keyword options (target, methods, resolution, ...) are
+        described once, in `camserve.client.requests.ExplainKwargs`. `timeout`: this call's,
+        instead of the client's.
         """
-        options = ExplainOptions(
-            model=model,
-            target=target,
-            top_k=top_k,
-            methods=methods,
-            layer=layer,
-            resolution=resolution,
-            dtype=dtype,
-            raw=raw,
-            overlay=overlay,
-            top_predictions=top_predictions,
-        )
-        return self._explain([image], options, timeout=timeout, request_id=request_id)[0]
+        chosen = ExplainOptions(**options)
+        return self._explain([image], chosen, timeout=timeout, request_id=request_id)[0]
 
     def explain_batch(
         self,

@@ -26,6 +26,7 @@ from grpc_reflection.v1alpha import reflection
 from camserve.server import logs
 from camserve.server.interceptors import BearerTokenInterceptor, ObservabilityInterceptor
 from camserve.server.metrics import Metrics
+from camserve.server.pipeline import ExplainPipeline
 from camserve.server.registry import ModelRegistry
 from camserve.server.servicer import ExplainServicer
 from camserve.server.settings import METRICS_DISABLED, Settings, SettingsError, load_settings
@@ -83,9 +84,10 @@ class CamServer:
         self._pool = ThreadPoolExecutor(
             max_workers=settings.preprocess_threads, thread_name_prefix="preprocess"
         )
+        # Outermost first: every call is counted, the token's refusals included.
         interceptors: list[grpc.aio.ServerInterceptor] = [ObservabilityInterceptor(self.metrics)]
         if token := _token(settings):
-            interceptors.insert(0, BearerTokenInterceptor(token))
+            interceptors.append(BearerTokenInterceptor(token))
         self.server = grpc.aio.server(
             interceptors=interceptors,
             options=[
@@ -95,7 +97,8 @@ class CamServer:
                 ("grpc.so_reuseport", 0),
             ],
         )
-        self.servicer = ExplainServicer(self.registry, settings, self.metrics, self._pool)
+        self.pipeline = ExplainPipeline(self.registry, settings, self._pool)
+        self.servicer = ExplainServicer(self.pipeline, settings.limits)
         explain_pb2_grpc.add_ExplainServiceServicer_to_server(self.servicer, self.server)
         health_pb2_grpc.add_HealthServicer_to_server(self.health, self.server)
         reflection.enable_server_reflection(

@@ -15,6 +15,7 @@ from typing import Any
 import grpc
 
 from camserve.server.metrics import Metrics
+from camserve.v1 import explain_pb2 as pb
 
 log = logging.getLogger("camserve.rpc")
 # Probes and tooling stay reachable without a token.
@@ -31,12 +32,16 @@ def _metadata(details: grpc.HandlerCallDetails, key: str) -> str:
     return ""
 
 
+def _code_of(value: int, default: grpc.StatusCode = grpc.StatusCode.UNKNOWN) -> grpc.StatusCode:
+    return next((c for c in grpc.StatusCode if c.value[0] == value), default)
+
+
 def _status(context: grpc.aio.ServicerContext, default: grpc.StatusCode) -> grpc.StatusCode:
     code = context.code()
     if isinstance(code, grpc.StatusCode):
         return code
     if isinstance(code, int):
-        return next((c for c in grpc.StatusCode if c.value[0] == code), default)
+        return _code_of(code, default)
     return default
 
 
@@ -59,7 +64,12 @@ def _replace(handler: Any, **behaviours: Any) -> Any:
 
 
 class ObservabilityInterceptor(grpc.aio.ServerInterceptor):
-    """Counts every RPC by status code and logs one line per call at debug level."""
+    """Counts every RPC by status code and logs one line per call at debug level.
+
+    It also reads each ExplainResponse on its way out: unary answers and stream items record
+    their stage times, and each stream item is counted by its own status (`ExplainStream.item`).
+    Placed outermost, it sees the calls other interceptors refuse too.
+    """
 
     def __init__(self, metrics: Metrics) -> None:
         self._metrics = metrics
@@ -76,6 +86,19 @@ class ObservabilityInterceptor(grpc.aio.ServerInterceptor):
             },
         )
 
+    def _observe(self, response: Any) -> None:
+        if isinstance(response, pb.ExplainResponse) and response.HasField("timing"):
+            self._metrics.observe_timing(response.timing)
+
+    def _observe_item(self, response: Any) -> None:
+        if not isinstance(response, pb.ExplainResponse):
+            return
+        code = grpc.StatusCode.OK
+        if response.HasField("error"):
+            code = _code_of(response.error.code)
+        self._metrics.requests.labels("ExplainStream.item", code.name).inc()
+        self._observe(response)
+
     async def intercept_service(
         self, continuation: Continuation, handler_call_details: grpc.HandlerCallDetails
     ) -> Any:
@@ -84,40 +107,44 @@ class ObservabilityInterceptor(grpc.aio.ServerInterceptor):
             return None
         rpc = handler_call_details.method.rsplit("/", 1)[-1]
         header_id = _metadata(handler_call_details, "x-request-id")
-
         if handler.unary_unary:
-            behaviour = handler.unary_unary
-
-            async def unary(request: Any, context: grpc.aio.ServicerContext) -> Any:
-                started, code = time.monotonic(), grpc.StatusCode.OK
-                request_id = getattr(request, "request_id", "") or header_id
-                try:
-                    return await behaviour(request, context)
-                except BaseException:
-                    code = _status(context, grpc.StatusCode.UNKNOWN)
-                    raise
-                finally:
-                    self._finish(rpc, code, started, request_id)
-
-            return _replace(handler, unary_unary=unary)
+            return _replace(handler, unary_unary=self._unary(handler.unary_unary, rpc, header_id))
         if handler.stream_stream:
-            stream_behaviour = handler.stream_stream
-
-            async def stream(
-                requests: Any, context: grpc.aio.ServicerContext
-            ) -> AsyncIterator[Any]:
-                started, code = time.monotonic(), grpc.StatusCode.OK
-                try:
-                    async for response in stream_behaviour(requests, context):
-                        yield response
-                except BaseException:
-                    code = _status(context, grpc.StatusCode.CANCELLED)
-                    raise
-                finally:
-                    self._finish(rpc, code, started, header_id)
-
-            return _replace(handler, stream_stream=stream)
+            return _replace(
+                handler, stream_stream=self._stream(handler.stream_stream, rpc, header_id)
+            )
         return handler
+
+    def _unary(self, behaviour: Any, rpc: str, header_id: str) -> Any:
+        async def unary(request: Any, context: grpc.aio.ServicerContext) -> Any:
+            started, code = time.monotonic(), grpc.StatusCode.OK
+            request_id = getattr(request, "request_id", "") or header_id
+            try:
+                response = await behaviour(request, context)
+                self._observe(response)
+                return response
+            except BaseException:
+                code = _status(context, grpc.StatusCode.UNKNOWN)
+                raise
+            finally:
+                self._finish(rpc, code, started, request_id)
+
+        return unary
+
+    def _stream(self, behaviour: Any, rpc: str, header_id: str) -> Any:
+        async def stream(requests: Any, context: grpc.aio.ServicerContext) -> AsyncIterator[Any]:
+            started, code = time.monotonic(), grpc.StatusCode.OK
+            try:
+                async for response in behaviour(requests, context):
+                    self._observe_item(response)
+                    yield response
+            except BaseException:
+                code = _status(context, grpc.StatusCode.CANCELLED)
+                raise
+            finally:
+                self._finish(rpc, code, started, header_id)
+
+        return stream
 
 
 class BearerTokenInterceptor(grpc.aio.ServerInterceptor):

@@ -1,9 +1,15 @@
-"""Prometheus metrics, one registry per server so several servers can share a process."""
+"""Prometheus metrics, one registry per server so several servers can share a process.
+
+Each fact is recorded once, in one layer: per call and per stream item by the observability
+interceptor (counts by status, and each answered request's stage times from its `Timing`);
+per batch by the model runtime (batch size, compute time, images, queue depth, expiries).
+"""
 
 from __future__ import annotations
 
 import functools
 from dataclasses import dataclass, field
+from typing import Any
 from wsgiref.simple_server import WSGIServer
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, start_http_server
@@ -24,7 +30,7 @@ class Metrics:
         r = self.registry
         self.requests = Counter(
             "camserve_requests",
-            "RPCs answered, by RPC and status code",
+            "RPCs answered, by RPC and status code; ExplainStream.item counts stream requests",
             ["rpc", "code"],
             registry=r,
         )
@@ -49,8 +55,15 @@ class Metrics:
         )
         self.latency = Histogram(
             "camserve_latency_seconds",
-            "Time per stage: queue, preprocess, compute, total",
+            "Per answered request, time per stage: queue, preprocess, compute, total",
             ["stage"],
+            buckets=LATENCY_BUCKETS,
+            registry=r,
+        )
+        self.batch_seconds = Histogram(
+            "camserve_batch_seconds",
+            "Per engine batch, the time its forward, backward and CAM arithmetic took",
+            ["model"],
             buckets=LATENCY_BUCKETS,
             registry=r,
         )
@@ -68,6 +81,11 @@ class Metrics:
         for index in range(torch.cuda.device_count()):
             allocated = functools.partial(torch.cuda.memory_allocated, index)
             self.gpu_memory.labels(f"cuda:{index}").set_function(allocated)
+
+    def observe_timing(self, timing: Any) -> None:
+        """One answered request's stages, from the `Timing` of its ExplainResponse."""
+        for stage in ("queue", "preprocess", "compute", "total"):
+            self.latency.labels(stage).observe(getattr(timing, f"{stage}_ms") / 1000.0)
 
     def observe_batch(self, model: str, size: int, depth: int) -> None:
         self.batch_size.labels(model).observe(size)

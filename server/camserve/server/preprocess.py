@@ -16,23 +16,15 @@ import torchvision.transforms.functional as tf
 from PIL import Image, UnidentifiedImageError
 
 from camserve.server.engine.shaping import Geometry
+from camserve.server.errors import InvalidRequest
+from camserve.server.records import InputRecipe
 
 ACCEPTED_FORMATS = ("JPEG", "PNG", "WEBP")
 MIN_SIDE = 8
 
 
-class ImageError(ValueError):
+class ImageError(InvalidRequest):
     """An image that cannot be used; the message names the field and what to send instead."""
-
-
-@dataclass(frozen=True)
-class InputRecipe:
-    """How a model's inputs are made: shorter side resized, centre crop, normalisation."""
-
-    resize: int  # 0: resize straight to crop x crop
-    crop: int
-    mean: tuple[float, ...]
-    std: tuple[float, ...]
 
 
 @dataclass(frozen=True)

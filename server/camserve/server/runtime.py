@@ -9,7 +9,6 @@ concerns, and the others still get their results.
 from __future__ import annotations
 
 import asyncio
-import functools
 import logging
 import time
 from concurrent.futures import ThreadPoolExecutor
@@ -18,11 +17,11 @@ from dataclasses import dataclass
 import torch
 
 from camserve.server.batcher import BatchInfo, DynamicBatcher
-from camserve.server.engine import METHODS, CamEngine, LayerSpec, RowRequest, RowResult
+from camserve.server.engine import METHODS, CamEngine, RowRequest, RowResult
 from camserve.server.metrics import Metrics
 from camserve.server.models.labels import load_labels
 from camserve.server.models.loading import ModelLoadError, build_model, normalisation
-from camserve.server.preprocess import InputRecipe
+from camserve.server.records import InputRecipe, ModelMeta
 from camserve.server.settings import ModelSettings
 
 log = logging.getLogger("camserve.runtime")
@@ -43,30 +42,6 @@ class Computed:
     result: RowResult
     compute_s: float
     batch: BatchInfo
-
-
-@dataclass(frozen=True)
-class ModelMeta:
-    """What clients and the request validator need to know about a loaded model."""
-
-    name: str
-    version: str
-    device: str
-    num_classes: int
-    labels: tuple[str, ...]
-    default_layer: str
-    layers: tuple[LayerSpec, ...]
-    recipe: InputRecipe
-    max_batch_size: int
-
-    @functools.cached_property
-    def layer_names(self) -> frozenset[str]:
-        return frozenset(layer.name for layer in self.layers)
-
-    @functools.cached_property
-    def label_index(self) -> dict[str, int]:
-        """Label to class index, built once per model rather than per request."""
-        return {label: i for i, label in enumerate(self.labels)}
 
 
 def _resolve_device(requested: str) -> torch.device:
@@ -129,7 +104,7 @@ class ModelRuntime:
         if warmup:
             batch = spec.max_batch_size if device.type == "cuda" else 1
             rows = [RowRequest(layer=default_layer, methods=METHODS)] * batch
-            engine.explain(torch.zeros(batch, 3, *size), rows)
+            engine.explain_batch(torch.zeros(batch, 3, *size), rows)
         self._engine = engine
         self._meta = ModelMeta(
             name=spec.name,
@@ -165,12 +140,11 @@ class ModelRuntime:
         )
         self._batcher.start()
 
-    async def explain(self, jobs: list[ImageJob], deadline: float | None) -> list[Computed]:
+    async def submit(self, jobs: list[ImageJob], deadline: float | None) -> list[Computed]:
         """Queues the jobs of one request together and waits for their results."""
         if self._batcher is None:
             raise RuntimeError(f"model {self.spec.name!r} is not started")
         outcomes = await self._batcher.submit(jobs, deadline)
-        self._metrics.queue_depth.labels(self.spec.name).set(self._batcher.depth)
         return [Computed(result, seconds, info) for (result, seconds), info in outcomes]
 
     async def close(self) -> None:
@@ -189,7 +163,7 @@ class ModelRuntime:
         started = time.monotonic()
         try:
             batch = torch.stack([job.tensor for job in jobs])
-            results = self._engine.explain(batch, [job.row for job in jobs])
+            results = self._engine.explain_batch(batch, [job.row for job in jobs])
         except Exception as exc:  # noqa: BLE001 - isolated below, reported per item
             if isinstance(exc, torch.OutOfMemoryError) and torch.cuda.is_available():
                 torch.cuda.empty_cache()
@@ -200,7 +174,7 @@ class ModelRuntime:
             return self._compute(jobs[:half]) + self._compute(jobs[half:])
         seconds = time.monotonic() - started
         self._metrics.images.labels(self.spec.name).inc(len(jobs))
-        self._metrics.latency.labels("compute").observe(seconds)
+        self._metrics.batch_seconds.labels(self.spec.name).observe(seconds)
         log.info(
             "batch explained",
             extra={"model": self.spec.name, "batch": len(jobs), "ms": round(seconds * 1000, 1)},

@@ -9,22 +9,25 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
-from camserve.server.engine.shaping import Geometry
-from camserve.server.runtime import ModelMeta
+from camserve.server.errors import InvalidRequest
+from camserve.server.records import ArrayImage, EncodedImage, ImageSource, ModelMeta
 from camserve.server.settings import LimitsSettings
 from camserve.v1 import explain_pb2 as pb
 from camserve.v1.methods import METHOD_BY_NAME, NAME_BY_METHOD
+from camserve.v1.tensors import TensorFormatError, from_proto
 
-METHOD_NAMES = NAME_BY_METHOD
-METHOD_ENUMS = METHOD_BY_NAME
+if TYPE_CHECKING:
+    from camserve.server.engine.shaping import Geometry
+
 DEFAULT_TOP_PREDICTIONS = 5
 _RESOLUTIONS = frozenset(pb.Resolution.values())
 _DTYPES = frozenset(pb.DType.values())
 
 
-class RequestError(ValueError):
-    """A request the server refuses as INVALID_ARGUMENT."""
+class RequestError(InvalidRequest):
+    """A request field the server refuses; the message starts with the field's path."""
 
 
 @dataclass(frozen=True)
@@ -64,13 +67,13 @@ def _choices(values: object) -> str:
 def _methods(request: pb.ExplainRequest) -> tuple[str, ...]:
     names: list[str] = []
     for i, value in enumerate(request.methods):
-        if value not in METHOD_NAMES:
+        if value not in NAME_BY_METHOD:
             raise RequestError(
                 f"methods[{i}]: unknown method {value}; use one of "
-                f"{_choices(f'{pb.Method.Name(v)}={v}' for v in METHOD_ENUMS.values())}"
+                f"{_choices(f'{pb.Method.Name(v)}={v}' for v in METHOD_BY_NAME.values())}"
             )
-        if METHOD_NAMES[value] not in names:
-            names.append(METHOD_NAMES[value])
+        if NAME_BY_METHOD[value] not in names:
+            names.append(NAME_BY_METHOD[value])
     return tuple(names) or ("gradcam",)
 
 
@@ -150,8 +153,8 @@ def _heatmap_pixels(plan: ExplainPlan, geometry: Geometry, meta: ModelMeta) -> i
     if output.resolution == pb.RESOLUTION_INPUT:
         return meta.recipe.crop * meta.recipe.crop
     if output.resolution == pb.RESOLUTION_FEATURE_MAP:
-        shape = next(layer.shape for layer in meta.layers if layer.name == plan.layer)
-        return shape[1] * shape[2]
+        _, height, width = meta.layer_shapes[plan.layer]
+        return height * width
     return geometry.original_hw[0] * geometry.original_hw[1]
 
 
@@ -215,3 +218,28 @@ def validate(request: pb.ExplainRequest, meta: ModelMeta, limits: LimitsSettings
         top_predictions=int(top_predictions),
         targets=targets,
     )
+
+
+def image_sources(request: pb.ExplainRequest) -> tuple[ImageSource, ...]:
+    """Each image's bytes or array, unpacked from the wire and named by its request field."""
+    sources: list[ImageSource] = []
+    for i, image in enumerate(request.images):
+        field = f"images[{i}]"
+        if image.WhichOneof("source") == "encoded":
+            sources.append(EncodedImage(image.encoded, f"{field}.encoded"))
+            continue
+        field = f"{field}.tensor"
+        try:
+            array = from_proto(image.tensor, field)
+        except TensorFormatError as exc:
+            raise RequestError(str(exc)) from None
+        if image.tensor.dtype == pb.DTYPE_UINT8:
+            sources.append(ArrayImage(array, field, normalised=False))
+        elif image.tensor.dtype in (pb.DTYPE_FLOAT32, pb.DTYPE_UNSPECIFIED):
+            sources.append(ArrayImage(array, field, normalised=True))
+        else:
+            raise RequestError(
+                f"{field}.dtype: images travel as uint8 HxWx3 or float32 3xHxW, not "
+                f"{pb.DType.Name(image.tensor.dtype)}"
+            )
+    return tuple(sources)

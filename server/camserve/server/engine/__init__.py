@@ -5,8 +5,8 @@ pixels over the model input or the original image, and into [0, 1].
 
 Target layers (`CamEngine.layers`) are the modules that run exactly once per forward pass and
 output a 4-D (N, C, H, W) tensor. A module the model calls several times (torchvision
-BasicBlock's `relu`) is refused by `explain` with a `LayerError` that says how many times it runs
-and names the enclosing block instead; so are modules returning tuples or non-spatial tensors.
+BasicBlock's `relu`) is refused by `explain_batch` with a `LayerError` that says how many times it
+runs and names the enclosing block instead; so are modules returning tuples or non-spatial tensors.
 
 Default layer (`CamEngine.default_layer`): one probe forward pass at the given input size, with
 hooks on every submodule in forward-completion order; the default is the last module whose output

@@ -12,15 +12,14 @@ How it stays close to the cost of a plain forward pass:
 - All requested methods come from the same activations and gradients (see `methods`).
 
 Memory format: with `channels_last=None` (the default) the engine uses channels_last tensors on
-the CPU, where oneDNN convolutions run measurably faster in that layout (about 1.2-1.4x for
-ResNet-18/50 and 1.3x for EfficientNet-Lite0 on a 2-core machine; compare
-`benchmarks/engine.py --memory-format contiguous`), and under CUDA autocast; contiguous tensors
-for CUDA float32. A model that fails on channels_last input but works on contiguous input makes
-the engine switch to contiguous for good. Pass True or False to decide explicitly.
+the CPU, where oneDNN convolutions run measurably faster in that layout (README, Performance;
+compare `benchmarks/engine.py --memory-format contiguous`), and under CUDA autocast; contiguous
+tensors for CUDA float32. A model that fails on channels_last input but works on contiguous input
+makes the engine switch to contiguous for good. Pass True or False to decide explicitly.
 
 Ownership and threads: the engine owns the model it is given. It moves it to the device, puts it
-in eval mode and freezes its parameters; `explain` and `predict` refuse to run if it is later put
-back in train mode or unfrozen. One engine serves one caller at a time (an internal lock
+in eval mode and freezes its parameters; `explain_batch` and `predict` refuse to run if it is
+later put back in train mode or unfrozen. One engine serves one caller at a time (an internal lock
 serialises concurrent calls); different engines on different models may run in parallel threads.
 """
 
@@ -183,7 +182,7 @@ class CamEngine:
             self._check_logits(logits, int(images.shape[0]))
             return logits.float().cpu()
 
-    def explain(self, batch: torch.Tensor, rows: Sequence[RowRequest]) -> list[RowResult]:
+    def explain_batch(self, batch: torch.Tensor, rows: Sequence[RowRequest]) -> list[RowResult]:
         """Predictions and maps for each image of `batch` (N, 3, H, W), one RowRequest per image.
 
         Rows may name different layers, methods and classes; the union of their layers is hooked
@@ -198,11 +197,11 @@ class CamEngine:
         with self._lock:
             self._check_state()
             with torch.inference_mode(False), torch.enable_grad():
-                return self._explain(images, rows, input_hw)
+                return self._explain_rows(images, rows, input_hw)
 
     # -------------------------------------------------------------------------------- internals
 
-    def _explain(
+    def _explain_rows(
         self, images: torch.Tensor, rows: list[RowRequest], input_hw: tuple[int, int]
     ) -> list[RowResult]:
         batch_size = int(images.shape[0])

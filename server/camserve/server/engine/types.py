@@ -1,6 +1,7 @@
 """The engine's vocabulary: method names, requests, results and errors.
 
-Kept free of any model logic so the servicer and the batcher can import these types cheaply.
+No model logic lives here; results hold torch tensors, so importing this module imports torch.
+The protocol side reads the torch-free records of `camserve.server.records` instead.
 """
 
 from __future__ import annotations

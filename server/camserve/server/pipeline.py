@@ -1,0 +1,209 @@
+"""The explain pipeline: the torch side of the seam between the servicer and the engine.
+
+One request travels: prepare its images on CPU threads -> submit them together to the model's
+batcher -> shape each image's result on CPU threads -> an `ExplainOutcome`. Every refusal leaves
+as one of the domain errors of `camserve.server.errors`; batcher, engine and device failures are
+translated here and nowhere else.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections.abc import Sequence
+from concurrent.futures import ThreadPoolExecutor
+
+import torch
+
+from camserve.server import batcher
+from camserve.server.engine import EngineError, RowRequest
+from camserve.server.errors import (
+    DeadlineExceeded,
+    InvalidRequest,
+    ModelNotFound,
+    OutOfMemory,
+    Overloaded,
+    ServerFault,
+    ServiceError,
+    Unavailable,
+)
+from camserve.server.outputs import explain_image
+from camserve.server.preprocess import (
+    PreparedImage,
+    decode,
+    from_normalised_array,
+    from_uint8_array,
+    prepare,
+)
+from camserve.server.records import (
+    ArrayImage,
+    ExplainOutcome,
+    ImageSource,
+    ModelMeta,
+    ModelStatus,
+    StageTimes,
+)
+from camserve.server.registry import ModelRegistry, UnknownModel
+from camserve.server.runtime import Computed, ImageJob, ModelRuntime
+from camserve.server.settings import Settings
+from camserve.server.validation import ExplainPlan, check_response_size
+
+log = logging.getLogger("camserve.pipeline")
+
+
+def prepare_image(
+    source: ImageSource, meta: ModelMeta, max_pixels: int, keep_original: bool
+) -> PreparedImage:
+    """Decodes or unpacks one image and makes the model input (runs on a worker thread)."""
+    if isinstance(source, ArrayImage):
+        if source.normalised:
+            return from_normalised_array(source.array, source.field, meta.recipe, keep_original)
+        image = from_uint8_array(source.array, source.field, max_pixels)
+    else:
+        image = decode(source.data, source.field, max_pixels)
+    return prepare(image, meta.recipe, keep_original)
+
+
+def service_error(exc: BaseException, model: str) -> ServiceError:
+    """The domain error for a failure met while computing a request of `model`."""
+    if isinstance(exc, ServiceError):
+        return exc
+    if isinstance(exc, batcher.QueueFull):
+        return Overloaded(
+            f"model {model!r} is overloaded: its queue holds {exc.depth} of {exc.capacity} "
+            f"images; retry after {exc.retry_after_s:.2f}s or lower your request rate",
+            retry_after_s=exc.retry_after_s,
+        )
+    if isinstance(exc, batcher.DeadlineExpired):
+        return DeadlineExceeded(
+            f"deadline passed while waiting in model {model!r}'s queue; the image was not "
+            "computed. Allow more time or send fewer concurrent requests"
+        )
+    if isinstance(exc, batcher.BatcherClosed):
+        return Unavailable(str(exc))
+    if isinstance(exc, EngineError):
+        return InvalidRequest(str(exc))
+    if isinstance(exc, torch.OutOfMemoryError):
+        return OutOfMemory(
+            f"model {model!r} ran out of device memory on a single image; send a smaller one",
+            retry_after_s=1.0,
+        )
+    log.error("request failed inside the server", extra={"model": model, "error": repr(exc)})
+    return ServerFault(
+        f"model {model!r} failed to compute this request ({type(exc).__name__}); this is a "
+        "server fault, not the request's: retry, and report it if it persists"
+    )
+
+
+class ExplainPipeline:
+    """Runs explain requests for the models of a registry; see the module docstring."""
+
+    def __init__(self, registry: ModelRegistry, settings: Settings, pool: ThreadPoolExecutor):
+        self._registry = registry
+        self._pool = pool
+        self._max_pixels = settings.limits.max_pixels
+        self._max_bytes = settings.max_message_bytes
+
+    def statuses(self) -> list[ModelStatus]:
+        """Every hosted model, loaded or not, in configuration order."""
+        return [self._status(runtime) for runtime in self._registry]
+
+    def status(self, name: str) -> ModelStatus:
+        """The named model, loaded or not; ModelNotFound when it is not hosted."""
+        return self._status(self._runtime(name))
+
+    def model(self, name: str) -> ModelMeta:
+        """The named (or default) model, ready to explain; else ModelNotFound or Unavailable."""
+        runtime = self._runtime(name)
+        if not runtime.ready:
+            raise Unavailable(f"model {runtime.spec.name!r} is still loading; retry")
+        return runtime.meta
+
+    async def explain(
+        self,
+        meta: ModelMeta,
+        plan: ExplainPlan,
+        sources: Sequence[ImageSource],
+        deadline: float | None,
+    ) -> ExplainOutcome:
+        """Prepares, computes and shapes one request; raises a ServiceError when refused."""
+        arrived = time.monotonic()
+        prepared = await self._prepare(sources, meta, plan)
+        check_response_size(plan, [item.geometry for item in prepared], meta, self._max_bytes)
+        preprocessed = time.monotonic()
+        jobs = [
+            ImageJob(
+                tensor=item.tensor,
+                row=RowRequest(
+                    layer=plan.layer,
+                    methods=plan.methods,
+                    classes=target.classes,
+                    top_k=target.top_k,
+                ),
+            )
+            for item, target in zip(prepared, plan.targets, strict=True)
+        ]
+        computed = await self._compute(self._runtime(meta.name), jobs, deadline)
+        loop = asyncio.get_running_loop()
+        images = await asyncio.gather(
+            *(
+                loop.run_in_executor(self._pool, explain_image, c.result, item, plan, meta)
+                for c, item in zip(computed, prepared, strict=True)
+            )
+        )
+        return ExplainOutcome(
+            model=meta.name,
+            model_version=meta.version,
+            images=tuple(images),
+            times=StageTimes(
+                queue_s=max(c.batch.queue_s for c in computed),
+                preprocess_s=preprocessed - arrived,
+                compute_s=max(c.compute_s for c in computed),
+                total_s=time.monotonic() - arrived,
+            ),
+            batch_size=max(c.batch.size for c in computed),
+        )
+
+    async def _prepare(
+        self, sources: Sequence[ImageSource], meta: ModelMeta, plan: ExplainPlan
+    ) -> list[PreparedImage]:
+        loop = asyncio.get_running_loop()
+        return await asyncio.gather(
+            *(
+                loop.run_in_executor(
+                    self._pool,
+                    prepare_image,
+                    source,
+                    meta,
+                    self._max_pixels,
+                    plan.output.overlay,
+                )
+                for source in sources
+            )
+        )
+
+    @staticmethod
+    async def _compute(
+        runtime: ModelRuntime, jobs: list[ImageJob], deadline: float | None
+    ) -> list[Computed]:
+        try:
+            return await runtime.submit(jobs, deadline)
+        except Exception as exc:  # noqa: BLE001 - every failure leaves as a domain error
+            raise service_error(exc, runtime.spec.name) from None
+
+    def _runtime(self, name: str) -> ModelRuntime:
+        try:
+            return self._registry.get(name)
+        except UnknownModel as exc:
+            raise ModelNotFound(exc.args[0]) from None
+
+    @staticmethod
+    def _status(runtime: ModelRuntime) -> ModelStatus:
+        spec = runtime.spec
+        return ModelStatus(
+            name=spec.name,
+            version=spec.version,
+            max_batch_size=spec.max_batch_size,
+            meta=runtime.meta if runtime.ready else None,
+        )

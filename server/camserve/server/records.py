@@ -1,0 +1,134 @@
+"""Plain records shared by the servicer, the request checker and the explain pipeline.
+
+Nothing here imports torch: the protocol side (servicer, validation, messages) reads these
+records without loading the engine. Engine types appear only as annotations.
+"""
+
+from __future__ import annotations
+
+import functools
+from dataclasses import dataclass
+from typing import TYPE_CHECKING
+
+import numpy as np
+
+if TYPE_CHECKING:
+    from camserve.server.engine.types import LayerSpec
+
+
+@dataclass(frozen=True)
+class InputRecipe:
+    """How a model's inputs are made: shorter side resized, centre crop, normalisation."""
+
+    resize: int  # 0: resize straight to crop x crop
+    crop: int
+    mean: tuple[float, ...]
+    std: tuple[float, ...]
+
+
+@dataclass(frozen=True)
+class EncodedImage:
+    """Image file bytes (JPEG, PNG or WebP) as sent, with the request field they came from."""
+
+    data: bytes
+    field: str
+
+
+@dataclass(frozen=True)
+class ArrayImage:
+    """Pixels sent as a tensor: uint8 (H, W, 3) RGB, or a float32 (3, H, W) model input."""
+
+    array: np.ndarray
+    field: str
+    normalised: bool  # True: float32, already resized and normalised by the caller
+
+
+ImageSource = EncodedImage | ArrayImage
+
+
+@dataclass(frozen=True)
+class ModelMeta:
+    """What clients and the request checker need to know about a loaded model."""
+
+    name: str
+    version: str
+    device: str
+    num_classes: int
+    labels: tuple[str, ...]
+    default_layer: str
+    layers: tuple[LayerSpec, ...]
+    recipe: InputRecipe
+    max_batch_size: int
+
+    @functools.cached_property
+    def layer_names(self) -> frozenset[str]:
+        return frozenset(layer.name for layer in self.layers)
+
+    @functools.cached_property
+    def layer_shapes(self) -> dict[str, tuple[int, int, int]]:
+        """Layer name to its (C, h, w) output for one image, built once per model."""
+        return {layer.name: layer.shape for layer in self.layers}
+
+    @functools.cached_property
+    def label_index(self) -> dict[str, int]:
+        """Label to class index, built once per model rather than per request."""
+        return {label: i for i, label in enumerate(self.labels)}
+
+
+@dataclass(frozen=True)
+class ModelStatus:
+    """A hosted model as listed by ListModels: its configuration, and its meta once loaded."""
+
+    name: str
+    version: str
+    max_batch_size: int
+    meta: ModelMeta | None  # None while the model is loading
+
+
+@dataclass(frozen=True)
+class Prediction:
+    index: int
+    label: str
+    probability: float
+    logit: float
+
+
+@dataclass(frozen=True)
+class HeatmapResult:
+    """One shaped heatmap: (H, W) float32, float16 or uint8, as the request asked."""
+
+    method: str
+    class_index: int
+    class_label: str
+    layer: str
+    data: np.ndarray
+
+
+@dataclass(frozen=True)
+class ImageExplanation:
+    """One image's predictions (most probable first), heatmaps and optional overlay PNG."""
+
+    predictions: tuple[Prediction, ...]
+    heatmaps: tuple[HeatmapResult, ...]
+    overlay_png: bytes
+
+
+@dataclass(frozen=True)
+class StageTimes:
+    """Seconds one request spent in each stage; queue and compute are its slowest image's."""
+
+    queue_s: float
+    preprocess_s: float
+    compute_s: float
+    total_s: float
+
+
+@dataclass(frozen=True)
+class ExplainOutcome:
+    """A whole request's answer, in the order of its images."""
+
+    model: str
+    model_version: str
+    images: tuple[ImageExplanation, ...]
+    times: StageTimes
+    batch_size: int  # the largest batch any of its images ran in
