@@ -10,9 +10,10 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
-import gated_model
 import pytest
-from support import ServerThread, gated_settings, seeded_model
+
+from tests._support import gated_model
+from tests._support.servers import ServerThread, gated_settings, seeded_model
 
 
 @pytest.fixture(scope="session")

@@ -1,4 +1,4 @@
-"""Client test fixtures; the helpers themselves live in client_support.py."""
+"""Client test fixtures; the helpers themselves live in tests/_support/client_fakes.py."""
 
 from __future__ import annotations
 
@@ -8,9 +8,9 @@ from dataclasses import dataclass
 
 import grpc
 import pytest
-from client_support import FakeService
 
 from camserve.v1 import explain_pb2_grpc as pb_grpc
+from tests._support.client_fakes import FakeService
 
 
 @dataclass

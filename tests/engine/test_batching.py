@@ -83,7 +83,9 @@ def test_top_k_row_explains_the_highest_scores_in_order(
             assert float(cam.min()) >= 0.0
     # K = 5 classes for one row: each map equals explaining that class on its own.
     for class_index in results[0].classes:
-        alone = resnet_engine.explain_batch(batch[:1], [RowRequest("layer4", classes=(class_index,))])
+        alone = resnet_engine.explain_batch(
+            batch[:1], [RowRequest("layer4", classes=(class_index,))]
+        )
         torch.testing.assert_close(
             results[0].maps[("gradcam", class_index)], alone[0].maps[("gradcam", class_index)]
         )
@@ -122,7 +124,9 @@ def test_falls_back_to_one_backward_per_class_when_vmap_fails(
     together = engine.explain_batch(batch, rows)
     for i, row in enumerate(together):
         for class_index in row.classes:
-            alone = engine.explain_batch(batch[i : i + 1], [RowRequest("conv", METHODS, (class_index,))])
+            alone = engine.explain_batch(
+                batch[i : i + 1], [RowRequest("conv", METHODS, (class_index,))]
+            )
             for method in METHODS:
                 torch.testing.assert_close(
                     row.maps[(method, class_index)], alone[0].maps[(method, class_index)]

@@ -60,7 +60,9 @@ def test_wide_input_matches_pytorch_grad_cam(
     lite_side_by_side: Callable[[str, str], torch.Tensor],
 ) -> None:
     pair = lite_side_by_side("chelsea.jpg", "coffee.jpg")
-    result = make_engine(lite0).explain_batch(pair, [RowRequest("head", classes=(CAT, ESPRESSO))])[0]
+    result = make_engine(lite0).explain_batch(pair, [RowRequest("head", classes=(CAT, ESPRESSO))])[
+        0
+    ]
     with GradCAM(model=lite0, target_layers=[lite0.head]) as cam:
         for class_index in (CAT, ESPRESSO):
             expected = cam(input_tensor=pair, targets=[ClassifierOutputTarget(class_index)])[0]

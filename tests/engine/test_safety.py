@@ -90,7 +90,9 @@ def test_no_hooks_or_parameter_grads_left_after_success(
 ) -> None:
     batch = random_images(2, (128, 128))
     resnet_engine.layers((128, 128))
-    resnet_engine.explain_batch(batch, [RowRequest("layer3", METHODS, top_k=2), RowRequest("layer4")])
+    resnet_engine.explain_batch(
+        batch, [RowRequest("layer3", METHODS, top_k=2), RowRequest("layer4")]
+    )
     resnet_engine.predict(batch)
     assert_no_hooks(resnet_engine.model)
     assert all(parameter.grad is None for parameter in resnet_engine.model.parameters())
@@ -106,7 +108,9 @@ def test_no_hooks_left_when_the_model_raises(
         engine.explain_batch(batch, [RowRequest("net.conv2", top_k=2), RowRequest("net.act1")])
     assert_no_hooks(model)
     model.fail = False
-    results = engine.explain_batch(batch, [RowRequest("net.conv2", top_k=2), RowRequest("net.act1")])
+    results = engine.explain_batch(
+        batch, [RowRequest("net.conv2", top_k=2), RowRequest("net.act1")]
+    )
     assert len(results[0].maps) == 2
     assert_no_hooks(model)
 

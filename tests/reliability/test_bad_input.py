@@ -15,7 +15,13 @@ import grpc
 import numpy as np
 import pytest
 from PIL import Image
-from reliability_support import (
+
+from camserve.server.settings import LimitsSettings, Settings
+from camserve.v1 import explain_pb2 as pb
+from camserve.v1 import explain_pb2_grpc as pb_grpc
+from camserve.v1.tensors import to_proto
+from tests._support.servers import CAT_BYTES, ServerThread, png_bytes, seeded_images
+from tests._support.traffic import (
     SERVING,
     TINY_CLASSES,
     GoodTraffic,
@@ -26,12 +32,6 @@ from reliability_support import (
     small_resnet,
     tiny_model,
 )
-from support import CAT_BYTES, ServerThread, png_bytes, seeded_images
-
-from camserve.server.settings import LimitsSettings, Settings
-from camserve.v1 import explain_pb2 as pb
-from camserve.v1 import explain_pb2_grpc as pb_grpc
-from camserve.v1.tensors import to_proto
 
 pytestmark = pytest.mark.timeout(120)
 

@@ -1,10 +1,10 @@
 """Deadlines and cancellation through the client SDK, several calls at once.
 
-The served model waits on a gate (tests/gated_model.py), so a call's time in the queue is decided
-by the test, not by the machine's speed. What must hold: a call whose deadline passes while it
-waits fails with DEADLINE_EXCEEDED and its image is never computed; a call that goes away (its
-deadline passed, or the caller cancelled it, or its stream ended) frees its queue slots at once,
-so new calls are admitted.
+The served model waits on a gate (`tests._support.gated_model`), so a call's time in the queue
+is decided by the test, not by the machine's speed. What must hold: a call whose deadline passes
+while it waits fails with DEADLINE_EXCEEDED and its image is never computed; a call that goes
+away (its deadline passed, or the caller cancelled it, or its stream ended) frees its queue
+slots at once, so new calls are admitted.
 """
 
 from __future__ import annotations
@@ -14,12 +14,12 @@ import time
 from collections.abc import Callable
 from typing import Any
 
-import gated_model
 import pytest
-from reliability_support import wait_until
-from support import ServerThread, png_bytes, seeded_images
 
 from camserve.client import AsyncClient, DeadlineExceeded, Explanation, Overloaded
+from tests._support import gated_model
+from tests._support.servers import ServerThread, png_bytes, seeded_images
+from tests._support.traffic import wait_until
 
 pytestmark = pytest.mark.timeout(120)
 

@@ -1,9 +1,9 @@
-"""SIGTERM with a stream open: new work is refused, the open stream cannot hold the process.
+"""SIGTERM on a real server process: every accepted request is answered, new work is refused,
+and nothing holds the process past its grace period.
 
-tests/server/test_shutdown.py shows that every accepted unary request is answered. This adds what
-it leaves out: once draining, new calls (and new requests on an open stream) get the retryable
-UNAVAILABLE, health turns NOT_SERVING, and an idle stream the client never closes does not keep
-the process alive past the grace period: it exits 0 in time.
+Once draining, requests the server had started run to their answer; calls (and new requests on
+an open stream) it had not started get the retryable UNAVAILABLE; health turns NOT_SERVING; an
+idle stream the client never closes does not keep the process alive: it exits 0 in time.
 """
 
 from __future__ import annotations
@@ -16,32 +16,32 @@ from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
 
 import grpc
+import numpy as np
 import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
-from support import png_bytes, seeded_images, start_server_process, stop_process
 
 from camserve.v1 import explain_pb2 as pb
 from camserve.v1 import explain_pb2_grpc as pb_grpc
+from camserve.v1.tensors import from_proto
+from tests._support.servers import png_bytes, seeded_images, start_server_process, stop_process
 
-pytestmark = pytest.mark.timeout(120)
+pytestmark = pytest.mark.timeout(300)
 GRACE_S = 4.0
+UNARY_GRACE_S = 30.0  # long enough that every started unary request finishes on a slow machine
 IMAGE = png_bytes(seeded_images(1, size=(64, 64), seed=4)[0])
 
 
-@pytest.fixture
-def server_process(
-    tmp_path: Path, resnet18_weights: Path
-) -> Iterator[tuple[subprocess.Popen[bytes], int]]:
-    """`camserve-server` as a child process (resnet18 at 64x64); killed if a test leaves it."""
+def start(tmp_path: Path, weights: Path, grace_s: float) -> tuple[subprocess.Popen[bytes], int]:
+    """`camserve-server` as a child process (resnet18 at 64x64) with the given grace period."""
     config = tmp_path / "camserve.toml"
     config.write_text(
         f"""
 [server]
-grace_period_s = {GRACE_S}
+grace_period_s = {grace_s}
 [[models]]
 name = "resnet18"
 source = "torchvision:resnet18"
-weights = "{resnet18_weights.as_posix()}"
+weights = "{weights.as_posix()}"
 labels = ""
 resize = 0
 crop = 64
@@ -49,7 +49,15 @@ max_batch_size = 4
 max_delay_ms = 2
 """
     )
-    process, port = start_server_process(config, tmp_path / "ready.json")
+    return start_server_process(config, tmp_path / "ready.json")
+
+
+@pytest.fixture
+def server_process(
+    tmp_path: Path, resnet18_weights: Path
+) -> Iterator[tuple[subprocess.Popen[bytes], int]]:
+    """A server process with a short grace period; killed if a test leaves it running."""
+    process, port = start(tmp_path, resnet18_weights, GRACE_S)
     try:
         yield process, port
     finally:
@@ -144,3 +152,41 @@ async def test_request_in_flight_on_a_stream_at_sigterm_is_answered(
         else:
             assert len(reply.results) == 1
     assert exit_code == 0
+
+
+async def test_sigterm_answers_every_accepted_request(
+    tmp_path: Path, resnet18_weights: Path
+) -> None:
+    process, port = start(tmp_path, resnet18_weights, UNARY_GRACE_S)
+    images = [png_bytes(image) for image in seeded_images(4, size=(64, 64))]
+    try:
+        async with grpc.aio.insecure_channel(f"127.0.0.1:{port}") as channel:
+            explain = pb_grpc.ExplainServiceStub(channel).Explain
+            requests = [
+                pb.ExplainRequest(images=[pb.Image(encoded=images[i % 4])], request_id=str(i))
+                for i in range(100)
+            ]
+            calls = [asyncio.ensure_future(explain(request, timeout=120)) for request in requests]
+            await asyncio.wait(calls, return_when=asyncio.FIRST_COMPLETED)
+            process.send_signal(signal.SIGTERM)
+            outcomes = await asyncio.gather(*calls, return_exceptions=True)
+            with pytest.raises(grpc.aio.AioRpcError) as refused:
+                await explain(requests[0], timeout=10)
+            assert refused.value.code() == grpc.StatusCode.UNAVAILABLE
+        replies = [o for o in outcomes if isinstance(o, pb.ExplainResponse)]
+        refusals = [o for o in outcomes if not isinstance(o, pb.ExplainResponse)]
+        # Requests the server had started are answered; any it had not started when the signal
+        # came are refused with the retryable UNAVAILABLE. None is cancelled or lost.
+        assert len(replies) >= 8
+        assert all(
+            isinstance(r, grpc.aio.AioRpcError) and r.code() == grpc.StatusCode.UNAVAILABLE
+            for r in refusals
+        ), refusals
+        by_image: dict[int, np.ndarray] = {}
+        for reply in replies:  # the same image gets the same heatmap, whatever its batch
+            heatmap = from_proto(reply.results[0].heatmaps[0].data)
+            expected = by_image.setdefault(int(reply.request_id) % 4, heatmap)
+            np.testing.assert_allclose(heatmap, expected, atol=1e-5)
+        assert process.wait(timeout=UNARY_GRACE_S + 10) == 0
+    finally:
+        stop_process(process)

@@ -26,13 +26,13 @@ import pytest
 from google.protobuf.message import DecodeError
 from hypothesis import HealthCheck, event, given, settings
 from hypothesis import strategies as st
-from reliability_support import SERVING, encoded, health_status, small_resnet, tiny_model
-from support import ServerThread, png_bytes, seeded_images
 
 from camserve.server.settings import Settings
 from camserve.v1 import explain_pb2 as pb
 from camserve.v1 import explain_pb2_grpc as pb_grpc
 from camserve.v1.tensors import to_proto
+from tests._support.servers import ServerThread, png_bytes, seeded_images
+from tests._support.traffic import SERVING, encoded, health_status, small_resnet, tiny_model
 
 pytestmark = pytest.mark.timeout(240)
 

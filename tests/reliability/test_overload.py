@@ -18,11 +18,11 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from reliability_support import SERVING, health_status, small_resnet, wait_until
-from support import ServerThread, png_bytes, seeded_images
 
 from camserve.client import AsyncClient, CamserveError, Explanation, Overloaded
 from camserve.server.settings import Settings
+from tests._support.servers import ServerThread, png_bytes, seeded_images
+from tests._support.traffic import SERVING, health_status, small_resnet, wait_until
 
 pytestmark = pytest.mark.timeout(180)
 

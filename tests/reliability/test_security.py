@@ -19,12 +19,12 @@ from cryptography import x509
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
-from reliability_support import small_resnet
-from support import ServerThread, png_bytes, seeded_images, seeded_model
 
 from camserve.client import Client, TLSConfig, Unauthenticated, Unavailable
 from camserve.server.models.loading import ModelLoadError, load_state_dict
 from camserve.server.settings import ModelSettings, Settings, load_settings
+from tests._support.servers import ServerThread, png_bytes, seeded_images, seeded_model
+from tests._support.traffic import small_resnet
 
 pytestmark = pytest.mark.timeout(120)
 

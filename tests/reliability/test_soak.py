@@ -23,11 +23,11 @@ from typing import Any
 
 import numpy as np
 import pytest
-from reliability_support import SERVING, health_status, small_resnet, vm_rss_bytes
-from support import ServerThread, png_bytes, seeded_images
 
 from camserve.client import AsyncClient, CamserveError, Explanation, InvalidArgument, NotFound
 from camserve.server.settings import Settings
+from tests._support.servers import ServerThread, png_bytes, seeded_images
+from tests._support.traffic import SERVING, health_status, small_resnet, vm_rss_bytes
 
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(420)]
 

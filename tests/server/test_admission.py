@@ -1,7 +1,8 @@
-"""Admission control through the real server: full queue, expired deadlines, cancelled calls.
+"""Admission control through the real server and the SDK: full queue, expired deadlines,
+cancelled calls.
 
-The served model waits on a gate (see gated_model.py), so the tests decide exactly when a batch
-finishes instead of racing the clock.
+The served model waits on a gate (`tests._support.gated_model`), so the tests decide exactly
+when a batch finishes instead of racing the clock.
 """
 
 from __future__ import annotations
@@ -11,14 +12,15 @@ import time
 from collections.abc import Callable
 from typing import Any
 
-import gated_model
 import grpc
 import pytest
 from google.rpc import error_details_pb2, status_pb2
-from support import ServerThread, png_bytes, seeded_images
 
+from camserve.client import AsyncClient, Client, Overloaded
 from camserve.v1 import explain_pb2 as pb
 from camserve.v1 import explain_pb2_grpc as pb_grpc
+from tests._support import gated_model
+from tests._support.servers import ServerThread, png_bytes, seeded_images
 
 IMAGE = png_bytes(seeded_images(1, size=(32, 32))[0])
 REQUEST = pb.ExplainRequest(model="gated", images=[pb.Image(encoded=IMAGE)])
@@ -66,6 +68,17 @@ async def test_full_queue_answers_resource_exhausted_at_once(gated_server: Serve
         assert refused.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
         assert "queue holds 2 of 2" in (refused.value.details() or "")
         assert retry_delay(refused.value) > 0
+        # The SDK turns the same refusal into Overloaded carrying the server's retry hint.
+        async with AsyncClient(address=gated_server.address, retry=None) as async_client:
+            with pytest.raises(Overloaded, match="queue holds 2 of 2") as overloaded:
+                await async_client.explain(IMAGE)
+        with (
+            Client(address=gated_server.address, retry=None) as client,
+            pytest.raises(Overloaded, match="queue holds 2 of 2") as overloaded_sync,
+        ):
+            await asyncio.to_thread(client.explain, IMAGE)
+        assert overloaded.value.retry_after
+        assert overloaded_sync.value.retry_after
         gated_model.GATE.set()
         replies = await asyncio.gather(running, *queued)
     assert all(len(reply.results) == 1 for reply in replies)

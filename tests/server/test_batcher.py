@@ -134,3 +134,52 @@ async def test_close_finishes_queued_items_then_refuses() -> None:
     assert [(await task)[0][0] for task in pending] == [0, 10, 20]
     with pytest.raises(BatcherClosed):
         await batcher.submit([5])
+
+
+async def test_a_failing_observer_does_not_stop_batching() -> None:
+    def explode(*_: int) -> None:
+        raise RuntimeError("observer bug")
+
+    recorder = Recorder()
+    batcher: DynamicBatcher[int, int] = DynamicBatcher(
+        recorder, max_batch_size=2, max_delay_s=0.01, max_queue=8, on_batch=explode
+    )
+    batcher.start()
+    assert [r for r, _ in await batcher.submit([1, 2])] == [10, 20]
+    assert [r for r, _ in await batcher.submit([3])] == [30]  # the loop is still alive
+    await batcher.close()
+
+
+async def test_a_dead_loop_fails_waiting_callers_and_refuses_new_ones_at_once() -> None:
+    recorder = Recorder()
+    recorder.gate.clear()
+    batcher = make(recorder, max_batch_size=1, max_delay_s=0)
+    running = asyncio.create_task(batcher.submit([1]))
+    await recorder.entered.wait()
+    waiting = asyncio.create_task(batcher.submit([2]))
+    await asyncio.sleep(0)
+    assert batcher._task is not None
+    batcher._task.cancel()  # the loop dies for a reason the batcher did not choose
+    with pytest.raises((BatcherClosed, asyncio.CancelledError)):
+        await running
+    with pytest.raises(BatcherClosed, match="stopped"):
+        await asyncio.wait_for(waiting, 5)
+    with pytest.raises(BatcherClosed, match="stopped"):
+        await asyncio.wait_for(batcher.submit([3]), 5)
+
+
+async def test_reserved_room_counts_until_used_or_released() -> None:
+    recorder = Recorder()
+    batcher = make(recorder, max_queue=3, max_delay_s=0)
+    reservation = batcher.reserve(2)
+    assert batcher.depth == 2
+    with pytest.raises(QueueFull):
+        batcher.reserve(2)
+    with reservation:
+        results = await batcher.submit([1, 2], reservation=reservation)
+    assert [r for r, _ in results] == [10, 20]
+    spare = batcher.reserve(3)
+    spare.release()
+    spare.release()  # a second release gives nothing back twice
+    assert batcher.depth == 0
+    await batcher.close()

@@ -10,11 +10,11 @@ import grpc
 import numpy as np
 import pytest
 from PIL import Image
-from support import CAT_BYTES, ServerThread, png_bytes, seeded_images, seeded_model
 
 from camserve.server.engine import CamEngine, RowRequest
 from camserve.server.engine.shaping import normalise, to_original
-from camserve.server.preprocess import InputRecipe, prepare
+from camserve.server.preprocess import prepare
+from camserve.server.records import InputRecipe
 from camserve.server.settings import (
     IMAGENET_MEAN,
     IMAGENET_STD,
@@ -25,6 +25,8 @@ from camserve.server.settings import (
 from camserve.v1 import explain_pb2 as pb
 from camserve.v1 import explain_pb2_grpc as pb_grpc
 from camserve.v1.tensors import from_proto, to_proto
+from tests._support import gated_model
+from tests._support.servers import CAT_BYTES, ServerThread, png_bytes, seeded_images, seeded_model
 
 pytestmark = pytest.mark.timeout(240)
 
@@ -212,7 +214,11 @@ def limited_server() -> Any:
             limits=LimitsSettings(max_pixels=50_000),
             models=(
                 ModelSettings(name="efficientnet-lite0", source="builtin:efficientnet-lite0"),
-                ModelSettings(name="resnet18", source="factory:gated_model:gated_net", labels=""),
+                ModelSettings(
+                    name="resnet18",
+                    source=gated_model.SOURCE,
+                    labels="",
+                ),
             ),
         )
     )

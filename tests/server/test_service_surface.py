@@ -6,17 +6,17 @@ import asyncio
 import urllib.request
 from typing import Any
 
-import gated_model
 import grpc
 import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
-from support import CAT_BYTES, COFFEE_BYTES
 
 from camserve.server.app import CamServer
 from camserve.server.settings import ModelSettings, Settings
 from camserve.v1 import explain_pb2 as pb
 from camserve.v1 import explain_pb2_grpc as pb_grpc
+from tests._support import gated_model
+from tests._support.servers import CAT_BYTES, COFFEE_BYTES
 
 
 async def test_models_describe_inputs_layers_and_methods(camserve_server: Any) -> None:
@@ -107,7 +107,7 @@ async def test_health_is_not_serving_until_models_are_loaded() -> None:
     model is loading (UNAVAILABLE); once it finishes, SERVING."""
     gated_model.GATE.clear()
     gated_model.ENTERED.clear()
-    model = ModelSettings(name="gated", source="factory:gated_model:gated_net", labels="")
+    model = ModelSettings(name="gated", source=gated_model.SOURCE, labels="")
     server = CamServer(Settings(port=0, metrics_port=-1, models=(model,)))
     starting = asyncio.create_task(server.start())
     try:

@@ -10,9 +10,9 @@ import time
 
 import pytest
 from PIL import Image
-from support import CAT_JPEG, COFFEE_JPEG
 
 from camserve.client import cli, loadtest
+from tests._support.servers import CAT_JPEG, COFFEE_JPEG
 
 COMMAND = [sys.executable, "-c", "from camserve.client.cli import main; raise SystemExit(main())"]
 

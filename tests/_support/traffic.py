@@ -1,8 +1,7 @@
 """Helpers shared by the reliability and security suites.
 
-Importable as `reliability_support` from the tests of this folder (pytest puts a test file's
-folder on sys.path). The small models keep every suite fast on a two-core CPU: a resnet18 at a
-64x64 input, and a ten-class network that loads in milliseconds.
+The small models keep every suite fast on a two-core CPU: a resnet18 at a 64x64 input, and a
+ten-class network that loads in milliseconds.
 """
 
 from __future__ import annotations
@@ -28,7 +27,7 @@ from camserve.v1 import explain_pb2 as pb
 from camserve.v1 import explain_pb2_grpc as pb_grpc
 from camserve.v1.tensors import from_proto
 
-TINY_SOURCE = "factory:reliability_support:tiny_net"
+TINY_SOURCE = "factory:tests._support.traffic:tiny_net"
 TINY_CLASSES = 10
 
 

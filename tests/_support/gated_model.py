@@ -1,8 +1,8 @@
 """A small classifier whose forward pass waits on a gate, for deterministic queueing tests.
 
-Served through the `factory:gated_model:gated_net` source. While `GATE` is cleared, a batch that
-reaches the engine blocks there, so tests can fill the queue, let deadlines pass or cancel calls
-while nothing else moves. The gate is open by default so the server's warm-up passes.
+Served through the `SOURCE` factory source. While `GATE` is cleared, a batch that reaches the
+engine blocks there, so tests can fill the queue, let deadlines pass or cancel calls while
+nothing else moves. The gate is open by default so the server's warm-up passes.
 """
 
 from __future__ import annotations
@@ -12,6 +12,7 @@ import threading
 import torch
 from torch import nn
 
+SOURCE = "factory:tests._support.gated_model:gated_net"
 GATE = threading.Event()
 GATE.set()
 ENTERED = threading.Event()  # set whenever a forward pass starts

@@ -7,11 +7,11 @@ import io
 import numpy as np
 import pytest
 from PIL import Image
-from support import CAT_BYTES, CAT_JPEG
 
 from camserve.client.images import to_pil, to_wire
 from camserve.v1 import explain_pb2 as pb
 from camserve.v1.tensors import from_proto
+from tests._support.servers import CAT_BYTES, CAT_JPEG
 
 
 def test_paths_and_bytes_travel_as_the_file_bytes() -> None:

@@ -7,7 +7,6 @@ import time
 
 import grpc
 import pytest
-from client_support import BAD, BUSY_ONCE, HEATMAP
 
 from camserve.client import (
     AsyncClient,
@@ -18,6 +17,7 @@ from camserve.client import (
     RetryPolicy,
     Unavailable,
 )
+from tests._support.client_fakes import BAD, BUSY_ONCE, HEATMAP
 
 FAST = RetryPolicy(initial_backoff_s=0.01, max_backoff_s=0.05)
 IMAGES = [f"image-{i}".encode() for i in range(10)]

@@ -6,7 +6,7 @@ import subprocess
 import sys
 import textwrap
 
-from support import CAT_JPEG
+from tests._support.servers import CAT_JPEG
 
 SCRIPT = textwrap.dedent(
     """

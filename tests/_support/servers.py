@@ -1,7 +1,6 @@
 """Helpers for the test suites: servers on loopback, seeded models, test images.
 
-Importable as `support` from any test (pytest puts the tests folder on sys.path through the
-top-level conftest.py).
+Imported as `tests._support.servers` (the test folders are packages).
 """
 
 from __future__ import annotations
@@ -20,7 +19,7 @@ from typing import Any
 import numpy as np
 from PIL import Image
 
-EXAMPLES = Path(__file__).resolve().parent.parent / "examples"
+EXAMPLES = Path(__file__).resolve().parents[2] / "examples"
 CAT_JPEG = EXAMPLES / "chelsea.jpg"
 COFFEE_JPEG = EXAMPLES / "coffee.jpg"
 
@@ -155,12 +154,13 @@ def stop_process(process: subprocess.Popen[bytes]) -> None:
 
 
 def gated_settings(max_queue: int = 2) -> Any:
-    """The gated model (see gated_model.py): 32x32 inputs, one image per batch, no delay."""
+    """The gated model (`gated_model`): 32x32 inputs, one image per batch, no delay."""
     from camserve.server.settings import ModelSettings
+    from tests._support import gated_model
 
     return ModelSettings(
         name="gated",
-        source="factory:gated_model:gated_net",
+        source=gated_model.SOURCE,
         labels="",
         resize=0,
         crop=32,

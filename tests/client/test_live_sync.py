@@ -6,9 +6,7 @@ import socket
 
 import numpy as np
 import pytest
-from client_support import CAT, CAT_CLASSES, CAT_SIZE, ESPRESSO, normalised
 from PIL import Image
-from support import CAT_BYTES, CAT_JPEG, COFFEE_JPEG
 
 from camserve.client import (
     Client,
@@ -19,6 +17,8 @@ from camserve.client import (
     RetryPolicy,
     Unavailable,
 )
+from tests._support.client_fakes import CAT, CAT_CLASSES, CAT_SIZE, ESPRESSO, normalised
+from tests._support.servers import CAT_BYTES, CAT_JPEG, COFFEE_JPEG
 
 
 @pytest.fixture(scope="module")

@@ -1,8 +1,9 @@
-"""Refusals from a real server that needs its own settings: a full queue, deadlines spent
-queueing, a bearer token, TLS, and NOT_SERVING health.
+"""Client behaviour against a real server that needs its own settings: retries riding out a full
+queue, a bearer token, TLS, and NOT_SERVING health (the refusals themselves are tested in
+tests/server/test_admission.py).
 
-The model is the test suite's gated net (tests/gated_model.py): while its gate is closed a batch
-blocks inside the engine, so the queue fills exactly when the test says.
+The model is the test suite's gated net (`tests._support.gated_model`): while its gate is
+closed a batch blocks inside the engine, so the queue fills exactly when the test says.
 """
 
 from __future__ import annotations
@@ -13,21 +14,18 @@ import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
 
-import gated_model
 import pytest
-from support import gated_settings, png_bytes, seeded_images
 
 from camserve.client import (
-    AsyncClient,
     Client,
-    DeadlineExceeded,
-    Overloaded,
     RetryPolicy,
     TLSConfig,
     Unauthenticated,
     Unavailable,
     cli,
 )
+from tests._support import gated_model
+from tests._support.servers import gated_settings, png_bytes, seeded_images
 
 IMAGE = png_bytes(seeded_images(1, size=(32, 32))[0])
 GATED = gated_settings(max_queue=2)
@@ -68,21 +66,6 @@ def fill_queue(server, client: Client, pool: ThreadPoolExecutor):
     return [running, *queued]
 
 
-def test_a_full_queue_is_overloaded_with_the_server_hint(gated_server) -> None:
-    with (
-        Client(address=gated_server.address, retry=None, timeout=30) as client,
-        ThreadPoolExecutor(3) as pool,
-    ):
-        pending = fill_queue(gated_server, client, pool)
-        with pytest.raises(Overloaded) as refused:
-            client.explain(IMAGE)
-        gated_model.GATE.set()
-        assert all(len(f.result(30).heatmaps) == 1 for f in pending)
-    assert "queue holds 2 of 2" in refused.value.message
-    assert refused.value.retry_after is not None
-    assert refused.value.retry_after > 0
-
-
 def test_retries_ride_out_a_full_queue(gated_server) -> None:
     policy = RetryPolicy(max_attempts=20, initial_backoff_s=0.05, max_backoff_s=0.2)
     with (
@@ -101,37 +84,6 @@ def test_retries_ride_out_a_full_queue(gated_server) -> None:
             future.result(30)
     assert explanation.model == "gated"
     assert waited >= 0.3  # it could only succeed once the gate opened
-
-
-async def test_async_full_queue_is_overloaded(gated_server) -> None:
-    with (
-        Client(address=gated_server.address, retry=None, timeout=30) as filler,
-        ThreadPoolExecutor(3) as pool,
-    ):
-        pending = fill_queue(gated_server, filler, pool)
-        async with AsyncClient(address=gated_server.address, retry=None) as client:
-            with pytest.raises(Overloaded, match="queue holds 2 of 2") as refused:
-                await client.explain(IMAGE)
-        gated_model.GATE.set()
-        for future in pending:
-            future.result(30)
-    assert refused.value.retry_after is not None
-
-
-def test_a_deadline_spent_in_the_queue_is_deadline_exceeded(gated_server) -> None:
-    with (
-        Client(address=gated_server.address, retry=None, timeout=30) as client,
-        ThreadPoolExecutor(1) as pool,
-    ):
-        running = pool.submit(client.explain, IMAGE)
-        assert gated_model.ENTERED.wait(10)
-        started = time.monotonic()
-        with pytest.raises(DeadlineExceeded) as late:
-            client.explain(IMAGE, timeout=0.3)
-        assert time.monotonic() - started < 5
-        gated_model.GATE.set()
-        running.result(30)
-    assert late.value.message
 
 
 def test_the_bearer_token_is_required_and_checked(open_server, tmp_path) -> None:

@@ -7,10 +7,10 @@ from types import MappingProxyType
 import numpy as np
 import pytest
 from PIL import Image
-from support import CAT_JPEG
 
 from camserve.client.render import COLORMAPS, colorize, colormap, normalise, overlay, panel
 from camserve.client.results import Explanation, Prediction, Timing
+from tests._support.servers import CAT_JPEG
 
 
 @pytest.mark.parametrize("name", COLORMAPS)

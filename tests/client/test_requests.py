@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import inspect
 import typing
 
 import numpy as np
@@ -110,3 +111,16 @@ def test_no_images_is_refused() -> None:
 def test_the_keyword_types_match_the_options() -> None:
     fields = {f.name for f in dataclasses.fields(ExplainOptions)}
     assert set(typing.get_type_hints(ExplainKwargs)) == fields
+
+
+@pytest.mark.parametrize("method", ["explain", "explain_batch", "explain_many"])
+def test_sync_and_async_clients_take_the_same_explain_arguments(method: str) -> None:
+    """Both clients declare the explain options once (ExplainKwargs): their signatures agree."""
+    from camserve.client import AsyncClient, Client
+
+    sync_signature = inspect.signature(getattr(Client, method))
+    async_signature = inspect.signature(getattr(AsyncClient, method))
+    assert sync_signature.parameters == async_signature.parameters
+    options = sync_signature.parameters["options"]
+    assert options.kind is inspect.Parameter.VAR_KEYWORD
+    assert "Unpack[ExplainKwargs]" in str(options.annotation)

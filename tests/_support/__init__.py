@@ -1,0 +1,1 @@
+"""Helpers shared by the test suites: servers on loopback, models, images, fakes."""

@@ -1,0 +1,159 @@
+"""The fault campaign: a model that fails on command, behind a real server on loopback.
+
+Every request read from a stream or sent as a unary call gets exactly one answer: its result, or
+a precise status (INTERNAL for a server fault, RESOURCE_EXHAUSTED for out-of-memory on one
+image); the other requests of the same batch succeed; a model that keeps failing turns its
+health NOT_SERVING and back once it recovers; unparsable request bytes are INVALID_ARGUMENT.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Callable, Iterator
+from typing import Any
+
+import grpc
+import numpy as np
+import pytest
+import torch
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+from camserve.server.settings import ModelSettings
+from camserve.v1 import explain_pb2 as pb
+from camserve.v1 import explain_pb2_grpc as pb_grpc
+from tests._support import faulty_model
+from tests._support.faulty_model import FAULT, marked
+from tests._support.servers import ServerThread, png_bytes, seeded_images
+
+pytestmark = pytest.mark.timeout(180)
+IMAGES = seeded_images(6, size=(32, 32), seed=11)
+MARKED = png_bytes(marked(IMAGES[0]))
+GOOD = [png_bytes(image) for image in IMAGES[1:]]
+HEALTH_NAME = "camserve.v1.ExplainService/faulty"
+
+
+@pytest.fixture
+def faulty_server(server_factory: Callable[..., ServerThread]) -> Iterator[ServerThread]:
+    FAULT.reset()
+    model = ModelSettings(
+        name="faulty",
+        source=faulty_model.SOURCE,
+        labels="",
+        max_batch_size=8,
+        max_delay_ms=40,
+        **faulty_model.RECIPE,  # type: ignore[arg-type]
+    )
+    yield server_factory(models=(model,), metrics_port=-1)
+    FAULT.reset()
+
+
+def request(image: bytes, request_id: str) -> pb.ExplainRequest:
+    return pb.ExplainRequest(images=[pb.Image(encoded=image)], request_id=request_id)
+
+
+async def stream_all(address: str, requests: list[pb.ExplainRequest]) -> list[pb.ExplainResponse]:
+    async with grpc.aio.insecure_channel(address) as channel:
+        call = pb_grpc.ExplainServiceStub(channel).ExplainStream(iter(requests), timeout=60)
+        return [response async for response in call]
+
+
+async def health(address: str, service: str) -> str:
+    async with grpc.aio.insecure_channel(address) as channel:
+        reply = await health_pb2_grpc.HealthStub(channel).Check(
+            health_pb2.HealthCheckRequest(service=service), timeout=5
+        )
+    return health_pb2.HealthCheckResponse.ServingStatus.Name(reply.status)
+
+
+@pytest.mark.parametrize(
+    ("error", "code"),
+    [
+        (lambda: RuntimeError("cuDNN error: CUDNN_STATUS_INTERNAL_ERROR"), "INTERNAL"),
+        (lambda: torch.OutOfMemoryError("CUDA out of memory"), "RESOURCE_EXHAUSTED"),
+    ],
+)
+async def test_a_stream_answers_every_request_when_the_engine_fails_one(
+    faulty_server: ServerThread, error: Callable[[], BaseException], code: str
+) -> None:
+    FAULT.reset("marked", error)
+    requests = [request(image, f"good-{i}") for i, image in enumerate(GOOD)]
+    requests.insert(2, request(MARKED, "marked"))
+    responses = await stream_all(faulty_server.address, requests)
+    by_id = {r.request_id: r for r in responses}
+    assert sorted(by_id) == sorted(r.request_id for r in requests)  # exactly one answer each
+    assert len(responses) == len(requests)
+    failed = by_id.pop("marked")
+    assert failed.error.code == getattr(grpc.StatusCode, code).value[0]
+    assert failed.error.message
+    assert all(not r.HasField("error") and len(r.results) == 1 for r in by_id.values())
+    # The retry of the failed batch's halves ran only after the failed batch was released.
+    assert FAULT.failed_input_alive
+    assert not any(FAULT.failed_input_alive)
+
+
+async def test_unary_calls_in_one_batch_fail_alone(faulty_server: ServerThread) -> None:
+    FAULT.reset("marked")
+    async with grpc.aio.insecure_channel(faulty_server.address) as channel:
+        explain = pb_grpc.ExplainServiceStub(channel).Explain
+        calls = [explain(request(MARKED, "marked"), timeout=60)]
+        calls += [explain(request(image, f"good-{i}"), timeout=60) for i, image in enumerate(GOOD)]
+        outcomes = await asyncio.gather(*calls, return_exceptions=True)
+    failure, *successes = outcomes
+    assert isinstance(failure, grpc.aio.AioRpcError)
+    assert failure.code() == grpc.StatusCode.INTERNAL
+    assert "server fault" in (failure.details() or "")
+    assert all(isinstance(s, pb.ExplainResponse) and len(s.results) == 1 for s in successes)
+
+
+async def test_a_persistent_fault_turns_the_model_not_serving_until_it_recovers(
+    faulty_server: ServerThread,
+) -> None:
+    address = faulty_server.address
+    assert await health(address, HEALTH_NAME) == "SERVING"
+    FAULT.reset("always")
+    passes_before = len(FAULT.failed_input_alive)
+    for i in range(4):  # one request per batch: four whole batches fail in a row
+        responses = await stream_all(address, [request(GOOD[0], f"fault-{i}")])
+        assert responses[0].error.code == grpc.StatusCode.INTERNAL.value[0]
+    assert await health(address, HEALTH_NAME) == "NOT_SERVING"
+    assert await health(address, "") == "NOT_SERVING"  # its only model is failing
+    # While failing, a batch is tried once instead of being bisected.
+    batch = [request(image, f"batch-{i}") for i, image in enumerate(GOOD)]
+    passes_before = len(FAULT.failed_input_alive)
+    assert all(r.HasField("error") for r in await stream_all(address, batch))
+    assert len(FAULT.failed_input_alive) - passes_before <= 2
+    FAULT.reset("off")
+    recovered = await stream_all(address, [request(GOOD[1], "after")])
+    assert not recovered[0].HasField("error")
+    assert await health(address, HEALTH_NAME) == "SERVING"
+    assert await health(address, "") == "SERVING"
+
+
+async def test_unparsable_bytes_are_invalid_argument_unary_and_per_stream_item(
+    faulty_server: ServerThread,
+) -> None:
+    garbage = b"\x0a\xff\xff\xff\xff\xff\xff"  # a field header whose length runs past the end
+    identity: Any = lambda data: data  # noqa: E731 - send raw bytes, read raw bytes
+    async with grpc.aio.insecure_channel(faulty_server.address) as channel:
+        unary = channel.unary_unary(
+            "/camserve.v1.ExplainService/Explain",
+            request_serializer=identity,
+            response_deserializer=pb.ExplainResponse.FromString,
+        )
+        with pytest.raises(grpc.aio.AioRpcError) as refused:
+            await unary(garbage, timeout=30)
+        assert refused.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+        assert "could not parse" in (refused.value.details() or "")
+        stream = channel.stream_stream(
+            "/camserve.v1.ExplainService/ExplainStream",
+            request_serializer=identity,
+            response_deserializer=pb.ExplainResponse.FromString,
+        )
+        good = request(GOOD[0], "good").SerializeToString()
+        responses = [r async for r in stream(iter([garbage, good]), timeout=30)]
+    assert len(responses) == 2
+    codes = sorted(r.error.code for r in responses)
+    assert codes == [0, grpc.StatusCode.INVALID_ARGUMENT.value[0]]
+    answered = next(r for r in responses if not r.HasField("error"))
+    assert answered.request_id == "good"
+    assert np.isfinite(answered.results[0].predictions[0].probability)
