@@ -124,7 +124,8 @@ def worker_offline(
 
     from camserve.server.engine import CamEngine, RowRequest
     from camserve.server.models.loading import build_model, normalisation
-    from camserve.server.preprocess import InputRecipe, decode, prepare
+    from camserve.server.preprocess import decode, prepare
+    from camserve.server.records import InputRecipe
 
     torch.set_num_threads(threads)
     spec = _model_spec(model, weights)

@@ -12,6 +12,7 @@ import os
 import sys
 from collections.abc import Sequence
 from pathlib import Path
+from typing import Any
 
 from camserve.client.connection import DEFAULT_ADDRESS, TLSConfig
 from camserve.client.errors import CamserveError
@@ -50,7 +51,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             return FAILED
 
 
-def build_parser(*, default_server: str = DEFAULT_ADDRESS) -> argparse.ArgumentParser:
+def _common_options(default_server: str) -> argparse.ArgumentParser:
+    """Connection options every command takes."""
     common = argparse.ArgumentParser(add_help=False)
     common.add_argument(
         "--server",
@@ -63,12 +65,29 @@ def build_parser(*, default_server: str = DEFAULT_ADDRESS) -> argparse.ArgumentP
     common.add_argument(
         "--tls-ca", type=Path, metavar="PEM", help="use TLS, trusting this CA certificate"
     )
+    return common
 
+
+def build_parser(*, default_server: str = DEFAULT_ADDRESS) -> argparse.ArgumentParser:
+    common = _common_options(default_server)
     parser = argparse.ArgumentParser(
         prog="camserve", description="Grad-CAM explanations from a camserve server."
     )
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    _add_explain(commands, common)
+    models = commands.add_parser("models", parents=[common], help="list models and their layers")
+    models.set_defaults(run=_models)
+    health = commands.add_parser(
+        "health",
+        parents=[common],
+        help="exit 0 when the server is SERVING, else 1",
+        description="A container healthcheck: one line of output, exit 0 only when SERVING.",
+    )
+    health.set_defaults(run=_health)
+    return parser
 
+
+def _add_explain(commands: Any, common: argparse.ArgumentParser) -> None:
     explain = commands.add_parser(
         "explain",
         parents=[common],
@@ -103,18 +122,6 @@ def build_parser(*, default_server: str = DEFAULT_ADDRESS) -> argparse.ArgumentP
         "--predictions", type=_positive_int, default=3, help="predictions printed per image (3)"
     )
     explain.set_defaults(run=_explain)
-
-    models = commands.add_parser("models", parents=[common], help="list models and their layers")
-    models.set_defaults(run=_models)
-
-    health = commands.add_parser(
-        "health",
-        parents=[common],
-        help="exit 0 when the server is SERVING, else 1",
-        description="A container healthcheck: one line of output, exit 0 only when SERVING.",
-    )
-    health.set_defaults(run=_health)
-    return parser
 
 
 def _client(args: argparse.Namespace) -> Client:

@@ -24,7 +24,11 @@ from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
 from camserve.server import logs
-from camserve.server.interceptors import BearerTokenInterceptor, ObservabilityInterceptor
+from camserve.server.interceptors import (
+    BearerTokenInterceptor,
+    ObservabilityInterceptor,
+    ParsingInterceptor,
+)
 from camserve.server.metrics import Metrics
 from camserve.server.pipeline import ExplainPipeline
 from camserve.server.registry import ModelRegistry
@@ -73,30 +77,48 @@ def _write_atomically(path: Path, text: str) -> None:
     partial.replace(path)
 
 
+def model_health_name(model: str) -> str:
+    """The grpc.health.v1 service name that reports one model's health."""
+    return f"{SERVICE_NAME}/{model}"
+
+
+def _serving(ok: bool) -> health_pb2.HealthCheckResponse.ServingStatus:
+    return (
+        health_pb2.HealthCheckResponse.SERVING if ok else health_pb2.HealthCheckResponse.NOT_SERVING
+    )
+
+
+def _grpc_server(settings: Settings, metrics: Metrics) -> grpc.aio.Server:
+    """The gRPC server with its interceptors (outermost first, so every call is counted, the
+    token's refusals included) and its bounds."""
+    interceptors: list[grpc.aio.ServerInterceptor] = [ObservabilityInterceptor(metrics)]
+    if token := _token(settings):
+        interceptors.append(BearerTokenInterceptor(token))
+    interceptors.append(ParsingInterceptor())
+    return grpc.aio.server(
+        interceptors=interceptors,
+        maximum_concurrent_rpcs=settings.limits.max_concurrent_rpcs,
+        options=[
+            ("grpc.max_send_message_length", settings.max_message_bytes),
+            ("grpc.max_receive_message_length", settings.max_message_bytes),
+            ("grpc.max_concurrent_streams", settings.limits.max_concurrent_streams),
+            ("grpc.so_reuseport", 0),
+        ],
+    )
+
+
 class CamServer:
     """A started server: its port, its models, and how to stop it gracefully."""
 
     def __init__(self, settings: Settings) -> None:
         self.settings = settings
         self.metrics = Metrics()
-        self.registry = ModelRegistry(settings, self.metrics)
+        self.registry = ModelRegistry(settings, self.metrics, on_health=self._model_health)
         self.health = health.aio.HealthServicer()  # type: ignore[attr-defined]
         self._pool = ThreadPoolExecutor(
             max_workers=settings.preprocess_threads, thread_name_prefix="preprocess"
         )
-        # Outermost first: every call is counted, the token's refusals included.
-        interceptors: list[grpc.aio.ServerInterceptor] = [ObservabilityInterceptor(self.metrics)]
-        if token := _token(settings):
-            interceptors.append(BearerTokenInterceptor(token))
-        self.server = grpc.aio.server(
-            interceptors=interceptors,
-            options=[
-                ("grpc.max_send_message_length", settings.max_message_bytes),
-                ("grpc.max_receive_message_length", settings.max_message_bytes),
-                ("grpc.max_concurrent_streams", settings.limits.max_concurrent_streams),
-                ("grpc.so_reuseport", 0),
-            ],
-        )
+        self.server = _grpc_server(settings, self.metrics)
         self.pipeline = ExplainPipeline(self.registry, settings, self._pool)
         self.servicer = ExplainServicer(self.pipeline, settings.limits)
         explain_pb2_grpc.add_ExplainServiceServicer_to_server(self.servicer, self.server)
@@ -119,10 +141,31 @@ class CamServer:
         self.metrics_port: int | None = None
         self._metrics_server: WSGIServer | None = None
         self._stopped = asyncio.Event()
+        self._health_updates: set[asyncio.Task[None]] = set()
 
     async def _set_health(self, status: health_pb2.HealthCheckResponse.ServingStatus) -> None:
-        for service in ("", SERVICE_NAME):
+        for service in ("", SERVICE_NAME, *(model_health_name(r.spec.name) for r in self.registry)):
             await self.health.set(service, status)
+
+    def _model_health(self, model: str, serving: bool) -> None:
+        """A model turned failing or recovered: its health name follows, and the server's
+        overall status is NOT_SERVING while every model is failing."""
+        if self._stopped.is_set():
+            return
+        overall = any(runtime.healthy for runtime in self.registry)
+        updates = {
+            model_health_name(model): serving,
+            "": overall,
+            SERVICE_NAME: overall,
+        }
+
+        async def apply() -> None:
+            for service, ok in updates.items():
+                await self.health.set(service, _serving(ok))
+
+        task = asyncio.get_running_loop().create_task(apply())
+        self._health_updates.add(task)
+        task.add_done_callback(self._health_updates.discard)
 
     async def start(self) -> None:
         """Starts answering (health NOT_SERVING), loads every model, then turns SERVING."""

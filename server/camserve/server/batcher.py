@@ -2,21 +2,29 @@
 
 It knows nothing of torch or gRPC. Items wait until `max_batch_size` of them are queued or
 `max_delay_s` has passed since the oldest arrived; then one batch is processed while the next one
-gathers. Admission is bounded (`max_queue`), whole requests are admitted or refused together,
-items whose deadline passed are failed before processing, and a caller that goes away takes its
-items out of the queue. Each item's outcome (a result or an exception) goes to its own caller.
+gathers. Admission is bounded (`max_queue`), whole requests are admitted or refused together
+(room can be reserved before the items exist, so a caller is refused before it spends work
+making them), items whose deadline passed are failed before processing, and a caller that goes
+away takes its items out of the queue. Each item's outcome (a result or an exception) goes to
+its own caller.
+
+Supervision: a failing callback or processing step fails only its batch and the loop goes on;
+should the loop task end anyway, every waiting caller is failed and new ones are refused at once
+with `BatcherClosed`, never left hanging.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import logging
 import time
 from collections import deque
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass, field
-from typing import Generic, TypeVar
+from typing import Any, Generic, TypeVar
 
+log = logging.getLogger("camserve.batcher")
 T = TypeVar("T")
 R = TypeVar("R")
 
@@ -38,7 +46,27 @@ class DeadlineExpired(Exception):
 
 
 class BatcherClosed(Exception):
-    """The batcher is shutting down and accepts no more items."""
+    """The batcher is shutting down (or its loop stopped) and accepts no more items."""
+
+
+class Reservation:
+    """Queue room held for items not made yet; `submit` uses it, `release` gives it back."""
+
+    def __init__(self, owner: DynamicBatcher[Any, Any], count: int) -> None:
+        self._owner = owner
+        self.count = count
+
+    def release(self) -> None:
+        """Gives the room back (again: a no-op), e.g. when making the items failed."""
+        if self.count:
+            self._owner._reserved -= self.count
+            self.count = 0
+
+    def __enter__(self) -> Reservation:
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        self.release()
 
 
 @dataclass(eq=False)  # identity: queue removal must never compare payloads
@@ -81,18 +109,37 @@ class DynamicBatcher(Generic[T, R]):
         self._on_batch = on_batch  # (batch size, queue depth after taking it)
         self._on_expired = on_expired  # (items dropped for their deadline)
         self._queue: deque[_Entry[T, R]] = deque()
+        self._reserved = 0  # room held by reservations, not yet filled with items
         self._arrived = asyncio.Event()
         self._task: asyncio.Task[None] | None = None
         self._closed = False
+        self._stopped: BaseException | None = None  # why the loop ended, if it did
+        self._running: list[_Entry[T, R]] = []  # the batch being processed
         self._batch_seconds = 0.0  # moving average, for retry hints
 
     @property
     def depth(self) -> int:
-        return len(self._queue)
+        """Items queued plus room reserved for items on their way."""
+        return len(self._queue) + self._reserved
 
     def start(self) -> None:
         if self._task is None:
             self._task = asyncio.get_running_loop().create_task(self._run(), name="batcher")
+            self._task.add_done_callback(self._on_loop_end)
+
+    def _on_loop_end(self, task: asyncio.Task[None]) -> None:
+        """Fails every waiting caller if the loop ended before `close` asked it to."""
+        if self._closed and not self._queue:
+            return
+        reason = (task.exception() if not task.cancelled() else None) or RuntimeError(
+            "loop cancelled"
+        )
+        log.error("batcher loop stopped; refusing work", extra={"error": repr(reason)})
+        self._stopped = reason
+        for entry in [*self._running, *self._queue]:
+            if not entry.future.done():
+                entry.future.set_exception(BatcherClosed(f"the batcher stopped: {reason!r}"))
+        self._queue.clear()
 
     async def close(self) -> None:
         """Stops admitting; items already queued are still processed before this returns."""
@@ -106,17 +153,34 @@ class DynamicBatcher(Generic[T, R]):
         batches = max(1, -(-len(self._queue) // self._max_batch_size))
         return round(max(0.05, batches * self._batch_seconds), 3)
 
+    def _admit(self, count: int) -> None:
+        if self._stopped is not None:
+            raise BatcherClosed(f"the batcher stopped: {self._stopped!r}")
+        if self._closed:
+            raise BatcherClosed("the server is shutting down")
+        if self.depth + count > self._max_queue:
+            raise QueueFull(self.depth, self._max_queue, self.retry_after_s())
+
+    def reserve(self, count: int) -> Reservation:
+        """Holds room for `count` items before they exist; QueueFull when there is none."""
+        self._admit(count)
+        self._reserved += count
+        return Reservation(self, count)
+
     async def submit(
-        self, items: Sequence[T], deadline: float | None = None
+        self,
+        items: Sequence[T],
+        deadline: float | None = None,
+        reservation: Reservation | None = None,
     ) -> list[tuple[R, BatchInfo]]:
         """Queues `items` together and waits for all; raises the first item's failure.
 
-        Admission is all or nothing: `QueueFull` when the queue lacks room for every item.
+        Admission is all or nothing: `QueueFull` when the queue lacks room for every item, unless
+        `reservation` (from `reserve`) already holds that room.
         """
-        if self._closed:
-            raise BatcherClosed("the server is shutting down")
-        if len(self._queue) + len(items) > self._max_queue:
-            raise QueueFull(len(self._queue), self._max_queue, self.retry_after_s())
+        if reservation is not None:
+            reservation.release()  # its room now counts for these items, checked just below
+        self._admit(len(items))
         loop = asyncio.get_running_loop()
         now = time.monotonic()
         entries = [_Entry[T, R](item, deadline, now, loop.create_future()) for item in items]
@@ -165,8 +229,8 @@ class DynamicBatcher(Generic[T, R]):
                 continue
             entry.started_at = now
             batch.append(entry)
-        if expired and self._on_expired is not None:
-            self._on_expired(expired)
+        if expired:
+            self._notify(self._on_expired, expired)
         return batch
 
     async def _run(self) -> None:
@@ -176,23 +240,37 @@ class DynamicBatcher(Generic[T, R]):
                 if self._closed and not self._queue:
                     return
                 continue
-            if self._on_batch is not None:
-                self._on_batch(len(batch), len(self._queue))
-            started = time.monotonic()
-            try:
-                outcomes = await self._process([e.item for e in batch])
-                if len(outcomes) != len(batch):
-                    raise RuntimeError(f"process returned {len(outcomes)} results for {len(batch)}")
-            except Exception as exc:  # noqa: BLE001 - every caller must learn of the failure
-                outcomes = [exc] * len(batch)
-            elapsed = time.monotonic() - started
-            average = self._batch_seconds
-            self._batch_seconds = elapsed if not average else 0.8 * average + 0.2 * elapsed
-            for entry, outcome in zip(batch, outcomes, strict=True):
-                entry.batch_size = len(batch)
-                if entry.future.done():
-                    continue
-                if isinstance(outcome, BaseException):
-                    entry.future.set_exception(outcome)
-                else:
-                    entry.future.set_result(outcome)
+            await self._run_batch(batch)
+
+    def _notify(self, callback: Callable[..., None] | None, *args: int) -> None:
+        """Calls an observer; its failure is logged and never reaches the loop."""
+        if callback is None:
+            return
+        try:
+            callback(*args)
+        except Exception:  # noqa: BLE001 - an observer must not stop batching
+            log.exception("batcher callback failed")
+
+    async def _run_batch(self, batch: list[_Entry[T, R]]) -> None:
+        """Processes one batch and hands every item its outcome, whatever happens."""
+        self._notify(self._on_batch, len(batch), self.depth)
+        self._running = batch
+        started = time.monotonic()
+        try:
+            outcomes = await self._process([e.item for e in batch])
+            if len(outcomes) != len(batch):
+                raise RuntimeError(f"process returned {len(outcomes)} results for {len(batch)}")
+        except Exception as exc:  # noqa: BLE001 - every caller must learn of the failure
+            outcomes = [exc] * len(batch)
+        elapsed = time.monotonic() - started
+        average = self._batch_seconds
+        self._batch_seconds = elapsed if not average else 0.8 * average + 0.2 * elapsed
+        for entry, outcome in zip(batch, outcomes, strict=True):
+            entry.batch_size = len(batch)
+            if entry.future.done():
+                continue
+            if isinstance(outcome, BaseException):
+                entry.future.set_exception(outcome)
+            else:
+                entry.future.set_result(outcome)
+        self._running = []

@@ -15,6 +15,7 @@ from typing import Any
 import grpc
 
 from camserve.server.metrics import Metrics
+from camserve.server.parsing import UnparsableRequest, tolerant
 from camserve.v1 import explain_pb2 as pb
 
 log = logging.getLogger("camserve.rpc")
@@ -45,7 +46,7 @@ def _status(context: grpc.aio.ServicerContext, default: grpc.StatusCode) -> grpc
     return default
 
 
-def _replace(handler: Any, **behaviours: Any) -> Any:
+def _replace(handler: Any, request_deserializer: Any = None, **behaviours: Any) -> Any:
     kind = (
         "unary_unary"
         if handler.unary_unary
@@ -58,7 +59,7 @@ def _replace(handler: Any, **behaviours: Any) -> Any:
     factory = getattr(grpc, f"{kind}_rpc_method_handler")
     return factory(
         behaviours[kind],
-        request_deserializer=handler.request_deserializer,
+        request_deserializer=request_deserializer or handler.request_deserializer,
         response_serializer=handler.response_serializer,
     )
 
@@ -186,3 +187,32 @@ class BearerTokenInterceptor(grpc.aio.ServerInterceptor):
             stream_unary=refuse_unary,
             stream_stream=refuse_stream,
         )
+
+
+class ParsingInterceptor(grpc.aio.ServerInterceptor):
+    """Turns request bytes that do not parse into `UnparsableRequest` values (see `parsing`).
+
+    A unary call carrying one is refused here with INVALID_ARGUMENT; stream requests reach the
+    service, which answers that one request with INVALID_ARGUMENT and goes on.
+    """
+
+    async def intercept_service(
+        self, continuation: Continuation, handler_call_details: grpc.HandlerCallDetails
+    ) -> Any:
+        handler = await continuation(handler_call_details)
+        if handler is None or handler.request_deserializer is None:
+            return handler
+        message_type = handler_call_details.method.rsplit("/", 1)[-1] + " request"
+        parse = tolerant(handler.request_deserializer, message_type)
+        if handler.unary_unary:
+            behaviour = handler.unary_unary
+
+            async def unary(request: Any, context: grpc.aio.ServicerContext) -> Any:
+                if isinstance(request, UnparsableRequest):
+                    await context.abort(grpc.StatusCode.INVALID_ARGUMENT, request.explain())
+                return await behaviour(request, context)
+
+            return _replace(handler, parse, unary_unary=unary)
+        if handler.stream_stream:
+            return _replace(handler, parse, stream_stream=handler.stream_stream)
+        return handler

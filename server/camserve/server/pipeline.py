@@ -17,6 +17,7 @@ from concurrent.futures import ThreadPoolExecutor
 import torch
 
 from camserve.server import batcher
+from camserve.server.batcher import Reservation
 from camserve.server.engine import EngineError, RowRequest
 from camserve.server.errors import (
     DeadlineExceeded,
@@ -129,22 +130,18 @@ class ExplainPipeline:
     ) -> ExplainOutcome:
         """Prepares, computes and shapes one request; raises a ServiceError when refused."""
         arrived = time.monotonic()
-        prepared = await self._prepare(sources, meta, plan)
-        check_response_size(plan, [item.geometry for item in prepared], meta, self._max_bytes)
-        preprocessed = time.monotonic()
-        jobs = [
-            ImageJob(
-                tensor=item.tensor,
-                row=RowRequest(
-                    layer=plan.layer,
-                    methods=plan.methods,
-                    classes=target.classes,
-                    top_k=target.top_k,
-                ),
+        runtime = self._runtime(meta.name)
+        try:  # admission first: a refused request costs no decoding
+            reservation = runtime.reserve(len(sources))
+        except Exception as exc:  # noqa: BLE001 - translated into the domain error
+            raise service_error(exc, meta.name) from None
+        with reservation:
+            prepared = await self._prepare(sources, meta, plan)
+            check_response_size(plan, [item.geometry for item in prepared], meta, self._max_bytes)
+            preprocessed = time.monotonic()
+            computed = await self._compute(
+                runtime, self._jobs(prepared, plan), deadline, reservation
             )
-            for item, target in zip(prepared, plan.targets, strict=True)
-        ]
-        computed = await self._compute(self._runtime(meta.name), jobs, deadline)
         loop = asyncio.get_running_loop()
         images = await asyncio.gather(
             *(
@@ -184,11 +181,29 @@ class ExplainPipeline:
         )
 
     @staticmethod
+    def _jobs(prepared: list[PreparedImage], plan: ExplainPlan) -> list[ImageJob]:
+        return [
+            ImageJob(
+                tensor=item.tensor,
+                row=RowRequest(
+                    layer=plan.layer,
+                    methods=plan.methods,
+                    classes=target.classes,
+                    top_k=target.top_k,
+                ),
+            )
+            for item, target in zip(prepared, plan.targets, strict=True)
+        ]
+
+    @staticmethod
     async def _compute(
-        runtime: ModelRuntime, jobs: list[ImageJob], deadline: float | None
+        runtime: ModelRuntime,
+        jobs: list[ImageJob],
+        deadline: float | None,
+        reservation: Reservation,
     ) -> list[Computed]:
         try:
-            return await runtime.submit(jobs, deadline)
+            return await runtime.submit(jobs, deadline, reservation)
         except Exception as exc:  # noqa: BLE001 - every failure leaves as a domain error
             raise service_error(exc, runtime.spec.name) from None
 

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 
 from camserve.server.metrics import Metrics
 from camserve.server.runtime import ModelRuntime
@@ -16,8 +16,15 @@ class UnknownModel(KeyError):
 class ModelRegistry:
     """Owns one `ModelRuntime` per configured model; the first one is the default."""
 
-    def __init__(self, settings: Settings, metrics: Metrics) -> None:
-        self._runtimes = {spec.name: ModelRuntime(spec, metrics) for spec in settings.models}
+    def __init__(
+        self,
+        settings: Settings,
+        metrics: Metrics,
+        on_health: Callable[[str, bool], None] | None = None,
+    ) -> None:
+        self._runtimes = {
+            spec.name: ModelRuntime(spec, metrics, on_health) for spec in settings.models
+        }
         self._default = settings.default_model_name
         self._metrics = metrics
         self._warmup = settings.warmup

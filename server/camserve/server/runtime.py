@@ -3,7 +3,13 @@
 The engine runs on a single worker thread per model so that the event loop never blocks on torch,
 and batches of one model never race each other. A batch that fails is split in halves and retried,
 so a failure (a CUDA out-of-memory, or an item the engine refuses) reaches only the items it
-concerns, and the others still get their results.
+concerns, and the others still get their results. The retry starts only after the failed
+attempt's tensors and traceback are released, so the halves never run beside the failed batch.
+
+Health: when `FAILING_AFTER` batches in a row fail for every item with a server-side error (not
+a refused request), the model is failing: `on_health(False)` is called, batches are no longer
+bisected (a model-wide fault would cost 2N-1 passes each), and the first batch that succeeds
+again calls `on_health(True)`.
 """
 
 from __future__ import annotations
@@ -11,13 +17,14 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
+from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 
 import torch
 
-from camserve.server.batcher import BatchInfo, DynamicBatcher
-from camserve.server.engine import METHODS, CamEngine, RowRequest, RowResult
+from camserve.server.batcher import BatchInfo, DynamicBatcher, Reservation
+from camserve.server.engine import METHODS, CamEngine, EngineError, RowRequest, RowResult
 from camserve.server.metrics import Metrics
 from camserve.server.models.labels import load_labels
 from camserve.server.models.loading import ModelLoadError, build_model, normalisation
@@ -25,6 +32,8 @@ from camserve.server.records import InputRecipe, ModelMeta
 from camserve.server.settings import ModelSettings
 
 log = logging.getLogger("camserve.runtime")
+FAILING_AFTER = 3  # whole batches failed in a row before the model reports NOT_SERVING
+Outcome = tuple[RowResult, float] | BaseException
 
 
 @dataclass(frozen=True)
@@ -56,13 +65,21 @@ def _resolve_device(requested: str) -> torch.device:
 class ModelRuntime:
     """Loads one model, then explains batches of `ImageJob`s for it."""
 
-    def __init__(self, spec: ModelSettings, metrics: Metrics) -> None:
+    def __init__(
+        self,
+        spec: ModelSettings,
+        metrics: Metrics,
+        on_health: Callable[[str, bool], None] | None = None,
+    ) -> None:
         self.spec = spec
         self._metrics = metrics
+        self._on_health = on_health
         self._engine: CamEngine | None = None
         self._meta: ModelMeta | None = None
         self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix=f"engine-{spec.name}")
         self._batcher: DynamicBatcher[ImageJob, tuple[RowResult, float]] | None = None
+        self._failed_batches = 0  # whole batches failed in a row
+        self.healthy = True
 
     @property
     def ready(self) -> bool:
@@ -86,43 +103,18 @@ class ModelRuntime:
         if spec.precision != "float32" and device.type != "cuda":
             raise ModelLoadError(f"model {spec.name!r}: precision {spec.precision} needs CUDA")
         engine = CamEngine(build_model(spec), device=device, precision=spec.precision)
-        size = (spec.crop, spec.crop)
-        layers = tuple(engine.layers(size))
-        default_layer = spec.default_layer or engine.default_layer(size)
-        if default_layer not in {layer.name for layer in layers}:
-            raise ModelLoadError(
-                f"model {spec.name!r}: default_layer {default_layer!r} is not a valid target; "
-                f"valid: {', '.join(layer.name for layer in layers[-8:])}, ..."
-            )
-        num_classes = int(engine.predict(torch.zeros(1, 3, *size)).shape[1])
-        try:
-            labels = load_labels(spec.labels, num_classes)
-        except ValueError as exc:
-            raise ModelLoadError(f"model {spec.name!r}: {exc}") from None
-        mean, std = normalisation(spec)
-        recipe = InputRecipe(resize=spec.resize, crop=spec.crop, mean=mean, std=std)
+        meta = _read_meta(spec, engine, str(device))
         if warmup:
             batch = spec.max_batch_size if device.type == "cuda" else 1
-            rows = [RowRequest(layer=default_layer, methods=METHODS)] * batch
-            engine.explain_batch(torch.zeros(batch, 3, *size), rows)
-        self._engine = engine
-        self._meta = ModelMeta(
-            name=spec.name,
-            version=spec.version,
-            device=str(device),
-            num_classes=num_classes,
-            labels=labels,
-            default_layer=default_layer,
-            layers=layers,
-            recipe=recipe,
-            max_batch_size=spec.max_batch_size,
-        )
+            rows = [RowRequest(layer=meta.default_layer, methods=METHODS)] * batch
+            engine.explain_batch(torch.zeros(batch, 3, spec.crop, spec.crop), rows)
+        self._engine, self._meta = engine, meta
         log.info(
             "model loaded",
             extra={
                 "model": spec.name,
                 "device": str(device),
-                "layer": default_layer,
+                "layer": meta.default_layer,
                 "seconds": round(time.monotonic() - started, 2),
             },
         )
@@ -140,11 +132,15 @@ class ModelRuntime:
         )
         self._batcher.start()
 
-    async def submit(self, jobs: list[ImageJob], deadline: float | None) -> list[Computed]:
+    def reserve(self, count: int) -> Reservation:
+        """Holds queue room for `count` images before they are decoded (QueueFull if none)."""
+        return self._started().reserve(count)
+
+    async def submit(
+        self, jobs: list[ImageJob], deadline: float | None, reservation: Reservation | None = None
+    ) -> list[Computed]:
         """Queues the jobs of one request together and waits for their results."""
-        if self._batcher is None:
-            raise RuntimeError(f"model {self.spec.name!r} is not started")
-        outcomes = await self._batcher.submit(jobs, deadline)
+        outcomes = await self._started().submit(jobs, deadline, reservation)
         return [Computed(result, seconds, info) for (result, seconds), info in outcomes]
 
     async def close(self) -> None:
@@ -153,25 +149,57 @@ class ModelRuntime:
             await self._batcher.close()
         self._executor.shutdown(wait=True)
 
-    async def _process(self, jobs: list[ImageJob]) -> list[tuple[RowResult, float] | BaseException]:
-        loop = asyncio.get_running_loop()
-        return await loop.run_in_executor(self._executor, self._compute, jobs)
+    def _started(self) -> DynamicBatcher[ImageJob, tuple[RowResult, float]]:
+        if self._batcher is None:
+            raise RuntimeError(f"model {self.spec.name!r} is not started")
+        return self._batcher
 
-    def _compute(self, jobs: list[ImageJob]) -> list[tuple[RowResult, float] | BaseException]:
+    async def _process(self, jobs: list[ImageJob]) -> list[Outcome]:
+        loop = asyncio.get_running_loop()
+        outcomes = await loop.run_in_executor(self._executor, self._compute, jobs)
+        self._track_health(outcomes)
+        return outcomes
+
+    def _track_health(self, outcomes: list[Outcome]) -> None:
+        """Counts whole-batch server faults in a row; reports failing and recovered models."""
+        faults = [o for o in outcomes if isinstance(o, BaseException)]
+        if len(faults) < len(outcomes) or any(isinstance(f, EngineError) for f in faults):
+            self._failed_batches = 0
+        else:
+            self._failed_batches += 1
+        healthy = self._failed_batches < FAILING_AFTER
+        if healthy != self.healthy:
+            self.healthy = healthy
+            log.warning(
+                "model health changed",
+                extra={"model": self.spec.name, "serving": healthy, "error": repr(faults[:1])},
+            )
+            if self._on_health is not None:
+                self._on_health(self.spec.name, healthy)
+
+    def _compute(self, jobs: list[ImageJob]) -> list[Outcome]:
         """Explains a batch; on failure bisects it so only the failing items fail."""
+        outcome = self._attempt(jobs)
+        if not isinstance(outcome, BaseException):
+            return outcome
+        # Out of the except block: the failed attempt's frames and tensors are gone by now.
+        if isinstance(outcome, torch.OutOfMemoryError) and torch.cuda.is_available():
+            torch.cuda.empty_cache()
+        if len(jobs) == 1 or not self.healthy:
+            log.warning("items failed", extra={"model": self.spec.name, "error": repr(outcome)})
+            return [outcome] * len(jobs)
+        half = len(jobs) // 2
+        return self._compute(jobs[:half]) + self._compute(jobs[half:])
+
+    def _attempt(self, jobs: list[ImageJob]) -> list[Outcome] | BaseException:
+        """One engine pass over `jobs`: their outcomes, or the exception (traceback dropped)."""
         assert self._engine is not None
         started = time.monotonic()
         try:
             batch = torch.stack([job.tensor for job in jobs])
             results = self._engine.explain_batch(batch, [job.row for job in jobs])
-        except Exception as exc:  # noqa: BLE001 - isolated below, reported per item
-            if isinstance(exc, torch.OutOfMemoryError) and torch.cuda.is_available():
-                torch.cuda.empty_cache()
-            if len(jobs) == 1:
-                log.warning("item failed", extra={"model": self.spec.name, "error": repr(exc)})
-                return [exc]
-            half = len(jobs) // 2
-            return self._compute(jobs[:half]) + self._compute(jobs[half:])
+        except Exception as exc:  # noqa: BLE001 - isolated by the caller, reported per item
+            return _detached(exc)
         seconds = time.monotonic() - started
         self._metrics.images.labels(self.spec.name).inc(len(jobs))
         self._metrics.batch_seconds.labels(self.spec.name).observe(seconds)
@@ -180,3 +208,43 @@ class ModelRuntime:
             extra={"model": self.spec.name, "batch": len(jobs), "ms": round(seconds * 1000, 1)},
         )
         return [(result, seconds) for result in results]
+
+
+def _detached(exc: BaseException) -> BaseException:
+    """The exception without tracebacks (along its chain), so it pins no frame's tensors."""
+    seen: set[int] = set()
+    link: BaseException | None = exc
+    while link is not None and id(link) not in seen:
+        seen.add(id(link))
+        link.__traceback__ = None
+        link = link.__cause__ or link.__context__
+    return exc
+
+
+def _read_meta(spec: ModelSettings, engine: CamEngine, device: str) -> ModelMeta:
+    """What the model tells about itself at its input size: layers, classes, labels."""
+    size = (spec.crop, spec.crop)
+    layers = tuple(engine.layers(size))
+    default_layer = spec.default_layer or engine.default_layer(size)
+    if default_layer not in {layer.name for layer in layers}:
+        raise ModelLoadError(
+            f"model {spec.name!r}: default_layer {default_layer!r} is not a valid target; "
+            f"valid: {', '.join(layer.name for layer in layers[-8:])}, ..."
+        )
+    num_classes = int(engine.predict(torch.zeros(1, 3, *size)).shape[1])
+    try:
+        labels = load_labels(spec.labels, num_classes)
+    except ValueError as exc:
+        raise ModelLoadError(f"model {spec.name!r}: {exc}") from None
+    mean, std = normalisation(spec)
+    return ModelMeta(
+        name=spec.name,
+        version=spec.version,
+        device=device,
+        num_classes=num_classes,
+        labels=labels,
+        default_layer=default_layer,
+        layers=layers,
+        recipe=InputRecipe(resize=spec.resize, crop=spec.crop, mean=mean, std=std),
+        max_batch_size=spec.max_batch_size,
+    )

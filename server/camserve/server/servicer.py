@@ -29,6 +29,7 @@ from camserve.server.errors import (
     ServiceError,
     Unavailable,
 )
+from camserve.server.parsing import UnparsableRequest
 from camserve.server.settings import LimitsSettings
 from camserve.server.streams import answer_stream
 from camserve.server.validation import image_sources, validate
@@ -101,6 +102,8 @@ class ExplainServicer(pb_grpc.ExplainServiceServicer):
             raise Unavailable(
                 "server is shutting down and starts no new work; retry on another replica"
             )
+        if isinstance(request, UnparsableRequest):  # a stream request whose bytes did not parse
+            raise InvalidRequest(request.explain())
         deadline = None if time_remaining is None else time.monotonic() + time_remaining
         self._active += 1
         self._idle.clear()

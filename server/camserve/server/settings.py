@@ -78,7 +78,10 @@ class LimitsSettings:
     max_images_per_request: int = 32
     max_pixels: int = 40_000_000  # decoded image size; larger files are refused before decoding
     max_output_pixels: int = 16_777_216  # per heatmap (4096 x 4096)
-    max_concurrent_streams: int = 256
+    max_concurrent_streams: int = 256  # HTTP/2 streams per connection
+    # RPCs in progress at once, all connections together; more are refused RESOURCE_EXHAUSTED by
+    # gRPC before any work, so a flood cannot queue unbounded handlers and decoding.
+    max_concurrent_rpcs: int = 512
     max_top_k: int = 20  # classes explained per image
 
 
