@@ -13,32 +13,35 @@ import numpy as np
 import torch
 
 from camserve.server.engine import RowResult
-from camserve.server.engine.shaping import normalise, to_input, to_original, to_size
+from camserve.server.engine.shaping import shape_heatmaps
 from camserve.server.preprocess import PreparedImage
 from camserve.server.runtime import ModelMeta
 from camserve.server.validation import METHOD_ENUMS, ExplainPlan, OutputPlan
 from camserve.v1 import explain_pb2 as pb
-from camserve.v1.tensors import to_proto
+from camserve.v1.tensors import dtype_name, to_proto
+
+_RESOLUTION_NAMES: dict[int, str] = {
+    pb.RESOLUTION_FEATURE_MAP: "feature",
+    pb.RESOLUTION_INPUT: "input",
+    pb.RESOLUTION_ORIGINAL: "original",
+    pb.RESOLUTION_EXPLICIT: "explicit",
+}
 
 
-def _shape(maps: torch.Tensor, prepared: PreparedImage, output: OutputPlan) -> torch.Tensor:
-    """(K, h, w) raw maps at the resolution the caller asked for, normalised unless raw."""
-    geometry = prepared.geometry
-    if output.resolution == pb.RESOLUTION_FEATURE_MAP:
-        shaped = maps
-    elif output.resolution == pb.RESOLUTION_INPUT:
-        shaped = to_input(maps, (geometry.crop_box[2], geometry.crop_box[3]))
-    elif output.resolution == pb.RESOLUTION_EXPLICIT:
-        assert output.size is not None
-        shaped = to_size(maps, output.size, geometry)
-    else:
-        shaped = to_original(maps, geometry)
-    return shaped if output.raw else normalise(shaped)
+def _shape(maps: torch.Tensor, prepared: PreparedImage, output: OutputPlan) -> np.ndarray:
+    """(K, h, w) raw maps at the resolution and dtype the caller asked for, normalised unless
+    raw (see `shape_heatmaps` for the rule)."""
+    return shape_heatmaps(
+        maps,
+        prepared.geometry,
+        _RESOLUTION_NAMES[output.resolution],
+        output.size,
+        normalised=not output.raw,
+        dtype=dtype_name(output.dtype),
+    )
 
 
 def _encode(maps: np.ndarray, dtype: int) -> list[pb.Tensor]:
-    if dtype == pb.DTYPE_UINT8:
-        maps = np.clip(np.rint(maps * 255.0), 0, 255).astype(np.uint8)
     return [to_proto(m, dtype) for m in maps]
 
 
@@ -46,7 +49,7 @@ def _overlay_png(prepared: PreparedImage, first_map: torch.Tensor) -> bytes:
     from camserve.client.render import overlay
 
     assert prepared.original is not None
-    heatmap = normalise(to_original(first_map[None], prepared.geometry))[0].numpy()
+    heatmap = shape_heatmaps(first_map[None], prepared.geometry, "original", dtype="uint8")[0]
     buffer = io.BytesIO()
     overlay(prepared.original, heatmap).save(buffer, format="PNG")
     return buffer.getvalue()
@@ -68,7 +71,7 @@ def image_result(
     ]
     keys = [(method, cls) for cls in result.classes for method in plan.methods]
     raw = torch.stack([result.maps[key] for key in keys]).float()
-    shaped = _shape(raw, prepared, plan.output).contiguous().numpy()
+    shaped = _shape(raw, prepared, plan.output)
     heatmaps = [
         pb.Heatmap(
             method=cast("pb.Method", METHOD_ENUMS[method]),
