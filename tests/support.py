@@ -10,10 +10,12 @@ import asyncio
 import io
 import json
 import os
+import struct
 import subprocess
 import sys
 import threading
 import time
+import zlib
 from pathlib import Path
 from typing import Any
 
@@ -96,6 +98,27 @@ def png_bytes(array: np.ndarray) -> bytes:
     buffer = io.BytesIO()
     Image.fromarray(array).save(buffer, format="PNG")
     return buffer.getvalue()
+
+
+def png16_bytes(array: np.ndarray) -> bytes:
+    """A 16-bit PNG of a uint16 HxW (grayscale) or HxWx3 (RGB) array, written directly: Pillow
+    cannot save 16-bit RGB."""
+    height, width = array.shape[:2]
+    colour_type = 2 if array.ndim == 3 else 0
+    rows = array.astype(">u2").reshape(height, -1)
+    raw = b"".join(b"\x00" + row.tobytes() for row in rows)
+
+    def chunk(kind: bytes, data: bytes) -> bytes:
+        crc = struct.pack(">I", zlib.crc32(kind + data))
+        return struct.pack(">I", len(data)) + kind + data + crc
+
+    header = struct.pack(">IIBBBBB", width, height, 16, colour_type, 0, 0, 0)
+    return (
+        b"\x89PNG\r\n\x1a\n"
+        + chunk(b"IHDR", header)
+        + chunk(b"IDAT", zlib.compress(raw))
+        + chunk(b"IEND", b"")
+    )
 
 
 def seeded_images(count: int, size: tuple[int, int] = (96, 128), seed: int = 0) -> list[np.ndarray]:
