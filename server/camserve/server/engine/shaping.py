@@ -43,10 +43,9 @@ from camserve.server.engine.types import EngineError
 _CONSTANT_RTOL = 1e-6
 RESOLUTIONS = ("feature", "input", "original", "explicit")
 DTYPE_BYTES = {"float32": 4, "float16": 2, "uint8": 1}
-# Mapping onto the original works in bands of output rows of about this many float32 values per
-# intermediate; a band holds at most _BAND_BUFFERS of them at once.
+# Mapping onto the original works on groups of maps and runs of output rows of about this many
+# float32 values at a time.
 _BAND_ELEMENTS = 1 << 20
-_BAND_BUFFERS = 6
 # Upsampling to the model input and normalising hold a few arrays of the input's size per map.
 _INPUT_BUFFERS = 4
 # Rendering an overlay holds, per original pixel: the uint8 map, its float32 copy in the
@@ -327,10 +326,11 @@ def output_bytes(
     allocate, to refuse a request before any compute rather than run out of memory after it.
 
     It counts the heatmaps in their output dtype twice (the arrays and their wire copies in the
-    response message), the raw maps, the maps at input resolution (upsampled and normalised), the
-    bands in flight while mapping onto the original or an explicit size, and, with `overlay`,
-    rendering the overlay at the original size. gRPC's serialised copy of the whole response is
-    not counted here: the message size limit bounds it.
+    response message), the raw maps and normalising them, the maps at input resolution
+    (upsampled and normalised), the groups and row runs in flight while mapping onto the
+    original or an explicit size over the crop's footprint, and, with `overlay`, rendering the
+    overlay at the original size; never the resized image. gRPC's serialised copy of the whole
+    response is not counted: the message size limit bounds it.
     """
     _check_dtype(dtype)
     if maps < 0:
@@ -338,20 +338,29 @@ def output_bytes(
     height, width = output_hw(geometry, resolution, size, feature_hw)
     crop_h, crop_w = geometry.input_hw
     total = 2 * maps * height * width * DTYPE_BYTES[dtype]
-    total += maps * feature_hw[0] * feature_hw[1] * 4
+    total += (1 + _INPUT_BUFFERS) * maps * feature_hw[0] * feature_hw[1] * 4  # and normalising
     if resolution != "feature":
         total += _INPUT_BUFFERS * maps * crop_h * crop_w * 4
     if resolution in ("original", "explicit"):
-        total += _band_bytes(maps, height, max(crop_w, width))
+        total += _mapping_bytes(maps, geometry, (height, width))
     if overlay:
         original_h, original_w = geometry.original_hw
         total += _INPUT_BUFFERS * crop_h * crop_w * 4
-        total += _band_bytes(1, original_h, max(crop_w, original_w))
+        total += _mapping_bytes(1, geometry, geometry.original_hw)
         total += original_h * original_w * _OVERLAY_BYTES_PER_PIXEL
     return total
 
 
-def _band_bytes(maps: int, height: int, wide: int) -> int:
-    """The most `_onto` holds in bands at once: `_BAND_BUFFERS` arrays of one band each."""
-    per_buffer = min(max(_BAND_ELEMENTS, maps * wide), maps * height * wide)
-    return _BAND_BUFFERS * per_buffer * 4
+def _mapping_bytes(maps: int, geometry: Geometry, out_hw: tuple[int, int]) -> int:
+    """The most `_onto` holds besides its output: the zero-padded maps, three arrays of a group
+    of maps resampled along the columns, and three arrays of a run of output rows, all over the
+    crop's footprint in the output."""
+    top, left, crop_h, crop_w = geometry.crop_box
+    row_taps = _taps(out_hw[0], geometry.resized_hw[0], top, crop_h)
+    col_taps = _taps(out_hw[1], geometry.resized_hw[1], left, crop_w)
+    rows = len(row_taps) if row_taps is not None else 0
+    cols = len(col_taps) if col_taps is not None else 0
+    padded = maps * (crop_h + 1) * (crop_w + 1)
+    by_column = min(maps * (crop_h + 1) * cols, max(_BAND_ELEMENTS, (crop_h + 1) * cols))
+    run = min(maps * rows * cols, max(_BAND_ELEMENTS, maps * cols))
+    return 4 * (padded + 3 * by_column + 3 * run)
