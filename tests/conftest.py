@@ -87,8 +87,15 @@ def gated_server_factory(
     opens `gated_model.GATE`; the gate is closed once the server serves."""
 
     def start(max_queue: int = 2) -> ServerThread:
+        from camserve.server.settings import LimitsSettings
+
         gated_model.GATE.set()  # the warm-up pass must get through
-        server = server_factory(models=(gated_settings(max_queue),), metrics_port=-1)
+        server = server_factory(
+            models=(gated_settings(max_queue),),
+            metrics_port=-1,
+            # A request may hold no more images than the queue (settings refuse otherwise).
+            limits=LimitsSettings(max_images_per_request=max_queue),
+        )
         gated_model.ENTERED.clear()
         gated_model.GATE.clear()
         return server

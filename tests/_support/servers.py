@@ -9,10 +9,12 @@ import asyncio
 import io
 import json
 import os
+import struct
 import subprocess
 import sys
 import threading
 import time
+import zlib
 from pathlib import Path
 from typing import Any
 
@@ -97,6 +99,27 @@ def png_bytes(array: np.ndarray) -> bytes:
     return buffer.getvalue()
 
 
+def png16_bytes(array: np.ndarray) -> bytes:
+    """A 16-bit PNG of a uint16 HxW (grayscale) or HxWx3 (RGB) array, written directly: Pillow
+    cannot save 16-bit RGB."""
+    height, width = array.shape[:2]
+    colour_type = 2 if array.ndim == 3 else 0
+    rows = array.astype(">u2").reshape(height, -1)
+    raw = b"".join(b"\x00" + row.tobytes() for row in rows)
+
+    def chunk(kind: bytes, data: bytes) -> bytes:
+        crc = struct.pack(">I", zlib.crc32(kind + data))
+        return struct.pack(">I", len(data)) + kind + data + crc
+
+    header = struct.pack(">IIBBBBB", width, height, 16, colour_type, 0, 0, 0)
+    return (
+        b"\x89PNG\r\n\x1a\n"
+        + chunk(b"IHDR", header)
+        + chunk(b"IDAT", zlib.compress(raw))
+        + chunk(b"IEND", b"")
+    )
+
+
 def seeded_images(count: int, size: tuple[int, int] = (96, 128), seed: int = 0) -> list[np.ndarray]:
     """Distinct uint8 RGB images: smooth random blobs, so every image explains differently."""
     rng = np.random.default_rng(seed)
@@ -168,3 +191,30 @@ def gated_settings(max_queue: int = 2) -> Any:
         max_delay_ms=0,
         max_queue=max_queue,
     )
+
+
+def _bilinear_matrix(out_len: int, in_len: int) -> np.ndarray:
+    """(out_len, in_len) float64 weights of a half-pixel-centred bilinear resize with clamped
+    edges: the textbook definition, independent of the server's code."""
+    source = np.maximum((np.arange(out_len) + 0.5) * in_len / out_len - 0.5, 0.0)
+    low = np.minimum(np.floor(source).astype(int), in_len - 1)
+    high = np.minimum(low + 1, in_len - 1)
+    fraction = source - low
+    matrix = np.zeros((out_len, in_len))
+    np.add.at(matrix, (np.arange(out_len), low), 1.0 - fraction)
+    np.add.at(matrix, (np.arange(out_len), high), fraction)
+    return matrix
+
+
+def onto_original_float64(
+    at_input: np.ndarray, geometry: Any, size_hw: tuple[int, int]
+) -> np.ndarray:
+    """(K, crop h, crop w) maps over the original image at `size_hw`, in float64: the crop placed
+    where it was cut from the resized image (zero elsewhere), and that image resampled."""
+    top, left, height, width = geometry.crop_box
+    rows, cols = geometry.resized_hw
+    canvas = np.zeros((at_input.shape[0], rows, cols))
+    y0, x0 = max(top, 0), max(left, 0)
+    y1, x1 = min(top + height, rows), min(left + width, cols)
+    canvas[:, y0:y1, x0:x1] = at_input[:, y0 - top : y1 - top, x0 - left : x1 - left]
+    return _bilinear_matrix(size_hw[0], rows) @ canvas @ _bilinear_matrix(size_hw[1], cols).T

@@ -42,8 +42,11 @@ def open_server(server_factory):
     """A gated-model server with the gate open, for settings that are not about queueing."""
 
     def start(**settings):
+        from camserve.server.settings import LimitsSettings
+
         gated_model.GATE.set()
-        return server_factory(models=(GATED,), metrics_port=-1, **settings)
+        limits = LimitsSettings(max_images_per_request=GATED.max_queue)
+        return server_factory(models=(GATED,), metrics_port=-1, limits=limits, **settings)
 
     return start
 

@@ -51,7 +51,9 @@ def test_every_image_form_explains_the_cat(client, form) -> None:
     assert heatmap.shape == CAT_SIZE
     assert heatmap.dtype == np.float32
     assert heatmap.min() >= 0.0
-    assert heatmap.max() == pytest.approx(1.0)
+    # Normalised over the model input, then resampled onto the original: the peak may fall
+    # between output pixels, so it is close to 1, not always exactly 1.
+    assert 0.9 < heatmap.max() <= 1.0
     assert explanation.timing.total_ms > 0
     assert explanation.batch_size >= 1
 

@@ -7,6 +7,7 @@ same, correct answers, and the server stays SERVING.
 
 from __future__ import annotations
 
+import io
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -20,7 +21,7 @@ from camserve.server.settings import LimitsSettings, Settings
 from camserve.v1 import explain_pb2 as pb
 from camserve.v1 import explain_pb2_grpc as pb_grpc
 from camserve.v1.tensors import to_proto
-from tests._support.servers import CAT_BYTES, ServerThread, png_bytes, seeded_images
+from tests._support.servers import CAT_BYTES, ServerThread, png16_bytes, png_bytes, seeded_images
 from tests._support.traffic import (
     SERVING,
     TINY_CLASSES,
@@ -278,6 +279,27 @@ CASES: list[Case] = [
         "images[0].encoded",
         "48000000 pixels",
     ),
+    Case(
+        "extreme-aspect-8x4000",
+        request(image(png_bytes(np.zeros((8, 4_000, 3), dtype=np.uint8)))),
+        INVALID,
+        "images[0].encoded",
+        "image is 4000x8, an aspect ratio of 500.0:1, over the limit of 20:1; crop or pad",
+    ),
+    Case(
+        "extreme-aspect-40000x8-in-second-image",
+        request(image(), image(png_bytes(np.zeros((40_000, 8, 3), dtype=np.uint8)))),
+        INVALID,
+        "images[1].encoded",
+        "image is 8x40000, an aspect ratio of 5000.0:1, over the limit of 20:1",
+    ),
+    Case(
+        "extreme-aspect-refused-from-the-header",  # the pixels are missing: never decoded
+        request(image(png_declaring(8, 4_000))),
+        INVALID,
+        "images[0].encoded",
+        "aspect ratio of 500.0:1",
+    ),
     # --- raw tensors
     Case(
         "float16-tensor",
@@ -450,7 +472,6 @@ def test_bad_request_gets_a_precise_status_naming_the_field(
         ("LA", lambda rgb: Image.fromarray(rgb).convert("LA")),
         ("RGBA", lambda rgb: Image.fromarray(np.dstack([rgb, rgb[..., 0]]), mode="RGBA")),
         ("P", lambda rgb: Image.fromarray(rgb).convert("P", palette=Image.Palette.ADAPTIVE)),
-        ("I;16", lambda rgb: Image.fromarray(rgb[..., 1].astype(np.uint16) * 257)),
     ],
 )
 def test_non_rgb_png_is_accepted_as_its_rgb_conversion(
@@ -459,8 +480,8 @@ def test_non_rgb_png_is_accepted_as_its_rgb_conversion(
     mode: str,
     make: Callable[[np.ndarray], Image.Image],
 ) -> None:
-    """Grayscale, alpha, palette and 16-bit PNGs explain exactly like the same picture
-    converted to RGB by the caller, on every call."""
+    """Grayscale, alpha and palette PNGs explain exactly like the same picture converted to RGB
+    by the caller, on every call."""
     picture = make(SMALL)
     assert picture.mode == mode
     as_sent = request(image(encoded(picture)), top_predictions=3)
@@ -468,6 +489,56 @@ def test_non_rgb_png_is_accepted_as_its_rgb_conversion(
     expected = stub.Explain(as_rgb, timeout=30)
     for _ in range(2):
         assert_same_explanation(stub.Explain(as_sent, timeout=30), expected, atol=1e-6)
+    traffic.wait_for_more(1)
+    assert not traffic.failures
+
+
+def _with_orientation(picture: Image.Image, kind: str, orientation: int, **save: object) -> bytes:
+    exif = Image.Exif()
+    exif[0x0112] = orientation
+    return encoded(picture, kind, exif=exif, **save)
+
+
+def _exif_jpeg_and_upright(orientation: int, upright: Image.Transpose) -> tuple[bytes, bytes]:
+    """A JPEG stored sideways with its EXIF orientation, and the same pixels physically rotated
+    (decoded from the same JPEG data without the tag, so no second compression differs)."""
+    stored = Image.fromarray(SMALL)
+    tagged = _with_orientation(stored, "JPEG", orientation, quality=90)
+    decoded = Image.open(io.BytesIO(encoded(stored, "JPEG", quality=90))).convert("RGB")
+    return tagged, png_bytes(np.asarray(decoded.transpose(upright)))
+
+
+SMALL_16 = SMALL.astype(np.uint16) * 257  # the same picture in 16 bits (255 -> 65535)
+
+
+@pytest.mark.parametrize(
+    ("sent", "shown"),
+    [
+        pytest.param(
+            png16_bytes(SMALL_16[..., 1]),
+            png_bytes(np.repeat(SMALL[..., 1:2], 3, axis=2)),
+            id="16-bit-grayscale-png",
+        ),
+        pytest.param(png16_bytes(SMALL_16), png_bytes(SMALL), id="16-bit-rgb-png"),
+        pytest.param(*_exif_jpeg_and_upright(6, Image.Transpose.ROTATE_270), id="exif-6-jpeg"),
+        pytest.param(*_exif_jpeg_and_upright(8, Image.Transpose.ROTATE_90), id="exif-8-jpeg"),
+        pytest.param(
+            _with_orientation(
+                Image.fromarray(SMALL).transpose(Image.Transpose.ROTATE_90), "PNG", 6
+            ),
+            SMALL_PNG,
+            id="exif-6-png",
+        ),
+    ],
+)
+def test_image_explains_like_the_picture_a_viewer_shows(
+    stub: pb_grpc.ExplainServiceStub, traffic: GoodTraffic, sent: bytes, shown: bytes
+) -> None:
+    """16-bit PNGs are scaled to 8 bits (not clipped to white) and EXIF orientation is applied:
+    each file explains exactly like the 8-bit, upright picture, heatmaps at its displayed size."""
+    as_sent = request(image(sent), top_predictions=3)
+    expected = stub.Explain(request(image(shown), top_predictions=3), timeout=30)
+    assert_same_explanation(stub.Explain(as_sent, timeout=30), expected, atol=1e-6)
     traffic.wait_for_more(1)
     assert not traffic.failures
 

@@ -20,7 +20,7 @@ import pytest
 import torch
 
 from camserve.client import AsyncClient, CamserveError, Explanation, Overloaded
-from camserve.server.settings import Settings
+from camserve.server.settings import LimitsSettings, Settings
 from tests._support.servers import ServerThread, png_bytes, seeded_images
 from tests._support.traffic import SERVING, health_status, small_resnet, wait_until
 
@@ -52,7 +52,8 @@ def server(resnet18_weights: Path) -> Iterator[ServerThread]:
     # One core computes batches, the other is left to gRPC (what `engine_threads = 1` does in a
     # deployed server): refusals measure admission control, not a starved event loop.
     torch.set_num_threads(1)
-    running = ServerThread(Settings(port=0, metrics_port=-1, models=(model,)))
+    limits = LimitsSettings(max_images_per_request=MAX_QUEUE)
+    running = ServerThread(Settings(port=0, metrics_port=-1, limits=limits, models=(model,)))
     yield running
     running.stop(grace=1.0)
     torch.set_num_threads(threads)

@@ -2,11 +2,19 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
 
-from camserve.server.settings import BUILTIN_MODEL, SettingsError, load_settings
+from camserve.server.settings import (
+    BUILTIN_MODEL,
+    LimitsSettings,
+    ModelSettings,
+    Settings,
+    SettingsError,
+    load_settings,
+)
 
 TOML = """
 [server]
@@ -67,3 +75,95 @@ def test_bad_files_are_refused_with_the_key(tmp_path: Path, text: str, message: 
 def test_bad_env_value_names_the_variable() -> None:
     with pytest.raises(SettingsError, match="CAMSERVE_PORT"):
         load_settings([], {"CAMSERVE_PORT": "http"})
+
+
+def model(**changes: object) -> ModelSettings:
+    return ModelSettings(name="m", source="builtin:efficientnet-lite0", **changes)  # type: ignore[arg-type]
+
+
+@pytest.mark.parametrize(
+    ("build", "message"),
+    [
+        (
+            lambda: Settings(models=(model(max_queue=16),)),
+            "models['m'].max_queue=16 is below limits.max_images_per_request=32: a request of "
+            "32 images could never be admitted and would be refused as retryable forever; "
+            "raise max_queue or lower max_images_per_request",
+        ),
+        (
+            lambda: Settings(models=(model(max_batch_size=64, max_queue=48),)),
+            "models['m'].max_batch_size=64 is above max_queue=48: a batch can never hold more "
+            "than the queue does; lower max_batch_size or raise max_queue",
+        ),
+        (
+            lambda: Settings(
+                models=(model(resize=1024, crop=896),),
+                limits=LimitsSettings(max_resized_pixels=1_000_000),
+            ),
+            "models['m']: even a square image is resized to 1024x1024 = 1048576 pixels for this "
+            "model, over limits.max_resized_pixels=1000000, so every image would be refused; "
+            "raise max_resized_pixels or lower resize",
+        ),
+        (
+            lambda: Settings(port=9090),
+            "port and metrics_port are both 9090: the gRPC and metrics servers cannot share a "
+            "port; change one, or set metrics_port = -1",
+        ),
+        (lambda: Settings(port=70000), "port=70000: use 0..65535 (0 picks a free port)"),
+        (lambda: Settings(metrics_port=-2), "metrics_port=-2: use 0..65535"),
+        (lambda: Settings(log_level="verbose"), "log_level='verbose': use one of"),
+        (lambda: Settings(engine_threads=-1), "engine_threads=-1"),
+        (lambda: LimitsSettings(max_pixels=63), "limits.max_pixels=63 refuses every image"),
+        (lambda: LimitsSettings(max_aspect_ratio=0.5), "limits.max_aspect_ratio=0.5 must be"),
+        (lambda: LimitsSettings(max_top_k=0), "limits.max_top_k=0 must be at least 1"),
+        (
+            lambda: LimitsSettings(max_images_per_request=0),
+            "limits.max_images_per_request=0 must be at least 1",
+        ),
+    ],
+    ids=[
+        "queue-below-request",
+        "batch-above-queue",
+        "resize-above-resized-limit",
+        "port-clash",
+        "port-range",
+        "metrics-port-range",
+        "log-level",
+        "engine-threads",
+        "pixel-limit-below-smallest-image",
+        "aspect-below-1",
+        "top-k-0",
+        "images-0",
+    ],
+)
+def test_configurations_that_cannot_work_are_refused_at_start(
+    build: Callable[[], object], message: str
+) -> None:
+    with pytest.raises(SettingsError) as refused:
+        build()
+    assert str(refused.value).startswith(message)
+
+
+def test_an_impossible_queue_in_a_file_is_refused_with_its_keys(tmp_path: Path) -> None:
+    config = tmp_path / "camserve.toml"
+    config.write_text(
+        "[limits]\nmax_images_per_request = 8\n"
+        "[[models]]\nname = 'small'\nsource = 'builtin:efficientnet-lite0'\nmax_queue = 4\n"
+        "max_batch_size = 4\n"
+    )
+    with pytest.raises(SettingsError, match=r"models\['small'\]\.max_queue=4 is below"):
+        load_settings(["--config", str(config)], {})
+    config.write_text(config.read_text().replace("max_queue = 4", "max_queue = 8"))
+    settings = load_settings(["--config", str(config)], {})
+    assert settings.models[0].max_queue == settings.limits.max_images_per_request == 8
+
+
+def test_the_defaults_and_the_image_bounds_are_consistent() -> None:
+    settings = Settings()
+    assert settings.limits.max_aspect_ratio == 20.0
+    assert settings.limits.max_resized_pixels == 2048 * 2048
+    # The most elongated image the defaults accept, resized for the default model, fits.
+    (default,) = settings.models
+    assert default.resize * default.resize * settings.limits.max_aspect_ratio <= (
+        settings.limits.max_resized_pixels
+    )

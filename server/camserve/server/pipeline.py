@@ -19,6 +19,7 @@ import torch
 from camserve.server import batcher
 from camserve.server.batcher import Reservation
 from camserve.server.engine import EngineError, RowRequest
+from camserve.server.engine.shaping import output_bytes
 from camserve.server.errors import (
     DeadlineExceeded,
     InvalidRequest,
@@ -29,7 +30,7 @@ from camserve.server.errors import (
     ServiceError,
     Unavailable,
 )
-from camserve.server.outputs import explain_image
+from camserve.server.outputs import RESOLUTION_NAMES, explain_image
 from camserve.server.preprocess import (
     PreparedImage,
     decode,
@@ -47,23 +48,50 @@ from camserve.server.records import (
 )
 from camserve.server.registry import ModelRegistry, UnknownModel
 from camserve.server.runtime import Computed, ImageJob, ModelRuntime
-from camserve.server.settings import Settings
+from camserve.server.settings import LimitsSettings, Settings
 from camserve.server.validation import ExplainPlan, check_response_size
+from camserve.v1.tensors import dtype_name
 
 log = logging.getLogger("camserve.pipeline")
 
 
 def prepare_image(
-    source: ImageSource, meta: ModelMeta, max_pixels: int, keep_original: bool
+    source: ImageSource, meta: ModelMeta, limits: LimitsSettings, keep_original: bool
 ) -> PreparedImage:
     """Decodes or unpacks one image and makes the model input (runs on a worker thread)."""
     if isinstance(source, ArrayImage):
         if source.normalised:
             return from_normalised_array(source.array, source.field, meta.recipe, keep_original)
-        image = from_uint8_array(source.array, source.field, max_pixels)
+        image = from_uint8_array(source.array, source.field, limits, meta.recipe)
     else:
-        image = decode(source.data, source.field, max_pixels)
+        image = decode(source.data, source.field, limits, meta.recipe)
     return prepare(image, meta.recipe, keep_original)
+
+
+def check_allocation(
+    plan: ExplainPlan, prepared: Sequence[PreparedImage], meta: ModelMeta, limit: int
+) -> None:
+    """Refuses, before compute, a request whose heatmaps would take more than `limit` bytes to
+    shape (every intermediate counted, see `output_bytes`)."""
+    _, feature_h, feature_w = meta.layer_shapes[plan.layer]
+    output = plan.output
+    total = 0
+    for target, item in zip(plan.targets, prepared, strict=True):
+        total += output_bytes(
+            item.geometry,
+            RESOLUTION_NAMES[output.resolution],
+            output.size,
+            dtype_name(output.dtype),
+            (len(target.classes) or target.top_k) * len(plan.methods),
+            (feature_h, feature_w),
+            overlay=output.overlay,
+        )
+    if total > limit:
+        raise InvalidRequest(
+            f"output: shaping these heatmaps would take about {total / 2**20:.0f} MiB, over the "
+            f"server's limit of {limit / 2**20:.0f} MiB per request; ask for fewer images, "
+            "classes or methods, a smaller resolution, or dtype uint8"
+        )
 
 
 def service_error(exc: BaseException, model: str) -> ServiceError:
@@ -103,7 +131,7 @@ class ExplainPipeline:
     def __init__(self, registry: ModelRegistry, settings: Settings, pool: ThreadPoolExecutor):
         self._registry = registry
         self._pool = pool
-        self._max_pixels = settings.limits.max_pixels
+        self._limits = settings.limits
         self._max_bytes = settings.max_message_bytes
 
     def statuses(self) -> list[ModelStatus]:
@@ -138,6 +166,7 @@ class ExplainPipeline:
         with reservation:
             prepared = await self._prepare(sources, meta, plan)
             check_response_size(plan, [item.geometry for item in prepared], meta, self._max_bytes)
+            check_allocation(plan, prepared, meta, self._limits.max_request_output_bytes)
             preprocessed = time.monotonic()
             computed = await self._compute(
                 runtime, self._jobs(prepared, plan), deadline, reservation
@@ -173,7 +202,7 @@ class ExplainPipeline:
                     prepare_image,
                     source,
                     meta,
-                    self._max_pixels,
+                    self._limits,
                     plan.output.overlay,
                 )
                 for source in sources

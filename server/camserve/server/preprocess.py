@@ -3,24 +3,39 @@
 Runs on CPU worker threads, outside the event loop and alongside the running batch. Every check
 that can refuse an image happens here, before it reaches the batcher, and raises `ImageError`
 naming the request field.
+
+Images are decoded the way a viewer shows them: EXIF orientation applied (phone photos are often
+stored sideways), 16-bit grayscale scaled to 8 bits rather than clipped, and everything else
+converted to RGB by Pillow. The geometry limits (`check_size`) are checked from the file header
+before any pixel is decoded; `peek` runs only those checks, so an image can be refused before
+any work is spent on it.
 """
 
 from __future__ import annotations
 
+import contextlib
 import io
+import struct
+from collections.abc import Iterator
 from dataclasses import dataclass
+from typing import NamedTuple
 
 import numpy as np
 import torch
 import torchvision.transforms.functional as tf
-from PIL import Image, UnidentifiedImageError
+from PIL import Image, ImageOps, UnidentifiedImageError
 
 from camserve.server.engine.shaping import Geometry
 from camserve.server.errors import InvalidRequest
 from camserve.server.records import InputRecipe
+from camserve.server.settings import MIN_IMAGE_SIDE, LimitsSettings
 
 ACCEPTED_FORMATS = ("JPEG", "PNG", "WEBP")
-MIN_SIDE = 8
+MIN_SIDE = MIN_IMAGE_SIDE
+_ORIENTATION_TAG = 0x0112
+_SIDEWAYS = frozenset({5, 6, 7, 8})  # EXIF orientations that swap width and height
+# Modes Pillow decodes 16-bit grayscale PNGs to ("I" in older Pillow): values 0..65535.
+_SIXTEEN_BIT_MODES = frozenset({"I;16", "I;16B", "I;16L", "I;16N", "I"})
 
 
 class ImageError(InvalidRequest):
@@ -36,19 +51,71 @@ class PreparedImage:
     original: Image.Image | None  # kept only when an overlay is rendered
 
 
-def decode(data: bytes, field: str, max_pixels: int) -> Image.Image:
-    """Decodes JPEG/PNG/WebP bytes to RGB, refusing oversized images before decoding pixels."""
-    if not data:
-        raise ImageError(f"{field}: empty image bytes; send JPEG, PNG or WebP file contents")
-    try:
-        image = Image.open(io.BytesIO(data), formats=ACCEPTED_FORMATS)
-        width, height = image.size
-        if width * height > max_pixels:
+class ImageHeader(NamedTuple):
+    """What an encoded image's header says: its size as displayed, and its format."""
+
+    width: int
+    height: int
+    format: str
+
+
+def resized_size(width: int, height: int, recipe: InputRecipe) -> tuple[int, int]:
+    """(width, height) of the image `prepare` makes before the crop (torchvision's rule: the
+    shorter side becomes `resize`, the longer one keeps the aspect ratio, rounded down)."""
+    if not recipe.resize:
+        return recipe.crop, recipe.crop
+    short, long = min(width, height), max(width, height)
+    new_long = int(recipe.resize * long / short)
+    return (recipe.resize, new_long) if width <= height else (new_long, recipe.resize)
+
+
+def check_size(
+    width: int,
+    height: int,
+    field: str,
+    limits: LimitsSettings,
+    recipe: InputRecipe | None = None,
+) -> None:
+    """Refuses an image size the server will not work on: over `max_pixels`, a side below
+    MIN_SIDE, more elongated than `max_aspect_ratio`, or (given the model's `recipe`) resized to
+    more than `max_resized_pixels`. Needs only the size, so it runs before decoding."""
+    pixels = width * height
+    if pixels > limits.max_pixels:
+        raise ImageError(
+            f"{field}: image is {width}x{height} = {pixels} pixels, over the limit of "
+            f"{limits.max_pixels}; downscale it before sending"
+        )
+    if min(width, height) < MIN_SIDE:
+        raise ImageError(f"{field}: image is {width}x{height}; both sides must be >= {MIN_SIDE}")
+    ratio = max(width, height) / min(width, height)
+    if ratio > limits.max_aspect_ratio:
+        raise ImageError(
+            f"{field}: image is {width}x{height}, an aspect ratio of {ratio:.1f}:1, over the "
+            f"limit of {limits.max_aspect_ratio:g}:1; crop or pad it closer to square before "
+            "sending"
+        )
+    if recipe is not None:
+        resized_w, resized_h = resized_size(width, height, recipe)
+        if resized_w * resized_h > limits.max_resized_pixels:
             raise ImageError(
-                f"{field}: image is {width}x{height} = {width * height} pixels, over the limit "
-                f"of {max_pixels}; downscale it before sending"
+                f"{field}: image is {width}x{height}, which this model resizes to "
+                f"{resized_w}x{resized_h} = {resized_w * resized_h} pixels, over the limit of "
+                f"{limits.max_resized_pixels}; crop it closer to square before sending"
             )
-        image.load()
+
+
+def _as_limits(limits: LimitsSettings | int) -> LimitsSettings:
+    """The limits to apply; a bare int is `max_pixels` with the other limits at their defaults."""
+    return limits if isinstance(limits, LimitsSettings) else LimitsSettings(max_pixels=limits)
+
+
+@contextlib.contextmanager
+def _decoding(field: str, max_pixels: int) -> Iterator[None]:
+    """Turns Pillow's failures into ImageErrors naming `field`."""
+    try:
+        yield
+    except ImageError:
+        raise
     except (Image.DecompressionBombError, Image.DecompressionBombWarning):
         raise ImageError(
             f"{field}: image declares more pixels than the limit of {max_pixels}; "
@@ -58,26 +125,89 @@ def decode(data: bytes, field: str, max_pixels: int) -> Image.Image:
         raise ImageError(
             f"{field}: not a decodable image; send JPEG, PNG or WebP file contents"
         ) from None
-    except (OSError, SyntaxError, ValueError) as exc:
+    except (OSError, SyntaxError, ValueError, struct.error) as exc:
         raise ImageError(f"{field}: corrupt or truncated image ({exc})") from None
-    return _checked_rgb(image, field)
 
 
-def _checked_rgb(image: Image.Image, field: str) -> Image.Image:
+def _open(data: bytes, field: str) -> Image.Image:
+    """The image with only its header read."""
+    if not data:
+        raise ImageError(f"{field}: empty image bytes; send JPEG, PNG or WebP file contents")
+    return Image.open(io.BytesIO(data), formats=ACCEPTED_FORMATS)
+
+
+def _displayed_size(image: Image.Image) -> tuple[int, int]:
+    """(width, height) as a viewer shows the image, from the header: EXIF orientations 5 to 8
+    swap the sides. A PNG's EXIF chunk may follow its pixel data, so a PNG without one in its
+    header counts as upright here; `decode` applies whatever orientation it finds after
+    decoding, and no limit depends on which side is which."""
     width, height = image.size
-    if min(width, height) < MIN_SIDE:
-        raise ImageError(f"{field}: image is {width}x{height}; both sides must be >= {MIN_SIDE}")
-    # Grayscale, palette, RGBA and 16-bit images are all accepted and converted the same way.
+    if image.format == "PNG" and "exif" not in image.info:
+        return width, height
+    try:
+        # The base class reads the header's EXIF (and XMP) only; PngImageFile.getexif would
+        # decode the pixels to look for a late chunk.
+        orientation = Image.Image.getexif(image).get(_ORIENTATION_TAG, 1)
+    except (SyntaxError, ValueError, TypeError, struct.error):
+        return width, height  # unreadable metadata: shown upright, as viewers do
+    return (height, width) if orientation in _SIDEWAYS else (width, height)
+
+
+def peek(
+    data: bytes, field: str, limits: LimitsSettings, recipe: InputRecipe | None = None
+) -> ImageHeader:
+    """Reads only the header of an encoded image: its size as displayed (EXIF orientation
+    applied) and its format, refusing what `check_size` refuses, without decoding a pixel.
+    Cheap enough to run before admitting a request."""
+    with _decoding(field, limits.max_pixels), _open(data, field) as image:
+        width, height = _displayed_size(image)
+        header = ImageHeader(width, height, str(image.format))
+    check_size(width, height, field, limits, recipe)
+    return header
+
+
+def decode(
+    data: bytes, field: str, limits: LimitsSettings | int, recipe: InputRecipe | None = None
+) -> Image.Image:
+    """Decodes JPEG/PNG/WebP bytes to upright RGB, refusing sizes `check_size` refuses before
+    decoding pixels. `limits` may be a bare `max_pixels` (the other limits at their defaults)."""
+    limits = _as_limits(limits)
+    with _decoding(field, limits.max_pixels):
+        image = _open(data, field)
+        check_size(*_displayed_size(image), field, limits, recipe)
+        image.load()
+        _upright(image)
+    return _to_rgb(image)
+
+
+def _upright(image: Image.Image) -> None:
+    """Applies the EXIF orientation in place, as viewers do; broken metadata is ignored."""
+    with contextlib.suppress(SyntaxError, ValueError, TypeError, KeyError, struct.error):
+        ImageOps.exif_transpose(image, in_place=True)
+
+
+def _to_rgb(image: Image.Image) -> Image.Image:
+    """8-bit RGB. Pillow's own conversion clips 16-bit grayscale (anything above 255 turns
+    white), so those values are scaled to 8 bits first, rounding v / 257 (65535 -> 255)."""
+    if image.mode in _SIXTEEN_BIT_MODES:
+        values = np.asarray(image)
+        if values.dtype.kind == "i":  # mode "I" is 32-bit signed
+            values = np.clip(values, 0, 65535)
+        values = values.astype(np.uint16, copy=False)
+        quotient = values // 257
+        quotient += (values - quotient * 257) >= 129  # to nearest: r / 257 >= 1/2 iff r >= 129
+        image = Image.fromarray(quotient.astype(np.uint8))
     return image if image.mode == "RGB" else image.convert("RGB")
 
 
-def from_uint8_array(array: np.ndarray, field: str, max_pixels: int) -> Image.Image:
-    """An RGB image from a uint8 (H, W, 3) array."""
+def from_uint8_array(
+    array: np.ndarray, field: str, limits: LimitsSettings | int, recipe: InputRecipe | None = None
+) -> Image.Image:
+    """An RGB image from a uint8 (H, W, 3) array, refusing what `check_size` refuses."""
     if array.ndim != 3 or array.shape[2] != 3:
         raise ImageError(f"{field}: uint8 tensors must be HxWx3 RGB, got shape {list(array.shape)}")
-    if array.shape[0] * array.shape[1] > max_pixels:
-        raise ImageError(f"{field}: {array.shape[0]}x{array.shape[1]} is over {max_pixels} pixels")
-    return _checked_rgb(Image.fromarray(np.ascontiguousarray(array), mode="RGB"), field)
+    check_size(array.shape[1], array.shape[0], field, _as_limits(limits), recipe)
+    return Image.fromarray(np.ascontiguousarray(array))
 
 
 def prepare(image: Image.Image, recipe: InputRecipe, keep_original: bool) -> PreparedImage:

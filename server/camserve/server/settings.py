@@ -19,6 +19,8 @@ BUILTIN_MODEL = "efficientnet-lite0"
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
 METRICS_DISABLED = -1
+MIN_IMAGE_SIDE = 8  # pixels; smaller images are refused
+LOG_LEVELS = ("debug", "info", "warning", "error", "critical")
 
 
 class SettingsError(ValueError):
@@ -73,16 +75,49 @@ class ModelSettings:
 
 @dataclass(frozen=True)
 class LimitsSettings:
-    """Per-request bounds that keep one caller from exhausting the server."""
+    """Per-request bounds that keep one caller from exhausting the server.
+
+    Image geometry is bounded three ways, all checked from the file header before any pixel is
+    decoded: `max_pixels` bounds the decoded image; `max_aspect_ratio` (longer side over shorter
+    side) keeps a thin strip from becoming huge once its shorter side is resized to the model's
+    `resize` (an 8x4000 PNG would become 256x128000); `max_resized_pixels` bounds that resized
+    image itself, whatever the model's `resize`.
+    """
 
     max_images_per_request: int = 32
     max_pixels: int = 40_000_000  # decoded image size; larger files are refused before decoding
+    max_aspect_ratio: float = 20.0  # longer side / shorter side of an image
+    max_resized_pixels: int = 4_194_304  # an image resized for a model, before the crop (2048^2)
     max_output_pixels: int = 16_777_216  # per heatmap (4096 x 4096)
+    # What shaping one request's heatmaps may allocate, intermediates included (output_bytes).
+    max_request_output_bytes: int = 1_073_741_824
     max_concurrent_streams: int = 256  # HTTP/2 streams per connection
     # RPCs in progress at once, all connections together; more are refused RESOURCE_EXHAUSTED by
     # gRPC before any work, so a flood cannot queue unbounded handlers and decoding.
     max_concurrent_rpcs: int = 512
     max_top_k: int = 20  # classes explained per image
+
+    def __post_init__(self) -> None:
+        for key in (
+            "max_images_per_request",
+            "max_pixels",
+            "max_resized_pixels",
+            "max_output_pixels",
+            "max_concurrent_streams",
+            "max_top_k",
+        ):
+            if getattr(self, key) < 1:
+                raise SettingsError(f"limits.{key}={getattr(self, key)} must be at least 1")
+        smallest = MIN_IMAGE_SIDE * MIN_IMAGE_SIDE
+        if self.max_pixels < smallest:
+            raise SettingsError(
+                f"limits.max_pixels={self.max_pixels} refuses every image: the smallest accepted "
+                f"image is {MIN_IMAGE_SIDE}x{MIN_IMAGE_SIDE} = {smallest} pixels"
+            )
+        if not self.max_aspect_ratio >= 1:
+            raise SettingsError(
+                f"limits.max_aspect_ratio={self.max_aspect_ratio} must be at least 1 (square)"
+            )
 
 
 @dataclass(frozen=True)
@@ -130,6 +165,55 @@ class Settings:
         if self.max_message_mb < 1 or self.grace_period_s < 0 or self.preprocess_threads < 1:
             raise SettingsError(
                 "max_message_mb and preprocess_threads must be >= 1, grace_period_s >= 0"
+            )
+        if self.log_level.lower() not in LOG_LEVELS:
+            raise SettingsError(f"log_level={self.log_level!r}: use one of {list(LOG_LEVELS)}")
+        if self.engine_threads < 0:
+            raise SettingsError(
+                f"engine_threads={self.engine_threads}: use 0 (torch's default) or a thread count"
+            )
+        self._check_ports()
+        for model in self.models:
+            self._check_model_fits_limits(model)
+
+    def _check_ports(self) -> None:
+        if not 0 <= self.port <= 65535:
+            raise SettingsError(f"port={self.port}: use 0..65535 (0 picks a free port)")
+        if not METRICS_DISABLED <= self.metrics_port <= 65535:
+            raise SettingsError(
+                f"metrics_port={self.metrics_port}: use 0..65535 (0 picks a free port) or -1 "
+                "to disable metrics"
+            )
+        if self.port and self.port == self.metrics_port:
+            raise SettingsError(
+                f"port and metrics_port are both {self.port}: the gRPC and metrics servers "
+                "cannot share a port; change one, or set metrics_port = -1"
+            )
+
+    def _check_model_fits_limits(self, model: ModelSettings) -> None:
+        """Refuses a model no request could use as configured, with the keys to change."""
+        where = f"models[{model.name!r}]"
+        limit = self.limits.max_images_per_request
+        if model.max_queue < limit:
+            raise SettingsError(
+                f"{where}.max_queue={model.max_queue} is below "
+                f"limits.max_images_per_request={limit}: a request of {limit} images could "
+                "never be admitted and would be refused as retryable forever; raise max_queue or "
+                "lower max_images_per_request"
+            )
+        if model.max_batch_size > model.max_queue:
+            raise SettingsError(
+                f"{where}.max_batch_size={model.max_batch_size} is above "
+                f"max_queue={model.max_queue}: a batch can never hold more than the queue does; "
+                "lower max_batch_size or raise max_queue"
+            )
+        side = model.resize or model.crop
+        if side * side > self.limits.max_resized_pixels:
+            raise SettingsError(
+                f"{where}: even a square image is resized to {side}x{side} = {side * side} pixels "
+                f"for this model, over limits.max_resized_pixels="
+                f"{self.limits.max_resized_pixels}, so every image would be refused; raise "
+                "max_resized_pixels or lower resize"
             )
 
     @property

@@ -1,7 +1,8 @@
 """The CAM engine: Grad-CAM, Grad-CAM++, XGrad-CAM, HiResCAM and LayerCAM for whole batches.
 
 `CamEngine` runs the model and returns raw maps at feature resolution; `shaping` turns them into
-pixels over the model input or the original image, and into [0, 1].
+pixels over the model input or the original image, and into [0, 1] (`shape_heatmaps`, with one
+normalisation rule at every resolution).
 
 Target layers (`CamEngine.layers`) are the modules that run exactly once per forward pass and
 output a 4-D (N, C, H, W) tensor. A module the model calls several times (torchvision
@@ -17,7 +18,15 @@ pool). When the last spatial output comes from a shared module there is no defau
 """
 
 from camserve.server.engine.core import PRECISIONS, CamEngine
-from camserve.server.engine.shaping import Geometry, normalise, to_input, to_original, to_size
+from camserve.server.engine.shaping import (
+    Geometry,
+    normalise,
+    output_bytes,
+    shape_heatmaps,
+    to_input,
+    to_original,
+    to_size,
+)
 from camserve.server.engine.types import (
     METHODS,
     EngineError,
@@ -38,6 +47,8 @@ __all__ = [
     "RowRequest",
     "RowResult",
     "normalise",
+    "output_bytes",
+    "shape_heatmaps",
     "to_input",
     "to_original",
     "to_size",
