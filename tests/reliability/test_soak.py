@@ -262,12 +262,14 @@ async def test_soak_leaks_nothing_and_loses_nothing(server: ServerThread) -> Non
     assert refused == tally.unary_refused
     assert delta.get(("ExplainStream", "OK"), 0) == tally.streams
     assert delta.get(("ExplainStream.item", "INVALID_ARGUMENT"), 0) == tally.stream_items_refused
+    assert delta.get(("ExplainStream.item", "OK"), 0) == tally.stream_items_ok
     expected_keys = {
         ("Explain", "OK"),
         ("Explain", "INVALID_ARGUMENT"),
         ("Explain", "NOT_FOUND"),
         ("ExplainStream", "OK"),
         ("ExplainStream.item", "INVALID_ARGUMENT"),
+        ("ExplainStream.item", "OK"),
     }
     assert {key for key, value in delta.items() if value} <= expected_keys
 

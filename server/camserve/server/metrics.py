@@ -67,6 +67,10 @@ class Metrics:
             buckets=LATENCY_BUCKETS,
             registry=r,
         )
+        self._add_gauges()
+
+    def _add_gauges(self) -> None:
+        r = self.registry
         self.model_ready = Gauge(
             "camserve_model_ready", "1 when the model is loaded and serving", ["model"], registry=r
         )
