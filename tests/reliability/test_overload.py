@@ -30,7 +30,7 @@ MAX_QUEUE = 4
 MAX_BATCH = 2
 CAPACITY = MAX_QUEUE + MAX_BATCH
 WORKERS = 3 * CAPACITY  # callers that each send again as soon as they are answered
-BURST_REQUESTS = 240
+BURST_BATCHES = 12  # the burst lasts this many batch times, so the queue is refilled many times
 BURST_TIME_LIMIT_S = 90.0
 IMAGES = [png_bytes(image) for image in seeded_images(3, size=(96, 96), seed=7)]
 
@@ -85,11 +85,13 @@ async def test_burst_is_refused_fast_answered_correctly_and_recovers(
         )
 
         outcomes: list[Outcome] = []
-        tickets = iter(range(BURST_REQUESTS))
+        # Refusals take milliseconds, so a burst counted in requests can be over before the first
+        # batch finishes; one counted in batch times sees the queue drain and refill.
+        burst_ends = time.monotonic() + BURST_BATCHES * statistics.median(before)
 
         async def caller() -> None:
-            for ticket in tickets:
-                index = ticket % len(IMAGES)
+            while time.monotonic() < burst_ends:
+                index = len(outcomes) % len(IMAGES)
                 started = time.monotonic()
                 try:
                     result: Explanation | CamserveError = await client.explain(IMAGES[index])
@@ -103,12 +105,11 @@ async def test_burst_is_refused_fast_answered_correctly_and_recovers(
         wait_until(lambda: server.server.registry.get("resnet18").queue_depth == 0)
         after = await sequential_latencies(client, 7)
 
-    assert len(outcomes) == BURST_REQUESTS
     accepted = [o for o in outcomes if isinstance(o.result, Explanation)]
     refused = [o for o in outcomes if isinstance(o.result, Overloaded)]
     others = [o.result for o in outcomes if o not in accepted and o not in refused]
     assert not others, others[:3]
-    assert len(refused) >= BURST_REQUESTS // 4, "the burst should overflow the queue"
+    assert len(refused) >= len(outcomes) // 4, "the burst should overflow the queue"
     assert len(accepted) >= CAPACITY
 
     for outcome in accepted:  # whatever batch it ran in, every admitted request is right
