@@ -2,14 +2,15 @@
 
 Two uses: `capture_targets` turns each target layer's output into a tensor autograd can
 differentiate with respect to, and `record_outputs` watches every submodule once to learn which
-layers exist, what they output and how often they run.
+layers exist, what they output, how often they run and (from the outputs it keeps) which of them
+the logits depend on.
 """
 
 from __future__ import annotations
 
 from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import torch
@@ -23,7 +24,7 @@ class Capture:
 
     name: str
     calls: int = 0
-    activation: torch.Tensor | None = None  # the differentiable (N, C, h, w) output
+    activation: torch.Tensor | None = None  # the differentiable output, in the layer's layout
     problem: str | None = None  # why the output cannot be explained, if it cannot
 
 
@@ -35,10 +36,10 @@ def _make_target_hook(capture: Capture, batch_size: int) -> Any:
         if not isinstance(output, torch.Tensor):
             capture.problem = f"returns a {type(output).__name__}, not a tensor"
             return None
-        if output.dim() != 4 or output.shape[0] != batch_size:
+        if output.dim() not in (3, 4) or output.shape[0] != batch_size:
             capture.problem = (
-                f"outputs a tensor of shape {tuple(output.shape)}, not an (N, C, H, W) feature "
-                f"map for the batch of {batch_size}"
+                f"outputs a tensor of shape {tuple(output.shape)}, not a feature map (N, C, H, W) "
+                f"or (N, H, W, C) or a token sequence (N, L, C) for the batch of {batch_size}"
             )
             return None
         if output.requires_grad:
@@ -64,9 +65,8 @@ def capture_targets(
     handles: list[RemovableHandle] = []
     try:
         for name, module in modules.items():
-            handles.append(
-                module.register_forward_hook(_make_target_hook(captures[name], batch_size))
-            )
+            hook = _make_target_hook(captures[name], batch_size)
+            handles.append(module.register_forward_hook(hook))
         yield captures
     finally:
         for handle in handles:
@@ -80,18 +80,34 @@ class OutputEvent:
     name: str
     shape: tuple[int, ...] | None
     kind: str  # the output's type name, for messages
+    module: str = ""  # the module's class name
+
+
+@dataclass
+class Recording:
+    """Every module call of one forward pass, and each module's first tensor output."""
+
+    events: list[OutputEvent] = field(default_factory=list)
+    outputs: dict[str, torch.Tensor] = field(default_factory=dict)
 
 
 @contextmanager
-def record_outputs(model: nn.Module) -> Iterator[list[OutputEvent]]:
-    """Hooks every submodule (not the root); yields the list of calls in completion order."""
-    events: list[OutputEvent] = []
+def record_outputs(model: nn.Module) -> Iterator[Recording]:
+    """Hooks every submodule (not the root); yields the calls in completion order.
+
+    The outputs are kept (with their autograd history, if any) until the recording is dropped.
+    """
+    recording = Recording()
     handles: list[RemovableHandle] = []
 
     def make_hook(name: str) -> Any:
         def hook(module: nn.Module, inputs: Any, output: Any) -> None:
-            shape = tuple(output.shape) if isinstance(output, torch.Tensor) else None
-            events.append(OutputEvent(name, shape, type(output).__name__))
+            shape = None
+            if isinstance(output, torch.Tensor):
+                shape = tuple(output.shape)
+                recording.outputs.setdefault(name, output)
+            event = OutputEvent(name, shape, type(output).__name__, type(module).__name__)
+            recording.events.append(event)
 
         return hook
 
@@ -99,7 +115,7 @@ def record_outputs(model: nn.Module) -> Iterator[list[OutputEvent]]:
         for name, module in model.named_modules():
             if name:
                 handles.append(module.register_forward_hook(make_hook(name)))
-        yield events
+        yield recording
     finally:
         for handle in handles:
             handle.remove()
