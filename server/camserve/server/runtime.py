@@ -21,7 +21,12 @@ from camserve.server.batcher import BatchInfo, DynamicBatcher
 from camserve.server.engine import METHODS, CamEngine, LayerSpec, RowRequest, RowResult
 from camserve.server.metrics import Metrics
 from camserve.server.models.labels import load_labels
-from camserve.server.models.loading import ModelLoadError, build_model, normalisation
+from camserve.server.models.loading import (
+    ModelLoadError,
+    build_model,
+    input_recipe,
+    layout_hints,
+)
 from camserve.server.preprocess import InputRecipe
 from camserve.server.settings import ModelSettings
 
@@ -110,8 +115,12 @@ class ModelRuntime:
         device = _resolve_device(spec.device)
         if spec.precision != "float32" and device.type != "cuda":
             raise ModelLoadError(f"model {spec.name!r}: precision {spec.precision} needs CUDA")
-        engine = CamEngine(build_model(spec), device=device, precision=spec.precision)
-        size = (spec.crop, spec.crop)
+        model = build_model(spec)
+        recipe = input_recipe(spec, model)
+        engine = CamEngine(
+            model, device=device, precision=spec.precision, layouts=layout_hints(spec)
+        )
+        size = (recipe.crop, recipe.crop)
         layers = tuple(engine.layers(size))
         default_layer = spec.default_layer or engine.default_layer(size)
         if default_layer not in {layer.name for layer in layers}:
@@ -124,8 +133,6 @@ class ModelRuntime:
             labels = load_labels(spec.labels, num_classes)
         except ValueError as exc:
             raise ModelLoadError(f"model {spec.name!r}: {exc}") from None
-        mean, std = normalisation(spec)
-        recipe = InputRecipe(resize=spec.resize, crop=spec.crop, mean=mean, std=std)
         if warmup:
             batch = spec.max_batch_size if device.type == "cuda" else 1
             rows = [RowRequest(layer=default_layer, methods=METHODS)] * batch
