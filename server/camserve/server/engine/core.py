@@ -140,6 +140,11 @@ class CamEngine:
         self._model = model.to(self._device).to(memory_format=self._memory_format)
         self._lock = threading.Lock()
         self._probes: dict[tuple[int, int], Probe] = {}
+        # torch's attention prefers sequence-first token outputs (see hooks._copy).
+        self._sequence_first = any(
+            isinstance(module, nn.MultiheadAttention) and module.batch_first
+            for module in model.modules()
+        )
         self._batched_grads = True  # cleared for good if a model cannot vmap its backward
 
     @property
@@ -231,7 +236,11 @@ class CamEngine:
         def forward(x: torch.Tensor) -> tuple[torch.Tensor, dict[str, Capture]]:
             if x.is_inference():  # made under the caller's inference_mode: copy it for autograd
                 x = x.clone()
-            with capture_targets(modules, batch_size) as captures, self._autocast():
+            sequence_first = self._sequence_first
+            with (
+                capture_targets(modules, batch_size, sequence_first=sequence_first) as captures,
+                self._autocast(),
+            ):
                 return self._model(x), captures
 
         logits, captures = self._run(forward, images)
