@@ -159,11 +159,7 @@ def declared_hints(model: nn.Module) -> LayoutHints:
     nhwc = str(getattr(output_fmt, "value", output_fmt)).upper() == "NHWC" or (
         type(model).__module__ == "torchvision.models.swin_transformer"
     )
-    return LayoutHints(
-        prefix_tokens=prefix,
-        patch_size=patch,
-        nhwc=nhwc,
-    )
+    return LayoutHints(prefix_tokens=prefix, patch_size=patch, nhwc=nhwc)
 
 
 def tiles(grid: tuple[int, int], input_hw: tuple[int, int]) -> bool:
@@ -206,7 +202,7 @@ class Detector:
         if shape is None or len(shape) not in (3, 4) or shape[0] != self._batch:
             return None
         override = self._hints.layers.get(name)
-        if (override == TOKENS) == (len(shape) == 4) and override is not None:
+        if override is not None and (override == TOKENS) != (len(shape) == 3):
             return Refused(
                 f"is configured as {override!r} in `layer_layouts` but outputs a tensor of shape "
                 f"{tuple(shape)}; nchw and nhwc fit 4-D outputs, tokens fits (N, L, C) sequences"
