@@ -179,7 +179,7 @@ class CamEngine:
     def num_classes(self, input_size: tuple[int, int]) -> int:
         """The length of the model's logits for an input of `input_size` (height, width).
 
-        A method rather than a property because it takes a probe forward pass (cached per size).
+        A method rather than a property because it takes a probe pass (cached per size).
         """
         with self._lock:
             found = self._probe(_check_input_size(input_size))
@@ -405,7 +405,7 @@ class CamEngine:
         return layout
 
     def _probe(self, input_hw: tuple[int, int]) -> Probe:
-        """The model's layers at `input_hw`, from a cached probe forward pass."""
+        """The model's layers at `input_hw`, from a cached probe pass (forward and backward)."""
         found = self._probes.get(input_hw)
         if found is None:
             self._check_state()
