@@ -4,6 +4,11 @@ For each (model, batch) case, in a fresh subprocess, it times by alternating con
 run (A B C ... A B C ...) after a warm-up, and reports medians; ratios are medians of per-round
 ratios, since the runs of one round see about the same machine load:
 
+Models: torchvision resnet18/resnet50 explained at `layer4`, and the vision transformers vit_b_16
+and swin_t at the engine's default layer (vit_b_16: the last block's first norm, a token layer;
+swin_t: its final channels-first map). pytorch-grad-cam and the tutorial loop get the
+reshape_transform that layer needs (prefix tokens dropped, grid restored; NHWC to NCHW).
+
 - forward: a plain forward pass under `torch.inference_mode`, the floor;
 - engine: `CamEngine.explain`, Grad-CAM only, and all five methods at once;
 - reference: pytorch-grad-cam's `GradCAM` on the whole batch;
@@ -16,6 +21,7 @@ after resetting it; on CUDA it is `torch.cuda.max_memory_allocated`.
 
     python benchmarks/engine.py                       # table, all default cases
     python benchmarks/engine.py --models resnet18 --batches 8 --repeats 3
+    python benchmarks/engine.py --models vit_b_16,swin_t
     python benchmarks/engine.py --json                # {"device": ..., "results": [...]}
 
 The forward pass uses the memory format the engine settles on (`--memory-format auto`, the
@@ -49,7 +55,7 @@ import torch.nn.functional as F  # noqa: N812 - the conventional alias
 import torchvision
 from torch import nn
 
-from camserve.server.engine import METHODS, CamEngine, RowRequest
+from camserve.server.engine import METHODS, CamEngine, LayerSpec, RowRequest
 
 FIELDS = (
     "model",
@@ -65,8 +71,9 @@ FIELDS = (
     "forward_peak_mb",
 )
 ALL_METHODS_RATIO = "_all_methods_over_forward"
-LAYER = "layer4"
+CNN_LAYER = "layer4"  # ResNets; other models use the engine's default layer
 INPUT = 224
+DEFAULT_MODELS = "resnet18,resnet50,vit_b_16,swin_t"
 CPU_BATCHES = (1, 8, 32)
 CUDA_BATCHES = (1, 8, 32, 64, 256)
 # Targets on the CPU for batches of 8 and more.
@@ -80,25 +87,59 @@ _MIB = 1024 * 1024
 
 
 def build_model(name: str) -> nn.Module:
-    """A torchvision classifier with seeded random weights: nothing is downloaded."""
+    """A torchvision classifier with seeded random weights: nothing is downloaded.
+
+    torchvision's ViT initialises its head to zeros, which leaves no gradient to explain; it gets
+    seeded random weights like the rest.
+    """
     torch.manual_seed(0)
-    return torchvision.models.get_model(name, weights=None).eval()
+    model = torchvision.models.get_model(name, weights=None).eval()
+    if isinstance(model, torchvision.models.VisionTransformer):
+        nn.init.normal_(model.heads.head.weight, std=0.02)
+    return model
+
+
+def target_layer(engine: CamEngine) -> LayerSpec:
+    """The layer explained: `layer4` for ResNets, else the engine's default."""
+    specs = {spec.name: spec for spec in engine.layers((INPUT, INPUT))}
+    name = CNN_LAYER if CNN_LAYER in specs else engine.default_layer((INPUT, INPUT))
+    return specs[name]
+
+
+def reshape_transform(spec: LayerSpec) -> Callable[[torch.Tensor], torch.Tensor] | None:
+    """pytorch-grad-cam's reshape_transform for the layer: NCHW maps from tokens or NHWC."""
+    channels, height, width = spec.shape
+    if spec.layout == "nchw":
+        return None
+
+    def transform(tensor: torch.Tensor) -> torch.Tensor:
+        if spec.layout == "tokens":  # prefix tokens first, then the patch grid
+            tensor = tensor[:, tensor.shape[1] - height * width :, :]
+        return tensor.reshape(tensor.shape[0], height, width, channels).permute(0, 3, 1, 2)
+
+    return transform
 
 
 class TutorialGradCAM:
     """The Grad-CAM tutorials' loop: hooks, then forward and backward one image at a time."""
 
-    def __init__(self, model: nn.Module, layer: nn.Module) -> None:
+    def __init__(
+        self,
+        model: nn.Module,
+        layer: nn.Module,
+        transform: Callable[[torch.Tensor], torch.Tensor] | None = None,
+    ) -> None:
         self.model = model
+        self.transform = transform or (lambda tensor: tensor)
         self.activation: torch.Tensor | None = None
         self.gradient: torch.Tensor | None = None
         self.handle = layer.register_forward_hook(self._save)
 
     def _save(self, module: nn.Module, inputs: Any, output: torch.Tensor) -> None:
-        self.activation = output.detach()
+        self.activation = self.transform(output.detach())
 
         def keep(grad: torch.Tensor) -> None:
-            self.gradient = grad.detach()
+            self.gradient = self.transform(grad.detach())
 
         output.register_hook(keep)
 
@@ -155,13 +196,19 @@ def _contenders(
         with torch.inference_mode(), _autocast(device, precision):
             return plain(x_engine)
 
-    one = [RowRequest(LAYER)] * batch
-    every = [RowRequest(LAYER, METHODS)] * batch
+    spec = target_layer(engine)
+    one = [RowRequest(spec.name)] * batch
+    every = [RowRequest(spec.name, METHODS)] * batch
 
+    transform = reshape_transform(spec)
     reference_model = copy.deepcopy(base).to(device)
-    reference = GradCAM(model=reference_model, target_layers=[reference_model.get_submodule(LAYER)])
+    reference = GradCAM(
+        model=reference_model,
+        target_layers=[reference_model.get_submodule(spec.name)],
+        reshape_transform=transform,
+    )
     loop_model = copy.deepcopy(base).to(device)
-    loop = TutorialGradCAM(loop_model, loop_model.get_submodule(LAYER))
+    loop = TutorialGradCAM(loop_model, loop_model.get_submodule(spec.name), transform)
     return {
         "forward": forward,
         "engine": lambda: engine.explain_batch(x_engine, one),
@@ -212,7 +259,7 @@ def memory_probe(name: str, batch: int, contender: str, memory_format: str) -> f
                 return model(x)
 
     else:
-        rows = [RowRequest(LAYER)] * batch
+        rows = [RowRequest(target_layer(engine).name)] * batch
 
         def run() -> object:
             return engine.explain_batch(x, rows)
@@ -361,7 +408,7 @@ def _target_report(results: list[dict[str, Any]]) -> str:
 
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--models", default="resnet18,resnet50", help="comma-separated")
+    parser.add_argument("--models", default=DEFAULT_MODELS, help="comma-separated")
     parser.add_argument("--batches", default="", help="comma-separated; default per device")
     parser.add_argument("--repeats", type=int, default=5, help="timed runs per contender")
     parser.add_argument(

@@ -102,3 +102,18 @@ def gated_server_factory(
 
     yield start
     gated_model.GATE.set()  # before server_factory stops the servers
+
+
+@pytest.fixture(scope="session")
+def deit_weights(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A seeded timm DeiT-Tiny (distillation token) saved as .safetensors, as a timm user would
+    save a fine-tune: `safetensors.torch.save_file(model.state_dict(), path)`."""
+    import timm
+    import torch
+    from safetensors.torch import save_file
+
+    torch.manual_seed(0)
+    model = timm.create_model("deit_tiny_distilled_patch16_224", pretrained=False)
+    path = tmp_path_factory.mktemp("weights") / "deit_tiny_distilled.safetensors"
+    save_file(model.state_dict(), str(path))
+    return path

@@ -87,6 +87,78 @@ def seeded_vgg11() -> nn.Module:
     return torchvision.models.vgg11().eval()
 
 
+def _timm_model(name: str, seed: int, **options: Any) -> nn.Module:
+    import timm
+
+    torch.manual_seed(seed)
+    return timm.create_model(name, pretrained=False, **options).eval()
+
+
+def _amplified(model: nn.Module, head: str, factor: float) -> nn.Module:
+    """The model with its classifier head scaled by `factor`.
+
+    Some seeded ViTs give Grad-CAM++ maps near 1e-10, where pytorch-grad-cam's 1e-7 epsilon in
+    its min-max scaling shifts its output by more than 1e-4 (see test_reference.py); larger
+    logits give larger gradients. Not too large: Grad-CAM++'s alphas divide by 2 + sum(A) g,
+    which is ill-conditioned in both implementations where large gradients bring it near zero.
+    """
+    linear = model.get_submodule(head)
+    assert isinstance(linear, nn.Linear)
+    with torch.no_grad():
+        linear.weight.mul_(factor)
+        if linear.bias is not None:
+            linear.bias.mul_(factor)
+    return model
+
+
+@pytest.fixture(scope="session")
+def seeded_vit_b_16() -> nn.Module:
+    """torchvision's ViT-B/16 with seeded weights. torchvision initialises the head to zeros,
+    which leaves nothing to explain, so the head gets seeded random weights too."""
+    torch.manual_seed(0)
+    model = torchvision.models.vit_b_16().eval()
+    nn.init.normal_(model.heads.head.weight, std=0.02)
+    return model
+
+
+@pytest.fixture(scope="session")
+def seeded_swin_t() -> nn.Module:
+    torch.manual_seed(0)
+    return torchvision.models.swin_t().eval()
+
+
+@pytest.fixture(scope="session")
+def seeded_deit_distilled() -> nn.Module:
+    """timm DeiT-Tiny with a distillation token: two prefix tokens, two heads averaged."""
+    return _timm_model("deit_tiny_distilled_patch16_224", seed=0)
+
+
+@pytest.fixture(scope="session")
+def seeded_vit_registers() -> nn.Module:
+    """timm ViT-S/14 with a class token and four register tokens (five prefix tokens), built
+    at 224 pixels (a 16x16 patch grid) and given an ImageNet head (amplified)."""
+    model = _timm_model("vit_small_patch14_reg4_dinov2", seed=0, img_size=224, num_classes=1000)
+    return _amplified(model, "head", 1e3)
+
+
+@pytest.fixture(scope="session")
+def seeded_timm_swin() -> nn.Module:
+    """timm Swin-T, whose stages run channels-last (NHWC)."""
+    return _timm_model("swin_tiny_patch4_window7_224", seed=0)
+
+
+@pytest.fixture(scope="session")
+def tiny_vit() -> nn.Module:
+    """A small timm ViT: 32x32 inputs, 8x8 patches (a 4x4 grid), a class token and two
+    register tokens, class-token head."""
+    from timm.models.vision_transformer import VisionTransformer
+
+    torch.manual_seed(0)
+    return VisionTransformer(
+        img_size=32, patch_size=8, embed_dim=32, depth=2, num_heads=2, reg_tokens=2, num_classes=10
+    ).eval()
+
+
 @pytest.fixture
 def make_engine() -> Callable[..., CamEngine]:
     """Builds an engine on a deep copy, so session models stay trainable and unhooked."""

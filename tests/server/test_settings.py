@@ -9,6 +9,7 @@ import pytest
 
 from camserve.server.settings import (
     BUILTIN_MODEL,
+    DEFAULT_RESIZE,
     LimitsSettings,
     ModelSettings,
     Settings,
@@ -164,6 +165,7 @@ def test_the_defaults_and_the_image_bounds_are_consistent() -> None:
     assert settings.limits.max_resized_pixels == 2048 * 2048
     # The most elongated image the defaults accept, resized for the default model, fits.
     (default,) = settings.models
-    assert default.resize * default.resize * settings.limits.max_aspect_ratio <= (
+    resize = default.resize or DEFAULT_RESIZE
+    assert resize * resize * settings.limits.max_aspect_ratio <= (
         settings.limits.max_resized_pixels
     )

@@ -27,7 +27,12 @@ from camserve.server.batcher import BatchInfo, DynamicBatcher, Reservation
 from camserve.server.engine import METHODS, CamEngine, EngineError, RowRequest, RowResult
 from camserve.server.metrics import Metrics
 from camserve.server.models.labels import load_labels
-from camserve.server.models.loading import ModelLoadError, build_model, normalisation
+from camserve.server.models.loading import (
+    ModelLoadError,
+    build_model,
+    input_recipe,
+    layout_hints,
+)
 from camserve.server.records import InputRecipe, ModelMeta
 from camserve.server.settings import ModelSettings
 
@@ -102,12 +107,17 @@ class ModelRuntime:
         device = _resolve_device(spec.device)
         if spec.precision != "float32" and device.type != "cuda":
             raise ModelLoadError(f"model {spec.name!r}: precision {spec.precision} needs CUDA")
-        engine = CamEngine(build_model(spec), device=device, precision=spec.precision)
-        meta = _read_meta(spec, engine, str(device))
+        model = build_model(spec)
+        recipe = input_recipe(spec, model)
+        engine = CamEngine(
+            model, device=device, precision=spec.precision, layouts=layout_hints(spec)
+        )
+        meta = _read_meta(spec, engine, str(device), recipe)
         if warmup:
             batch = spec.max_batch_size if device.type == "cuda" else 1
             rows = [RowRequest(layer=meta.default_layer, methods=METHODS)] * batch
-            engine.explain_batch(torch.zeros(batch, 3, spec.crop, spec.crop), rows)
+            size = meta.recipe.crop
+            engine.explain_batch(torch.zeros(batch, 3, size, size), rows)
         self._engine, self._meta = engine, meta
         log.info(
             "model loaded",
@@ -221,9 +231,11 @@ def _detached(exc: BaseException) -> BaseException:
     return exc
 
 
-def _read_meta(spec: ModelSettings, engine: CamEngine, device: str) -> ModelMeta:
+def _read_meta(
+    spec: ModelSettings, engine: CamEngine, device: str, recipe: InputRecipe
+) -> ModelMeta:
     """What the model tells about itself at its input size: layers, classes, labels."""
-    size = (spec.crop, spec.crop)
+    size = (recipe.crop, recipe.crop)
     layers = tuple(engine.layers(size))
     default_layer = spec.default_layer or engine.default_layer(size)
     if default_layer not in {layer.name for layer in layers}:
@@ -236,7 +248,6 @@ def _read_meta(spec: ModelSettings, engine: CamEngine, device: str) -> ModelMeta
         labels = load_labels(spec.labels, num_classes)
     except ValueError as exc:
         raise ModelLoadError(f"model {spec.name!r}: {exc}") from None
-    mean, std = normalisation(spec)
     return ModelMeta(
         name=spec.name,
         version=spec.version,
@@ -245,6 +256,6 @@ def _read_meta(spec: ModelSettings, engine: CamEngine, device: str) -> ModelMeta
         labels=labels,
         default_layer=default_layer,
         layers=layers,
-        recipe=InputRecipe(resize=spec.resize, crop=spec.crop, mean=mean, std=std),
+        recipe=recipe,
         max_batch_size=spec.max_batch_size,
     )

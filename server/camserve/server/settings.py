@@ -21,6 +21,11 @@ IMAGENET_STD = (0.229, 0.224, 0.225)
 METRICS_DISABLED = -1
 MIN_IMAGE_SIDE = 8  # pixels; smaller images are refused
 LOG_LEVELS = ("debug", "info", "warning", "error", "critical")
+# The input recipe of builtin, torchvision and factory sources; timm sources bring their own.
+DEFAULT_RESIZE = 256
+DEFAULT_CROP = 224
+SOURCE_KINDS = ("builtin", "torchvision", "timm", "factory")
+LAYER_LAYOUTS = ("nchw", "nhwc", "tokens")
 
 
 class SettingsError(ValueError):
@@ -32,31 +37,40 @@ class ModelSettings:
     """One hosted model: where it comes from, how its inputs are made, how it is batched."""
 
     name: str
-    source: str  # "builtin:NAME", "torchvision:ARCH" or "factory:package.module:function"
+    source: str  # "builtin:NAME", "torchvision:ARCH", "timm:NAME" or "factory:pkg.module:function"
     weights: str = ""  # state dict (.pt/.pth, weights_only) or .safetensors; builtin: ignored
     labels: str = "imagenet"  # "imagenet", or a text file with one label per line
     version: str = "1"
     device: str = "auto"  # auto = CUDA when present, else CPU
     precision: str = "float32"  # float32 | bfloat16 | float16 (autocast on CUDA)
     default_layer: str = ""  # empty: detected (see camserve.server.engine)
-    num_classes: int = 0  # torchvision sources: 0 = infer from the weights (1000 without)
-    resize: int = 256  # shorter side before the centre crop; 0 = resize straight to crop x crop
-    crop: int = 224
+    num_classes: int = 0  # torchvision and timm sources: 0 = infer from the weights
+    # Shorter side before the centre crop (0 = resize straight to crop x crop) and the crop; None
+    # takes the source's own: timm's pretrained config for timm sources, else 256 and 224.
+    resize: int | None = None
+    crop: int | None = None
     mean: tuple[float, ...] = ()  # empty: the source's own (ImageNet's for torchvision)
     std: tuple[float, ...] = ()
     max_batch_size: int = 32
     max_delay_ms: float = 5.0
     max_queue: int = 256
+    # How layers hold their maps, detected unless set (see camserve.server.engine.layouts):
+    # per-layer "nchw" | "nhwc" | "tokens"; tokens before the patch grid (-1 = from the model);
+    # the (h, w) patch grid of token layers (empty = from the model and the input size).
+    layer_layouts: tuple[tuple[str, str], ...] = ()
+    prefix_tokens: int = -1
+    token_grid: tuple[int, ...] = ()
 
     def __post_init__(self) -> None:
         where = f"models[{self.name!r}]"
         if not self.name:
             raise SettingsError("every [[models]] entry needs a non-empty `name`")
         kind = self.source.split(":", 1)[0]
-        if kind not in ("builtin", "torchvision", "factory") or ":" not in self.source:
+        if kind not in SOURCE_KINDS or ":" not in self.source:
             raise SettingsError(
                 f"{where}.source={self.source!r}: use 'builtin:efficientnet-lite0', "
-                "'torchvision:ARCH' (with `weights`) or 'factory:package.module:function'"
+                "'torchvision:ARCH' or 'timm:NAME' (with `weights`), or "
+                "'factory:package.module:function'"
             )
         if self.precision not in ("float32", "bfloat16", "float16"):
             raise SettingsError(f"{where}.precision={self.precision!r}: float32|bfloat16|float16")
@@ -64,13 +78,39 @@ class ModelSettings:
             len(self.mean) != 3 or len(self.std) != 3 or any(s <= 0 for s in self.std)
         ):
             raise SettingsError(f"{where}: mean and std need 3 values each, std > 0")
-        for key in ("max_batch_size", "max_queue", "crop"):
+        for key in ("max_batch_size", "max_queue"):
             if getattr(self, key) < 1:
                 raise SettingsError(f"{where}.{key} must be at least 1")
+        if self.crop is not None and self.crop < 1:
+            raise SettingsError(f"{where}.crop must be at least 1")
+        if self.resize is not None and self.resize < 0:
+            raise SettingsError(f"{where}.resize must be 0 or at least crop")
         if self.max_delay_ms < 0:
             raise SettingsError(f"{where}.max_delay_ms must not be negative")
-        if self.resize and self.resize < self.crop:
-            raise SettingsError(f"{where}.resize must be 0 or at least crop ({self.crop})")
+        # timm sources learn their crop from timm when it is not set; the loader checks those.
+        crop = self.crop if self.crop is not None else (None if kind == "timm" else DEFAULT_CROP)
+        if self.resize and crop is not None and self.resize < crop:
+            raise SettingsError(f"{where}.resize must be 0 or at least crop ({crop})")
+        self._check_layouts(where)
+
+    def _check_layouts(self, where: str) -> None:
+        for layer, layout in self.layer_layouts:
+            if layout not in LAYER_LAYOUTS:
+                raise SettingsError(
+                    f"{where}.layer_layouts[{layer!r}]={layout!r}: use one of "
+                    f"{', '.join(LAYER_LAYOUTS)} (nhwc: channels-last maps such as Swin stages; "
+                    "tokens: (N, tokens, C) sequences)"
+                )
+        if self.prefix_tokens < -1:
+            raise SettingsError(
+                f"{where}.prefix_tokens={self.prefix_tokens}: use -1 (taken from the model) or "
+                "the number of tokens before the patch grid (class, distillation, register)"
+            )
+        if self.token_grid and (len(self.token_grid) != 2 or min(self.token_grid) < 1):
+            raise SettingsError(
+                f"{where}.token_grid={list(self.token_grid)}: use [height, width] of the patch "
+                "grid at the model's input size (input size / patch size), or omit it"
+            )
 
 
 @dataclass(frozen=True)
@@ -207,7 +247,9 @@ class Settings:
                 f"max_queue={model.max_queue}: a batch can never hold more than the queue does; "
                 "lower max_batch_size or raise max_queue"
             )
-        side = model.resize or model.crop
+        # timm sources without a configured crop take timm's; the loader checks those.
+        unset = 0 if model.source.startswith("timm:") else DEFAULT_CROP
+        side = model.resize or model.crop or unset
         if side * side > self.limits.max_resized_pixels:
             raise SettingsError(
                 f"{where}: even a square image is resized to {side}x{side} = {side * side} pixels "
@@ -277,6 +319,16 @@ def _from_mapping(data: Mapping[str, Any], source: str) -> dict[str, Any]:
         for key in ("mean", "std"):
             if key in entry:
                 entry[key] = tuple(float(v) for v in entry[key])
+        if "token_grid" in entry:
+            entry["token_grid"] = tuple(entry["token_grid"])
+        if "layer_layouts" in entry:
+            layouts = entry["layer_layouts"]
+            if not isinstance(layouts, Mapping):
+                raise SettingsError(
+                    f"{source} [[models]] {entry.get('name', '')!r}: layer_layouts must be a "
+                    'table of layer = layout, e.g. layer_layouts = { "norm" = "nhwc" }'
+                )
+            entry["layer_layouts"] = tuple(layouts.items())
         models.append(ModelSettings(**entry))
     result: dict[str, Any] = dict(server)
     result["limits"] = LimitsSettings(**limits)

@@ -10,6 +10,9 @@ How it stays close to the cost of a plain forward pass:
   are independent in eval mode); several classes per row use `is_grads_batched=True` with one-hot
   grad outputs, rows with fewer classes padded with zero vectors. Parameter `.grad` stays None.
 - All requested methods come from the same activations and gradients (see `methods`).
+- Layers that are not NCHW maps (NHWC maps, token sequences of vision transformers) are read
+  through their `layouts.Layout`: the engine differentiates the raw output and views activations
+  and gradients as (N, C, h, w) maps, prefix tokens dropped, before the methods see them.
 
 Memory format: with `channels_last=None` (the default) the engine uses channels_last tensors on
 the CPU, where oneDNN convolutions run measurably faster in that layout (README, Performance;
@@ -26,6 +29,7 @@ serialises concurrent calls); different engines on different models may run in p
 from __future__ import annotations
 
 import contextlib
+import difflib
 import threading
 from collections.abc import Callable, Iterator, Sequence
 from typing import TypeVar
@@ -35,14 +39,14 @@ from torch import nn
 
 from camserve.server.engine.hooks import Capture, capture_targets
 from camserve.server.engine.layers import (
-    PROBE_BATCH,
-    PROBE_CHANNELS,
     Probe,
     probe,
     probe_failed,
+    probe_input,
     unknown_layer,
     unusable_layer,
 )
+from camserve.server.engine.layouts import NCHW, Layout, LayoutHints, declared_hints
 from camserve.server.engine.methods import compute
 from camserve.server.engine.rows import check_batch, check_images, check_row, resolve_classes
 from camserve.server.engine.types import (
@@ -87,7 +91,11 @@ def _check_input_size(input_size: tuple[int, int]) -> tuple[int, int]:
 
 
 class CamEngine:
-    """Explains batches of images for one model on one device. See the module docstring."""
+    """Explains batches of images for one model on one device. See the module docstring.
+
+    `layouts` overrides what the engine detects about the layers' layouts (see
+    `camserve.server.engine.layouts`); what it leaves unset comes from the model itself.
+    """
 
     def __init__(
         self,
@@ -96,9 +104,20 @@ class CamEngine:
         device: torch.device | str = "cpu",
         precision: str = "float32",
         channels_last: bool | None = None,
+        layouts: LayoutHints | None = None,
     ) -> None:
         if not isinstance(model, nn.Module):
             raise EngineError(f"model must be a torch.nn.Module, got {type(model).__name__}")
+        self._hints = (layouts or LayoutHints()).over(declared_hints(model))
+        modules = dict(model.named_modules())
+        for name in self._hints.layers:
+            if not name or name not in modules:
+                close = difflib.get_close_matches(name, list(modules), n=3)
+                hint = f"; did you mean {', '.join(map(repr, close))}?" if close else ""
+                raise EngineError(
+                    f"a layout is configured for layer {name!r}, which is not a module of this "
+                    f"model{hint}"
+                )
         self._device = _parse_device(device)
         if precision not in PRECISIONS:
             raise EngineError(f"precision {precision!r} is unknown; use one of {list(PRECISIONS)}")
@@ -120,6 +139,11 @@ class CamEngine:
         self._model = model.to(self._device).to(memory_format=self._memory_format)
         self._lock = threading.Lock()
         self._probes: dict[tuple[int, int], Probe] = {}
+        # torch's attention prefers sequence-first token outputs (see hooks._copy).
+        self._sequence_first = any(
+            isinstance(module, nn.MultiheadAttention) and module.batch_first
+            for module in model.modules()
+        )
         self._batched_grads = True  # cleared for good if a model cannot vmap its backward
 
     @property
@@ -154,7 +178,7 @@ class CamEngine:
     def num_classes(self, input_size: tuple[int, int]) -> int:
         """The length of the model's logits for an input of `input_size` (height, width).
 
-        A method rather than a property because it takes a probe forward pass (cached per size).
+        A method rather than a property because it takes a probe pass (cached per size).
         """
         with self._lock:
             found = self._probe(_check_input_size(input_size))
@@ -211,12 +235,20 @@ class CamEngine:
         def forward(x: torch.Tensor) -> tuple[torch.Tensor, dict[str, Capture]]:
             if x.is_inference():  # made under the caller's inference_mode: copy it for autograd
                 x = x.clone()
-            with capture_targets(modules, batch_size) as captures, self._autocast():
+            sequence_first = self._sequence_first
+            with (
+                capture_targets(modules, batch_size, sequence_first=sequence_first) as captures,
+                self._autocast(),
+            ):
                 return self._model(x), captures
 
         logits, captures = self._run(forward, images)
         self._check_logits(logits, batch_size)
         activations = [self._activation(captures[name], input_hw) for name in layer_names]
+        layouts = [
+            self._layout(name, a, input_hw)
+            for name, a in zip(layer_names, activations, strict=True)
+        ]
 
         scores = logits.detach().float()
         classes = [resolve_classes(i, row, scores[i]) for i, row in enumerate(rows)]
@@ -230,9 +262,12 @@ class CamEngine:
 
         maps: list[dict[tuple[str, int], torch.Tensor]] = [{} for _ in rows]
         with torch.no_grad():
-            for name, activation, gradient in zip(layer_names, activations, gradients, strict=True):
+            for name, layout, activation, gradient in zip(
+                layer_names, layouts, activations, gradients, strict=True
+            ):
                 assert gradient is not None
-                self._layer_maps(name, activation.detach(), gradient, rows, classes, maps)
+                a, g = layout.to_maps(activation.detach()), layout.to_maps(gradient)
+                self._layer_maps(name, a, g, rows, classes, maps)
 
         scores = scores.cpu()
         probabilities = torch.softmax(scores, dim=1)
@@ -253,7 +288,8 @@ class CamEngine:
         activations: list[torch.Tensor],
         classes: list[tuple[int, ...]],
     ) -> list[torch.Tensor | None]:
-        """dY_c/dA for every layer as (K, N, C, h, w): K = the most classes any row asks for."""
+        """dY_c/dA for every layer as (K, N, *A's shape per image): K = the most classes any row
+        asks for."""
         depth = max(len(row_classes) for row_classes in classes)
         index = [(k, i, c) for i, wanted in enumerate(classes) for k, c in enumerate(wanted)]
         one_hot = torch.zeros((depth, *logits.shape), dtype=logits.dtype)
@@ -339,14 +375,42 @@ class CamEngine:
             raise unusable_layer(name, reason, self._probe(input_hw))
         return capture.activation
 
+    def _layout(self, name: str, activation: torch.Tensor, input_hw: tuple[int, int]) -> Layout:
+        """How to read layer `name`'s captured output as maps, as the probe found it.
+
+        Refuses layers the probe shows give no maps (no patch grid, no gradient), and an output
+        whose shape differs from the probe's at the same input size.
+        """
+        probed = self._probe(input_hw)
+        layout = probed.target_layout(name)
+        shape = tuple(activation.shape)
+        if layout is None:
+            if activation.dim() != 4:
+                raise unusable_layer(
+                    name,
+                    f"outputs a tensor of shape {shape} that the probe pass at this input size "
+                    "did not see",
+                    probed,
+                )
+            return Layout(NCHW, shape[1], (shape[2], shape[3]))
+        if shape[1:] != layout.item_shape:
+            expected = ", ".join(map(str, layout.item_shape))
+            raise unusable_layer(
+                name,
+                f"outputs a tensor of shape {shape}, but (N, {expected}) in the probe pass at the "
+                "same input size (its shape depends on the data)",
+                probed,
+            )
+        return layout
+
     def _probe(self, input_hw: tuple[int, int]) -> Probe:
-        """The model's layers at `input_hw`, from a cached probe forward pass."""
+        """The model's layers at `input_hw`, from a cached probe pass (forward and backward)."""
         found = self._probes.get(input_hw)
         if found is None:
             self._check_state()
-            sample = torch.zeros(PROBE_BATCH, PROBE_CHANNELS, *input_hw)
             try:
-                found = self._run(lambda x: probe(self._model, x), sample)
+                sample = probe_input(input_hw)
+                found = self._run(lambda x: probe(self._model, x, self._hints), sample)
             except Exception as exc:
                 raise probe_failed(input_hw, exc) from exc
             self._probes[input_hw] = found

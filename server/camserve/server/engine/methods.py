@@ -52,8 +52,13 @@ def gradcampp(activations: torch.Tensor, gradients: torch.Tensor) -> torch.Tenso
 
 
 def xgradcam(activations: torch.Tensor, gradients: torch.Tensor) -> torch.Tensor:
-    """XGrad-CAM (Fu et al.): gradients weighted by the normalised activations."""
-    sum_activations = activations.sum(dim=_SPATIAL, keepdim=True)
+    """XGrad-CAM (Fu et al.): gradients weighted by the normalised activations.
+
+    The per-channel activation sums are accumulated in float64: the weights divide by them, and
+    for normalised features (a transformer's LayerNorm outputs) some come close to zero, where
+    float32 rounding of a long sum would show in the map.
+    """
+    sum_activations = activations.sum(dim=_SPATIAL, keepdim=True, dtype=torch.float64).float()
     weights = (gradients * activations).div_(sum_activations + _XGRADCAM_EPS).sum(dim=_SPATIAL)
     return _weighted_sum(weights, activations)
 

@@ -52,7 +52,12 @@ class RowResult:
 
 @dataclass(frozen=True)
 class LayerSpec:
-    """A valid target layer and the (C, H, W) shape of its output for one image."""
+    """A valid target layer and the (C, h, w) map its output stands for, for one image.
+
+    `layout` says how the output holds that map: "nchw", "nhwc" (channels last) or "tokens"
+    (prefix tokens, then the h x w patch grid); see `camserve.server.engine.layouts`.
+    """
 
     name: str
     shape: tuple[int, int, int]
+    layout: str = "nchw"
