@@ -151,6 +151,7 @@ def test_steps_for_a_runtime_and_their_errors(
         run_pieces(engine, chunk)
     assert all(f.done for f in work)
     assert work[0].maps().shape == (2, 8, 8)
+    assert work[0].maps().device.type == "cpu"
     with pytest.raises(EngineError, match="gradient-free and needs forward-only rows"):
         engine.explain(batch[:1], [RowRequest("act", ("ablationcam",))])
 

@@ -19,6 +19,7 @@ from camserve.server.engine import (
     normalise,
     to_input,
 )
+from camserve.server.engine.gradient_free import follow_ups, pack, pieces, run_pieces
 from camserve.server.engine.scorecam import masked_inputs, score_cam
 
 
@@ -120,3 +121,22 @@ def test_scorecam_and_gradcam_rows_share_an_explain_pass(
             rtol=1e-5,
             atol=1e-6,
         )
+
+
+def test_pieces_of_different_input_sizes_or_layers_never_share_a_call(
+    seeded_tiny: nn.Module,
+    make_engine: Callable[..., CamEngine],
+    random_images: Callable[..., torch.Tensor],
+) -> None:
+    engine = make_engine(seeded_tiny)
+    kept = []
+    for size, layer in (((32, 32), "act"), ((48, 48), "act"), ((32, 32), "block")):
+        row = RowRequest(layer, (), classes=(0,), keep_activations=True)
+        kept.append(engine.explain(random_images(1, size), [row])[0])
+    work = [f for r in kept for m in ("scorecam", "ablationcam") for f in follow_ups(r, m)]
+    batches = pack([p for f in work for p in pieces(f, 100)], max_rows=1000)
+    # ScoreCAM: the two 32x32 rows share a call whatever their layer; AblationCAM: none share.
+    assert sorted(len(b) for b in batches) == [1, 1, 1, 1, 2]
+    for batch in batches:
+        run_pieces(engine, batch)
+    assert all(f.done for f in work)

@@ -72,10 +72,13 @@ class FollowUp:
         return int(self.retained.activation.shape[0])
 
     @property
-    def key(self) -> tuple[str, ...]:
-        """Pieces with equal keys can share one model call (same method and, for the tail,
-        same layer; ScoreCAM rows are plain inputs of any layer's request)."""
-        return (self.method, self.layer) if self.method == "ablationcam" else (self.method,)
+    def key(self) -> tuple[object, ...]:
+        """Pieces with equal keys can share one model call: same method and input size and,
+        for the tail, same layer (ScoreCAM rows are plain inputs, whatever the layer)."""
+        size = tuple(self.retained.image.shape[-2:])
+        if self.method == "ablationcam":
+            return (self.method, size, self.layer)
+        return (self.method, size)
 
     @property
     def done(self) -> bool:
@@ -94,15 +97,18 @@ class FollowUp:
         self.scores[:, start:stop] = logits[:, list(self.classes)].T.float().cpu()
 
     def maps(self) -> torch.Tensor:
-        """The raw maps (K, h, w) at feature resolution, once every channel has been scored."""
+        """The raw maps (K, h, w), float32 on the CPU at feature resolution, once every channel
+        has been scored."""
         if not self.done:
             missing = int(torch.isnan(self.scores).any(dim=0).sum())
             raise EngineError(f"{self.method}: {missing} channels are not scored yet; run them")
         activation = self.retained.activation
         if self.method == "ablationcam":
             original = self.retained.logits[list(self.classes)]
-            return ablation_cam(activation, original, self.scores, eigen_smooth=self.eigen_smooth)
-        return score_cam(activation, self.scores, eigen_smooth=self.eigen_smooth)
+            maps = ablation_cam(activation, original, self.scores, eigen_smooth=self.eigen_smooth)
+        else:
+            maps = score_cam(activation, self.scores, eigen_smooth=self.eigen_smooth)
+        return maps.float().cpu()
 
 
 @dataclass(frozen=True)
@@ -144,7 +150,7 @@ def pack(all_pieces: Sequence[Piece], max_rows: int) -> list[list[Piece]]:
     """Batches of at most `max_rows` rows, each of pieces with one key, in the given order
     within each key. A piece larger than `max_rows` gets a batch of its own."""
     batches: list[list[Piece]] = []
-    open_batches: dict[tuple[str, ...], list[Piece]] = {}
+    open_batches: dict[tuple[object, ...], list[Piece]] = {}
     for piece in all_pieces:
         key = piece.follow_up.key
         current = open_batches.get(key)
@@ -164,7 +170,7 @@ def run_pieces(engine: CamEngine, batch: Sequence[Piece]) -> None:
         return
     keys = {piece.follow_up.key for piece in batch}
     if len(keys) != 1:
-        raise EngineError(f"a batch of pieces must share one key, got {sorted(keys)}")
+        raise EngineError(f"a batch of pieces must share one key, got {sorted(map(str, keys))}")
     rows = torch.cat([piece.follow_up.rows(piece.start, piece.stop) for piece in batch])
     first = batch[0].follow_up
     if first.method == "ablationcam":
