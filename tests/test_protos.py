@@ -26,3 +26,14 @@ def test_committed_stubs_match_a_fresh_generation(tmp_path: Path) -> None:
         fresh = (tmp_path / "camserve" / "v1" / name).read_text()
         committed = (PROTOS / "camserve" / "v1" / name).read_text()
         assert fresh == committed, f"{name} is stale: run `make protos` and commit the result"
+
+
+def test_every_wire_method_has_a_name_and_the_engine_knows_it() -> None:
+    from camserve.server.engine import ALL_METHODS
+    from camserve.v1 import explain_pb2 as pb
+    from camserve.v1.methods import ALL_METHOD_BY_NAME, METHOD_BY_NAME
+
+    named = {value for value in pb.Method.values() if value != pb.METHOD_UNSPECIFIED}
+    assert set(ALL_METHOD_BY_NAME.values()) == named
+    assert tuple(ALL_METHOD_BY_NAME) == ALL_METHODS
+    assert METHOD_BY_NAME.items() <= ALL_METHOD_BY_NAME.items()

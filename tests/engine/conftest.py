@@ -8,7 +8,7 @@ pytorch-grad-cam, which needs trainable parameters.
 from __future__ import annotations
 
 import copy
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -17,6 +17,7 @@ import pytest
 import torch
 import torchvision
 from PIL import Image
+from threadpoolctl import threadpool_limits
 from torch import nn
 
 from camserve.server.engine import CamEngine
@@ -67,6 +68,79 @@ def lite0_original() -> nn.Module:
 def lite0(lite0_original: nn.Module) -> nn.Module:
     """The pretrained EfficientNet-Lite0, wrapped (shares the original's modules and weights)."""
     return EfficientNetLite0(lite0_original).eval()
+
+
+@pytest.fixture(scope="session", autouse=True)
+def single_threaded_blas() -> Iterator[None]:
+    """numpy's OpenBLAS on one thread for the engine tests: pytorch-grad-cam's SVDs (EigenCAM,
+    eigen_smooth) otherwise spin their worker threads against torch's and run many times
+    slower on a busy machine. The engine limits its own SVDs the same way."""
+    with threadpool_limits(limits=1, user_api="blas"):
+        yield
+
+
+class _Residual(nn.Module):
+    def __init__(self, channels: int) -> None:
+        super().__init__()
+        self.conv1 = nn.Conv2d(channels, channels, 3, padding=1, bias=False)
+        self.bn1 = nn.BatchNorm2d(channels)
+        self.conv2 = nn.Conv2d(channels, channels, 3, padding=1, bias=False)
+        self.bn2 = nn.BatchNorm2d(channels)
+        self.relu1 = nn.ReLU()
+        self.relu2 = nn.ReLU()
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        out = self.bn2(self.conv2(self.relu1(self.bn1(self.conv1(x)))))
+        return self.relu2(out + x)
+
+
+class TinyNet(nn.Module):
+    """A small CNN whose layers have few channels, so gradient-free methods run in milliseconds.
+
+    Targets: `block` (a residual block, ReLU output: minimum 0), `head` (a raw convolution:
+    negative values), `act` (its ReLU), and `block.conv2`, which a skip connection bypasses.
+    """
+
+    def __init__(self, classes: int = 10) -> None:
+        super().__init__()
+        self.stem = nn.Sequential(
+            nn.Conv2d(3, 8, 3, stride=2, padding=1), nn.BatchNorm2d(8), nn.ReLU()
+        )
+        self.block = _Residual(8)
+        self.head = nn.Conv2d(8, 24, 3, stride=2, padding=1)
+        self.act = nn.ReLU()
+        self.pool = nn.AdaptiveAvgPool2d(1)
+        self.fc = nn.Linear(24, classes)
+
+    def features(self, x: torch.Tensor) -> torch.Tensor:
+        return self.act(self.head(self.block(self.stem(x))))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.fc(torch.flatten(self.pool(self.features(x)), 1))
+
+
+class BranchyTinyNet(TinyNet):
+    """TinyNet with data-dependent control flow in forward, which torch.fx cannot trace."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        features = self.features(x)
+        if features.mean() > -1e9:  # always true; fx refuses to branch on a traced value
+            features = features * 1.0
+        return self.fc(torch.flatten(self.pool(features), 1))
+
+
+@pytest.fixture(scope="session")
+def seeded_tiny() -> nn.Module:
+    torch.manual_seed(3)
+    return TinyNet().eval()
+
+
+@pytest.fixture(scope="session")
+def seeded_branchy(seeded_tiny: nn.Module) -> nn.Module:
+    """The same weights as `seeded_tiny`, behind a forward torch.fx cannot trace."""
+    twin = BranchyTinyNet().eval()
+    twin.load_state_dict(seeded_tiny.state_dict())
+    return twin
 
 
 @pytest.fixture(scope="session")

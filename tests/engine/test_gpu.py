@@ -8,15 +8,27 @@ import pytest
 import torch
 from torch import nn
 
-from camserve.server.engine import METHODS, CamEngine, RowRequest, normalise, to_input
+from camserve.server.engine import (
+    METHODS,
+    CamEngine,
+    RowRequest,
+    explain_all,
+    normalise,
+    to_input,
+)
+from camserve.server.engine.eigen import first_component
 
 pytestmark = [
     pytest.mark.gpu,
     pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device"),
 ]
 
+# The eigen methods are left out of the CPU comparison: TF32 and bfloat16 rounding may flip the
+# arbitrary sign of a projection (see camserve.server.engine.eigen); test_cuda_new_methods
+# covers them on the device.
+SUMS = tuple(m for m in METHODS if not m.startswith("eigen"))
 ROWS = [
-    RowRequest("layer4", METHODS, top_k=3),
+    RowRequest("layer4", SUMS, top_k=3),
     RowRequest("layer3", ("gradcam", "layercam"), classes=(5,)),
     RowRequest("layer4", ("gradcam",), classes=(1, 2)),
 ]
@@ -86,3 +98,36 @@ def test_cuda_peak_memory_stays_near_a_forward_pass(
     engine.explain_batch(batch, [RowRequest("layer4", METHODS)] * 32)
     explain_peak = torch.cuda.max_memory_allocated() - base
     assert explain_peak <= 1.5 * forward_peak, (explain_peak, forward_peak)
+
+
+def test_cuda_new_methods(
+    seeded_resnet18: nn.Module,
+    make_engine: Callable[..., CamEngine],
+    random_images: Callable[..., torch.Tensor],
+) -> None:
+    """The projection runs on the CPU whatever the device; the gradient-free rows, the tail and
+    aug_smooth run on the device and agree with the CPU engine."""
+    matrices = torch.randn(3, 49, 512, generator=torch.Generator().manual_seed(0))
+    on_gpu = first_component(matrices.cuda())
+    assert on_gpu.device.type == "cuda"
+    torch.testing.assert_close(on_gpu.cpu(), first_component(matrices), rtol=0, atol=0)
+
+    batch = random_images(2, (64, 64), seed=33)
+    rows = [
+        RowRequest("layer4", ("ablationcam", "eigencam"), classes=(3,), aug_smooth=True),
+        RowRequest("layer3", ("scorecam", "gradcam"), classes=(5,), eigen_smooth=True),
+    ]
+    cpu = explain_all(make_engine(seeded_resnet18), batch, rows, chunk_rows=256)
+    engine = make_engine(seeded_resnet18, device="cuda")
+    torch.backends.cudnn.allow_tf32 = False
+    try:
+        gpu = explain_all(engine, batch.cuda(), rows, chunk_rows=256)
+    finally:
+        torch.backends.cudnn.allow_tf32 = True
+    for got, want in zip(gpu, cpu, strict=True):
+        for key in ("ablationcam", 3), ("scorecam", 5):
+            if key in want.maps:
+                a = normalise(to_input(got.maps[key], (64, 64)))
+                b = normalise(to_input(want.maps[key], (64, 64)))
+                assert float((a - b).abs().mean()) < 1e-2, key
+    assert engine.tail_fraction("layer4", (64, 64)) < 0.05

@@ -35,7 +35,8 @@ def test_maps_follow_the_class_asked_for(
     left: str,
     right: str,
 ) -> None:
-    """A cat and an espresso side by side: each class's map sits on its own half."""
+    """A cat and an espresso side by side: each class's map sits on its own half. EigenCAM is
+    left out: it explains the activations' main component, the same map for every class."""
     engine = make_engine(lite0)
     pair = lite_side_by_side(left, right)
     result = engine.explain_batch(pair, [RowRequest("head", METHODS, classes=(CAT, ESPRESSO))])[0]
@@ -43,7 +44,7 @@ def test_maps_follow_the_class_asked_for(
     assert {CAT, ESPRESSO} <= top5
     cat_side = slice(0, 7) if left == "chelsea.jpg" else slice(7, 14)
     cup_side = slice(7, 14) if left == "chelsea.jpg" else slice(0, 7)
-    for method in METHODS:
+    for method in (m for m in METHODS if m != "eigencam"):
         cat_map = result.maps[(method, CAT)]
         cup_map = result.maps[(method, ESPRESSO)]
         assert cat_map.shape == (7, 14)

@@ -215,7 +215,7 @@ def test_train_mode_and_unfrozen_parameters_are_refused(
     ("rows", "match"),
     [
         ([RowRequest("layer4")] * 2, r"rows has 2 entries but batch holds 1 images"),
-        ([RowRequest("layer4", ("gradcam", "scorecam"))], r"rows\[0\]\.methods: unknown method"),
+        ([RowRequest("layer4", ("gradcam", "smoothgrad"))], r"rows\[0\]\.methods: unknown method"),
         ([RowRequest("layer4", ())], r"rows\[0\]\.methods must be a non-empty tuple"),
         ([RowRequest("layer4", "gradcam")], r"rows\[0\]\.methods must be a non-empty tuple"),
         ([RowRequest("layer4", ("gradcam", "gradcam"))], r"lists a method twice"),

@@ -13,7 +13,16 @@ from collections.abc import Callable
 import numpy as np
 import pytest
 import torch
-from pytorch_grad_cam import GradCAM, GradCAMPlusPlus, HiResCAM, LayerCAM, XGradCAM
+from pytorch_grad_cam import (
+    EigenCAM,
+    EigenGradCAM,
+    GradCAM,
+    GradCAMElementWise,
+    GradCAMPlusPlus,
+    HiResCAM,
+    LayerCAM,
+    XGradCAM,
+)
 from pytorch_grad_cam.base_cam import BaseCAM
 from pytorch_grad_cam.utils.model_targets import ClassifierOutputTarget
 from torch import nn
@@ -37,6 +46,9 @@ REFERENCES: dict[str, type[BaseCAM]] = {
     "xgradcam": XGradCAM,
     "hirescam": HiResCAM,
     "layercam": LayerCAM,
+    "gradcamelementwise": GradCAMElementWise,
+    "eigencam": EigenCAM,
+    "eigengradcam": EigenGradCAM,
 }
 Transform = Callable[[torch.Tensor], torch.Tensor]
 

@@ -22,6 +22,11 @@ class Method(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
     METHOD_XGRADCAM: _ClassVar[Method]
     METHOD_HIRESCAM: _ClassVar[Method]
     METHOD_LAYERCAM: _ClassVar[Method]
+    METHOD_GRADCAM_ELEMENTWISE: _ClassVar[Method]
+    METHOD_EIGENCAM: _ClassVar[Method]
+    METHOD_EIGENGRADCAM: _ClassVar[Method]
+    METHOD_ABLATIONCAM: _ClassVar[Method]
+    METHOD_SCORECAM: _ClassVar[Method]
 
 class Resolution(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
     __slots__ = ()
@@ -40,6 +45,11 @@ METHOD_GRADCAMPP: Method
 METHOD_XGRADCAM: Method
 METHOD_HIRESCAM: Method
 METHOD_LAYERCAM: Method
+METHOD_GRADCAM_ELEMENTWISE: Method
+METHOD_EIGENCAM: Method
+METHOD_EIGENGRADCAM: Method
+METHOD_ABLATIONCAM: Method
+METHOD_SCORECAM: Method
 RESOLUTION_UNSPECIFIED: Resolution
 RESOLUTION_FEATURE_MAP: Resolution
 RESOLUTION_INPUT: Resolution
@@ -93,7 +103,7 @@ class OutputOptions(_message.Message):
     def __init__(self, resolution: _Optional[_Union[Resolution, str]] = ..., height: _Optional[int] = ..., width: _Optional[int] = ..., dtype: _Optional[_Union[DType, str]] = ..., raw: _Optional[bool] = ..., overlay: _Optional[bool] = ...) -> None: ...
 
 class ExplainRequest(_message.Message):
-    __slots__ = ("model", "images", "layer", "methods", "output", "top_predictions", "request_id")
+    __slots__ = ("model", "images", "layer", "methods", "output", "top_predictions", "request_id", "eigen_smooth", "aug_smooth")
     MODEL_FIELD_NUMBER: _ClassVar[int]
     IMAGES_FIELD_NUMBER: _ClassVar[int]
     LAYER_FIELD_NUMBER: _ClassVar[int]
@@ -101,6 +111,8 @@ class ExplainRequest(_message.Message):
     OUTPUT_FIELD_NUMBER: _ClassVar[int]
     TOP_PREDICTIONS_FIELD_NUMBER: _ClassVar[int]
     REQUEST_ID_FIELD_NUMBER: _ClassVar[int]
+    EIGEN_SMOOTH_FIELD_NUMBER: _ClassVar[int]
+    AUG_SMOOTH_FIELD_NUMBER: _ClassVar[int]
     model: str
     images: _containers.RepeatedCompositeFieldContainer[Image]
     layer: str
@@ -108,7 +120,9 @@ class ExplainRequest(_message.Message):
     output: OutputOptions
     top_predictions: int
     request_id: str
-    def __init__(self, model: _Optional[str] = ..., images: _Optional[_Iterable[_Union[Image, _Mapping]]] = ..., layer: _Optional[str] = ..., methods: _Optional[_Iterable[_Union[Method, str]]] = ..., output: _Optional[_Union[OutputOptions, _Mapping]] = ..., top_predictions: _Optional[int] = ..., request_id: _Optional[str] = ...) -> None: ...
+    eigen_smooth: bool
+    aug_smooth: bool
+    def __init__(self, model: _Optional[str] = ..., images: _Optional[_Iterable[_Union[Image, _Mapping]]] = ..., layer: _Optional[str] = ..., methods: _Optional[_Iterable[_Union[Method, str]]] = ..., output: _Optional[_Union[OutputOptions, _Mapping]] = ..., top_predictions: _Optional[int] = ..., request_id: _Optional[str] = ..., eigen_smooth: _Optional[bool] = ..., aug_smooth: _Optional[bool] = ...) -> None: ...
 
 class Prediction(_message.Message):
     __slots__ = ("index", "label", "probability", "logit")

@@ -4,13 +4,24 @@ from __future__ import annotations
 
 from camserve.v1 import explain_pb2 as pb
 
-# Names in the order documented everywhere; each maps to its wire enum value.
-METHOD_BY_NAME: dict[str, int] = {
+# Every method the protocol names, wire value by name, in enum order.
+ALL_METHOD_BY_NAME: dict[str, int] = {
     "gradcam": pb.METHOD_GRADCAM,
     "gradcampp": pb.METHOD_GRADCAMPP,
     "xgradcam": pb.METHOD_XGRADCAM,
     "hirescam": pb.METHOD_HIRESCAM,
     "layercam": pb.METHOD_LAYERCAM,
+    "gradcamelementwise": pb.METHOD_GRADCAM_ELEMENTWISE,
+    "eigencam": pb.METHOD_EIGENCAM,
+    "eigengradcam": pb.METHOD_EIGENGRADCAM,
+    "ablationcam": pb.METHOD_ABLATIONCAM,
+    "scorecam": pb.METHOD_SCORECAM,
+}
+# The methods that request validation, GetModel and the SDK offer, in the order documented
+# everywhere; each maps to its wire enum value.
+METHOD_BY_NAME: dict[str, int] = {
+    name: ALL_METHOD_BY_NAME[name]
+    for name in ("gradcam", "gradcampp", "xgradcam", "hirescam", "layercam")
 }
 # Wire value to name; METHOD_UNSPECIFIED means Grad-CAM.
 NAME_BY_METHOD: dict[int, str] = {

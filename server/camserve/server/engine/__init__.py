@@ -1,8 +1,12 @@
-"""The CAM engine: Grad-CAM, Grad-CAM++, XGrad-CAM, HiResCAM and LayerCAM for whole batches.
+"""The CAM engine: Grad-CAM and its relatives for whole batches.
 
-`CamEngine` runs the model and returns raw maps at feature resolution; `shaping` turns them into
-pixels over the model input or the original image, and into [0, 1] (`shape_heatmaps`, with one
-normalisation rule at every resolution).
+`CamEngine.explain_batch` runs the model once forward and once backward and returns raw maps at
+feature resolution for the single-pass methods (`METHODS`: Grad-CAM, Grad-CAM++, XGrad-CAM,
+HiResCAM, LayerCAM, Grad-CAM element-wise, EigenCAM, EigenGradCAM), with `eigen_smooth` and
+`aug_smooth` options per row; `shaping` turns maps into pixels over the model input or the
+original image, and into [0, 1] (`shape_heatmaps`, one normalisation rule at every resolution).
+The gradient-free methods (`GRADIENT_FREE_METHODS`: AblationCAM, ScoreCAM) add forward-only rows
+after that pass: see `gradient_free`. `costs` says what each method weighs.
 
 Target layers (`CamEngine.layers`) are the modules that run exactly once per forward pass and
 output one map per image: an NCHW or NHWC feature map, or a vision transformer's token sequence
@@ -25,6 +29,8 @@ receive gradient (a class-token ViT: its last block's first norm). Details in
 """
 
 from camserve.server.engine.core import PRECISIONS, CamEngine
+from camserve.server.engine.costs import MethodCost, method_cost
+from camserve.server.engine.gradient_free import FollowUp, Piece, explain_all
 from camserve.server.engine.layouts import LayoutHints
 from camserve.server.engine.shaping import (
     Geometry,
@@ -36,25 +42,38 @@ from camserve.server.engine.shaping import (
     to_size,
 )
 from camserve.server.engine.types import (
+    ALL_METHODS,
+    GRADIENT_FREE_METHODS,
     METHODS,
+    Augmentation,
     EngineError,
     LayerError,
     LayerSpec,
+    Retained,
     RowRequest,
     RowResult,
 )
 
 __all__ = [
+    "ALL_METHODS",
+    "GRADIENT_FREE_METHODS",
     "METHODS",
     "PRECISIONS",
+    "Augmentation",
     "CamEngine",
     "EngineError",
+    "FollowUp",
     "Geometry",
     "LayerError",
     "LayerSpec",
     "LayoutHints",
+    "MethodCost",
+    "Piece",
+    "Retained",
     "RowRequest",
     "RowResult",
+    "explain_all",
+    "method_cost",
     "normalise",
     "output_bytes",
     "shape_heatmaps",

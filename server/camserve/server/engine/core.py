@@ -37,6 +37,8 @@ from typing import TypeVar
 import torch
 from torch import nn
 
+from camserve.server.engine import augment
+from camserve.server.engine.costs import MethodCost, method_cost
 from camserve.server.engine.hooks import Capture, capture_targets
 from camserve.server.engine.layers import (
     Probe,
@@ -47,12 +49,22 @@ from camserve.server.engine.layers import (
     unusable_layer,
 )
 from camserve.server.engine.layouts import NCHW, Layout, LayoutHints, declared_hints
-from camserve.server.engine.methods import compute
-from camserve.server.engine.rows import check_batch, check_images, check_row, resolve_classes
+from camserve.server.engine.methods import compute, uses_gradients
+from camserve.server.engine.rows import (
+    check_activations,
+    check_batch,
+    check_images,
+    check_row,
+    resolve_classes,
+    row_images,
+)
+from camserve.server.engine.tail import Tail, Tails
 from camserve.server.engine.types import (
+    ALL_METHODS,
     EngineError,
     LayerError,
     LayerSpec,
+    Retained,
     RowRequest,
     RowResult,
 )
@@ -145,6 +157,7 @@ class CamEngine:
             for module in model.modules()
         )
         self._batched_grads = True  # cleared for good if a model cannot vmap its backward
+        self._tails = Tails(self._model, to_device=self._to_layout, autocast=self._autocast)
 
     @property
     def model(self) -> nn.Module:
@@ -209,25 +222,84 @@ class CamEngine:
     def explain_batch(self, batch: torch.Tensor, rows: Sequence[RowRequest]) -> list[RowResult]:
         """Predictions and maps for each image of `batch` (N, 3, H, W), one RowRequest per image.
 
-        Rows may name different layers, methods and classes; the union of their layers is hooked
-        and each row gets only the methods it asked for. Maps are float32 on the CPU, ReLU'd, not
-        normalised, at feature resolution.
+        Rows may name different layers, methods, classes and options; the union of their layers
+        is hooked and each row gets only the methods it asked for. Maps are float32 on the CPU,
+        ReLU'd, not normalised, at feature resolution (at input resolution with aug_smooth, whose
+        six copies per image join the same pass). Rows with keep_activations also get
+        `RowResult.retained` for the gradient-free methods.
         """
         rows = list(rows)
         images = check_batch(batch, rows)
         for index, row in enumerate(rows):
             check_row(index, row)
         input_hw = (int(images.shape[2]), int(images.shape[3]))
+        expansion = augment.expand(images, rows)
         with self._lock:
             self._check_state()
             with torch.inference_mode(False), torch.enable_grad():
-                return self._explain_rows(images, rows, input_hw)
+                results = self._explain(expansion, input_hw)
+        return augment.collapse(expansion, results, input_hw)
+
+    def predict_tail(
+        self,
+        layer: str,
+        activations: torch.Tensor,
+        images: torch.Tensor,
+        image_index: Sequence[int] | None = None,
+    ) -> torch.Tensor:
+        """Logits (R, num_classes), float32 on the CPU, of the model run from `layer` onwards.
+
+        `activations` (R, C, h, w) stand in for the layer's output; only the modules after the
+        layer run (`camserve.server.engine.tail`), in inference mode. `images` (B, 3, H, W) are
+        the inputs the rows' activations came from and row r's is `images[image_index[r]]`
+        (default: B == R, one per row, or B == 1, shared): the input size selects the split, and
+        a model that cannot be split runs its full forward on them with the layer's output
+        replaced (logged once per engine). The model may overwrite `activations` in place.
+        """
+        rows = check_activations(activations)
+        pictures = check_images(images)
+        index = row_images(image_index, rows, int(pictures.shape[0]))
+        input_hw = (int(pictures.shape[2]), int(pictures.shape[3]))
+        with self._lock:
+            self._check_state()
+            tail = self._tail(layer, input_hw)
+            if tuple(activations.shape[1:]) != tail.shape:
+                raise EngineError(
+                    f"activations have shape {tuple(activations.shape)} but layer {layer!r} "
+                    f"outputs {tail.shape} at {input_hw[0]}x{input_hw[1]}; pass rows of that "
+                    "layer's output for images of that size"
+                )
+            logits = self._tails.run(tail, activations.detach(), pictures, index)
+            self._check_logits(logits, rows)
+            return logits.float().cpu()
+
+    def tail_fraction(self, layer: str, input_size: tuple[int, int]) -> float:
+        """The FLOPs after `layer` over those of a whole forward pass at `input_size`: what one
+        ablated row costs in forward passes (1.0 when the model cannot be split)."""
+        input_hw = _check_input_size(input_size)
+        with self._lock:
+            self._check_state()
+            return self._tails.fraction(self._tail(layer, input_hw), input_hw)
+
+    def method_costs(
+        self, layer: str, input_size: tuple[int, int], *, aug_smooth: bool = False
+    ) -> dict[str, MethodCost]:
+        """Every method's cost per image at `layer` (`camserve.server.engine.costs`)."""
+        input_hw = _check_input_size(input_size)
+        with self._lock:
+            channels = self._spec(layer, input_hw).shape[0]
+        fraction = self.tail_fraction(layer, input_size)
+        return {
+            method: method_cost(
+                method, channels=channels, tail_fraction=fraction, aug_smooth=aug_smooth
+            )
+            for method in ALL_METHODS
+        }
 
     # -------------------------------------------------------------------------------- internals
 
-    def _explain_rows(
-        self, images: torch.Tensor, rows: list[RowRequest], input_hw: tuple[int, int]
-    ) -> list[RowResult]:
+    def _explain(self, expansion: augment.Expansion, input_hw: tuple[int, int]) -> list[RowResult]:
+        images, rows = expansion.images, expansion.rows
         batch_size = int(images.shape[0])
         layer_names = list(dict.fromkeys(row.layer for row in rows))
         modules = {name: self._module(name, input_hw) for name in layer_names}
@@ -251,26 +323,34 @@ class CamEngine:
         ]
 
         scores = logits.detach().float()
-        classes = [resolve_classes(i, row, scores[i]) for i, row in enumerate(rows)]
-        gradients = self._gradients(logits, activations, classes)
-        for name, gradient in zip(layer_names, gradients, strict=True):
-            if gradient is None:
-                raise LayerError(
-                    f"layer {name!r} does not influence the model's logits, so it has no "
-                    f"gradient to explain; {self._probe(input_hw).listing()}"
-                )
+        chosen = {
+            source: resolve_classes(expansion.origin[source], rows[source], scores[source])
+            for source in dict.fromkeys(expansion.class_source)
+        }
+        classes = [chosen[source] for source in expansion.class_source]
+        gradients: list[torch.Tensor | None] = [None] * len(layer_names)
+        if any(uses_gradients(method) for row in rows for method in row.methods):
+            gradients = self._gradients(logits, activations, classes)
+            for name, gradient in zip(layer_names, gradients, strict=True):
+                if gradient is None:
+                    raise LayerError(
+                        f"layer {name!r} does not influence the model's logits, so it has no "
+                        f"gradient to explain; {self._probe(input_hw).listing()}"
+                    )
 
         maps: list[dict[tuple[str, int], torch.Tensor]] = [{} for _ in rows]
         with torch.no_grad():
             for name, layout, activation, gradient in zip(
                 layer_names, layouts, activations, gradients, strict=True
             ):
-                assert gradient is not None
-                a, g = layout.to_maps(activation.detach()), layout.to_maps(gradient)
-                self._layer_maps(name, a, g, rows, classes, maps)
+                grid = None if gradient is None else layout.to_maps(gradient)
+                self._layer_maps(
+                    name, layout.to_maps(activation.detach()), grid, rows, classes, maps
+                )
 
         scores = scores.cpu()
         probabilities = torch.softmax(scores, dim=1)
+        retained = self._retained(images, rows, layer_names, layouts, activations, scores)
         return [
             RowResult(
                 logits=scores[i],
@@ -278,9 +358,40 @@ class CamEngine:
                 classes=classes[i],
                 layer=row.layer,
                 maps=maps[i],
+                retained=retained[i],
             )
             for i, row in enumerate(rows)
         ]
+
+    def _retained(
+        self,
+        images: torch.Tensor,
+        rows: list[RowRequest],
+        layer_names: list[str],
+        layouts: list[Layout],
+        activations: list[torch.Tensor],
+        scores: torch.Tensor,
+    ) -> list[tuple[Retained, ...]]:
+        """For rows with keep_activations: their input and layer output as a (C, h, w) map,
+        copied on the device. Only an NCHW layer's map is also what the tail takes as input."""
+        kept: list[tuple[Retained, ...]] = [() for _ in rows]
+        wanted = [i for i, row in enumerate(rows) if row.keep_activations]
+        if not wanted:
+            return kept
+        inputs = self._to_device(images[wanted])
+        for position, i in enumerate(wanted):
+            layer = layer_names.index(rows[i].layer)
+            layout = layouts[layer]
+            activation = layout.to_maps(activations[layer][i].detach()).clone()
+            kept[i] = (
+                Retained(
+                    image=inputs[position],
+                    activation=activation,
+                    logits=scores[i],
+                    feeds_tail=layout.kind == NCHW,
+                ),
+            )
+        return kept
 
     def _gradients(
         self,
@@ -333,25 +444,32 @@ class CamEngine:
     def _layer_maps(
         name: str,
         activation: torch.Tensor,
-        gradient: torch.Tensor,
+        gradient: torch.Tensor | None,
         rows: list[RowRequest],
         classes: list[tuple[int, ...]],
         maps: list[dict[tuple[str, int], torch.Tensor]],
     ) -> None:
-        """Fills `maps` with every method asked of layer `name`, one tensor op per method."""
+        """Fills `maps` with every method asked of layer `name`, one tensor op per method and
+        eigen_smooth setting."""
         on_layer = [i for i, row in enumerate(rows) if row.layer == name]
-        methods = dict.fromkeys(m for i in on_layer for m in rows[i].methods)
-        for method in methods:
-            wanted = [i for i in on_layer if method in rows[i].methods]
+        asked = dict.fromkeys((m, rows[i].eigen_smooth) for i in on_layer for m in rows[i].methods)
+        for method, eigen_smooth in asked:
+            wanted = [
+                i
+                for i in on_layer
+                if method in rows[i].methods and rows[i].eigen_smooth == eigen_smooth
+            ]
+            g = gradient if uses_gradients(method) else None
             if len(wanted) == activation.shape[0]:
-                a, g = activation, gradient
+                a = activation
             else:
                 picked = torch.tensor(wanted, device=activation.device)
-                a, g = activation[picked], gradient[:, picked]
-            cams = compute(method, a, g).cpu()  # (K, len(wanted), h, w)
+                a = activation[picked]
+                g = None if g is None else g[:, picked]
+            cams = compute(method, a, g, eigen_smooth=eigen_smooth).cpu()  # (K or 1, n, h, w)
             for column, i in enumerate(wanted):
                 for k, class_index in enumerate(classes[i]):
-                    maps[i][(method, class_index)] = cams[k, column]
+                    maps[i][(method, class_index)] = cams[min(k, cams.shape[0] - 1), column]
 
     def _module(self, name: str, input_hw: tuple[int, int]) -> nn.Module:
         try:
@@ -416,6 +534,27 @@ class CamEngine:
             self._probes[input_hw] = found
         return found
 
+    def _spec(self, layer: str, input_hw: tuple[int, int]) -> LayerSpec:
+        """`layer` as a target at `input_hw`, or the LayerError that says why it is not one."""
+        self._module(layer, input_hw)
+        found = self._probe(input_hw)
+        for spec in found.specs():
+            if spec.name == layer:
+                return spec
+        raise unusable_layer(
+            layer,
+            "is not a target layer (it must run once per forward pass and output an "
+            "(N, C, H, W) map)",
+            found,
+        )
+
+    def _tail(self, layer: str, input_hw: tuple[int, int]) -> Tail:
+        """`layer`'s tail at `input_hw` (`camserve.server.engine.tail.Tails`)."""
+        found = self._tails.cached(layer, input_hw)
+        if found is not None:
+            return found
+        return self._tails.build(layer, self._spec(layer, input_hw).shape, probe_input(input_hw))
+
     def _run(self, forward: Callable[[torch.Tensor], T], images: torch.Tensor) -> T:
         """`forward` on the images moved to the device and memory format.
 
@@ -469,6 +608,11 @@ class CamEngine:
 
     def _to_device(self, images: torch.Tensor) -> torch.Tensor:
         x = images.detach().to(self._device, dtype=torch.float32, non_blocking=True)
+        return x.contiguous(memory_format=self._memory_format)
+
+    def _to_layout(self, tensor: torch.Tensor) -> torch.Tensor:
+        """A 4-D tensor on the device in the engine's memory format, its dtype kept."""
+        x = tensor.detach().to(self._device, non_blocking=True)
         return x.contiguous(memory_format=self._memory_format)
 
     @contextlib.contextmanager

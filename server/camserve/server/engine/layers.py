@@ -77,7 +77,7 @@ class Probe:
         ]
 
     def target_layout(self, name: str) -> Layout | None:
-        """The layout in which `explain` reads layer `name`.
+        """The layout in which `explain_batch` reads layer `name`.
 
         Raises LayerError for a layer the probe shows cannot give maps: a sequence without a
         patch grid, a layout override that does not fit, positions without gradient. None when

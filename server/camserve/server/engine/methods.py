@@ -1,10 +1,15 @@
-"""The five CAM methods as pure functions of activations A and gradients dY/dA.
+"""The single-pass CAM methods as pure functions of activations A and gradients dY/dA.
 
 Feature maps are laid out channels-last and flattened: (..., S, C) with S = h * w spatial
 positions and C channels. That is the layout convolutions already produce under channels_last
 (a free view), and it keeps every elementwise op on contiguous memory. `activations` (R, S, C)
-broadcast against `gradients` (K, R, S, C): K classes for R images; each function returns
-(K, R, S) ReLU'd, unnormalised maps.
+broadcast against `gradients` (K, R, S, C): K classes for R images.
+
+Every method is a sum over channels of per-channel terms (`CamMethod.terms`, (K, R, S, C)). The
+plain map is that sum, ReLU'd; `CamMethod.fast` computes it without materialising the terms.
+With eigen_smooth, and always for EigenCAM and EigenGradCAM, the map is instead the first
+principal component of the terms (`camserve.server.engine.eigen`), ReLU'd. EigenCAM works on the
+raw activations (no ReLU before the projection) and ignores the gradients, as pytorch-grad-cam's.
 
 The definitions (epsilons included) follow pytorch-grad-cam 1.5.7 so results can be checked
 against it. The arithmetic is float32 whatever precision the forward pass ran in, because
@@ -14,10 +19,14 @@ Grad-CAM++ cubes gradients.
 from __future__ import annotations
 
 from collections.abc import Callable
+from dataclasses import dataclass
 
 import torch
 
+from camserve.server.engine.eigen import first_component
+
 CamFn = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
+TermsFn = Callable[[torch.Tensor, torch.Tensor | None], torch.Tensor]
 
 _SPATIAL = -2
 _CHANNELS = -1
@@ -25,7 +34,7 @@ _GRADCAMPP_EPS = 1e-6
 _XGRADCAM_EPS = 1e-7
 
 
-def _weighted_sum(weights: torch.Tensor, activations: torch.Tensor) -> torch.Tensor:
+def weighted_sum(weights: torch.Tensor, activations: torch.Tensor) -> torch.Tensor:
     """sum_c weights[k, r, c] * A[r, s, c], ReLU'd, with no (K, R, S, C) temporary.
 
     einsum picks a good batched-matmul layout; a plain `A @ w[..., None]` runs as one slow
@@ -34,12 +43,16 @@ def _weighted_sum(weights: torch.Tensor, activations: torch.Tensor) -> torch.Ten
     return torch.einsum("rsc,krc->krs", activations, weights).clamp_(min=0)
 
 
-def gradcam(activations: torch.Tensor, gradients: torch.Tensor) -> torch.Tensor:
+def _weighted_terms(weights: torch.Tensor, activations: torch.Tensor) -> torch.Tensor:
+    return weights[..., None, :] * activations
+
+
+def gradcam_weights(activations: torch.Tensor, gradients: torch.Tensor) -> torch.Tensor:
     """Channel weights are the spatial mean of the gradients (Selvaraju et al.)."""
-    return _weighted_sum(gradients.mean(dim=_SPATIAL), activations)
+    return gradients.mean(dim=_SPATIAL)
 
 
-def gradcampp(activations: torch.Tensor, gradients: torch.Tensor) -> torch.Tensor:
+def gradcampp_weights(activations: torch.Tensor, gradients: torch.Tensor) -> torch.Tensor:
     """Grad-CAM++ (Chattopadhyay et al., eq. 19) with pytorch-grad-cam's closed-form alphas."""
     sum_activations = activations.sum(dim=_SPATIAL, keepdim=True)
     grads_2 = gradients.square()
@@ -47,11 +60,10 @@ def gradcampp(activations: torch.Tensor, gradients: torch.Tensor) -> torch.Tenso
     # also zeroes alpha where g == 0; there relu(g) is 0 and alpha is 0 / eps = 0 anyway.
     denominator = (grads_2 * gradients).mul_(sum_activations).add_(grads_2, alpha=2)
     alpha = grads_2.div_(denominator.add_(_GRADCAMPP_EPS))
-    weights = gradients.clamp(min=0).mul_(alpha).sum(dim=_SPATIAL)
-    return _weighted_sum(weights, activations)
+    return gradients.clamp(min=0).mul_(alpha).sum(dim=_SPATIAL)
 
 
-def xgradcam(activations: torch.Tensor, gradients: torch.Tensor) -> torch.Tensor:
+def xgradcam_weights(activations: torch.Tensor, gradients: torch.Tensor) -> torch.Tensor:
     """XGrad-CAM (Fu et al.): gradients weighted by the normalised activations.
 
     The per-channel activation sums are accumulated in float64: the weights divide by them, and
@@ -59,27 +71,82 @@ def xgradcam(activations: torch.Tensor, gradients: torch.Tensor) -> torch.Tensor
     float32 rounding of a long sum would show in the map.
     """
     sum_activations = activations.sum(dim=_SPATIAL, keepdim=True, dtype=torch.float64).float()
-    weights = (gradients * activations).div_(sum_activations + _XGRADCAM_EPS).sum(dim=_SPATIAL)
-    return _weighted_sum(weights, activations)
+    return (gradients * activations).div_(sum_activations + _XGRADCAM_EPS).sum(dim=_SPATIAL)
 
 
-def hirescam(activations: torch.Tensor, gradients: torch.Tensor) -> torch.Tensor:
-    """HiResCAM (Draelos & Carin): element-wise gradient x activation, summed over channels."""
-    return (gradients * activations).sum(dim=_CHANNELS).clamp_(min=0)
+def _hirescam_terms(activations: torch.Tensor, gradients: torch.Tensor) -> torch.Tensor:
+    """HiResCAM (Draelos & Carin) and EigenGradCAM: element-wise gradient x activation."""
+    return gradients * activations
 
 
-def layercam(activations: torch.Tensor, gradients: torch.Tensor) -> torch.Tensor:
-    """LayerCAM (Jiang et al.): positive gradients x activation, summed over channels."""
-    return gradients.clamp(min=0).mul_(activations).sum(dim=_CHANNELS).clamp_(min=0)
+def _layercam_terms(activations: torch.Tensor, gradients: torch.Tensor) -> torch.Tensor:
+    """LayerCAM (Jiang et al.): positive gradients x activation."""
+    return gradients.clamp(min=0).mul_(activations)
 
 
-CAM_FUNCTIONS: dict[str, CamFn] = {
-    "gradcam": gradcam,
-    "gradcampp": gradcampp,
-    "xgradcam": xgradcam,
-    "hirescam": hirescam,
-    "layercam": layercam,
+def _elementwise_terms(activations: torch.Tensor, gradients: torch.Tensor) -> torch.Tensor:
+    """Grad-CAM element-wise: the positive part of gradient x activation."""
+    return (gradients * activations).clamp_(min=0)
+
+
+def _eigencam_terms(activations: torch.Tensor, gradients: torch.Tensor | None) -> torch.Tensor:
+    """EigenCAM (Muhammad & Yeasin): the raw activations, one map for every class."""
+    return activations[None]
+
+
+def _needing_gradients(terms: CamFn) -> TermsFn:
+    def checked(activations: torch.Tensor, gradients: torch.Tensor | None) -> torch.Tensor:
+        if gradients is None:
+            raise ValueError("this method needs gradients")
+        return terms(activations, gradients)
+
+    return checked
+
+
+def _channel_sum(terms: CamFn) -> CamFn:
+    return lambda a, g: terms(a, g).sum(dim=_CHANNELS).clamp_(min=0)
+
+
+def _weighted(weights: CamFn) -> CamFn:
+    return lambda a, g: weighted_sum(weights(a, g), a)
+
+
+def _weighted_terms_of(weights: CamFn) -> CamFn:
+    return lambda a, g: _weighted_terms(weights(a, g), a)
+
+
+@dataclass(frozen=True)
+class CamMethod:
+    """One method: its per-channel terms and, when it has one, a fast path for their sum."""
+
+    terms: TermsFn  # (R, S, C) activations, (K, R, S, C) gradients -> (K or 1, R, S, C)
+    fast: CamFn | None  # the ReLU'd channel sum; None: always the principal component
+    uses_gradients: bool = True
+
+
+def _weighting(weights: CamFn) -> CamMethod:
+    return CamMethod(_needing_gradients(_weighted_terms_of(weights)), _weighted(weights))
+
+
+def _summing(terms: CamFn) -> CamMethod:
+    return CamMethod(_needing_gradients(terms), _channel_sum(terms))
+
+
+CAM_METHODS: dict[str, CamMethod] = {
+    "gradcam": _weighting(gradcam_weights),
+    "gradcampp": _weighting(gradcampp_weights),
+    "xgradcam": _weighting(xgradcam_weights),
+    "hirescam": _summing(_hirescam_terms),
+    "layercam": _summing(_layercam_terms),
+    "gradcamelementwise": _summing(_elementwise_terms),
+    "eigencam": CamMethod(_eigencam_terms, None, uses_gradients=False),
+    "eigengradcam": CamMethod(_needing_gradients(_hirescam_terms), None),
 }
+
+
+def uses_gradients(method: str) -> bool:
+    """Whether `method` needs dY/dA (EigenCAM does not)."""
+    return CAM_METHODS[method].uses_gradients
 
 
 def flat_channels_last(feature_maps: torch.Tensor) -> torch.Tensor:
@@ -88,8 +155,45 @@ def flat_channels_last(feature_maps: torch.Tensor) -> torch.Tensor:
     return moved.reshape(*moved.shape[:-3], -1, moved.shape[-1])
 
 
-def compute(method: str, activations: torch.Tensor, gradients: torch.Tensor) -> torch.Tensor:
-    """Maps (K, R, h, w) for `method` from (R, C, h, w) activations, (K, R, C, h, w) gradients."""
+def compute(
+    method: str,
+    activations: torch.Tensor,
+    gradients: torch.Tensor | None,
+    *,
+    eigen_smooth: bool = False,
+) -> torch.Tensor:
+    """Maps (K, R, h, w) for `method` from (R, C, h, w) activations, (K, R, C, h, w) gradients.
+
+    `gradients` may be None for a method that does not use them; the result is then (1, R, h, w).
+    """
+    spec = CAM_METHODS[method]
     height, width = activations.shape[-2:]
-    cams = CAM_FUNCTIONS[method](flat_channels_last(activations), flat_channels_last(gradients))
+    a = flat_channels_last(activations)
+    g = None if gradients is None else flat_channels_last(gradients)
+    if spec.uses_gradients and g is None:
+        raise ValueError(f"method {method!r} needs gradients")
+    if spec.fast is not None and g is not None and not eigen_smooth:
+        cams = spec.fast(a, g)
+    else:
+        cams = first_component(spec.terms(a, g)).clamp_(min=0)
+        if g is not None and cams.shape[0] != g.shape[0]:
+            cams = cams.expand(g.shape[0], *cams.shape[1:])
     return cams.unflatten(-1, (height, width))
+
+
+def from_weights(
+    activation: torch.Tensor, weights: torch.Tensor, *, eigen_smooth: bool = False
+) -> torch.Tensor:
+    """Maps (K, h, w) of one image's activation (C, h, w) weighted by (K, C) channel weights.
+
+    The gradient-free methods end here: the ReLU'd weighted sum over channels or, with
+    eigen_smooth, the first principal component of the weighted channels.
+    """
+    height, width = activation.shape[-2:]
+    a = flat_channels_last(activation[None])  # (1, S, C)
+    w = weights.to(a.device, torch.float32)[:, None, :]  # (K, 1, C)
+    if eigen_smooth:
+        cams = first_component(_weighted_terms(w, a)).clamp_(min=0)
+    else:
+        cams = weighted_sum(w, a)
+    return cams[:, 0].unflatten(-1, (height, width))

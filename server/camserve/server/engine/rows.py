@@ -10,7 +10,12 @@ from collections.abc import Sequence
 
 import torch
 
-from camserve.server.engine.types import METHODS, EngineError, RowRequest
+from camserve.server.engine.types import (
+    GRADIENT_FREE_METHODS,
+    METHODS,
+    EngineError,
+    RowRequest,
+)
 
 
 def check_images(batch: object) -> torch.Tensor:
@@ -52,12 +57,21 @@ def check_row(index: int, row: RowRequest) -> None:
             f"{where}.layer must be a module name such as 'layer4', got {row.layer!r}; "
             "CamEngine.default_layer() gives a sensible one"
         )
-    if isinstance(row.methods, str) or not row.methods:
+    for flag in ("eigen_smooth", "aug_smooth", "keep_activations"):
+        if not isinstance(getattr(row, flag), bool):
+            raise EngineError(f"{where}.{flag} must be True or False, got {getattr(row, flag)!r}")
+    if isinstance(row.methods, str) or not (row.methods or row.keep_activations):
         raise EngineError(
-            f"{where}.methods must be a non-empty tuple of method names from {METHODS}, "
-            f"got {row.methods!r}"
+            f"{where}.methods must be a non-empty tuple of method names from {METHODS} (empty "
+            f"only with keep_activations=True), got {row.methods!r}"
         )
     for method in row.methods:
+        if method in GRADIENT_FREE_METHODS:
+            raise EngineError(
+                f"{where}.methods: {method!r} is gradient-free and needs forward-only rows after "
+                "the explain pass; ask explain for keep_activations=True and run it with "
+                "camserve.server.engine.gradient_free (explain_all does both)"
+            )
         if method not in METHODS:
             raise EngineError(f"{where}.methods: unknown method {method!r}; choose from {METHODS}")
     if len(set(row.methods)) != len(row.methods):
@@ -92,3 +106,41 @@ def resolve_classes(index: int, row: RowRequest, logits: torch.Tensor) -> tuple[
             f"use 1..{num_classes}"
         )
     return tuple(int(c) for c in torch.topk(logits, row.top_k).indices.tolist())
+
+
+def check_activations(activations: object) -> int:
+    """The number of rows of `activations`, once checked to be a floating (R, C, h, w) tensor."""
+    if not isinstance(activations, torch.Tensor):
+        raise EngineError(f"activations must be a torch.Tensor, got {type(activations).__name__}")
+    if activations.dim() != 4 or activations.shape[0] == 0:
+        raise EngineError(
+            f"activations must be (R, C, h, w) with R >= 1, got shape {tuple(activations.shape)}; "
+            "stack the target layer's outputs (RowResult.retained) with torch.stack"
+        )
+    if not activations.is_floating_point():
+        raise EngineError(f"activations must be a float tensor, got {activations.dtype}")
+    return int(activations.shape[0])
+
+
+def row_images(image_index: Sequence[int] | None, rows: int, images: int) -> list[int]:
+    """Which of `images` input images each of `rows` rows came from."""
+    if image_index is None:
+        if images == rows:
+            return list(range(rows))
+        if images == 1:
+            return [0] * rows
+        raise EngineError(
+            f"images holds {images} images for {rows} rows; pass one image per row, a single "
+            "shared image, or image_index naming each row's image"
+        )
+    index = list(image_index)
+    if len(index) != rows:
+        raise EngineError(
+            f"image_index has {len(index)} entries for {rows} rows; give one image index per row"
+        )
+    if not all(_is_int(i) and 0 <= i < images for i in index):
+        raise EngineError(
+            f"image_index entries must be ints in 0..{images - 1} (images holds {images}), "
+            f"got {index}"
+        )
+    return index

@@ -10,7 +10,21 @@ from dataclasses import dataclass
 
 import torch
 
-METHODS: tuple[str, ...] = ("gradcam", "gradcampp", "xgradcam", "hirescam", "layercam")
+# Methods computed from the explain pass itself (one forward, one backward for the whole batch).
+METHODS: tuple[str, ...] = (
+    "gradcam",
+    "gradcampp",
+    "xgradcam",
+    "hirescam",
+    "layercam",
+    "gradcamelementwise",
+    "eigencam",
+    "eigengradcam",
+)
+# Methods that need forward-only rows after the explain pass, one per channel of the layer
+# (`camserve.server.engine.gradient_free`); the explain pass hands them the layer's activations.
+GRADIENT_FREE_METHODS: tuple[str, ...] = ("ablationcam", "scorecam")
+ALL_METHODS: tuple[str, ...] = METHODS + GRADIENT_FREE_METHODS
 
 
 class EngineError(ValueError):
@@ -27,12 +41,46 @@ class RowRequest:
 
     `classes` lists the classes to explain, in order; when it is empty the engine explains the
     `top_k` highest-scoring classes instead (and `top_k` is ignored otherwise).
+
+    `eigen_smooth` replaces each method's sum over channels by the first principal component of
+    its per-channel terms (see `camserve.server.engine.eigen`). `aug_smooth` explains six
+    augmented copies of the image in the same pass and averages their maps (see
+    `camserve.server.engine.augment`); the maps then come back at input resolution.
+    `keep_activations` hands back what gradient-free methods need (`RowResult.retained`); such a
+    row may leave `methods` empty.
     """
 
     layer: str
     methods: tuple[str, ...] = ("gradcam",)
     classes: tuple[int, ...] = ()
     top_k: int = 1
+    eigen_smooth: bool = False
+    aug_smooth: bool = False
+    keep_activations: bool = False
+
+
+@dataclass(frozen=True)
+class Augmentation:
+    """One test-time augmentation of aug_smooth: a horizontal flip, then a brightness factor."""
+
+    flip: bool
+    factor: float
+
+
+@dataclass(frozen=True)
+class Retained:
+    """What the gradient-free methods need of one explained (possibly augmented) image.
+
+    Tensors stay on the engine's device so follow-up rows are built there without a copy.
+    `augmentation` is None for a row without aug_smooth, else the one that made `image` from the
+    request's image.
+    """
+
+    image: torch.Tensor  # (3, H, W) the model input this copy was explained on
+    activation: torch.Tensor  # (C, h, w) the target layer's output as a map, detached
+    logits: torch.Tensor  # (num_classes,) float32 on the CPU, this copy's own logits
+    augmentation: Augmentation | None = None
+    feeds_tail: bool = True  # False: the layer is NHWC or tokens, so the map is not its output
 
 
 @dataclass(frozen=True)
@@ -40,7 +88,12 @@ class RowResult:
     """One image's predictions and maps.
 
     Maps are float32 on the CPU, ReLU'd but not normalised, at the layer's feature resolution;
-    `camserve.server.engine.shaping` upsamples and normalises them.
+    `camserve.server.engine.shaping` upsamples and normalises them. With aug_smooth they are at
+    input resolution instead: the mean of the augmented copies' maps, each first upsampled and
+    min-max normalised (pytorch-grad-cam's `aug_smooth`), so their values lie in [0, 1].
+
+    `retained` holds one entry per explained copy of the image when the row asked for
+    `keep_activations` (six with aug_smooth, in `augment.AUGMENTATIONS` order), else none.
     """
 
     logits: torch.Tensor  # (num_classes,) float32
@@ -48,6 +101,7 @@ class RowResult:
     classes: tuple[int, ...]  # the classes explained, in order
     layer: str
     maps: dict[tuple[str, int], torch.Tensor]  # (method, class) -> (h, w)
+    retained: tuple[Retained, ...] = ()
 
 
 @dataclass(frozen=True)

@@ -1,0 +1,53 @@
+"""What each method costs per image, in rows and in forward passes: for admission and GetModel.
+
+The explain pass (forward plus one backward from the target layer) counts as one forward pass;
+it measured 1.00-1.07x a plain forward pass. Every single-pass method rides on it, so asking for
+several costs no more than one (the eigen methods add a small SVD per map on the CPU). The
+gradient-free methods add one forward-only row per channel C of the target layer:
+
+- AblationCAM: rows that run only the modules after the layer, each costing `tail_fraction` of a
+  forward pass (`CamEngine.tail_fraction`; 1.0 when the model cannot be split there);
+- ScoreCAM: masked copies of the input through the whole model, one forward pass each.
+
+aug_smooth multiplies everything by the six augmented copies of each image.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from camserve.server.engine.augment import AUGMENTATIONS
+from camserve.server.engine.types import GRADIENT_FREE_METHODS, METHODS, EngineError
+
+
+@dataclass(frozen=True)
+class MethodCost:
+    """One image's work for one method."""
+
+    explain_rows: int  # rows of the explain pass: 1, or 6 with aug_smooth
+    follow_up_rows: int  # forward-only rows after it (gradient-free methods), 0 otherwise
+    forward_passes: float  # all of it, in forward passes of the whole model
+
+    @property
+    def rows(self) -> int:
+        """Rows the method puts through the model, whatever their size."""
+        return self.explain_rows + self.follow_up_rows
+
+
+def method_cost(
+    method: str, *, channels: int, tail_fraction: float, aug_smooth: bool = False
+) -> MethodCost:
+    """The cost of `method` per image at a layer with `channels` channels."""
+    if channels < 1:
+        raise EngineError(f"channels must be >= 1, got {channels}")
+    if not 0.0 <= tail_fraction <= 1.0:
+        raise EngineError(f"tail_fraction must be in [0, 1], got {tail_fraction}")
+    copies = len(AUGMENTATIONS) if aug_smooth else 1
+    if method in METHODS:
+        return MethodCost(copies, 0, float(copies))
+    if method not in GRADIENT_FREE_METHODS:
+        raise EngineError(
+            f"unknown method {method!r}; choose from {METHODS + GRADIENT_FREE_METHODS}"
+        )
+    per_row = tail_fraction if method == "ablationcam" else 1.0
+    return MethodCost(copies, copies * channels, copies * (1.0 + channels * per_row))

@@ -1,0 +1,142 @@
+"""ScoreCAM from forward-only masked rows equals pytorch-grad-cam's ScoreCAM."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import numpy as np
+import pytest
+import torch
+from pytorch_grad_cam import ScoreCAM
+from pytorch_grad_cam.utils.model_targets import ClassifierOutputTarget
+from torch import nn
+
+from camserve.server.engine import (
+    CamEngine,
+    EngineError,
+    RowRequest,
+    explain_all,
+    normalise,
+    to_input,
+)
+from camserve.server.engine.gradient_free import follow_ups, pack, pieces, run_pieces
+from camserve.server.engine.scorecam import masked_inputs, score_cam
+
+
+def _reference(model: nn.Module, layer: str, batch: torch.Tensor, classes: list[int]) -> np.ndarray:
+    with ScoreCAM(model=model, target_layers=[model.get_submodule(layer)]) as cam:
+        return cam(input_tensor=batch, targets=[ClassifierOutputTarget(c) for c in classes])
+
+
+def _normalised(results: list, classes: list[int], size: tuple[int, int]) -> np.ndarray:
+    maps = [
+        normalise(to_input(r.maps[("scorecam", c)], size))
+        for r, c in zip(results, classes, strict=True)
+    ]
+    return torch.stack(maps).numpy()
+
+
+@pytest.mark.parametrize(
+    ("model_fixture", "layer", "size", "count"),
+    [
+        pytest.param("seeded_tiny", "act", (32, 32), 3, id="tiny-relu"),
+        pytest.param("seeded_tiny", "head", (32, 32), 2, id="tiny-negative"),
+        pytest.param("seeded_resnet18", "layer1", (64, 64), 1, id="resnet18-layer1"),
+    ],
+)
+def test_scorecam_matches_pytorch_grad_cam(
+    request: pytest.FixtureRequest,
+    make_engine: Callable[..., CamEngine],
+    random_images: Callable[..., torch.Tensor],
+    model_fixture: str,
+    layer: str,
+    size: tuple[int, int],
+    count: int,
+) -> None:
+    model = request.getfixturevalue(model_fixture)
+    batch = random_images(count, size, seed=12)
+    classes = [4, 1, 4][:count]
+    rows = [RowRequest(layer, ("scorecam",), classes=(c,)) for c in classes]
+    results = explain_all(make_engine(model), batch, rows, chunk_rows=20)
+    expected = _reference(model, layer, batch, classes)
+    np.testing.assert_allclose(_normalised(results, classes, size), expected, atol=1e-4)
+
+
+@pytest.mark.slow
+def test_scorecam_matches_pytorch_grad_cam_on_resnet18_layer4(
+    seeded_resnet18: nn.Module,
+    make_engine: Callable[..., CamEngine],
+    random_images: Callable[..., torch.Tensor],
+) -> None:
+    size = (64, 64)
+    batch = random_images(1, size, seed=12)
+    results = explain_all(
+        make_engine(seeded_resnet18), batch, [RowRequest("layer4", ("scorecam",), (3,))]
+    )
+    expected = _reference(seeded_resnet18, "layer4", batch, [3])
+    np.testing.assert_allclose(_normalised(results, [3], size), expected, atol=1e-4)
+
+
+def test_masked_inputs_follow_the_reference_recipe() -> None:
+    """Upsampled with align_corners=True, min-max scaled per channel, times the image."""
+    generator = torch.Generator().manual_seed(0)
+    image = torch.randn(3, 20, 24, generator=generator)
+    activation = torch.randn(6, 5, 6, generator=generator)
+    upsampled = torch.nn.UpsamplingBilinear2d(size=(20, 24))(activation[None])[0]
+    low = upsampled.flatten(1).min(dim=1).values[:, None, None]
+    high = upsampled.flatten(1).max(dim=1).values[:, None, None]
+    expected = image[None] * ((upsampled - low) / (high - low + 1e-8))[:, None]
+    torch.testing.assert_close(masked_inputs(image, activation, 0, 6), expected)
+    torch.testing.assert_close(masked_inputs(image, activation, 2, 5), expected[2:5])
+    with pytest.raises(EngineError, match=r"channel range \[5, 5\)"):
+        masked_inputs(image, activation, 5, 5)
+    with pytest.raises(EngineError, match=r"scores must be \(K, 6\)"):
+        score_cam(activation, torch.zeros(1, 5))
+
+
+def test_scorecam_and_gradcam_rows_share_an_explain_pass(
+    seeded_tiny: nn.Module,
+    make_engine: Callable[..., CamEngine],
+    random_images: Callable[..., torch.Tensor],
+) -> None:
+    batch = random_images(2, (32, 32), seed=2)
+    engine = make_engine(seeded_tiny)
+    mixed = explain_all(
+        engine,
+        batch,
+        [
+            RowRequest("act", ("gradcam", "scorecam"), top_k=2),
+            RowRequest("block", ("ablationcam", "gradcampp"), classes=(3,)),
+        ],
+    )
+    assert set(mixed[0].maps) == {(m, c) for m in ("gradcam", "scorecam") for c in mixed[0].classes}
+    assert set(mixed[1].maps) == {("ablationcam", 3), ("gradcampp", 3)}
+    assert mixed[0].retained == ()
+    assert mixed[1].retained == ()
+    alone = explain_all(engine, batch[:1], [RowRequest("act", ("scorecam",), top_k=2)])[0]
+    for class_index in alone.classes:
+        torch.testing.assert_close(
+            mixed[0].maps[("scorecam", class_index)],
+            alone.maps[("scorecam", class_index)],
+            rtol=1e-5,
+            atol=1e-6,
+        )
+
+
+def test_pieces_of_different_input_sizes_or_layers_never_share_a_call(
+    seeded_tiny: nn.Module,
+    make_engine: Callable[..., CamEngine],
+    random_images: Callable[..., torch.Tensor],
+) -> None:
+    engine = make_engine(seeded_tiny)
+    kept = []
+    for size, layer in (((32, 32), "act"), ((48, 48), "act"), ((32, 32), "block")):
+        row = RowRequest(layer, (), classes=(0,), keep_activations=True)
+        kept.append(engine.explain_batch(random_images(1, size), [row])[0])
+    work = [f for r in kept for m in ("scorecam", "ablationcam") for f in follow_ups(r, m)]
+    batches = pack([p for f in work for p in pieces(f, 100)], max_rows=1000)
+    # ScoreCAM: the two 32x32 rows share a call whatever their layer; AblationCAM: none share.
+    assert sorted(len(b) for b in batches) == [1, 1, 1, 1, 2]
+    for batch in batches:
+        run_pieces(engine, batch)
+    assert all(f.done for f in work)
