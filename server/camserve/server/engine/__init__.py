@@ -14,9 +14,21 @@ is 4-D with H * W > 1, that runs exactly once, and after which only non-spatial 
 follows (torchvision ResNet: `layer4`; MobileNet: `features`; VGG: `avgpool`, its 7x7 adaptive
 pool). When the last spatial output comes from a shared module there is no default and a
 `LayerError` asks for an explicit layer. Details in `camserve.server.engine.layers`.
+
+Faithfulness scores of the maps (`confidence_change`, `deletion_auc`, `insertion_auc`) are
+forward-only rows planned by `ScorePlan`; definitions in `camserve.server.engine.faithfulness`.
 """
 
 from camserve.server.engine.core import PRECISIONS, CamEngine
+from camserve.server.engine.faithfulness import DEFAULT_STEPS, MAX_STEPS, SCORES
+from camserve.server.engine.scoring import (
+    Curve,
+    MapScores,
+    ScorePlan,
+    forward_rows,
+    plan_from_results,
+    run_scores,
+)
 from camserve.server.engine.shaping import Geometry, normalise, to_input, to_original, to_size
 from camserve.server.engine.types import (
     METHODS,
@@ -28,16 +40,25 @@ from camserve.server.engine.types import (
 )
 
 __all__ = [
+    "DEFAULT_STEPS",
+    "MAX_STEPS",
     "METHODS",
     "PRECISIONS",
+    "SCORES",
     "CamEngine",
+    "Curve",
     "EngineError",
     "Geometry",
     "LayerError",
     "LayerSpec",
+    "MapScores",
     "RowRequest",
     "RowResult",
+    "ScorePlan",
+    "forward_rows",
     "normalise",
+    "plan_from_results",
+    "run_scores",
     "to_input",
     "to_original",
     "to_size",
