@@ -13,13 +13,14 @@ Scores (wire names):
 - `confidence_change`: the class probability on the image multiplied by its map, relative to the
   probability on the image itself: (p_masked - p) / p, computed as expm1(log p_masked - log p) so
   that classes with a tiny probability keep a finite, exact value. Negative means the confidence
-  dropped. p_masked - p is pytorch-grad-cam's `CamMultImageConfidenceChange` with a softmax target
-  (`DropInConfidence` is max(p - p_masked, 0), `IncreaseInConfidence` is p_masked > p), and
-  max(-change, 0) is torch-cam's per-image average drop. One forward row per map.
+  dropped. p_masked - p is pytorch-grad-cam's `CamMultImageConfidenceChange` with a
+  `ClassifierOutputSoftmaxTarget` (its `DropInConfidence` is max(p - p_masked, 0) and its
+  `IncreaseInConfidence` is p_masked > p); max(-change, 0) is torch-cam's per-image average drop
+  (up to the 1e-7 it adds to p). One forward row per map.
 - `deletion_auc` and `insertion_auc` (RISE, Petsiuk et al. 2018): pixels are ranked from the most
   to the least salient (a stable sort: equal values keep pixel order, row-major, so the ranking
   and the scores do not depend on anything but the map). With P = H * W pixels and S steps, step
-  k in 0..S touches the c_k = floor(k * P / S) highest-ranked pixels, all three channels at once.
+  k in 0..S touches the c_k = floor(k * P / S) highest-ranked pixels, in every channel.
   Deletion replaces them with the baseline (the curve falls from p on the image to p on the
   baseline; low area = faithful); insertion reveals them on the baseline (rises from the baseline
   to the image; high area = faithful). Each curve has S + 1 points y_k at x_k = c_k / P and its
@@ -29,14 +30,17 @@ Scores (wire names):
   what multiplying by a zero map does to the image for `confidence_change`. The two ends of each
   curve are the unperturbed image (whose probabilities the explanation already computed) and the
   all-baseline image (the same for every map of a given size), so a curve costs S - 1 new rows
-  per map, plus one baseline row shared by all maps scored together.
+  per map, plus one baseline row shared by all maps scored together. (torch-cam steps by
+  ceil(P / S) pixels: the same points when S divides P, fewer than S + 1 points otherwise.)
 
 ROAD (Rong et al. 2022) is left out: its noisy linear imputation fills the removed pixels by
 solving a sparse linear system per image and per threshold (pytorch-grad-cam calls scipy's direct
-solver on the CPU). On the device that would need an iterative solver whose iteration count grows
-with the size of the removed regions, each iteration a full-image pass, so imputation would cost
-more than the forward passes it feeds, would match the reference only to the solver's tolerance,
-and adds random noise that makes scores differ from run to run.
+solver on the CPU, one image at a time). A batched version on the device would have to be an
+iterative solver: it needs a number of dependent iterations that grows with the width of the
+removed regions (hundreds for large holes in a 224 x 224 image), and it matches the direct
+solution only to its tolerance, so parity with the reference could not be held to 1e-4. The
+imputation also adds random noise, which would make a score depend on the random stream, hence on
+which other rows shared its batch.
 """
 
 from __future__ import annotations
