@@ -16,6 +16,7 @@ from typing import Any
 import numpy as np
 import pytest
 import torch
+import torchvision
 from pytorch_grad_cam.metrics.cam_mult_image import (
     CamMultImageConfidenceChange,
     DropInConfidence,
@@ -23,6 +24,7 @@ from pytorch_grad_cam.metrics.cam_mult_image import (
 )
 from pytorch_grad_cam.utils.model_targets import ClassifierOutputSoftmaxTarget
 from torch import nn
+from torchcam.metrics import ClassificationMetric, DeletionInsertionMetric
 
 from camserve.server.engine import CamEngine, EngineError, RowRequest
 from camserve.server.engine.faithfulness import MAX_STEPS, SCORES, saliency_ranks
@@ -40,8 +42,6 @@ SIZE = (80, 80)  # 6400 pixels: 20 steps of 320, so torch-cam's schedule is the 
 @pytest.fixture(scope="module")
 def confident_resnet18() -> nn.Module:
     torch.manual_seed(0)
-    import torchvision
-
     model = torchvision.models.resnet18().eval()
     with torch.no_grad():
         model.fc.weight.mul_(5)
@@ -84,8 +84,6 @@ def test_confidence_change_matches_pytorch_grad_cam_and_torch_cam(
     confident_resnet18: nn.Module,
     random_images: Callable[..., torch.Tensor],
 ) -> None:
-    from torchcam.metrics import ClassificationMetric
-
     batch = random_images(3, SIZE, seed=7)
     methods = ("gradcam", "gradcampp", "layercam")
     results = _explain(engine, batch, methods, top_k=2)
@@ -265,8 +263,6 @@ def test_deletion_and_insertion_match_torch_cam(
     confident_resnet18: nn.Module,
     random_images: Callable[..., torch.Tensor],
 ) -> None:
-    from torchcam.metrics import DeletionInsertionMetric
-
     batch = random_images(3, SIZE, seed=13)
     results = _explain(engine, batch, ("gradcam",), top_k=1)
     plan, keys = plan_from_results(batch, results, ("deletion_auc", "insertion_auc"))
