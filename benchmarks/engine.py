@@ -42,6 +42,17 @@ batch; its ScoreCAM is given the same). Every image explains its top class.
 
     python benchmarks/engine.py --gradient-free --images 2 --repeats 1
     python benchmarks/engine.py --gradient-free --json   # {"device": ..., "gradient_free": [...]}
+
+`--scores` measures the faithfulness scores instead (`camserve.server.engine.scoring`), on
+resnet18 at batches 8 and 32 unless told otherwise, Grad-CAM of the top class, rows run through
+`CamEngine.predict` in chunks of the batch size:
+
+- confidence_change: explain + score, over explain alone (one extra row per map: about 2x);
+- deletion_auc+insertion_auc (`--steps`, default 20): (explain + score - explain) over plain
+  forward passes of as many rows in the same chunks, i.e. what building the perturbed images and
+  collecting the curves adds to the forward passes they need.
+
+    python benchmarks/engine.py --scores --json       # {"device": ..., "scores": [...]}
 """
 
 from __future__ import annotations
@@ -65,7 +76,15 @@ import torch.nn.functional as F  # noqa: N812 - the conventional alias
 import torchvision
 from torch import nn
 
-from camserve.server.engine import CamEngine, LayerSpec, RowRequest, explain_all
+from camserve.server.engine import (
+    DEFAULT_STEPS,
+    CamEngine,
+    LayerSpec,
+    RowRequest,
+    explain_all,
+    plan_from_results,
+    run_scores,
+)
 
 FIELDS = (
     "model",
@@ -450,6 +469,154 @@ def _gradient_free_table(device: str, size: int, results: list[dict[str, Any]]) 
     return "\n".join(lines)
 
 
+# ------------------------------------------------------------------------ faithfulness scores
+
+SCORE_FIELDS = (
+    "model",
+    "batch",
+    "score",
+    "seconds",
+    "explain_s",
+    "equivalent_forwards_s",
+    "ratio",
+)
+SCORE_MODELS = "resnet18"
+SCORE_BATCHES = (8, 32)
+# Score name in the results -> the engine's score names it runs.
+SCORE_CASES = {
+    "confidence_change": ("confidence_change",),
+    "deletion_auc+insertion_auc": ("deletion_auc", "insertion_auc"),
+}
+SCORE_TARGETS = {"confidence_change": 2.2, "deletion_auc+insertion_auc": 1.1}
+ROWS_FIELD = "_rows"  # for the table only; --json leaves it out
+
+
+def run_scores_case(name: str, batch: int, device: torch.device, steps: int, repeats: int) -> Any:
+    """Times explain alone, explain + each score, and plain forwards of as many rows.
+
+    A round runs explain alone, then explain + confidence change, then one plain forward of the
+    same rows, then explain + deletion and insertion with a plain forward of a stand-in chunk of
+    the same size after every scored chunk: the load of a shared machine drifts over the tens of
+    seconds the curves take, and interleaving chunk by chunk keeps each ratio's two sides under
+    the same load.
+    """
+    engine = CamEngine(build_model(name), device=device)
+    x = torch.randn(batch, 3, INPUT, INPUT, generator=torch.Generator().manual_seed(1))
+    rows = [RowRequest(CNN_LAYER)] * batch
+    curve_scores = SCORE_CASES["deletion_auc+insertion_auc"]
+    plan, _ = plan_from_results(x, engine.explain_batch(x, rows), curve_scores, steps=steps)
+    sizes = {len(chunk) for chunk in plan.chunks(batch)} | {batch}
+    stand_ins = {size: torch.randn(size, 3, INPUT, INPUT) for size in sizes}
+
+    def explain() -> object:
+        return engine.explain_batch(x, rows)
+
+    def confidence() -> object:
+        plan, _ = plan_from_results(x, engine.explain_batch(x, rows), ("confidence_change",))
+        return run_scores(plan, engine.predict, max_rows=batch)
+
+    def curves() -> tuple[float, float, float, int]:
+        """Seconds of explain, of scoring (planning included) and of the stand-in forwards."""
+        results: list[Any] = []
+        explained = _timed(lambda: results.append(engine.explain_batch(x, rows)), device)
+        plans: list[Any] = []
+        scoring = _timed(
+            lambda: plans.append(plan_from_results(x, results[0], curve_scores, steps=steps)[0]),
+            device,
+        )
+        plan = plans[0]
+        plain = 0.0
+        for chunk in plan.chunks(batch):
+            scoring += _timed(lambda c=chunk: plan.record(c, engine.predict(plan.build(c))), device)
+            stand_in = stand_ins[len(chunk)]
+            plain += _timed(lambda s=stand_in: engine.predict(s), device)
+        scoring += _timed(plan.results, device)
+        return explained, scoring, plain, plan.rows
+
+    explain(), confidence(), curves()  # warm-up
+    alone, with_change, change_plain, rounds = [], [], [], []
+    for _ in range(repeats):
+        alone.append(_timed(explain, device))
+        with_change.append(_timed(confidence, device))
+        change_plain.append(_timed(lambda: engine.predict(stand_ins[batch]), device))
+        rounds.append(curves())
+    median = statistics.median
+    return [
+        {
+            "model": name,
+            "batch": batch,
+            "score": "confidence_change",
+            "seconds": median(with_change),
+            "explain_s": median(alone),
+            "equivalent_forwards_s": median(change_plain),
+            # One ratio per round: its runs saw about the same machine load.
+            "ratio": median(a / b for a, b in zip(with_change, alone, strict=True)),
+            ROWS_FIELD: batch,
+        },
+        {
+            "model": name,
+            "batch": batch,
+            "score": "deletion_auc+insertion_auc",
+            "seconds": median(e + s for e, s, _, _ in rounds),
+            "explain_s": median(e for e, _, _, _ in rounds),
+            "equivalent_forwards_s": median(p for _, _, p, _ in rounds),
+            "ratio": median(s / p for _, s, p, _ in rounds),
+            ROWS_FIELD: rounds[0][3],
+        },
+    ]
+
+
+def _spawn_scores_case(name: str, batch: int, args: argparse.Namespace) -> list[dict[str, Any]]:
+    command = [sys.executable, __file__, "--scores-case", f"{name}:{batch}"]
+    command += ["--device", args.device, "--repeats", str(args.repeats), "--steps", str(args.steps)]
+    done = subprocess.run(command, capture_output=True, text=True)
+    if done.returncode != 0:
+        raise SystemExit(f"scores case {name} batch {batch} failed:\n{done.stderr}")
+    results: list[dict[str, Any]] = json.loads(done.stdout.strip().splitlines()[-1])
+    return results
+
+
+def _scores_table(device: str, results: list[dict[str, Any]]) -> str:
+    header = (
+        f"{'model':<10}{'batch':>6}  {'score':<28}{'rows':>6}{'seconds':>10}{'explain s':>11}"
+        f"{'forwards s':>12}{'ratio':>8}{'target':>8}"
+    )
+    lines = [f"device: {device}", header, "-" * len(header)]
+    for r in results:
+        bound = SCORE_TARGETS[r["score"]]
+        met = "met" if r["ratio"] <= bound else "MISSED"
+        lines.append(
+            f"{r['model']:<10}{r['batch']:>6}  {r['score']:<28}{r[ROWS_FIELD]:>6}"
+            f"{r['seconds']:>10.3f}{r['explain_s']:>11.3f}{r['equivalent_forwards_s']:>12.3f}"
+            f"{r['ratio']:>8.3f}  <= {bound:<4} {met}"
+        )
+    lines.append(
+        "ratio: confidence_change = seconds / explain s; deletion+insertion = "
+        "(seconds - explain s) / forwards s (plain forwards of the same rows)"
+    )
+    return "\n".join(lines)
+
+
+def _run_scores(args: argparse.Namespace, device: torch.device) -> None:
+    batches = [int(b) for b in args.batches.split(",")] if args.batches else SCORE_BATCHES
+    models = args.models if args.models_given else SCORE_MODELS
+    results: list[dict[str, Any]] = []
+    for name in models.split(","):
+        for batch in batches:
+            print(f"scoring {name} batch {batch} ...", file=sys.stderr, flush=True)
+            results += _spawn_scores_case(name, batch, args)
+    description = (
+        torch.cuda.get_device_name(device)
+        if device.type == "cuda"
+        else f"cpu ({os.cpu_count()} cores)"
+    )
+    if args.json:
+        public = [{k: r[k] for k in SCORE_FIELDS} for r in results]
+        print(json.dumps({"device": description, "scores": public}))
+    else:
+        print(_scores_table(description, results))
+
+
 # ------------------------------------------------------------------------------- driver
 
 
@@ -537,8 +704,9 @@ def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument(
         "--models",
-        default="",
-        help=f"comma-separated; default {DEFAULT_MODELS} (resnet50 with --gradient-free)",
+        default=None,
+        help=f"comma-separated; default {DEFAULT_MODELS} (--gradient-free: resnet50; --scores: "
+        f"{SCORE_MODELS})",
     )
     parser.add_argument("--batches", default="", help="comma-separated; default per device")
     parser.add_argument(
@@ -567,10 +735,19 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--images", type=int, default=2, help="images per --gradient-free run")
     parser.add_argument("--input", type=int, default=INPUT, help="--gradient-free input side")
     parser.add_argument("--chunk", type=int, default=32, help="--gradient-free rows per chunk")
-    parser.add_argument("--case", help=argparse.SUPPRESS)
     parser.add_argument("--gradient-free-case", help=argparse.SUPPRESS)
+    parser.add_argument(
+        "--scores", action="store_true", help="measure the faithfulness scores (see above)"
+    )
+    parser.add_argument(
+        "--steps", type=int, default=DEFAULT_STEPS, help="--scores: deletion/insertion steps"
+    )
+    parser.add_argument("--case", help=argparse.SUPPRESS)
+    parser.add_argument("--scores-case", help=argparse.SUPPRESS)
     parser.add_argument("--memory-probe", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
+    args.models_given = args.models is not None
+    args.models = args.models or ""
 
     if args.memory_probe:
         name, batch, contender = args.memory_probe.split(":")
@@ -597,9 +774,16 @@ def main(argv: list[str] | None = None) -> None:
             )
         )
         return
+    if args.scores_case:
+        name, batch = args.scores_case.split(":")
+        print(json.dumps(run_scores_case(name, int(batch), device, args.steps, args.repeats)))
+        return
 
     if args.repeats < 1:
         parser.error("--repeats must be >= 1")
+    if args.scores:
+        _run_scores(args, device)
+        return
     cuda = device.type == "cuda"
     batches = (
         [int(b) for b in args.batches.split(",")]

@@ -26,12 +26,24 @@ pool). When the last spatial output comes from a shared module there is no defau
 `LayerError` asks for an explicit layer. For transformers it is the last layer whose positions
 receive gradient (a class-token ViT: its last block's first norm). Details in
 `camserve.server.engine.layers`.
+
+Faithfulness scores of the maps (`confidence_change`, `deletion_auc`, `insertion_auc`) are
+forward-only rows planned by `ScorePlan`; definitions in `camserve.server.engine.faithfulness`.
 """
 
 from camserve.server.engine.core import PRECISIONS, CamEngine
 from camserve.server.engine.costs import MethodCost, method_cost
+from camserve.server.engine.faithfulness import DEFAULT_STEPS, MAX_STEPS, SCORES
 from camserve.server.engine.gradient_free import FollowUp, Piece, explain_all
 from camserve.server.engine.layouts import LayoutHints
+from camserve.server.engine.scoring import (
+    Curve,
+    MapScores,
+    ScorePlan,
+    forward_rows,
+    plan_from_results,
+    run_scores,
+)
 from camserve.server.engine.shaping import (
     Geometry,
     normalise,
@@ -56,26 +68,35 @@ from camserve.server.engine.types import (
 
 __all__ = [
     "ALL_METHODS",
+    "Augmentation",
+    "DEFAULT_STEPS",
     "GRADIENT_FREE_METHODS",
+    "MAX_STEPS",
     "METHODS",
     "PRECISIONS",
-    "Augmentation",
+    "SCORES",
     "CamEngine",
+    "Curve",
     "EngineError",
     "FollowUp",
     "Geometry",
     "LayerError",
     "LayerSpec",
     "LayoutHints",
+    "MapScores",
     "MethodCost",
     "Piece",
     "Retained",
     "RowRequest",
     "RowResult",
+    "ScorePlan",
     "explain_all",
+    "forward_rows",
     "method_cost",
     "normalise",
     "output_bytes",
+    "plan_from_results",
+    "run_scores",
     "shape_heatmaps",
     "to_input",
     "to_original",
