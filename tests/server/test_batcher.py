@@ -183,3 +183,56 @@ async def test_reserved_room_counts_until_used_or_released() -> None:
     spare.release()  # a second release gives nothing back twice
     assert batcher.depth == 0
     await batcher.close()
+
+
+def costed(recorder: Recorder, **options: int) -> DynamicBatcher[int, int]:
+    """A batcher whose items cost their own value (a stand-in for rows of forward passes)."""
+    batcher: DynamicBatcher[int, int] = DynamicBatcher(
+        recorder,
+        max_batch_size=options.get("max_batch_size", 8),
+        max_delay_s=0.01,
+        max_queue=options.get("max_queue", 16),
+        cost=lambda item: item,
+    )
+    batcher.start()
+    return batcher
+
+
+async def test_costly_items_fill_batches_and_the_queue_by_their_cost() -> None:
+    recorder = Recorder()
+    recorder.gate.clear()
+    batcher = costed(recorder, max_batch_size=8, max_queue=16)
+    first = asyncio.ensure_future(batcher.submit([1]))
+    await recorder.entered.wait()  # a running batch holds no queue room
+    waiting = [asyncio.ensure_future(batcher.submit([item])) for item in (5, 4, 3, 2)]
+    await asyncio.sleep(0)
+    assert batcher.depth == 14
+    with pytest.raises(QueueFull) as refused:
+        await batcher.submit([3])  # 14 + 3 > 16
+    assert not refused.value.never and refused.value.wanted == 3
+    with pytest.raises(QueueFull) as never:
+        await batcher.submit([17])
+    assert never.value.never
+    recorder.gate.set()
+    await asyncio.gather(first, *waiting)
+    # Batches hold at most 8 cost units, in arrival order, at least one item each.
+    assert recorder.batches == [[1], [5], [4, 3], [2]]
+    assert batcher.depth == 0
+    await batcher.close()
+
+
+async def test_a_reservation_is_used_up_across_waves_of_submissions() -> None:
+    recorder = Recorder()
+    batcher = costed(recorder, max_batch_size=8, max_queue=10)
+    with batcher.reserve(9) as reservation:
+        assert batcher.depth == 9
+        with pytest.raises(QueueFull):
+            batcher.reserve(2)  # the room is held for the waves to come
+        await batcher.submit([4], reservation=reservation)
+        assert reservation.count == 5 and batcher.depth == 5
+        await batcher.submit([3, 2], reservation=reservation)
+        assert reservation.count == 0
+        # Beyond the reservation, a submission is admitted against the free room as usual.
+        await batcher.submit([6], reservation=reservation)
+    assert batcher.depth == 0
+    await batcher.close()

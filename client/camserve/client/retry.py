@@ -55,7 +55,11 @@ NO_RETRY = RetryPolicy(max_attempts=1)
 
 
 def is_retryable(error: CamserveError) -> bool:
-    return isinstance(error, (Unavailable, Overloaded))
+    """UNAVAILABLE always; RESOURCE_EXHAUSTED when the server hints at a retry time. Without a
+    hint the request exceeds what the server could ever admit, and retrying cannot help."""
+    if isinstance(error, Overloaded):
+        return error.retry_after is not None
+    return isinstance(error, Unavailable)
 
 
 def deadline_after(timeout: float | None) -> float | None:

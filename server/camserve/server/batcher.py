@@ -2,11 +2,14 @@
 
 It knows nothing of torch or gRPC. Items wait until `max_batch_size` of them are queued or
 `max_delay_s` has passed since the oldest arrived; then one batch is processed while the next one
-gathers. Admission is bounded (`max_queue`), whole requests are admitted or refused together
-(room can be reserved before the items exist, so a caller is refused before it spends work
-making them), items whose deadline passed are failed before processing, and a caller that goes
-away takes its items out of the queue. Each item's outcome (a result or an exception) goes to
-its own caller.
+gathers. Items have a cost (default 1; the runtime counts forward passes, so a follow-up chunk
+of 32 masked images costs 32 and an explained image 1): the queue bound (`max_queue`) and the
+batch size (`max_batch_size`) are in cost units, and a batch holds at least one item. Admission
+is bounded, whole requests are admitted or refused together (room can be reserved before the
+items exist, so a caller is refused before it spends work making them, and a request submitting
+its items in waves holds room for all of them), items whose deadline passed are failed before
+processing, and a caller that goes away takes its items out of the queue. Each item's outcome
+(a result or an exception) goes to its own caller.
 
 Supervision: a failing callback or processing step fails only its batch and the loop goes on;
 should the loop task end anyway, every waiting caller is failed and new ones are refused at once
@@ -32,13 +35,21 @@ ProcessFn = Callable[[list[T]], Awaitable[Sequence["R | BaseException"]]]
 
 
 class QueueFull(Exception):
-    """The queue cannot take these items now; `retry_after_s` estimates when it could."""
+    """The queue cannot take these items now; `retry_after_s` estimates when it could.
 
-    def __init__(self, depth: int, capacity: int, retry_after_s: float) -> None:
+    `wanted` is the cost asked for; above `capacity` it could never be admitted (`never`).
+    """
+
+    def __init__(self, depth: int, capacity: int, retry_after_s: float, wanted: int = 1) -> None:
         super().__init__(f"queue holds {depth} of {capacity} items")
         self.depth = depth
         self.capacity = capacity
         self.retry_after_s = retry_after_s
+        self.wanted = wanted
+
+    @property
+    def never(self) -> bool:
+        return self.wanted > self.capacity
 
 
 class DeadlineExpired(Exception):
@@ -58,9 +69,14 @@ class Reservation:
 
     def release(self) -> None:
         """Gives the room back (again: a no-op), e.g. when making the items failed."""
-        if self.count:
-            self._owner._reserved -= self.count
-            self.count = 0
+        self.take(self.count)
+
+    def take(self, cost: int) -> int:
+        """Hands up to `cost` of the held room to items being submitted; returns how much."""
+        taken = min(self.count, cost)
+        self._owner._reserved -= taken
+        self.count -= taken
+        return taken
 
     def __enter__(self) -> Reservation:
         return self
@@ -75,6 +91,7 @@ class _Entry(Generic[T, R]):
     deadline: float | None  # time.monotonic() value
     enqueued_at: float
     future: asyncio.Future[R]
+    cost: int = 1
     started_at: float = field(default=0.0)
     batch_size: int = field(default=0)
 
@@ -99,6 +116,7 @@ class DynamicBatcher(Generic[T, R]):
         max_queue: int,
         on_batch: Callable[[int, int], None] | None = None,
         on_expired: Callable[[int], None] | None = None,
+        cost: Callable[[T], int] | None = None,
     ) -> None:
         if max_batch_size < 1 or max_queue < 1 or max_delay_s < 0:
             raise ValueError("max_batch_size and max_queue must be >= 1, max_delay_s >= 0")
@@ -108,7 +126,9 @@ class DynamicBatcher(Generic[T, R]):
         self._max_queue = max_queue
         self._on_batch = on_batch  # (batch size, queue depth after taking it)
         self._on_expired = on_expired  # (items dropped for their deadline)
+        self._cost = cost or (lambda _item: 1)
         self._queue: deque[_Entry[T, R]] = deque()
+        self._queued_cost = 0  # the sum of the queued entries' costs
         self._reserved = 0  # room held by reservations, not yet filled with items
         self._arrived = asyncio.Event()
         self._task: asyncio.Task[None] | None = None
@@ -119,8 +139,8 @@ class DynamicBatcher(Generic[T, R]):
 
     @property
     def depth(self) -> int:
-        """Items queued plus room reserved for items on their way."""
-        return len(self._queue) + self._reserved
+        """The cost of the items queued plus room reserved for items on their way."""
+        return self._queued_cost + self._reserved
 
     def start(self) -> None:
         if self._task is None:
@@ -140,6 +160,7 @@ class DynamicBatcher(Generic[T, R]):
             if not entry.future.done():
                 entry.future.set_exception(BatcherClosed(f"the batcher stopped: {reason!r}"))
         self._queue.clear()
+        self._queued_cost = 0
 
     async def close(self) -> None:
         """Stops admitting; items already queued are still processed before this returns."""
@@ -150,7 +171,7 @@ class DynamicBatcher(Generic[T, R]):
 
     def retry_after_s(self) -> float:
         """A hint for refused callers: the time to work through the queue as it is now."""
-        batches = max(1, -(-len(self._queue) // self._max_batch_size))
+        batches = max(1, -(-self._queued_cost // self._max_batch_size))
         return round(max(0.05, batches * self._batch_seconds), 3)
 
     def _admit(self, count: int) -> None:
@@ -159,7 +180,7 @@ class DynamicBatcher(Generic[T, R]):
         if self._closed:
             raise BatcherClosed("the server is shutting down")
         if self.depth + count > self._max_queue:
-            raise QueueFull(self.depth, self._max_queue, self.retry_after_s())
+            raise QueueFull(self.depth, self._max_queue, self.retry_after_s(), count)
 
     def reserve(self, count: int) -> Reservation:
         """Holds room for `count` items before they exist; QueueFull when there is none."""
@@ -176,15 +197,26 @@ class DynamicBatcher(Generic[T, R]):
         """Queues `items` together and waits for all; raises the first item's failure.
 
         Admission is all or nothing: `QueueFull` when the queue lacks room for every item, unless
-        `reservation` (from `reserve`) already holds that room.
+        `reservation` (from `reserve`) already holds that room; room it holds beyond these items'
+        cost stays held for the caller's next submission.
         """
-        if reservation is not None:
-            reservation.release()  # its room now counts for these items, checked just below
-        self._admit(len(items))
         loop = asyncio.get_running_loop()
         now = time.monotonic()
-        entries = [_Entry[T, R](item, deadline, now, loop.create_future()) for item in items]
+        entries = [
+            _Entry[T, R](item, deadline, now, loop.create_future(), cost=max(1, self._cost(item)))
+            for item in items
+        ]
+        cost = sum(entry.cost for entry in entries)
+        taken = reservation.take(cost) if reservation is not None else 0
+        try:
+            self._admit(cost - taken)
+        except BaseException:
+            self._reserved += taken  # the reservation keeps its room
+            if reservation is not None:
+                reservation.count += taken
+            raise
         self._queue.extend(entries)
+        self._queued_cost += cost
         self._arrived.set()
         try:
             results = await asyncio.gather(*(e.future for e in entries))
@@ -193,6 +225,7 @@ class DynamicBatcher(Generic[T, R]):
                 entry.future.cancel()
                 with contextlib.suppress(ValueError):  # unless already in a running batch
                     self._queue.remove(entry)
+                    self._queued_cost -= entry.cost
             raise
         return [
             (result, BatchInfo(size=e.batch_size, queue_s=e.started_at - e.enqueued_at))
@@ -207,7 +240,7 @@ class DynamicBatcher(Generic[T, R]):
             self._arrived.clear()
             await self._arrived.wait()
         oldest = self._queue[0].enqueued_at
-        while len(self._queue) < self._max_batch_size and not self._closed:
+        while self._queued_cost < self._max_batch_size and not self._closed:
             remaining = oldest + self._max_delay_s - time.monotonic()
             if remaining <= 0:
                 break
@@ -219,8 +252,10 @@ class DynamicBatcher(Generic[T, R]):
         batch: list[_Entry[T, R]] = []
         now = time.monotonic()
         expired = 0
-        while self._queue and len(batch) < self._max_batch_size:
+        room = self._max_batch_size
+        while self._queue and (not batch or self._queue[0].cost <= room):
             entry = self._queue.popleft()
+            self._queued_cost -= entry.cost
             if entry.future.done():
                 continue  # cancelled by its caller
             if entry.deadline is not None and entry.deadline <= now:
@@ -228,6 +263,7 @@ class DynamicBatcher(Generic[T, R]):
                 expired += 1
                 continue
             entry.started_at = now
+            room -= entry.cost
             batch.append(entry)
         if expired:
             self._notify(self._on_expired, expired)

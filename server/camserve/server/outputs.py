@@ -8,10 +8,11 @@ never hold up the engine. Heatmaps follow one normalisation rule at every resolu
 from __future__ import annotations
 
 import io
+from collections.abc import Mapping
 
 import torch
 
-from camserve.server.engine import RowResult
+from camserve.server.engine import MapScores, RowResult
 from camserve.server.engine.shaping import shape_heatmaps
 from camserve.server.preprocess import PreparedImage
 from camserve.server.records import HeatmapResult, ImageExplanation, ModelMeta, Prediction
@@ -63,10 +64,23 @@ def _predictions(result: RowResult, count: int, meta: ModelMeta) -> tuple[Predic
     )
 
 
+def _curves(scores: MapScores | None) -> dict[str, tuple[float, ...]]:
+    if scores is None:
+        return {}
+    curves = {"deletion_auc": scores.deletion, "insertion_auc": scores.insertion}
+    return {name: curve.probabilities for name, curve in curves.items() if curve is not None}
+
+
 def explain_image(
-    result: RowResult, prepared: PreparedImage, plan: ExplainPlan, meta: ModelMeta
+    result: RowResult,
+    prepared: PreparedImage,
+    plan: ExplainPlan,
+    meta: ModelMeta,
+    scores: Mapping[tuple[str, int], MapScores] | None = None,
 ) -> ImageExplanation:
-    """One image's predictions and heatmaps, ordered by class (as explained), then method."""
+    """One image's predictions and heatmaps, ordered by class (as explained), then method, each
+    with its faithfulness scores when the plan asked for them (`scores`, keyed like the maps)."""
+    scores = scores or {}
     keys = [(method, cls) for cls in result.classes for method in plan.methods]
     raw = torch.stack([result.maps[key] for key in keys]).float()
     heatmaps = tuple(
@@ -76,6 +90,8 @@ def explain_image(
             class_label=meta.labels[cls],
             layer=result.layer,
             data=data,
+            scores=scores[(method, cls)].values() if (method, cls) in scores else {},
+            curves=_curves(scores.get((method, cls))) if plan.score_curves else {},
         )
         for (method, cls), data in zip(keys, _shape(raw, prepared, plan.output), strict=True)
     )

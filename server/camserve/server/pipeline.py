@@ -1,7 +1,9 @@
 """The explain pipeline: the torch side of the seam between the servicer and the engine.
 
-One request travels: prepare its images on CPU threads -> submit them together to the model's
-batcher -> shape each image's result on CPU threads -> an `ExplainOutcome`. Every refusal leaves
+One request travels: admission for its whole cost -> prepare its images on CPU threads ->
+submit them together to the model's batcher -> the forward-only work its methods and scores
+need, through the same batcher (`followups`) -> shape each image's result on CPU threads -> an
+`ExplainOutcome`. Every refusal leaves
 as one of the domain errors of `camserve.server.errors`; batcher, engine and device failures are
 translated here and nowhere else.
 """
@@ -16,9 +18,15 @@ from concurrent.futures import ThreadPoolExecutor
 
 import torch
 
-from camserve.server import batcher
+from camserve.server import batcher, followups
 from camserve.server.batcher import Reservation
-from camserve.server.engine import EngineError, RowRequest
+from camserve.server.engine import (
+    GRADIENT_FREE_METHODS,
+    EngineError,
+    MapScores,
+    RowRequest,
+    RowResult,
+)
 from camserve.server.engine.shaping import output_bytes
 from camserve.server.errors import (
     DeadlineExceeded,
@@ -47,9 +55,10 @@ from camserve.server.records import (
     StageTimes,
 )
 from camserve.server.registry import ModelRegistry, UnknownModel
-from camserve.server.runtime import Computed, ImageJob, ModelRuntime
+from camserve.server.runtime import Computed, ModelRuntime
 from camserve.server.settings import LimitsSettings, Settings
 from camserve.server.validation import ExplainPlan, check_response_size
+from camserve.server.work import ImageJob
 from camserve.v1.tensors import dtype_name
 
 log = logging.getLogger("camserve.pipeline")
@@ -98,6 +107,15 @@ def service_error(exc: BaseException, model: str) -> ServiceError:
     """The domain error for a failure met while computing a request of `model`."""
     if isinstance(exc, ServiceError):
         return exc
+    if isinstance(exc, batcher.QueueFull) and exc.never:
+        return Overloaded(
+            f"this request costs {exc.wanted} forward passes of model {model!r} (each channel "
+            "of the layer is a row for AblationCAM and ScoreCAM, each step of a curve a row), "
+            f"more than its whole queue of {exc.capacity}; it can never be admitted as it is. "
+            "Explain fewer images or classes per request, choose a layer with fewer channels, a "
+            "single-pass method or fewer score steps, or raise the model's max_queue",
+            retry_after_s=0.0,
+        )
     if isinstance(exc, batcher.QueueFull):
         return Overloaded(
             f"model {model!r} is overloaded: its queue holds {exc.depth} of {exc.capacity} "
@@ -123,6 +141,10 @@ def service_error(exc: BaseException, model: str) -> ServiceError:
         f"model {model!r} failed to compute this request ({type(exc).__name__}); this is a "
         "server fault, not the request's: retry, and report it if it persists"
     )
+
+
+def _gradient_free(plan: ExplainPlan) -> bool:
+    return any(method in GRADIENT_FREE_METHODS for method in plan.methods)
 
 
 class ExplainPipeline:
@@ -160,7 +182,7 @@ class ExplainPipeline:
         arrived = time.monotonic()
         runtime = self._runtime(meta.name)
         try:  # admission first: a refused request costs no decoding
-            reservation = runtime.reserve(len(sources))
+            reservation = runtime.reserve(await self._cost(runtime, meta, plan))
         except Exception as exc:  # noqa: BLE001 - translated into the domain error
             raise service_error(exc, meta.name) from None
         with reservation:
@@ -171,11 +193,18 @@ class ExplainPipeline:
             computed = await self._compute(
                 runtime, self._jobs(prepared, plan), deadline, reservation
             )
+            follow_up_started = time.monotonic()
+            results, scores = await self._follow_up(
+                runtime, meta, plan, prepared, [c.result for c in computed], deadline, reservation
+            )
+            follow_up_s = time.monotonic() - follow_up_started
         loop = asyncio.get_running_loop()
         images = await asyncio.gather(
             *(
-                loop.run_in_executor(self._pool, explain_image, c.result, item, plan, meta)
-                for c, item in zip(computed, prepared, strict=True)
+                loop.run_in_executor(
+                    self._pool, explain_image, result, item, plan, meta, image_scores
+                )
+                for result, item, image_scores in zip(results, prepared, scores, strict=True)
             )
         )
         return ExplainOutcome(
@@ -185,11 +214,66 @@ class ExplainPipeline:
             times=StageTimes(
                 queue_s=max(c.batch.queue_s for c in computed),
                 preprocess_s=preprocessed - arrived,
-                compute_s=max(c.compute_s for c in computed),
+                compute_s=max(c.compute_s for c in computed) + follow_up_s,
                 total_s=time.monotonic() - arrived,
             ),
             batch_size=max(c.batch.size for c in computed),
         )
+
+    async def _cost(self, runtime: ModelRuntime, meta: ModelMeta, plan: ExplainPlan) -> int:
+        """The request's cost in forward passes: its images, plus the rows of gradient-free
+        methods and scores when it asks for them."""
+        if not plan.scores and not plan.aug_smooth and not _gradient_free(plan):
+            return len(plan.targets)
+        try:
+            costs = await runtime.method_costs(plan.layer, plan.aug_smooth)
+        except Exception as exc:  # noqa: BLE001 - e.g. a layer the tail cannot be measured at
+            raise service_error(exc, meta.name) from None
+        return followups.request_cost(
+            plan,
+            costs,
+            channels=meta.layer_shapes[plan.layer][0],
+            tail_fraction=runtime.tail_fraction(plan.layer),
+            chunk=meta.max_batch_size,
+        )
+
+    async def _follow_up(
+        self,
+        runtime: ModelRuntime,
+        meta: ModelMeta,
+        plan: ExplainPlan,
+        prepared: list[PreparedImage],
+        results: list[RowResult],
+        deadline: float | None,
+        reservation: Reservation,
+    ) -> tuple[list[RowResult], list[dict[tuple[str, int], MapScores]]]:
+        """Runs the request's forward-only work: gradient-free maps, then the scores of all
+        its maps. Every step that builds or reads tensors runs on the CPU pool."""
+        loop = asyncio.get_running_loop()
+        chunk = meta.max_batch_size
+        no_scores: list[dict[tuple[str, int], MapScores]] = [{} for _ in results]
+        try:
+            if _gradient_free(plan):
+                fraction = runtime.tail_fraction(plan.layer)
+                work, jobs = followups.gradient_free_jobs(results, plan, chunk, fraction)
+                await followups.submit_in_waves(runtime, jobs, deadline, reservation, chunk)
+                input_hw = (meta.recipe.crop, meta.recipe.crop)
+                results = await loop.run_in_executor(
+                    self._pool, followups.merged, results, work, input_hw
+                )
+            if not plan.scores:
+                return results, no_scores
+            images = torch.stack([item.tensor for item in prepared])
+            score_plan, keys, jobs = await loop.run_in_executor(
+                self._pool, followups.score_jobs, images, results, plan, chunk
+            )
+            await followups.submit_in_waves(runtime, jobs, deadline, reservation, chunk)
+            scores = await loop.run_in_executor(
+                self._pool, followups.scores_by_image, score_plan, keys, len(results)
+            )
+        except Exception as exc:  # noqa: BLE001 - every failure leaves as a domain error
+            raise service_error(exc, runtime.spec.name) from None
+        return results, scores
 
     async def _prepare(
         self, sources: Sequence[ImageSource], meta: ModelMeta, plan: ExplainPlan
@@ -216,9 +300,12 @@ class ExplainPipeline:
                 tensor=item.tensor,
                 row=RowRequest(
                     layer=plan.layer,
-                    methods=plan.methods,
+                    methods=tuple(m for m in plan.methods if m not in GRADIENT_FREE_METHODS),
                     classes=target.classes,
                     top_k=target.top_k,
+                    eigen_smooth=plan.eigen_smooth,
+                    aug_smooth=plan.aug_smooth,
+                    keep_activations=_gradient_free(plan),
                 ),
             )
             for item, target in zip(prepared, plan.targets, strict=True)

@@ -7,7 +7,8 @@ records without loading the engine. Engine types appear only as annotations.
 from __future__ import annotations
 
 import functools
-from dataclasses import dataclass
+from collections.abc import Mapping
+from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
 import numpy as np
@@ -47,6 +48,15 @@ ImageSource = EncodedImage | ArrayImage
 
 
 @dataclass(frozen=True)
+class MethodCostInfo:
+    """What one method costs per image at the model's default layer (GetModel, admission)."""
+
+    method: str
+    rows: int  # rows it puts through the model: the explain row plus forward-only rows
+    forward_passes: float  # the same work in forward passes of the whole model
+
+
+@dataclass(frozen=True)
 class ModelMeta:
     """What clients and the request checker need to know about a loaded model."""
 
@@ -59,6 +69,7 @@ class ModelMeta:
     layers: tuple[LayerSpec, ...]
     recipe: InputRecipe
     max_batch_size: int
+    method_costs: tuple[MethodCostInfo, ...] = ()  # every method, in ALL_METHOD_BY_NAME order
 
     @functools.cached_property
     def layer_names(self) -> frozenset[str]:
@@ -95,13 +106,17 @@ class Prediction:
 
 @dataclass(frozen=True)
 class HeatmapResult:
-    """One shaped heatmap: (H, W) float32, float16 or uint8, as the request asked."""
+    """One shaped heatmap: (H, W) float32, float16 or uint8, as the request asked, with the
+    faithfulness scores the request asked for (name -> value) and, when asked, their curves
+    (name -> class probability at each step, S + 1 values)."""
 
     method: str
     class_index: int
     class_label: str
     layer: str
     data: np.ndarray
+    scores: Mapping[str, float] = field(default_factory=dict)
+    curves: Mapping[str, tuple[float, ...]] = field(default_factory=dict)
 
 
 @dataclass(frozen=True)

@@ -24,7 +24,14 @@ from dataclasses import dataclass
 import torch
 
 from camserve.server.batcher import BatchInfo, DynamicBatcher, Reservation
-from camserve.server.engine import METHODS, CamEngine, EngineError, RowRequest, RowResult
+from camserve.server.engine import (
+    METHODS,
+    CamEngine,
+    EngineError,
+    MethodCost,
+    RowRequest,
+    RowResult,
+)
 from camserve.server.metrics import Metrics
 from camserve.server.models.labels import load_labels
 from camserve.server.models.loading import (
@@ -33,20 +40,15 @@ from camserve.server.models.loading import (
     input_recipe,
     layout_hints,
 )
-from camserve.server.records import InputRecipe, ModelMeta
+from camserve.server.records import InputRecipe, MethodCostInfo, ModelMeta
 from camserve.server.settings import ModelSettings
+from camserve.server.work import ForwardJob, ImageJob, WorkItem, item_cost, run_forward
 
 log = logging.getLogger("camserve.runtime")
 FAILING_AFTER = 3  # whole batches failed in a row before the model reports NOT_SERVING
-Outcome = tuple[RowResult, float] | BaseException
-
-
-@dataclass(frozen=True)
-class ImageJob:
-    """One image's work: its model input and what to explain in it."""
-
-    tensor: torch.Tensor  # (3, H, W) float32
-    row: RowRequest
+# Per item: its engine result (None for a forward job, which records its own) and the seconds
+# its batch took, or its failure.
+Outcome = tuple[RowResult | None, float] | BaseException
 
 
 @dataclass(frozen=True)
@@ -82,7 +84,9 @@ class ModelRuntime:
         self._engine: CamEngine | None = None
         self._meta: ModelMeta | None = None
         self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix=f"engine-{spec.name}")
-        self._batcher: DynamicBatcher[ImageJob, tuple[RowResult, float]] | None = None
+        self._batcher: DynamicBatcher[WorkItem, tuple[RowResult | None, float]] | None = None
+        self._costs: dict[tuple[str, bool], dict[str, MethodCost]] = {}
+        self._tail_fractions: dict[str, float] = {}
         self._failed_batches = 0  # whole batches failed in a row
         self.healthy = True
 
@@ -139,19 +143,53 @@ class ModelRuntime:
             max_queue=self.spec.max_queue,
             on_batch=lambda size, depth: self._metrics.observe_batch(name, size, depth),
             on_expired=lambda count: self._metrics.expired.labels(name).inc(count),
+            cost=item_cost,
         )
         self._batcher.start()
 
-    def reserve(self, count: int) -> Reservation:
-        """Holds queue room for `count` images before they are decoded (QueueFull if none)."""
-        return self._started().reserve(count)
+    def reserve(self, cost: int) -> Reservation:
+        """Holds queue room for a request's whole cost (its images and every forward-only row
+        after them, in forward passes) before anything is decoded; QueueFull if there is none."""
+        return self._started().reserve(cost)
+
+    async def method_costs(self, layer: str, aug_smooth: bool) -> dict[str, MethodCost]:
+        """Every method's cost per image at `layer`; the first call per layer measures the
+        model's tail on the worker thread, later ones are answered from memory."""
+        key = (layer, aug_smooth)
+        if key not in self._costs:
+            loop = asyncio.get_running_loop()
+            costs, fraction = await loop.run_in_executor(self._executor, self._measure, *key)
+            self._costs[key], self._tail_fractions[layer] = costs, fraction
+        return self._costs[key]
+
+    def tail_fraction(self, layer: str) -> float:
+        """The share of a forward pass after `layer`, once `method_costs` has measured it."""
+        return self._tail_fractions[layer]
+
+    def _measure(self, layer: str, aug_smooth: bool) -> tuple[dict[str, MethodCost], float]:
+        assert self._engine is not None
+        size = (self.meta.recipe.crop, self.meta.recipe.crop)
+        costs = self._engine.method_costs(layer, size, aug_smooth=aug_smooth)
+        return costs, self._engine.tail_fraction(layer, size)
 
     async def submit(
         self, jobs: list[ImageJob], deadline: float | None, reservation: Reservation | None = None
     ) -> list[Computed]:
         """Queues the jobs of one request together and waits for their results."""
         outcomes = await self._started().submit(jobs, deadline, reservation)
-        return [Computed(result, seconds, info) for (result, seconds), info in outcomes]
+        computed = []
+        for (result, seconds), info in outcomes:
+            assert result is not None, "image jobs always have a result"
+            computed.append(Computed(result, seconds, info))
+        return computed
+
+    async def run(
+        self, jobs: list[ForwardJob], deadline: float | None, reservation: Reservation | None
+    ) -> float:
+        """Queues forward-only jobs together and waits until each has recorded its logits;
+        returns the compute seconds of the slowest batch they ran in."""
+        outcomes = await self._started().submit(jobs, deadline, reservation)
+        return max((seconds for (_, seconds), _ in outcomes), default=0.0)
 
     async def close(self) -> None:
         """Finishes every queued item, then stops the worker thread."""
@@ -159,12 +197,12 @@ class ModelRuntime:
             await self._batcher.close()
         self._executor.shutdown(wait=True)
 
-    def _started(self) -> DynamicBatcher[ImageJob, tuple[RowResult, float]]:
+    def _started(self) -> DynamicBatcher[WorkItem, tuple[RowResult | None, float]]:
         if self._batcher is None:
             raise RuntimeError(f"model {self.spec.name!r} is not started")
         return self._batcher
 
-    async def _process(self, jobs: list[ImageJob]) -> list[Outcome]:
+    async def _process(self, jobs: list[WorkItem]) -> list[Outcome]:
         loop = asyncio.get_running_loop()
         outcomes = await loop.run_in_executor(self._executor, self._compute, jobs)
         self._track_health(outcomes)
@@ -187,7 +225,7 @@ class ModelRuntime:
             if self._on_health is not None:
                 self._on_health(self.spec.name, healthy)
 
-    def _compute(self, jobs: list[ImageJob]) -> list[Outcome]:
+    def _compute(self, jobs: list[WorkItem]) -> list[Outcome]:
         """Explains a batch; on failure bisects it so only the failing items fail."""
         outcome = self._attempt(jobs)
         if not isinstance(outcome, BaseException):
@@ -201,23 +239,32 @@ class ModelRuntime:
         half = len(jobs) // 2
         return self._compute(jobs[:half]) + self._compute(jobs[half:])
 
-    def _attempt(self, jobs: list[ImageJob]) -> list[Outcome] | BaseException:
+    def _attempt(self, jobs: list[WorkItem]) -> list[Outcome] | BaseException:
         """One engine pass over `jobs`: their outcomes, or the exception (traceback dropped)."""
         assert self._engine is not None
         started = time.monotonic()
+        images = [job for job in jobs if isinstance(job, ImageJob)]
+        forward = [job for job in jobs if isinstance(job, ForwardJob)]
         try:
-            batch = torch.stack([job.tensor for job in jobs])
-            results = self._engine.explain_batch(batch, [job.row for job in jobs])
+            explained = iter(self._explain(images))
+            run_forward(self._engine, forward)
         except Exception as exc:  # noqa: BLE001 - isolated by the caller, reported per item
             return _detached(exc)
         seconds = time.monotonic() - started
-        self._metrics.images.labels(self.spec.name).inc(len(jobs))
+        self._metrics.images.labels(self.spec.name).inc(len(images))
         self._metrics.batch_seconds.labels(self.spec.name).observe(seconds)
         log.info(
             "batch explained",
             extra={"model": self.spec.name, "batch": len(jobs), "ms": round(seconds * 1000, 1)},
         )
-        return [(result, seconds) for result in results]
+        return [(next(explained) if isinstance(job, ImageJob) else None, seconds) for job in jobs]
+
+    def _explain(self, jobs: list[ImageJob]) -> list[RowResult]:
+        if not jobs:
+            return []
+        assert self._engine is not None
+        batch = torch.stack([job.tensor for job in jobs])
+        return self._engine.explain_batch(batch, [job.row for job in jobs])
 
 
 def _detached(exc: BaseException) -> BaseException:
@@ -248,6 +295,7 @@ def _read_meta(
         labels = load_labels(spec.labels, num_classes)
     except ValueError as exc:
         raise ModelLoadError(f"model {spec.name!r}: {exc}") from None
+    costs = engine.method_costs(default_layer, size)
     return ModelMeta(
         name=spec.name,
         version=spec.version,
@@ -257,5 +305,8 @@ def _read_meta(
         default_layer=default_layer,
         layers=layers,
         recipe=recipe,
+        method_costs=tuple(
+            MethodCostInfo(method, cost.rows, cost.forward_passes) for method, cost in costs.items()
+        ),
         max_batch_size=spec.max_batch_size,
     )

@@ -58,6 +58,13 @@ class ExplainPlan:
     output: OutputPlan
     top_predictions: int
     targets: tuple[ImageTarget, ...]
+    eigen_smooth: bool = False
+    aug_smooth: bool = False
+    # Faithfulness scores per heatmap, by engine name (confidence_change, deletion_auc,
+    # insertion_auc), the steps of the deletion/insertion curves, and whether to return them.
+    scores: tuple[str, ...] = ()
+    score_steps: int = 20
+    score_curves: bool = False
 
 
 def _choices(values: object) -> str:
