@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import pytest
 from grpc_tools import protoc
 
 PROTOS = Path(__file__).resolve().parent.parent / "protos"
@@ -31,9 +32,29 @@ def test_committed_stubs_match_a_fresh_generation(tmp_path: Path) -> None:
 def test_every_wire_method_has_a_name_and_the_engine_knows_it() -> None:
     from camserve.server.engine import ALL_METHODS
     from camserve.v1 import explain_pb2 as pb
-    from camserve.v1.methods import ALL_METHOD_BY_NAME, METHOD_BY_NAME
+    from camserve.v1.methods import METHOD_BY_NAME, NAME_BY_METHOD
 
     named = {value for value in pb.Method.values() if value != pb.METHOD_UNSPECIFIED}
-    assert set(ALL_METHOD_BY_NAME.values()) == named
-    assert tuple(ALL_METHOD_BY_NAME) == ALL_METHODS
-    assert METHOD_BY_NAME.items() <= ALL_METHOD_BY_NAME.items()
+    assert set(METHOD_BY_NAME.values()) == named
+    assert tuple(METHOD_BY_NAME) == ALL_METHODS
+    assert NAME_BY_METHOD[pb.METHOD_UNSPECIFIED] == "gradcam"
+    assert all(NAME_BY_METHOD[value] == name for name, value in METHOD_BY_NAME.items())
+
+
+def test_every_wire_score_has_the_engine_name_and_defaults() -> None:
+    from camserve.server.engine import faithfulness
+    from camserve.server.engine.types import EngineError
+    from camserve.server.settings import LimitsSettings
+    from camserve.v1 import explain_pb2 as pb
+    from camserve.v1 import scores
+
+    named = {value for value in pb.Score.values() if value != pb.SCORE_UNSPECIFIED}
+    assert set(scores.SCORE_BY_NAME.values()) == named
+    assert tuple(scores.SCORE_BY_NAME) == faithfulness.SCORES
+    assert scores.CURVE_SCORES == faithfulness.CURVE_SCORES
+    assert set(scores.HIGHER_IS_BETTER) == set(faithfulness.SCORES)
+    assert scores.DEFAULT_SCORE_STEPS == faithfulness.DEFAULT_STEPS
+    assert LimitsSettings().max_score_steps == faithfulness.MAX_STEPS
+    assert faithfulness.check_steps(scores.MIN_SCORE_STEPS) == scores.MIN_SCORE_STEPS
+    with pytest.raises(EngineError):
+        faithfulness.check_steps(scores.MIN_SCORE_STEPS - 1)

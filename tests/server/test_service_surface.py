@@ -15,6 +15,7 @@ from camserve.server.app import CamServer
 from camserve.server.settings import ModelSettings, Settings
 from camserve.v1 import explain_pb2 as pb
 from camserve.v1 import explain_pb2_grpc as pb_grpc
+from camserve.v1.methods import METHOD_BY_NAME
 from tests._support import gated_model
 from tests._support.servers import CAT_BYTES, COFFEE_BYTES
 
@@ -34,7 +35,7 @@ async def test_models_describe_inputs_layers_and_methods(camserve_server: Any) -
     assert lite.default_layer == "head"
     assert (lite.input.height, lite.input.resize) == (224, 256)
     assert list(lite.input.mean) == pytest.approx([127 / 255] * 3)
-    assert len(lite.methods) == 5
+    assert list(lite.methods) == list(METHOD_BY_NAME.values())
     layers = {layer.name: list(layer.output_shape) for layer in resnet.layers}
     assert resnet.default_layer == "layer4"
     assert layers["layer4"] == [512, 7, 7]
@@ -42,6 +43,21 @@ async def test_models_describe_inputs_layers_and_methods(camserve_server: Any) -
     assert list(resnet.input.mean) == pytest.approx([0.485, 0.456, 0.406])
     assert missing.value.code() == grpc.StatusCode.NOT_FOUND
     assert "available: efficientnet-lite0, resnet18" in (missing.value.details() or "")
+    assert_method_costs(resnet, channels=512)
+
+
+def assert_method_costs(info: pb.ModelInfo, channels: int) -> None:
+    """One cost per method at the default layer: the gradient methods one row and one forward
+    pass; ScoreCAM a whole forward per channel; AblationCAM as many rows, but only the tail."""
+    costs = {cost.method: cost for cost in info.method_costs}
+    assert list(costs) == list(METHOD_BY_NAME.values())
+    for name, value in METHOD_BY_NAME.items():
+        if name not in ("ablationcam", "scorecam"):
+            assert (costs[value].rows_per_image, costs[value].forward_passes) == (1, 1.0)
+    score, ablation = costs[pb.METHOD_SCORECAM], costs[pb.METHOD_ABLATIONCAM]
+    assert score.rows_per_image == ablation.rows_per_image == 1 + channels
+    assert score.forward_passes == 1 + channels
+    assert 1 < ablation.forward_passes < score.forward_passes
 
 
 async def test_health_and_reflection(camserve_server: Any) -> None:

@@ -121,6 +121,8 @@ def model(**changes: object) -> ModelSettings:
             lambda: LimitsSettings(max_images_per_request=0),
             "limits.max_images_per_request=0 must be at least 1",
         ),
+        (lambda: LimitsSettings(max_score_steps=0), "limits.max_score_steps=0: use 1..100"),
+        (lambda: LimitsSettings(max_score_steps=101), "limits.max_score_steps=101: use 1..100"),
     ],
     ids=[
         "queue-below-request",
@@ -135,6 +137,8 @@ def model(**changes: object) -> ModelSettings:
         "aspect-below-1",
         "top-k-0",
         "images-0",
+        "score-steps-0",
+        "score-steps-above-engine",
     ],
 )
 def test_configurations_that_cannot_work_are_refused_at_start(
@@ -169,3 +173,10 @@ def test_the_defaults_and_the_image_bounds_are_consistent() -> None:
     assert resize * resize * settings.limits.max_aspect_ratio <= (
         settings.limits.max_resized_pixels
     )
+
+
+def test_max_score_steps_comes_from_the_limits_table(tmp_path: Path) -> None:
+    assert load_settings([], {}).limits.max_score_steps == 100
+    config = tmp_path / "camserve.toml"
+    config.write_text("[limits]\nmax_score_steps = 40\n")
+    assert load_settings(["--config", str(config)], {}).limits.max_score_steps == 40

@@ -24,19 +24,21 @@ _sym_db = _symbol_database.Default()
 
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x19\x63\x61mserve/v1/explain.proto\x12\x0b\x63\x61mserve.v1\"H\n\x06Tensor\x12!\n\x05\x64type\x18\x01 \x01(\x0e\x32\x12.camserve.v1.DType\x12\r\n\x05shape\x18\x02 \x03(\x03\x12\x0c\n\x04\x64\x61ta\x18\x03 \x01(\x0c\"S\n\x06Target\x12\x15\n\rclass_indices\x18\x01 \x03(\x05\x12\x14\n\x0c\x63lass_labels\x18\x02 \x03(\t\x12\x12\n\x05top_k\x18\x03 \x01(\rH\x00\x88\x01\x01\x42\x08\n\x06_top_k\"p\n\x05Image\x12\x11\n\x07\x65ncoded\x18\x01 \x01(\x0cH\x00\x12%\n\x06tensor\x18\x02 \x01(\x0b\x32\x13.camserve.v1.TensorH\x00\x12#\n\x06target\x18\x03 \x01(\x0b\x32\x13.camserve.v1.TargetB\x08\n\x06source\"\x9c\x01\n\rOutputOptions\x12+\n\nresolution\x18\x01 \x01(\x0e\x32\x17.camserve.v1.Resolution\x12\x0e\n\x06height\x18\x02 \x01(\r\x12\r\n\x05width\x18\x03 \x01(\r\x12!\n\x05\x64type\x18\x04 \x01(\x0e\x32\x12.camserve.v1.DType\x12\x0b\n\x03raw\x18\x05 \x01(\x08\x12\x0f\n\x07overlay\x18\x06 \x01(\x08\"\x94\x02\n\x0e\x45xplainRequest\x12\r\n\x05model\x18\x01 \x01(\t\x12\"\n\x06images\x18\x02 \x03(\x0b\x32\x12.camserve.v1.Image\x12\r\n\x05layer\x18\x03 \x01(\t\x12$\n\x07methods\x18\x04 \x03(\x0e\x32\x13.camserve.v1.Method\x12*\n\x06output\x18\x05 \x01(\x0b\x32\x1a.camserve.v1.OutputOptions\x12\x1c\n\x0ftop_predictions\x18\x06 \x01(\rH\x00\x88\x01\x01\x12\x12\n\nrequest_id\x18\x07 \x01(\t\x12\x14\n\x0c\x65igen_smooth\x18\x08 \x01(\x08\x12\x12\n\naug_smooth\x18\t \x01(\x08\x42\x12\n\x10_top_predictions\"N\n\nPrediction\x12\r\n\x05index\x18\x01 \x01(\x05\x12\r\n\x05label\x18\x02 \x01(\t\x12\x13\n\x0bprobability\x18\x03 \x01(\x02\x12\r\n\x05logit\x18\x04 \x01(\x02\"\x8a\x01\n\x07Heatmap\x12#\n\x06method\x18\x01 \x01(\x0e\x32\x13.camserve.v1.Method\x12\x13\n\x0b\x63lass_index\x18\x02 \x01(\x05\x12\x13\n\x0b\x63lass_label\x18\x03 \x01(\t\x12\r\n\x05layer\x18\x04 \x01(\t\x12!\n\x04\x64\x61ta\x18\x05 \x01(\x0b\x32\x13.camserve.v1.Tensor\"x\n\x0bImageResult\x12,\n\x0bpredictions\x18\x01 \x03(\x0b\x32\x17.camserve.v1.Prediction\x12&\n\x08heatmaps\x18\x02 \x03(\x0b\x32\x14.camserve.v1.Heatmap\x12\x13\n\x0boverlay_png\x18\x03 \x01(\x0c\"W\n\x06Timing\x12\x10\n\x08queue_ms\x18\x01 \x01(\x01\x12\x15\n\rpreprocess_ms\x18\x02 \x01(\x01\x12\x12\n\ncompute_ms\x18\x03 \x01(\x01\x12\x10\n\x08total_ms\x18\x04 \x01(\x01\"=\n\x05\x45rror\x12\x0c\n\x04\x63ode\x18\x01 \x01(\x05\x12\x0f\n\x07message\x18\x02 \x01(\t\x12\x15\n\rretry_after_s\x18\x03 \x01(\x01\"\xd2\x01\n\x0f\x45xplainResponse\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\r\n\x05model\x18\x02 \x01(\t\x12\x15\n\rmodel_version\x18\x03 \x01(\t\x12)\n\x07results\x18\x04 \x03(\x0b\x32\x18.camserve.v1.ImageResult\x12#\n\x06timing\x18\x05 \x01(\x0b\x32\x13.camserve.v1.Timing\x12\x12\n\nbatch_size\x18\x06 \x01(\r\x12!\n\x05\x65rror\x18\x07 \x01(\x0b\x32\x12.camserve.v1.Error\"\x13\n\x11ListModelsRequest\"<\n\x12ListModelsResponse\x12&\n\x06models\x18\x01 \x03(\x0b\x32\x16.camserve.v1.ModelInfo\"\x1f\n\x0fGetModelRequest\x12\x0c\n\x04name\x18\x01 \x01(\t\"j\n\tInputSpec\x12\x0e\n\x06height\x18\x01 \x01(\r\x12\r\n\x05width\x18\x02 \x01(\r\x12\x0e\n\x06resize\x18\x03 \x01(\r\x12\x13\n\x0b\x63\x65nter_crop\x18\x04 \x01(\x08\x12\x0c\n\x04mean\x18\x05 \x03(\x02\x12\x0b\n\x03std\x18\x06 \x03(\x02\"/\n\tLayerInfo\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x14\n\x0coutput_shape\x18\x02 \x03(\x03\"\x92\x02\n\tModelInfo\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x0f\n\x07version\x18\x02 \x01(\t\x12\x0e\n\x06\x64\x65vice\x18\x03 \x01(\t\x12\r\n\x05ready\x18\x04 \x01(\x08\x12%\n\x05input\x18\x05 \x01(\x0b\x32\x16.camserve.v1.InputSpec\x12\x13\n\x0bnum_classes\x18\x06 \x01(\r\x12\x0e\n\x06labels\x18\x07 \x03(\t\x12\x15\n\rdefault_layer\x18\x08 \x01(\t\x12&\n\x06layers\x18\t \x03(\x0b\x32\x16.camserve.v1.LayerInfo\x12$\n\x07methods\x18\n \x03(\x0e\x32\x13.camserve.v1.Method\x12\x16\n\x0emax_batch_size\x18\x0b \x01(\r*U\n\x05\x44Type\x12\x15\n\x11\x44TYPE_UNSPECIFIED\x10\x00\x12\x11\n\rDTYPE_FLOAT32\x10\x01\x12\x11\n\rDTYPE_FLOAT16\x10\x02\x12\x0f\n\x0b\x44TYPE_UINT8\x10\x03*\x84\x02\n\x06Method\x12\x16\n\x12METHOD_UNSPECIFIED\x10\x00\x12\x12\n\x0eMETHOD_GRADCAM\x10\x01\x12\x14\n\x10METHOD_GRADCAMPP\x10\x02\x12\x13\n\x0fMETHOD_XGRADCAM\x10\x03\x12\x13\n\x0fMETHOD_HIRESCAM\x10\x04\x12\x13\n\x0fMETHOD_LAYERCAM\x10\x05\x12\x1e\n\x1aMETHOD_GRADCAM_ELEMENTWISE\x10\x06\x12\x13\n\x0fMETHOD_EIGENCAM\x10\x07\x12\x17\n\x13METHOD_EIGENGRADCAM\x10\x08\x12\x16\n\x12METHOD_ABLATIONCAM\x10\t\x12\x13\n\x0fMETHOD_SCORECAM\x10\n*\x8c\x01\n\nResolution\x12\x1a\n\x16RESOLUTION_UNSPECIFIED\x10\x00\x12\x1a\n\x16RESOLUTION_FEATURE_MAP\x10\x01\x12\x14\n\x10RESOLUTION_INPUT\x10\x02\x12\x17\n\x13RESOLUTION_ORIGINAL\x10\x03\x12\x17\n\x13RESOLUTION_EXPLICIT\x10\x04\x32\xb7\x02\n\x0e\x45xplainService\x12\x44\n\x07\x45xplain\x12\x1b.camserve.v1.ExplainRequest\x1a\x1c.camserve.v1.ExplainResponse\x12N\n\rExplainStream\x12\x1b.camserve.v1.ExplainRequest\x1a\x1c.camserve.v1.ExplainResponse(\x01\x30\x01\x12M\n\nListModels\x12\x1e.camserve.v1.ListModelsRequest\x1a\x1f.camserve.v1.ListModelsResponse\x12@\n\x08GetModel\x12\x1c.camserve.v1.GetModelRequest\x1a\x16.camserve.v1.ModelInfob\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x19\x63\x61mserve/v1/explain.proto\x12\x0b\x63\x61mserve.v1\"H\n\x06Tensor\x12!\n\x05\x64type\x18\x01 \x01(\x0e\x32\x12.camserve.v1.DType\x12\r\n\x05shape\x18\x02 \x03(\x03\x12\x0c\n\x04\x64\x61ta\x18\x03 \x01(\x0c\"S\n\x06Target\x12\x15\n\rclass_indices\x18\x01 \x03(\x05\x12\x14\n\x0c\x63lass_labels\x18\x02 \x03(\t\x12\x12\n\x05top_k\x18\x03 \x01(\rH\x00\x88\x01\x01\x42\x08\n\x06_top_k\"p\n\x05Image\x12\x11\n\x07\x65ncoded\x18\x01 \x01(\x0cH\x00\x12%\n\x06tensor\x18\x02 \x01(\x0b\x32\x13.camserve.v1.TensorH\x00\x12#\n\x06target\x18\x03 \x01(\x0b\x32\x13.camserve.v1.TargetB\x08\n\x06source\"\xeb\x01\n\rOutputOptions\x12+\n\nresolution\x18\x01 \x01(\x0e\x32\x17.camserve.v1.Resolution\x12\x0e\n\x06height\x18\x02 \x01(\r\x12\r\n\x05width\x18\x03 \x01(\r\x12!\n\x05\x64type\x18\x04 \x01(\x0e\x32\x12.camserve.v1.DType\x12\x0b\n\x03raw\x18\x05 \x01(\x08\x12\x0f\n\x07overlay\x18\x06 \x01(\x08\x12\"\n\x06scores\x18\x07 \x03(\x0e\x32\x12.camserve.v1.Score\x12\x13\n\x0bscore_steps\x18\x08 \x01(\r\x12\x14\n\x0cscore_curves\x18\t \x01(\x08\"\x94\x02\n\x0e\x45xplainRequest\x12\r\n\x05model\x18\x01 \x01(\t\x12\"\n\x06images\x18\x02 \x03(\x0b\x32\x12.camserve.v1.Image\x12\r\n\x05layer\x18\x03 \x01(\t\x12$\n\x07methods\x18\x04 \x03(\x0e\x32\x13.camserve.v1.Method\x12*\n\x06output\x18\x05 \x01(\x0b\x32\x1a.camserve.v1.OutputOptions\x12\x1c\n\x0ftop_predictions\x18\x06 \x01(\rH\x00\x88\x01\x01\x12\x12\n\nrequest_id\x18\x07 \x01(\t\x12\x14\n\x0c\x65igen_smooth\x18\x08 \x01(\x08\x12\x12\n\naug_smooth\x18\t \x01(\x08\x42\x12\n\x10_top_predictions\"N\n\nPrediction\x12\r\n\x05index\x18\x01 \x01(\x05\x12\r\n\x05label\x18\x02 \x01(\t\x12\x13\n\x0bprobability\x18\x03 \x01(\x02\x12\r\n\x05logit\x18\x04 \x01(\x02\"\xcb\x02\n\x07Heatmap\x12#\n\x06method\x18\x01 \x01(\x0e\x32\x13.camserve.v1.Method\x12\x13\n\x0b\x63lass_index\x18\x02 \x01(\x05\x12\x13\n\x0b\x63lass_label\x18\x03 \x01(\t\x12\r\n\x05layer\x18\x04 \x01(\t\x12!\n\x04\x64\x61ta\x18\x05 \x01(\x0b\x32\x13.camserve.v1.Tensor\x12\x1e\n\x11\x63onfidence_change\x18\x06 \x01(\x01H\x00\x88\x01\x01\x12\x19\n\x0c\x64\x65letion_auc\x18\x07 \x01(\x01H\x01\x88\x01\x01\x12\x1a\n\rinsertion_auc\x18\x08 \x01(\x01H\x02\x88\x01\x01\x12\x16\n\x0e\x64\x65letion_curve\x18\t \x03(\x02\x12\x17\n\x0finsertion_curve\x18\n \x03(\x02\x42\x14\n\x12_confidence_changeB\x0f\n\r_deletion_aucB\x10\n\x0e_insertion_auc\"x\n\x0bImageResult\x12,\n\x0bpredictions\x18\x01 \x03(\x0b\x32\x17.camserve.v1.Prediction\x12&\n\x08heatmaps\x18\x02 \x03(\x0b\x32\x14.camserve.v1.Heatmap\x12\x13\n\x0boverlay_png\x18\x03 \x01(\x0c\"W\n\x06Timing\x12\x10\n\x08queue_ms\x18\x01 \x01(\x01\x12\x15\n\rpreprocess_ms\x18\x02 \x01(\x01\x12\x12\n\ncompute_ms\x18\x03 \x01(\x01\x12\x10\n\x08total_ms\x18\x04 \x01(\x01\"=\n\x05\x45rror\x12\x0c\n\x04\x63ode\x18\x01 \x01(\x05\x12\x0f\n\x07message\x18\x02 \x01(\t\x12\x15\n\rretry_after_s\x18\x03 \x01(\x01\"\xd2\x01\n\x0f\x45xplainResponse\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\r\n\x05model\x18\x02 \x01(\t\x12\x15\n\rmodel_version\x18\x03 \x01(\t\x12)\n\x07results\x18\x04 \x03(\x0b\x32\x18.camserve.v1.ImageResult\x12#\n\x06timing\x18\x05 \x01(\x0b\x32\x13.camserve.v1.Timing\x12\x12\n\nbatch_size\x18\x06 \x01(\r\x12!\n\x05\x65rror\x18\x07 \x01(\x0b\x32\x12.camserve.v1.Error\"\x13\n\x11ListModelsRequest\"<\n\x12ListModelsResponse\x12&\n\x06models\x18\x01 \x03(\x0b\x32\x16.camserve.v1.ModelInfo\"\x1f\n\x0fGetModelRequest\x12\x0c\n\x04name\x18\x01 \x01(\t\"j\n\tInputSpec\x12\x0e\n\x06height\x18\x01 \x01(\r\x12\r\n\x05width\x18\x02 \x01(\r\x12\x0e\n\x06resize\x18\x03 \x01(\r\x12\x13\n\x0b\x63\x65nter_crop\x18\x04 \x01(\x08\x12\x0c\n\x04mean\x18\x05 \x03(\x02\x12\x0b\n\x03std\x18\x06 \x03(\x02\"/\n\tLayerInfo\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x14\n\x0coutput_shape\x18\x02 \x03(\x03\"\xc1\x02\n\tModelInfo\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x0f\n\x07version\x18\x02 \x01(\t\x12\x0e\n\x06\x64\x65vice\x18\x03 \x01(\t\x12\r\n\x05ready\x18\x04 \x01(\x08\x12%\n\x05input\x18\x05 \x01(\x0b\x32\x16.camserve.v1.InputSpec\x12\x13\n\x0bnum_classes\x18\x06 \x01(\r\x12\x0e\n\x06labels\x18\x07 \x03(\t\x12\x15\n\rdefault_layer\x18\x08 \x01(\t\x12&\n\x06layers\x18\t \x03(\x0b\x32\x16.camserve.v1.LayerInfo\x12$\n\x07methods\x18\n \x03(\x0e\x32\x13.camserve.v1.Method\x12\x16\n\x0emax_batch_size\x18\x0b \x01(\r\x12-\n\x0cmethod_costs\x18\x0c \x03(\x0b\x32\x17.camserve.v1.MethodCost\"a\n\nMethodCost\x12#\n\x06method\x18\x01 \x01(\x0e\x32\x13.camserve.v1.Method\x12\x16\n\x0erows_per_image\x18\x02 \x01(\r\x12\x16\n\x0e\x66orward_passes\x18\x03 \x01(\x01*U\n\x05\x44Type\x12\x15\n\x11\x44TYPE_UNSPECIFIED\x10\x00\x12\x11\n\rDTYPE_FLOAT32\x10\x01\x12\x11\n\rDTYPE_FLOAT16\x10\x02\x12\x0f\n\x0b\x44TYPE_UINT8\x10\x03*\x84\x02\n\x06Method\x12\x16\n\x12METHOD_UNSPECIFIED\x10\x00\x12\x12\n\x0eMETHOD_GRADCAM\x10\x01\x12\x14\n\x10METHOD_GRADCAMPP\x10\x02\x12\x13\n\x0fMETHOD_XGRADCAM\x10\x03\x12\x13\n\x0fMETHOD_HIRESCAM\x10\x04\x12\x13\n\x0fMETHOD_LAYERCAM\x10\x05\x12\x1e\n\x1aMETHOD_GRADCAM_ELEMENTWISE\x10\x06\x12\x13\n\x0fMETHOD_EIGENCAM\x10\x07\x12\x17\n\x13METHOD_EIGENGRADCAM\x10\x08\x12\x16\n\x12METHOD_ABLATIONCAM\x10\t\x12\x13\n\x0fMETHOD_SCORECAM\x10\n*l\n\x05Score\x12\x15\n\x11SCORE_UNSPECIFIED\x10\x00\x12\x1b\n\x17SCORE_CONFIDENCE_CHANGE\x10\x01\x12\x16\n\x12SCORE_DELETION_AUC\x10\x02\x12\x17\n\x13SCORE_INSERTION_AUC\x10\x03*\x8c\x01\n\nResolution\x12\x1a\n\x16RESOLUTION_UNSPECIFIED\x10\x00\x12\x1a\n\x16RESOLUTION_FEATURE_MAP\x10\x01\x12\x14\n\x10RESOLUTION_INPUT\x10\x02\x12\x17\n\x13RESOLUTION_ORIGINAL\x10\x03\x12\x17\n\x13RESOLUTION_EXPLICIT\x10\x04\x32\xb7\x02\n\x0e\x45xplainService\x12\x44\n\x07\x45xplain\x12\x1b.camserve.v1.ExplainRequest\x1a\x1c.camserve.v1.ExplainResponse\x12N\n\rExplainStream\x12\x1b.camserve.v1.ExplainRequest\x1a\x1c.camserve.v1.ExplainResponse(\x01\x30\x01\x12M\n\nListModels\x12\x1e.camserve.v1.ListModelsRequest\x1a\x1f.camserve.v1.ListModelsResponse\x12@\n\x08GetModel\x12\x1c.camserve.v1.GetModelRequest\x1a\x16.camserve.v1.ModelInfob\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
 _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'camserve.v1.explain_pb2', _globals)
 if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
-  _globals['_DTYPE']._serialized_start=2011
-  _globals['_DTYPE']._serialized_end=2096
-  _globals['_METHOD']._serialized_start=2099
-  _globals['_METHOD']._serialized_end=2359
-  _globals['_RESOLUTION']._serialized_start=2362
-  _globals['_RESOLUTION']._serialized_end=2502
+  _globals['_DTYPE']._serialized_start=2429
+  _globals['_DTYPE']._serialized_end=2514
+  _globals['_METHOD']._serialized_start=2517
+  _globals['_METHOD']._serialized_end=2777
+  _globals['_SCORE']._serialized_start=2779
+  _globals['_SCORE']._serialized_end=2887
+  _globals['_RESOLUTION']._serialized_start=2890
+  _globals['_RESOLUTION']._serialized_end=3030
   _globals['_TENSOR']._serialized_start=42
   _globals['_TENSOR']._serialized_end=114
   _globals['_TARGET']._serialized_start=116
@@ -44,33 +46,35 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_IMAGE']._serialized_start=201
   _globals['_IMAGE']._serialized_end=313
   _globals['_OUTPUTOPTIONS']._serialized_start=316
-  _globals['_OUTPUTOPTIONS']._serialized_end=472
-  _globals['_EXPLAINREQUEST']._serialized_start=475
-  _globals['_EXPLAINREQUEST']._serialized_end=751
-  _globals['_PREDICTION']._serialized_start=753
-  _globals['_PREDICTION']._serialized_end=831
-  _globals['_HEATMAP']._serialized_start=834
-  _globals['_HEATMAP']._serialized_end=972
-  _globals['_IMAGERESULT']._serialized_start=974
-  _globals['_IMAGERESULT']._serialized_end=1094
-  _globals['_TIMING']._serialized_start=1096
-  _globals['_TIMING']._serialized_end=1183
-  _globals['_ERROR']._serialized_start=1185
-  _globals['_ERROR']._serialized_end=1246
-  _globals['_EXPLAINRESPONSE']._serialized_start=1249
-  _globals['_EXPLAINRESPONSE']._serialized_end=1459
-  _globals['_LISTMODELSREQUEST']._serialized_start=1461
-  _globals['_LISTMODELSREQUEST']._serialized_end=1480
-  _globals['_LISTMODELSRESPONSE']._serialized_start=1482
-  _globals['_LISTMODELSRESPONSE']._serialized_end=1542
-  _globals['_GETMODELREQUEST']._serialized_start=1544
-  _globals['_GETMODELREQUEST']._serialized_end=1575
-  _globals['_INPUTSPEC']._serialized_start=1577
-  _globals['_INPUTSPEC']._serialized_end=1683
-  _globals['_LAYERINFO']._serialized_start=1685
-  _globals['_LAYERINFO']._serialized_end=1732
-  _globals['_MODELINFO']._serialized_start=1735
-  _globals['_MODELINFO']._serialized_end=2009
-  _globals['_EXPLAINSERVICE']._serialized_start=2505
-  _globals['_EXPLAINSERVICE']._serialized_end=2816
+  _globals['_OUTPUTOPTIONS']._serialized_end=551
+  _globals['_EXPLAINREQUEST']._serialized_start=554
+  _globals['_EXPLAINREQUEST']._serialized_end=830
+  _globals['_PREDICTION']._serialized_start=832
+  _globals['_PREDICTION']._serialized_end=910
+  _globals['_HEATMAP']._serialized_start=913
+  _globals['_HEATMAP']._serialized_end=1244
+  _globals['_IMAGERESULT']._serialized_start=1246
+  _globals['_IMAGERESULT']._serialized_end=1366
+  _globals['_TIMING']._serialized_start=1368
+  _globals['_TIMING']._serialized_end=1455
+  _globals['_ERROR']._serialized_start=1457
+  _globals['_ERROR']._serialized_end=1518
+  _globals['_EXPLAINRESPONSE']._serialized_start=1521
+  _globals['_EXPLAINRESPONSE']._serialized_end=1731
+  _globals['_LISTMODELSREQUEST']._serialized_start=1733
+  _globals['_LISTMODELSREQUEST']._serialized_end=1752
+  _globals['_LISTMODELSRESPONSE']._serialized_start=1754
+  _globals['_LISTMODELSRESPONSE']._serialized_end=1814
+  _globals['_GETMODELREQUEST']._serialized_start=1816
+  _globals['_GETMODELREQUEST']._serialized_end=1847
+  _globals['_INPUTSPEC']._serialized_start=1849
+  _globals['_INPUTSPEC']._serialized_end=1955
+  _globals['_LAYERINFO']._serialized_start=1957
+  _globals['_LAYERINFO']._serialized_end=2004
+  _globals['_MODELINFO']._serialized_start=2007
+  _globals['_MODELINFO']._serialized_end=2328
+  _globals['_METHODCOST']._serialized_start=2330
+  _globals['_METHODCOST']._serialized_end=2427
+  _globals['_EXPLAINSERVICE']._serialized_start=3033
+  _globals['_EXPLAINSERVICE']._serialized_end=3344
 # @@protoc_insertion_point(module_scope)

@@ -28,6 +28,13 @@ class Method(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
     METHOD_ABLATIONCAM: _ClassVar[Method]
     METHOD_SCORECAM: _ClassVar[Method]
 
+class Score(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
+    __slots__ = ()
+    SCORE_UNSPECIFIED: _ClassVar[Score]
+    SCORE_CONFIDENCE_CHANGE: _ClassVar[Score]
+    SCORE_DELETION_AUC: _ClassVar[Score]
+    SCORE_INSERTION_AUC: _ClassVar[Score]
+
 class Resolution(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
     __slots__ = ()
     RESOLUTION_UNSPECIFIED: _ClassVar[Resolution]
@@ -50,6 +57,10 @@ METHOD_EIGENCAM: Method
 METHOD_EIGENGRADCAM: Method
 METHOD_ABLATIONCAM: Method
 METHOD_SCORECAM: Method
+SCORE_UNSPECIFIED: Score
+SCORE_CONFIDENCE_CHANGE: Score
+SCORE_DELETION_AUC: Score
+SCORE_INSERTION_AUC: Score
 RESOLUTION_UNSPECIFIED: Resolution
 RESOLUTION_FEATURE_MAP: Resolution
 RESOLUTION_INPUT: Resolution
@@ -87,20 +98,26 @@ class Image(_message.Message):
     def __init__(self, encoded: _Optional[bytes] = ..., tensor: _Optional[_Union[Tensor, _Mapping]] = ..., target: _Optional[_Union[Target, _Mapping]] = ...) -> None: ...
 
 class OutputOptions(_message.Message):
-    __slots__ = ("resolution", "height", "width", "dtype", "raw", "overlay")
+    __slots__ = ("resolution", "height", "width", "dtype", "raw", "overlay", "scores", "score_steps", "score_curves")
     RESOLUTION_FIELD_NUMBER: _ClassVar[int]
     HEIGHT_FIELD_NUMBER: _ClassVar[int]
     WIDTH_FIELD_NUMBER: _ClassVar[int]
     DTYPE_FIELD_NUMBER: _ClassVar[int]
     RAW_FIELD_NUMBER: _ClassVar[int]
     OVERLAY_FIELD_NUMBER: _ClassVar[int]
+    SCORES_FIELD_NUMBER: _ClassVar[int]
+    SCORE_STEPS_FIELD_NUMBER: _ClassVar[int]
+    SCORE_CURVES_FIELD_NUMBER: _ClassVar[int]
     resolution: Resolution
     height: int
     width: int
     dtype: DType
     raw: bool
     overlay: bool
-    def __init__(self, resolution: _Optional[_Union[Resolution, str]] = ..., height: _Optional[int] = ..., width: _Optional[int] = ..., dtype: _Optional[_Union[DType, str]] = ..., raw: _Optional[bool] = ..., overlay: _Optional[bool] = ...) -> None: ...
+    scores: _containers.RepeatedScalarFieldContainer[Score]
+    score_steps: int
+    score_curves: bool
+    def __init__(self, resolution: _Optional[_Union[Resolution, str]] = ..., height: _Optional[int] = ..., width: _Optional[int] = ..., dtype: _Optional[_Union[DType, str]] = ..., raw: _Optional[bool] = ..., overlay: _Optional[bool] = ..., scores: _Optional[_Iterable[_Union[Score, str]]] = ..., score_steps: _Optional[int] = ..., score_curves: _Optional[bool] = ...) -> None: ...
 
 class ExplainRequest(_message.Message):
     __slots__ = ("model", "images", "layer", "methods", "output", "top_predictions", "request_id", "eigen_smooth", "aug_smooth")
@@ -137,18 +154,28 @@ class Prediction(_message.Message):
     def __init__(self, index: _Optional[int] = ..., label: _Optional[str] = ..., probability: _Optional[float] = ..., logit: _Optional[float] = ...) -> None: ...
 
 class Heatmap(_message.Message):
-    __slots__ = ("method", "class_index", "class_label", "layer", "data")
+    __slots__ = ("method", "class_index", "class_label", "layer", "data", "confidence_change", "deletion_auc", "insertion_auc", "deletion_curve", "insertion_curve")
     METHOD_FIELD_NUMBER: _ClassVar[int]
     CLASS_INDEX_FIELD_NUMBER: _ClassVar[int]
     CLASS_LABEL_FIELD_NUMBER: _ClassVar[int]
     LAYER_FIELD_NUMBER: _ClassVar[int]
     DATA_FIELD_NUMBER: _ClassVar[int]
+    CONFIDENCE_CHANGE_FIELD_NUMBER: _ClassVar[int]
+    DELETION_AUC_FIELD_NUMBER: _ClassVar[int]
+    INSERTION_AUC_FIELD_NUMBER: _ClassVar[int]
+    DELETION_CURVE_FIELD_NUMBER: _ClassVar[int]
+    INSERTION_CURVE_FIELD_NUMBER: _ClassVar[int]
     method: Method
     class_index: int
     class_label: str
     layer: str
     data: Tensor
-    def __init__(self, method: _Optional[_Union[Method, str]] = ..., class_index: _Optional[int] = ..., class_label: _Optional[str] = ..., layer: _Optional[str] = ..., data: _Optional[_Union[Tensor, _Mapping]] = ...) -> None: ...
+    confidence_change: float
+    deletion_auc: float
+    insertion_auc: float
+    deletion_curve: _containers.RepeatedScalarFieldContainer[float]
+    insertion_curve: _containers.RepeatedScalarFieldContainer[float]
+    def __init__(self, method: _Optional[_Union[Method, str]] = ..., class_index: _Optional[int] = ..., class_label: _Optional[str] = ..., layer: _Optional[str] = ..., data: _Optional[_Union[Tensor, _Mapping]] = ..., confidence_change: _Optional[float] = ..., deletion_auc: _Optional[float] = ..., insertion_auc: _Optional[float] = ..., deletion_curve: _Optional[_Iterable[float]] = ..., insertion_curve: _Optional[_Iterable[float]] = ...) -> None: ...
 
 class ImageResult(_message.Message):
     __slots__ = ("predictions", "heatmaps", "overlay_png")
@@ -241,7 +268,7 @@ class LayerInfo(_message.Message):
     def __init__(self, name: _Optional[str] = ..., output_shape: _Optional[_Iterable[int]] = ...) -> None: ...
 
 class ModelInfo(_message.Message):
-    __slots__ = ("name", "version", "device", "ready", "input", "num_classes", "labels", "default_layer", "layers", "methods", "max_batch_size")
+    __slots__ = ("name", "version", "device", "ready", "input", "num_classes", "labels", "default_layer", "layers", "methods", "max_batch_size", "method_costs")
     NAME_FIELD_NUMBER: _ClassVar[int]
     VERSION_FIELD_NUMBER: _ClassVar[int]
     DEVICE_FIELD_NUMBER: _ClassVar[int]
@@ -253,6 +280,7 @@ class ModelInfo(_message.Message):
     LAYERS_FIELD_NUMBER: _ClassVar[int]
     METHODS_FIELD_NUMBER: _ClassVar[int]
     MAX_BATCH_SIZE_FIELD_NUMBER: _ClassVar[int]
+    METHOD_COSTS_FIELD_NUMBER: _ClassVar[int]
     name: str
     version: str
     device: str
@@ -264,4 +292,15 @@ class ModelInfo(_message.Message):
     layers: _containers.RepeatedCompositeFieldContainer[LayerInfo]
     methods: _containers.RepeatedScalarFieldContainer[Method]
     max_batch_size: int
-    def __init__(self, name: _Optional[str] = ..., version: _Optional[str] = ..., device: _Optional[str] = ..., ready: _Optional[bool] = ..., input: _Optional[_Union[InputSpec, _Mapping]] = ..., num_classes: _Optional[int] = ..., labels: _Optional[_Iterable[str]] = ..., default_layer: _Optional[str] = ..., layers: _Optional[_Iterable[_Union[LayerInfo, _Mapping]]] = ..., methods: _Optional[_Iterable[_Union[Method, str]]] = ..., max_batch_size: _Optional[int] = ...) -> None: ...
+    method_costs: _containers.RepeatedCompositeFieldContainer[MethodCost]
+    def __init__(self, name: _Optional[str] = ..., version: _Optional[str] = ..., device: _Optional[str] = ..., ready: _Optional[bool] = ..., input: _Optional[_Union[InputSpec, _Mapping]] = ..., num_classes: _Optional[int] = ..., labels: _Optional[_Iterable[str]] = ..., default_layer: _Optional[str] = ..., layers: _Optional[_Iterable[_Union[LayerInfo, _Mapping]]] = ..., methods: _Optional[_Iterable[_Union[Method, str]]] = ..., max_batch_size: _Optional[int] = ..., method_costs: _Optional[_Iterable[_Union[MethodCost, _Mapping]]] = ...) -> None: ...
+
+class MethodCost(_message.Message):
+    __slots__ = ("method", "rows_per_image", "forward_passes")
+    METHOD_FIELD_NUMBER: _ClassVar[int]
+    ROWS_PER_IMAGE_FIELD_NUMBER: _ClassVar[int]
+    FORWARD_PASSES_FIELD_NUMBER: _ClassVar[int]
+    method: Method
+    rows_per_image: int
+    forward_passes: float
+    def __init__(self, method: _Optional[_Union[Method, str]] = ..., rows_per_image: _Optional[int] = ..., forward_passes: _Optional[float] = ...) -> None: ...

@@ -1,11 +1,15 @@
-"""The CAM methods' wire enum values and their names, shared by the client and the server."""
+"""The CAM methods' wire enum values and their names, shared by the client and the server.
+
+One table: every method the protocol names is offered by request validation, GetModel and the
+SDK, so there is no second list to keep in step.
+"""
 
 from __future__ import annotations
 
 from camserve.v1 import explain_pb2 as pb
 
-# Every method the protocol names, wire value by name, in enum order.
-ALL_METHOD_BY_NAME: dict[str, int] = {
+# Wire value by name, in enum order (the order documented everywhere and used by the engine).
+METHOD_BY_NAME: dict[str, int] = {
     "gradcam": pb.METHOD_GRADCAM,
     "gradcampp": pb.METHOD_GRADCAMPP,
     "xgradcam": pb.METHOD_XGRADCAM,
@@ -16,12 +20,6 @@ ALL_METHOD_BY_NAME: dict[str, int] = {
     "eigengradcam": pb.METHOD_EIGENGRADCAM,
     "ablationcam": pb.METHOD_ABLATIONCAM,
     "scorecam": pb.METHOD_SCORECAM,
-}
-# The methods that request validation, GetModel and the SDK offer, in the order documented
-# everywhere; each maps to its wire enum value.
-METHOD_BY_NAME: dict[str, int] = {
-    name: ALL_METHOD_BY_NAME[name]
-    for name in ("gradcam", "gradcampp", "xgradcam", "hirescam", "layercam")
 }
 # Wire value to name; METHOD_UNSPECIFIED means Grad-CAM.
 NAME_BY_METHOD: dict[int, str] = {

@@ -12,12 +12,46 @@ from google.protobuf import any_pb2, duration_pb2
 from google.rpc import error_details_pb2, status_pb2
 from grpc_status import rpc_status
 
-from camserve.server.records import ExplainOutcome, ImageExplanation, ModelStatus
+from camserve.server.records import (
+    ExplainOutcome,
+    HeatmapResult,
+    ImageExplanation,
+    MethodCostInfo,
+    ModelStatus,
+)
 from camserve.v1 import explain_pb2 as pb
 from camserve.v1.methods import METHOD_BY_NAME
 from camserve.v1.tensors import to_proto
 
 Metadata = tuple[tuple[str, str | bytes], ...]
+
+
+# Heatmap fields by engine name: a score's value, and the curve it comes with.
+SCORE_FIELDS: dict[str, str] = {
+    "confidence_change": "confidence_change",
+    "deletion_auc": "deletion_auc",
+    "insertion_auc": "insertion_auc",
+}
+CURVE_FIELDS: dict[str, str] = {
+    "deletion_auc": "deletion_curve",
+    "insertion_auc": "insertion_curve",
+}
+
+
+def _heatmap(result: HeatmapResult) -> pb.Heatmap:
+    """One heatmap with only the scores and curves it was given: unset means not asked for."""
+    heatmap = pb.Heatmap(
+        method=cast("pb.Method", METHOD_BY_NAME[result.method]),
+        class_index=result.class_index,
+        class_label=result.class_label,
+        layer=result.layer,
+        data=to_proto(result.data),
+    )
+    for name, value in result.scores.items():
+        setattr(heatmap, SCORE_FIELDS[name], value)
+    for name, curve in result.curves.items():
+        getattr(heatmap, CURVE_FIELDS[name]).extend(curve)
+    return heatmap
 
 
 def _image_result(image: ImageExplanation) -> pb.ImageResult:
@@ -26,16 +60,7 @@ def _image_result(image: ImageExplanation) -> pb.ImageResult:
             pb.Prediction(index=p.index, label=p.label, probability=p.probability, logit=p.logit)
             for p in image.predictions
         ],
-        heatmaps=[
-            pb.Heatmap(
-                method=cast("pb.Method", METHOD_BY_NAME[h.method]),
-                class_index=h.class_index,
-                class_label=h.class_label,
-                layer=h.layer,
-                data=to_proto(h.data),
-            )
-            for h in image.heatmaps
-        ],
+        heatmaps=[_heatmap(h) for h in image.heatmaps],
         overlay_png=image.overlay_png,
     )
 
@@ -113,4 +138,13 @@ def model_info(status: ModelStatus) -> pb.ModelInfo:
         pb.LayerInfo(name=layer.name, output_shape=layer.shape) for layer in meta.layers
     )
     info.methods.extend(cast("list[pb.Method]", list(METHOD_BY_NAME.values())))
+    info.method_costs.extend(_method_cost(cost) for cost in meta.method_costs)
     return info
+
+
+def _method_cost(cost: MethodCostInfo) -> pb.MethodCost:
+    return pb.MethodCost(
+        method=cast("pb.Method", METHOD_BY_NAME[cost.method]),
+        rows_per_image=cost.rows,
+        forward_passes=cost.forward_passes,
+    )

@@ -26,6 +26,9 @@ DEFAULT_RESIZE = 256
 DEFAULT_CROP = 224
 SOURCE_KINDS = ("builtin", "torchvision", "timm", "factory")
 LAYER_LAYOUTS = ("nchw", "nhwc", "tokens")
+# The most steps the engine runs for a deletion or insertion curve (engine.faithfulness.MAX_STEPS,
+# kept equal by a test; this module stays torch-free).
+ENGINE_MAX_SCORE_STEPS = 100
 
 
 class SettingsError(ValueError):
@@ -136,6 +139,9 @@ class LimitsSettings:
     # gRPC before any work, so a flood cannot queue unbounded handlers and decoding.
     max_concurrent_rpcs: int = 512
     max_top_k: int = 20  # classes explained per image
+    # Steps of a deletion or insertion curve a request may ask for (output.score_steps): each step
+    # is a forward row per map and curve, so this bounds what one scored map can cost.
+    max_score_steps: int = ENGINE_MAX_SCORE_STEPS
 
     def __post_init__(self) -> None:
         for key in (
@@ -157,6 +163,11 @@ class LimitsSettings:
         if not self.max_aspect_ratio >= 1:
             raise SettingsError(
                 f"limits.max_aspect_ratio={self.max_aspect_ratio} must be at least 1 (square)"
+            )
+        if not 1 <= self.max_score_steps <= ENGINE_MAX_SCORE_STEPS:
+            raise SettingsError(
+                f"limits.max_score_steps={self.max_score_steps}: use 1..{ENGINE_MAX_SCORE_STEPS} "
+                f"(the engine runs at most {ENGINE_MAX_SCORE_STEPS} steps per curve)"
             )
 
 

@@ -16,6 +16,13 @@ from camserve.server.records import ArrayImage, EncodedImage, ImageSource, Model
 from camserve.server.settings import LimitsSettings
 from camserve.v1 import explain_pb2 as pb
 from camserve.v1.methods import METHOD_BY_NAME, NAME_BY_METHOD
+from camserve.v1.scores import (
+    CURVE_SCORES,
+    DEFAULT_SCORE_STEPS,
+    MIN_SCORE_STEPS,
+    NAME_BY_SCORE,
+    SCORE_BY_NAME,
+)
 from camserve.v1.tensors import TensorFormatError, from_proto
 
 if TYPE_CHECKING:
@@ -63,7 +70,7 @@ class ExplainPlan:
     # Faithfulness scores per heatmap, by engine name (confidence_change, deletion_auc,
     # insertion_auc), the steps of the deletion/insertion curves, and whether to return them.
     scores: tuple[str, ...] = ()
-    score_steps: int = 20
+    score_steps: int = DEFAULT_SCORE_STEPS
     score_curves: bool = False
 
 
@@ -117,6 +124,72 @@ def _output(options: pb.OutputOptions, limits: LimitsSettings) -> OutputPlan:
     return OutputPlan(resolution, size, dtype, options.raw, options.overlay)
 
 
+@dataclass(frozen=True)
+class ScoreOptions:
+    """The faithfulness scores a request asks for, checked: engine names, steps, curves."""
+
+    names: tuple[str, ...]
+    steps: int
+    curves: bool
+
+
+def _score_names(options: pb.OutputOptions) -> tuple[str, ...]:
+    names: list[str] = []
+    for i, value in enumerate(options.scores):
+        if value not in NAME_BY_SCORE:
+            raise RequestError(
+                f"output.scores[{i}]: unknown score {value}; use one of "
+                f"{_choices(f'{pb.Score.Name(v)}={v}' for v in SCORE_BY_NAME.values())}"
+            )
+        if NAME_BY_SCORE[value] not in names:
+            names.append(NAME_BY_SCORE[value])
+    return tuple(names)
+
+
+def _score_steps(
+    options: pb.OutputOptions, curves: bool, meta: ModelMeta, limits: LimitsSettings
+) -> int:
+    """The curves' steps: 0 is the default; otherwise bounded so that a scored map's cost (a
+    forward row per step and curve) stays predictable, and never above the input's pixels."""
+    steps = options.score_steps
+    if not steps:
+        return DEFAULT_SCORE_STEPS
+    if not curves:
+        raise RequestError(
+            "output.score_steps: steps only apply to the deletion and insertion curves; add "
+            "SCORE_DELETION_AUC or SCORE_INSERTION_AUC to output.scores, or leave it 0"
+        )
+    highest = min(limits.max_score_steps, meta.recipe.crop * meta.recipe.crop)
+    if not MIN_SCORE_STEPS <= steps <= highest:
+        raise RequestError(
+            f"output.score_steps: {steps} is outside {MIN_SCORE_STEPS}..{highest} (this "
+            f"server's limit for model {meta.name!r}); each step costs a forward row per map "
+            f"and curve: use fewer, or 0 for the default {DEFAULT_SCORE_STEPS}"
+        )
+    return int(steps)
+
+
+def _scores(options: pb.OutputOptions, meta: ModelMeta, limits: LimitsSettings) -> ScoreOptions:
+    names = _score_names(options)
+    curves = any(name in CURVE_SCORES for name in names)
+    if options.score_curves and not curves:
+        raise RequestError(
+            "output.score_curves: curves come with the deletion and insertion scores; add "
+            "SCORE_DELETION_AUC or SCORE_INSERTION_AUC to output.scores, or unset score_curves"
+        )
+    return ScoreOptions(names, _score_steps(options, curves, meta, limits), options.score_curves)
+
+
+def _check_smoothing(request: pb.ExplainRequest) -> None:
+    if request.aug_smooth and request.output.resolution == pb.RESOLUTION_FEATURE_MAP:
+        raise RequestError(
+            "aug_smooth: cannot be combined with output.resolution RESOLUTION_FEATURE_MAP; "
+            "aug_smooth maps are averaged at input resolution, so there is no feature-map "
+            "version: use RESOLUTION_INPUT, RESOLUTION_ORIGINAL or RESOLUTION_EXPLICIT, or "
+            "unset aug_smooth"
+        )
+
+
 def _target(target: pb.Target, field: str, meta: ModelMeta, limits: LimitsSettings) -> ImageTarget:
     classes: list[int] = []
     for j, index in enumerate(target.class_indices):
@@ -165,22 +238,34 @@ def _heatmap_pixels(plan: ExplainPlan, geometry: Geometry, meta: ModelMeta) -> i
     return geometry.original_hw[0] * geometry.original_hw[1]
 
 
+def _score_bytes(plan: ExplainPlan) -> int:
+    """One heatmap's scores on the wire: a tagged double per score and, with curves, S + 1
+    packed floats per curve (with their tag and length)."""
+    total = 9 * len(plan.scores)
+    if plan.score_curves:
+        curves = sum(name in CURVE_SCORES for name in plan.scores)
+        total += curves * (4 * (plan.score_steps + 1) + 3)
+    return total
+
+
 def check_response_size(
     plan: ExplainPlan, geometries: Sequence[Geometry], meta: ModelMeta, max_bytes: int
 ) -> None:
     """Refuses, before any compute, a request whose answer could not be sent back."""
     itemsize = _DTYPE_BYTES[plan.output.dtype]
+    per_map_extra = _score_bytes(plan)
     total = RESPONSE_OVERHEAD
     for target, geometry in zip(plan.targets, geometries, strict=True):
         maps = (len(target.classes) or target.top_k) * len(plan.methods)
-        total += maps * _heatmap_pixels(plan, geometry, meta) * itemsize
+        total += maps * (_heatmap_pixels(plan, geometry, meta) * itemsize + per_map_extra)
         if plan.output.overlay:
             total += geometry.original_hw[0] * geometry.original_hw[1] * 3  # PNG, worst case
     if total > max_bytes:
+        curves = ", fewer score steps or no score curves" if plan.score_curves else ""
         raise RequestError(
             f"output: the response would be about {total / 2**20:.1f} MiB, over the server's "
             f"message limit of {max_bytes / 2**20:.0f} MiB; ask for fewer images, classes or "
-            "methods per request, a smaller resolution, or dtype float16/uint8"
+            f"methods per request, a smaller resolution{curves}, or dtype float16/uint8"
         )
 
 
@@ -218,12 +303,21 @@ def validate(request: pb.ExplainRequest, meta: ModelMeta, limits: LimitsSettings
     for i, image in enumerate(request.images):
         if image.WhichOneof("source") is None:
             raise RequestError(f"images[{i}]: set `encoded` (file bytes) or `tensor`")
+    methods = _methods(request)
+    output = _output(request.output, limits)
+    scores = _scores(request.output, meta, limits)
+    _check_smoothing(request)
     return ExplainPlan(
         layer=layer,
-        methods=_methods(request),
-        output=_output(request.output, limits),
+        methods=methods,
+        output=output,
         top_predictions=int(top_predictions),
         targets=targets,
+        eigen_smooth=request.eigen_smooth,
+        aug_smooth=request.aug_smooth,
+        scores=scores.names,
+        score_steps=scores.steps,
+        score_curves=scores.curves,
     )
 
 

@@ -1,0 +1,178 @@
+"""Request checking for the methods, smoothing options and faithfulness scores: every refusal is
+INVALID_ARGUMENT (a RequestError) whose message starts with the field and says how to fix it."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import pytest
+
+from camserve.server.engine.shaping import Geometry
+from camserve.server.engine.types import LayerSpec
+from camserve.server.errors import InvalidRequest
+from camserve.server.records import InputRecipe, ModelMeta
+from camserve.server.settings import LimitsSettings
+from camserve.server.validation import (
+    RESPONSE_OVERHEAD,
+    ExplainPlan,
+    RequestError,
+    check_response_size,
+    validate,
+)
+from camserve.v1 import explain_pb2 as pb
+from camserve.v1.methods import METHOD_BY_NAME
+
+LIMITS = LimitsSettings()
+
+
+def meta(crop: int = 32) -> ModelMeta:
+    return ModelMeta(
+        name="tiny",
+        version="1",
+        device="cpu",
+        num_classes=10,
+        labels=tuple(f"class_{i}" for i in range(10)),
+        default_layer="features",
+        layers=(LayerSpec("features", (16, 8, 8)),),
+        recipe=InputRecipe(resize=0, crop=crop, mean=(0.5,) * 3, std=(0.5,) * 3),
+        max_batch_size=8,
+    )
+
+
+def request(**output: Any) -> pb.ExplainRequest:
+    return pb.ExplainRequest(images=[pb.Image(encoded=b"x")], output=pb.OutputOptions(**output))
+
+
+def plan_of(message: pb.ExplainRequest, limits: LimitsSettings = LIMITS, crop: int = 32):
+    return validate(message, meta(crop), limits)
+
+
+def refusal(message: pb.ExplainRequest, limits: LimitsSettings = LIMITS, crop: int = 32) -> str:
+    with pytest.raises(RequestError) as refused:
+        plan_of(message, limits, crop)
+    assert isinstance(refused.value, InvalidRequest)  # INVALID_ARGUMENT on the wire
+    return str(refused.value)
+
+
+def test_every_method_is_accepted_in_request_order_without_repeats() -> None:
+    values = [*reversed(METHOD_BY_NAME.values()), pb.METHOD_SCORECAM]
+    message = pb.ExplainRequest(images=[pb.Image(encoded=b"x")], methods=values)
+    assert plan_of(message).methods == tuple(reversed(METHOD_BY_NAME))
+
+
+def test_an_unknown_method_is_refused_listing_all_ten() -> None:
+    message = pb.ExplainRequest(images=[pb.Image(encoded=b"x")], methods=[1, 42])
+    text = refusal(message)
+    assert text.startswith("methods[1]: unknown method 42; use one of METHOD_GRADCAM=1")
+    assert "METHOD_EIGENCAM=7" in text
+    assert text.endswith("METHOD_SCORECAM=10")
+
+
+def test_smoothing_options_reach_the_plan() -> None:
+    plain = plan_of(request())
+    assert (plain.eigen_smooth, plain.aug_smooth) == (False, False)
+    message = request(resolution=pb.RESOLUTION_INPUT)
+    message.eigen_smooth = message.aug_smooth = True
+    smoothed = plan_of(message)
+    assert (smoothed.eigen_smooth, smoothed.aug_smooth) == (True, True)
+
+
+def test_aug_smooth_refuses_feature_map_resolution_naming_the_alternatives() -> None:
+    message = request(resolution=pb.RESOLUTION_FEATURE_MAP)
+    message.aug_smooth = True
+    text = refusal(message)
+    assert text.startswith("aug_smooth: cannot be combined with output.resolution")
+    assert "averaged at input resolution" in text
+    assert "RESOLUTION_INPUT, RESOLUTION_ORIGINAL or RESOLUTION_EXPLICIT" in text
+    message.eigen_smooth, message.aug_smooth = True, False
+    assert plan_of(message).eigen_smooth  # eigen_smooth works at any resolution
+
+
+def test_no_scores_by_default() -> None:
+    plan = plan_of(request())
+    assert (plan.scores, plan.score_steps, plan.score_curves) == ((), 20, False)
+
+
+def test_scores_become_engine_names_once_each_in_request_order() -> None:
+    scores = [pb.SCORE_INSERTION_AUC, pb.SCORE_CONFIDENCE_CHANGE, pb.SCORE_INSERTION_AUC]
+    plan = plan_of(request(scores=scores))
+    assert plan.scores == ("insertion_auc", "confidence_change")
+    assert plan.score_steps == 20  # 0 asks for the default
+
+
+@pytest.mark.parametrize("value", [pb.SCORE_UNSPECIFIED, 4, 99])
+def test_an_unknown_score_is_refused_naming_its_index(value: int) -> None:
+    text = refusal(request(scores=[pb.SCORE_DELETION_AUC, value]))
+    assert text.startswith(f"output.scores[1]: unknown score {value}; use one of ")
+    assert text.endswith("SCORE_CONFIDENCE_CHANGE=1, SCORE_DELETION_AUC=2, SCORE_INSERTION_AUC=3")
+
+
+def test_score_steps_within_the_limit_are_kept() -> None:
+    plan = plan_of(request(scores=[pb.SCORE_DELETION_AUC], score_steps=7))
+    assert plan.score_steps == 7
+    assert plan_of(request(scores=[pb.SCORE_INSERTION_AUC], score_steps=100)).score_steps == 100
+
+
+def test_score_steps_above_the_limit_are_refused() -> None:
+    text = refusal(request(scores=[pb.SCORE_DELETION_AUC], score_steps=101))
+    assert text.startswith("output.score_steps: 101 is outside 1..100")
+    assert "or 0 for the default 20" in text
+    tight = LimitsSettings(max_score_steps=10)
+    assert plan_of(request(scores=[pb.SCORE_DELETION_AUC], score_steps=10), tight)
+    text = refusal(request(scores=[pb.SCORE_DELETION_AUC], score_steps=11), tight)
+    assert text.startswith("output.score_steps: 11 is outside 1..10")
+
+
+def test_score_steps_never_exceed_the_input_pixels() -> None:
+    # A 4x4 input has 16 pixels: a curve cannot have more steps than pixels to perturb.
+    assert plan_of(request(scores=[pb.SCORE_DELETION_AUC], score_steps=16), crop=4)
+    text = refusal(request(scores=[pb.SCORE_DELETION_AUC], score_steps=17), crop=4)
+    assert text.startswith("output.score_steps: 17 is outside 1..16")
+
+
+@pytest.mark.parametrize("scores", [[], [pb.SCORE_CONFIDENCE_CHANGE]])
+def test_score_steps_without_a_curve_score_are_refused(scores: list[int]) -> None:
+    text = refusal(request(scores=scores, score_steps=10))
+    assert text.startswith("output.score_steps: steps only apply to the deletion and insertion")
+    assert "add SCORE_DELETION_AUC or SCORE_INSERTION_AUC to output.scores, or leave it 0" in text
+
+
+@pytest.mark.parametrize("scores", [[], [pb.SCORE_CONFIDENCE_CHANGE]])
+def test_score_curves_without_a_curve_score_are_refused(scores: list[int]) -> None:
+    text = refusal(request(scores=scores, score_curves=True))
+    assert text.startswith("output.score_curves: curves come with the deletion and insertion")
+    assert text.endswith("or unset score_curves")
+
+
+def test_score_curves_with_a_curve_score_reach_the_plan() -> None:
+    plan = plan_of(request(scores=[pb.SCORE_DELETION_AUC], score_steps=5, score_curves=True))
+    assert (plan.scores, plan.score_steps, plan.score_curves) == (("deletion_auc",), 5, True)
+
+
+def test_the_first_bad_field_is_reported() -> None:
+    message = pb.ExplainRequest(
+        images=[pb.Image(encoded=b"x")],
+        methods=[42],
+        output=pb.OutputOptions(scores=[9]),
+    )
+    assert refusal(message).startswith("methods[0]")
+
+
+def _plan(**changes: Any) -> ExplainPlan:
+    base = plan_of(request(resolution=pb.RESOLUTION_INPUT))
+    values = {**base.__dict__, **changes}
+    return ExplainPlan(**values)
+
+
+def test_the_response_size_counts_curve_floats() -> None:
+    geometry = [Geometry((32, 32), (32, 32), (0, 0, 32, 32))]
+    heatmap = 32 * 32 * 4
+    curves = _plan(scores=("deletion_auc", "insertion_auc"), score_steps=100, score_curves=True)
+    scored = 2 * 9 + 2 * (4 * 101 + 3)
+    limit = RESPONSE_OVERHEAD + heatmap + scored
+    check_response_size(curves, geometry, meta(), limit)
+    with pytest.raises(RequestError, match="fewer score steps or no score curves"):
+        check_response_size(curves, geometry, meta(), limit - 1)
+    # Without curves the same scores weigh a double each.
+    plain = _plan(scores=("deletion_auc", "insertion_auc"), score_steps=100)
+    check_response_size(plain, geometry, meta(), RESPONSE_OVERHEAD + heatmap + 2 * 9)
