@@ -55,6 +55,11 @@ def to_proto(array: np.ndarray, dtype: int | None = None) -> pb.Tensor:
                 f"arrays of dtype {array.dtype} cannot travel; use float32, float16 or uint8"
             )
     target = wire_dtype(dtype)
+    if target == np.float16 and array.dtype.kind == "f" and array.dtype.itemsize > 2:
+        # Values beyond float16's range saturate at its largest finite value instead of
+        # becoming infinities (a raw map can exceed 65504); NaN stays NaN.
+        limit = float(np.finfo(np.float16).max)
+        array = np.clip(array, -limit, limit)
     data = np.ascontiguousarray(array, dtype=target).tobytes()
     wire = cast("pb.DType", dtype or pb.DTYPE_FLOAT32)
     return pb.Tensor(dtype=wire, shape=list(array.shape), data=data)
