@@ -11,6 +11,8 @@ import pytest
 
 from camserve.client.requests import ExplainKwargs, ExplainOptions, build_request
 from camserve.v1 import explain_pb2 as pb
+from camserve.v1.methods import METHOD_BY_NAME
+from camserve.v1.scores import SCORE_BY_NAME
 
 IMAGE = np.zeros((8, 8, 3), np.uint8)
 
@@ -28,6 +30,11 @@ def test_defaults_ask_for_gradcam_of_the_predicted_class_at_original_size() -> N
     assert request.request_id == ""
     assert request.images[0].target == pb.Target()
     assert not request.images[0].target.HasField("top_k")
+    assert not request.eigen_smooth
+    assert not request.aug_smooth
+    assert not request.output.scores
+    assert request.output.score_steps == 0  # the server's default
+    assert not request.output.score_curves
 
 
 def test_every_option_reaches_the_request() -> None:
@@ -41,6 +48,11 @@ def test_every_option_reaches_the_request() -> None:
         raw=True,
         overlay=True,
         top_predictions=2,
+        eigen_smooth=True,
+        aug_smooth=True,
+        scores=["insertion", "deletion_auc", "insertion_auc"],
+        score_steps=8,
+        score_curves=True,
     )
     request = build_request([IMAGE, IMAGE], options, request_id="abc")
     assert request.model == "resnet18"
@@ -53,6 +65,11 @@ def test_every_option_reaches_the_request() -> None:
     assert request.output.overlay
     assert request.top_predictions == 2
     assert request.request_id == "abc"
+    assert request.eigen_smooth
+    assert request.aug_smooth
+    assert list(request.output.scores) == [pb.SCORE_INSERTION_AUC, pb.SCORE_DELETION_AUC]
+    assert request.output.score_steps == 8
+    assert request.output.score_curves
     for image in request.images:
         assert list(image.target.class_indices) == [285]
         assert list(image.target.class_labels) == ["tabby"]
@@ -73,6 +90,28 @@ def test_top_k_sets_only_top_k() -> None:
     assert proto.HasField("top_k")
     assert proto.top_k == 3
     assert not proto.class_indices
+
+
+def test_every_method_name_reaches_the_wire() -> None:
+    names = list(METHOD_BY_NAME)
+    assert len(names) == 10
+    request = build_request([IMAGE], ExplainOptions(methods=names))
+    assert list(request.methods) == list(METHOD_BY_NAME.values())
+
+
+@pytest.mark.parametrize(
+    ("scores", "expected"),
+    [
+        ("confidence", [pb.SCORE_CONFIDENCE_CHANGE]),
+        ("confidence_change", [pb.SCORE_CONFIDENCE_CHANGE]),
+        (["deletion", "insertion"], [pb.SCORE_DELETION_AUC, pb.SCORE_INSERTION_AUC]),
+        (("insertion_auc", "insertion", "confidence"), [3, 1]),
+    ],
+)
+def test_scores_take_full_names_and_short_aliases_once_each(scores, expected) -> None:
+    options = ExplainOptions(scores=scores)
+    assert list(options.output_proto().scores) == expected
+    assert all(name in SCORE_BY_NAME for name in options.score_names())
 
 
 @pytest.mark.parametrize(("name", "value"), [("input", 2), ("feature", 1), ("original", 3)])
@@ -96,6 +135,16 @@ def test_named_resolutions(name, value) -> None:
         ({"target": []}, ValueError, "target is empty"),
         ({"target": [1.5]}, TypeError, "target entries"),
         ({"target": True}, TypeError, "target entries"),
+        ({"methods": ["gradcam", "ablation"]}, ValueError, r"unknown methods \['ablation'\]"),
+        ({"scores": "faithfulness"}, ValueError, r"unknown scores \['faithfulness'\]"),
+        ({"scores": ["deletion", "roads"]}, ValueError, "'confidence', 'deletion', 'insertion'"),
+        ({"scores": "deletion", "score_steps": 0}, ValueError, "score_steps must be a positive"),
+        ({"scores": "deletion", "score_steps": True}, ValueError, "score_steps must be"),
+        ({"score_steps": 10}, ValueError, "score_steps only applies to the deletion"),
+        ({"scores": "confidence", "score_steps": 10}, ValueError, "score_steps only applies"),
+        ({"score_curves": True}, ValueError, "score_curves needs a curve score"),
+        ({"scores": "confidence", "score_curves": True}, ValueError, "score_curves needs"),
+        ({"aug_smooth": True, "resolution": "feature"}, ValueError, "aug_smooth averages"),
     ],
 )
 def test_bad_options_are_refused_naming_the_argument(options, error, match) -> None:

@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from camserve.client.results import explanations_from_response, model_from_proto
+from camserve.client.results import MethodCost, explanations_from_response, model_from_proto
 from camserve.v1 import explain_pb2 as pb
 from camserve.v1.tensors import TensorFormatError, to_proto
 
@@ -114,6 +114,41 @@ def test_a_corrupt_heatmap_is_refused() -> None:
         explanations_from_response(bad)
 
 
+def scored_response() -> pb.ExplainResponse:
+    """Scores on two of three heatmaps, curves on one, as a server sends them."""
+    reply = response()
+    gradcam, layercam, _ = reply.results[0].heatmaps
+    gradcam.confidence_change = -0.5
+    gradcam.deletion_auc = 0.0  # a real score of 0: present, not "unset"
+    gradcam.insertion_auc = 0.75
+    gradcam.deletion_curve.extend([0.5, 0.25, 0.0])
+    gradcam.insertion_curve.extend([0.0, 0.5, 0.5])
+    layercam.insertion_auc = 0.25
+    return pb.ExplainResponse.FromString(reply.SerializeToString())
+
+
+def test_scores_are_keyed_like_the_heatmaps() -> None:
+    first, second = explanations_from_response(scored_response())
+    assert dict(first.scores) == {
+        ("gradcam", 285): {"confidence_change": -0.5, "deletion_auc": 0.0, "insertion_auc": 0.75},
+        ("layercam", 285): {"insertion_auc": 0.25},
+    }
+    assert set(first.scores) <= set(first.heatmaps)
+    assert dict(first.curves) == {
+        ("gradcam", 285): {"deletion_auc": (0.5, 0.25, 0.0), "insertion_auc": (0.0, 0.5, 0.5)}
+    }
+    assert not second.scores  # nothing asked for, nothing there
+    assert not second.curves
+
+
+def test_scores_are_read_only() -> None:
+    first, _ = explanations_from_response(scored_response())
+    with pytest.raises(TypeError):
+        first.scores[("gradcam", 285)]["deletion_auc"] = 1.0  # type: ignore[index]
+    with pytest.raises(TypeError):
+        first.curves[("x", 0)] = {}  # type: ignore[index]
+
+
 def test_model_info_from_proto() -> None:
     info = pb.ModelInfo(
         name="resnet18",
@@ -127,8 +162,12 @@ def test_model_info_from_proto() -> None:
         labels=["a", "b", "c"],
         default_layer="layer4",
         layers=[pb.LayerInfo(name="layer4", output_shape=[512, 7, 7])],
-        methods=[pb.METHOD_GRADCAM, pb.METHOD_HIRESCAM],
+        methods=[pb.METHOD_GRADCAM, pb.METHOD_SCORECAM],
         max_batch_size=8,
+        method_costs=[
+            pb.MethodCost(method=pb.METHOD_GRADCAM, rows_per_image=1, forward_passes=1.0),
+            pb.MethodCost(method=pb.METHOD_SCORECAM, rows_per_image=513, forward_passes=513.0),
+        ],
     )
     model = model_from_proto(info)
     assert model.name == "resnet18"
@@ -139,6 +178,13 @@ def test_model_info_from_proto() -> None:
     assert model.labels == ("a", "b", "c")
     assert model.layers[0].name == "layer4"
     assert model.layers[0].output_shape == (512, 7, 7)
-    assert model.methods == ("gradcam", "hirescam")
+    assert model.methods == ("gradcam", "scorecam")
     assert model.max_batch_size == 8
+    assert model.method_costs == (
+        MethodCost("gradcam", rows_per_image=1, forward_passes=1.0),
+        MethodCost("scorecam", rows_per_image=513, forward_passes=513.0),
+    )
+    assert model.cost("scorecam").forward_passes == 513.0
+    with pytest.raises(KeyError, match="known: \\['gradcam', 'scorecam'\\]"):
+        model.cost("layercam")
     assert model == model_from_proto(info)  # value semantics

@@ -13,12 +13,21 @@ from typing import TypedDict, cast
 from camserve.client.images import ImageInput, to_wire
 from camserve.v1 import explain_pb2 as pb
 from camserve.v1.methods import METHOD_BY_NAME
+from camserve.v1.scores import CURVE_SCORES, SCORE_BY_NAME
 
 Target = int | str | Sequence[int | str] | None
 Methods = str | Sequence[str]
+Scores = str | Sequence[str]
 Resolution = str | tuple[int, int]
 
 METHODS = cast("dict[str, pb.Method]", METHOD_BY_NAME)
+SCORES = cast("dict[str, pb.Score]", SCORE_BY_NAME)
+# Short names the SDK and the CLI accept for the scores, beside their full names.
+SCORE_ALIASES: dict[str, str] = {
+    "confidence": "confidence_change",
+    "deletion": "deletion_auc",
+    "insertion": "insertion_auc",
+}
 RESOLUTIONS: dict[str, pb.Resolution] = {
     "original": pb.RESOLUTION_ORIGINAL,
     "input": pb.RESOLUTION_INPUT,
@@ -36,10 +45,18 @@ class ExplainKwargs(TypedDict, total=False):
 
     `model`: a hosted model's name (default: the server's default). `target`: class index,
     label, or a sequence of them (default: the predicted class); `top_k`: the k most probable
-    classes instead. `methods`: one or more of gradcam, gradcampp, xgradcam, hirescam, layercam.
-    `layer`: default the model's. `resolution`: "original", "input", "feature" or (height,
-    width). `dtype`: "float32", "float16" or "uint8". `raw`: unnormalised maps. `overlay`: also
-    get the server's PNG overlay of the first heatmap. `top_predictions`: predictions returned.
+    classes instead. `methods`: one or more of gradcam, gradcampp, xgradcam, hirescam, layercam,
+    gradcamelementwise, eigencam, eigengradcam, ablationcam, scorecam (the last two are
+    gradient-free and cost a forward row per channel of the layer). `layer`: default the model's.
+    `resolution`: "original", "input", "feature" or (height, width). `dtype`: "float32",
+    "float16" or "uint8". `raw`: unnormalised maps. `overlay`: also get the server's PNG overlay
+    of the first heatmap. `top_predictions`: predictions returned. `eigen_smooth`: each map is
+    the first principal component of its terms. `aug_smooth`: average the maps of six augmented
+    copies (six times the cost; not with resolution "feature"). `scores`: faithfulness scores of
+    every heatmap, one or more of confidence_change, deletion_auc, insertion_auc (or
+    "confidence", "deletion", "insertion"), read from `Explanation.scores`. `score_steps`: steps
+    of the deletion and insertion curves (default the server's, 20). `score_curves`: also get
+    those curves (`Explanation.curves`).
     Checked by `ExplainOptions`, whose fields are these keys with their defaults.
     """
 
@@ -53,6 +70,11 @@ class ExplainKwargs(TypedDict, total=False):
     raw: bool
     overlay: bool
     top_predictions: int
+    eigen_smooth: bool
+    aug_smooth: bool
+    scores: Scores
+    score_steps: int | None
+    score_curves: bool
 
 
 @dataclass(frozen=True)
@@ -72,6 +94,11 @@ class ExplainOptions:
     raw: bool = False
     overlay: bool = False
     top_predictions: int = 5
+    eigen_smooth: bool = False
+    aug_smooth: bool = False
+    scores: Scores = ()
+    score_steps: int | None = None
+    score_curves: bool = False
 
     def __post_init__(self) -> None:
         if self.target is not None and self.top_k is not None:
@@ -87,7 +114,41 @@ class ExplainOptions:
         # Converting now surfaces a bad method, target or resolution before any image is read.
         self.target_proto()
         self.method_protos()
+        self._check_scores()
         self.output_proto()
+        if self.aug_smooth and self.resolution == "feature":
+            raise ValueError(
+                "aug_smooth averages maps at the input resolution, so there is no "
+                'resolution="feature" version; use "input", "original" or (height, width), or '
+                "drop aug_smooth"
+            )
+
+    def score_names(self) -> tuple[str, ...]:
+        """The scores asked for by their full names, once each, in the order given."""
+        names = [self.scores] if isinstance(self.scores, str) else list(self.scores)
+        unknown = [name for name in names if SCORE_ALIASES.get(name, name) not in SCORES]
+        if unknown:
+            raise ValueError(
+                f"unknown scores {unknown}; use one or more of {list(SCORES)} "
+                f"(or {list(SCORE_ALIASES)})"
+            )
+        return tuple(dict.fromkeys(SCORE_ALIASES.get(name, name) for name in names))
+
+    def _check_scores(self) -> None:
+        curves = any(name in CURVE_SCORES for name in self.score_names())
+        steps = self.score_steps
+        if steps is not None:
+            if isinstance(steps, bool) or not isinstance(steps, int) or steps < 1:
+                raise ValueError(f"score_steps must be a positive int; got {steps!r}")
+            if not curves:
+                raise ValueError(
+                    "score_steps only applies to the deletion and insertion curves; add "
+                    '"deletion" or "insertion" to scores, or leave score_steps out'
+                )
+        if self.score_curves and not curves:
+            raise ValueError(
+                'score_curves needs a curve score: add "deletion" or "insertion" to scores'
+            )
 
     def target_proto(self) -> pb.Target:
         if self.top_k is not None:
@@ -123,7 +184,14 @@ class ExplainOptions:
         return [METHODS[name] for name in dict.fromkeys(names)]
 
     def output_proto(self) -> pb.OutputOptions:
-        output = pb.OutputOptions(dtype=DTYPES[self.dtype], raw=self.raw, overlay=self.overlay)
+        output = pb.OutputOptions(
+            dtype=DTYPES[self.dtype],
+            raw=self.raw,
+            overlay=self.overlay,
+            scores=[SCORES[name] for name in self.score_names()],
+            score_steps=self.score_steps or 0,  # 0: the server's default
+            score_curves=self.score_curves,
+        )
         resolution = self.resolution
         if isinstance(resolution, str):
             if resolution not in RESOLUTIONS:
@@ -162,4 +230,6 @@ def build_request(
         output=options.output_proto(),
         top_predictions=options.top_predictions,
         request_id=request_id or "",
+        eigen_smooth=options.eigen_smooth,
+        aug_smooth=options.aug_smooth,
     )

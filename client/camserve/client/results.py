@@ -8,17 +8,24 @@ from __future__ import annotations
 
 import io
 from collections.abc import Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from types import MappingProxyType
+from typing import Any
 
 import numpy as np
 from PIL import Image as PILImage
 
 from camserve.v1 import explain_pb2 as pb
 from camserve.v1.methods import NAME_BY_METHOD
+from camserve.v1.scores import CURVE_FIELDS, SCORE_BY_NAME
 from camserve.v1.tensors import from_proto
 
 METHOD_NAMES = NAME_BY_METHOD
+HeatmapKey = tuple[str, int]  # (method, class_index)
+
+
+def _empty() -> Mapping[HeatmapKey, Any]:
+    return MappingProxyType({})
 
 
 @dataclass(frozen=True)
@@ -49,10 +56,16 @@ class Explanation:
     server sent them; `class_labels` names every class that has a heatmap. Fields about the
     request (`timing`, `batch_size`, `model`, `request_id`) are shared by the images of one
     request.
+
+    `scores` maps the same (method, class_index) keys to that heatmap's faithfulness scores by
+    name (confidence_change, deletion_auc, insertion_auc), for the heatmaps that have any (none
+    unless the call asked for `scores`). `curves` maps them to the deletion and insertion curves
+    by the same names: S + 1 class probabilities, from step 0 (nothing perturbed) to step S,
+    when the call asked for `score_curves`.
     """
 
     predictions: tuple[Prediction, ...]
-    heatmaps: Mapping[tuple[str, int], np.ndarray]
+    heatmaps: Mapping[HeatmapKey, np.ndarray]
     class_labels: Mapping[int, str]
     layer: str
     overlay: PILImage.Image | None
@@ -61,6 +74,8 @@ class Explanation:
     model: str
     model_version: str
     request_id: str
+    scores: Mapping[HeatmapKey, Mapping[str, float]] = field(default_factory=_empty)
+    curves: Mapping[HeatmapKey, Mapping[str, tuple[float, ...]]] = field(default_factory=_empty)
 
     def heatmap(self, method: str | None = None, class_index: int | None = None) -> np.ndarray:
         """The first heatmap matching `method` and `class_index` (either may be left out)."""
@@ -99,8 +114,19 @@ class LayerInfo:
 
 
 @dataclass(frozen=True)
+class MethodCost:
+    """What one method costs per image at the model's default layer (without aug_smooth, which
+    multiplies both by six, and without scores): rows put through the model, and the same work
+    in forward passes of the whole model (Grad-CAM: 1 row, 1.0)."""
+
+    method: str
+    rows_per_image: int
+    forward_passes: float
+
+
+@dataclass(frozen=True)
 class ModelInfo:
-    """A model the server hosts."""
+    """A model the server hosts; `method_costs` has one entry per method in `methods`."""
 
     name: str
     version: str
@@ -113,6 +139,16 @@ class ModelInfo:
     layers: tuple[LayerInfo, ...]
     methods: tuple[str, ...]
     max_batch_size: int
+    method_costs: tuple[MethodCost, ...] = ()
+
+    def cost(self, method: str) -> MethodCost:
+        """The cost of `method`; KeyError naming the methods that have one."""
+        for cost in self.method_costs:
+            if cost.method == method:
+                return cost
+        raise KeyError(
+            f"no cost for method {method!r}; known: {[c.method for c in self.method_costs]}"
+        )
 
 
 def timing_from_proto(timing: pb.Timing) -> Timing:
@@ -133,12 +169,18 @@ def explanations_from_response(response: pb.ExplainResponse) -> list[Explanation
 def _explanation(
     result: pb.ImageResult, *, response: pb.ExplainResponse, timing: Timing
 ) -> Explanation:
-    heatmaps: dict[tuple[str, int], np.ndarray] = {}
+    heatmaps: dict[HeatmapKey, np.ndarray] = {}
+    scores: dict[HeatmapKey, Mapping[str, float]] = {}
+    curves: dict[HeatmapKey, Mapping[str, tuple[float, ...]]] = {}
     labels: dict[int, str] = {}
     layer = ""
     for i, heatmap in enumerate(result.heatmaps):
         key = (METHOD_NAMES.get(heatmap.method, str(heatmap.method)), heatmap.class_index)
         heatmaps[key] = from_proto(heatmap.data, field=f"results.heatmaps[{i}].data")
+        if found := _scores(heatmap):
+            scores[key] = found
+        if found_curves := _curves(heatmap):
+            curves[key] = found_curves
         labels[heatmap.class_index] = heatmap.class_label
         layer = layer or heatmap.layer
     overlay = None
@@ -159,6 +201,25 @@ def _explanation(
         model=response.model,
         model_version=response.model_version,
         request_id=response.request_id,
+        scores=MappingProxyType(scores),
+        curves=MappingProxyType(curves),
+    )
+
+
+def _scores(heatmap: pb.Heatmap) -> Mapping[str, float]:
+    """The scores the server set; an unset field was not asked for (0.0 is a real score)."""
+    return MappingProxyType(
+        {name: getattr(heatmap, name) for name in SCORE_BY_NAME if heatmap.HasField(name)}
+    )
+
+
+def _curves(heatmap: pb.Heatmap) -> Mapping[str, tuple[float, ...]]:
+    return MappingProxyType(
+        {
+            name: tuple(getattr(heatmap, wire))
+            for name, wire in CURVE_FIELDS.items()
+            if getattr(heatmap, wire)
+        }
     )
 
 
@@ -185,4 +246,12 @@ def model_from_proto(info: pb.ModelInfo) -> ModelInfo:
         ),
         methods=tuple(METHOD_NAMES.get(m, str(m)) for m in info.methods),
         max_batch_size=info.max_batch_size,
+        method_costs=tuple(
+            MethodCost(
+                method=METHOD_NAMES.get(cost.method, str(cost.method)),
+                rows_per_image=cost.rows_per_image,
+                forward_passes=cost.forward_passes,
+            )
+            for cost in info.method_costs
+        ),
     )

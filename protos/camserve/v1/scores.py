@@ -15,8 +15,13 @@ SCORE_BY_NAME: dict[str, int] = {
     "insertion_auc": pb.SCORE_INSERTION_AUC,
 }
 NAME_BY_SCORE: dict[int, str] = {value: name for name, value in SCORE_BY_NAME.items()}
-# The scores that come with a curve (S + 1 probabilities) when OutputOptions.score_curves is set.
-CURVE_SCORES: tuple[str, ...] = ("deletion_auc", "insertion_auc")
+# The scores that come with a curve (S + 1 probabilities) when OutputOptions.score_curves is set,
+# and the Heatmap field of each curve. Each score's own Heatmap field has the score's name.
+CURVE_FIELDS: dict[str, str] = {
+    "deletion_auc": "deletion_curve",
+    "insertion_auc": "insertion_curve",
+}
+CURVE_SCORES: tuple[str, ...] = tuple(CURVE_FIELDS)
 # Which way is more faithful: a higher confidence change (less of a drop), a lower deletion
 # area (the class vanishes fast), a higher insertion area (it appears fast).
 HIGHER_IS_BETTER: dict[str, bool] = {

@@ -21,21 +21,10 @@ from camserve.server.records import (
 )
 from camserve.v1 import explain_pb2 as pb
 from camserve.v1.methods import METHOD_BY_NAME
+from camserve.v1.scores import CURVE_FIELDS
 from camserve.v1.tensors import to_proto
 
 Metadata = tuple[tuple[str, str | bytes], ...]
-
-
-# Heatmap fields by engine name: a score's value, and the curve it comes with.
-SCORE_FIELDS: dict[str, str] = {
-    "confidence_change": "confidence_change",
-    "deletion_auc": "deletion_auc",
-    "insertion_auc": "insertion_auc",
-}
-CURVE_FIELDS: dict[str, str] = {
-    "deletion_auc": "deletion_curve",
-    "insertion_auc": "insertion_curve",
-}
 
 
 def _heatmap(result: HeatmapResult) -> pb.Heatmap:
@@ -48,7 +37,7 @@ def _heatmap(result: HeatmapResult) -> pb.Heatmap:
         data=to_proto(result.data),
     )
     for name, value in result.scores.items():
-        setattr(heatmap, SCORE_FIELDS[name], value)
+        setattr(heatmap, name, value)  # each score's field has its (engine) name
     for name, curve in result.curves.items():
         getattr(heatmap, CURVE_FIELDS[name]).extend(curve)
     return heatmap
