@@ -7,6 +7,7 @@ from pathlib import Path
 import pytest
 
 from camserve.client import cli, loadtest
+from camserve.client.requests import METHODS
 
 
 def test_explain_options_parse() -> None:
@@ -54,6 +55,54 @@ def test_defaults() -> None:
     assert not args.panel
 
 
+def test_explain_takes_every_method_smoothing_and_scores() -> None:
+    argv = ["explain", "a.jpg", "--eigen-smooth", "--aug-smooth", "--score-steps", "8"]
+    for method in METHODS:
+        argv += ["--method", method]
+    args = cli.build_parser().parse_args([*argv, "--score", "deletion", "--score", "confidence"])
+    assert args.method == list(METHODS)
+    assert (args.eigen_smooth, args.aug_smooth) == (True, True)
+    assert args.score == ["deletion", "confidence"]
+    assert args.score_steps == 8
+    defaults = cli.build_parser().parse_args(["explain", "a.jpg"])
+    assert (defaults.score, defaults.score_steps, defaults.aug_smooth) == ([], None, False)
+
+
+def test_compare_defaults_to_every_method_and_score() -> None:
+    args = cli.build_parser().parse_args(["compare", "a.jpg", "b.jpg"])
+    assert args.images == [Path("a.jpg"), Path("b.jpg")]
+    assert args.methods == list(METHODS)
+    assert len(args.methods) == 10
+    assert args.score == []  # all three when none is named
+    assert args.out == Path("compare.png")
+    assert (args.model, args.layer, args.score_steps) == (None, None, None)
+
+
+def test_compare_options_parse() -> None:
+    args = cli.build_parser().parse_args(
+        [
+            "compare",
+            "a.jpg",
+            "--methods",
+            "scorecam, gradcam,scorecam",
+            "--score",
+            "insertion",
+            "--score-steps",
+            "5",
+            "--out",
+            "figs/p.png",
+            "--model",
+            "tiny",
+            "--layer",
+            "features",
+        ]
+    )
+    assert args.methods == ["scorecam", "gradcam"]
+    assert args.score == ["insertion"]
+    assert args.score_steps == 5
+    assert (args.out, args.model, args.layer) == (Path("figs/p.png"), "tiny", "features")
+
+
 def test_the_server_comes_from_the_environment_unless_given(monkeypatch) -> None:
     monkeypatch.setenv("CAMSERVE_SERVER", "envhost:7")
     captured = {}
@@ -79,11 +128,28 @@ def test_the_server_comes_from_the_environment_unless_given(monkeypatch) -> None
         ["explain", "a.jpg", "--top-k", "2", "--target", "1"],
         ["health", "--timeout", "-1"],
         ["fly"],
+        ["explain", "a.jpg", "--score", "roads"],
+        ["explain", "a.jpg", "--score-steps", "5"],
+        ["explain", "a.jpg", "--score", "confidence", "--score-steps", "5"],
+        ["explain", "a.jpg", "--score", "deletion", "--score-steps", "0"],
+        ["compare"],
+        ["compare", "a.jpg", "--methods", "gradcam,gradcam++"],
+        ["compare", "a.jpg", "--methods", ","],
+        ["compare", "a.jpg", "--score", "confidence", "--score-steps", "5"],
     ],
 )
 def test_usage_errors_exit_2(argv, capsys) -> None:
     assert cli.main(argv) == 2
     assert "usage" in capsys.readouterr().err
+
+
+def test_usage_errors_say_what_to_change(capsys) -> None:
+    assert cli.main(["compare", "a.jpg", "--methods", "gradcam,grad"]) == 2
+    assert "unknown methods ['grad']; use a comma-separated list of gradcam," in (
+        capsys.readouterr().err
+    )
+    assert cli.main(["explain", "a.jpg", "--score-steps", "5"]) == 2
+    assert "--score-steps is for the curves: add --score deletion" in capsys.readouterr().err
 
 
 def test_help_exits_0(capsys) -> None:
@@ -96,8 +162,9 @@ def test_a_missing_token_file_is_a_usage_error(tmp_path, capsys) -> None:
     assert "none" in capsys.readouterr().err
 
 
-def test_missing_images_are_a_usage_error(tmp_path, capsys) -> None:
-    assert cli.main(["explain", str(tmp_path / "gone.jpg"), "--server", "127.0.0.1:1"]) == 2
+@pytest.mark.parametrize("command", ["explain", "compare"])
+def test_missing_images_are_a_usage_error(command, tmp_path, capsys) -> None:
+    assert cli.main([command, str(tmp_path / "gone.jpg"), "--server", "127.0.0.1:1"]) == 2
     assert "no such image file" in capsys.readouterr().err
 
 

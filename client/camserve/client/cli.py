@@ -1,4 +1,5 @@
-"""The `camserve` command: explain images into PNG files, list models, check health.
+"""The `camserve` command: explain images into PNG files, compare methods, list models, check
+health.
 
 Exit status: 0 success, 1 the server refused or failed (message on stderr), 2 usage error.
 The server address comes from --server, else the CAMSERVE_SERVER environment variable, else
@@ -14,15 +15,17 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
+from camserve.client import compare
 from camserve.client.connection import DEFAULT_ADDRESS, TLSConfig
 from camserve.client.errors import CamserveError
 from camserve.client.health import SERVING
 from camserve.client.images import to_pil
 from camserve.client.render import COLORMAPS, overlay, panel
-from camserve.client.requests import METHODS
+from camserve.client.requests import METHODS, SCORE_ALIASES
 from camserve.client.results import Explanation, ModelInfo
 from camserve.client.retry import DEFAULT_RETRY, NO_RETRY
 from camserve.client.sync import Client
+from camserve.v1.scores import CURVE_SCORES
 
 ENV_SERVER = "CAMSERVE_SERVER"
 OK, FAILED, USAGE = 0, 1, 2
@@ -35,8 +38,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser(default_server=os.environ.get(ENV_SERVER) or DEFAULT_ADDRESS)
     try:
         args = parser.parse_args(argv)
-        if args.command == "explain" and args.target and args.top_k is not None:
-            parser.error("--target and --top-k cannot be combined")
+        _check_args(parser, args)
         client = _client(args)
     except SystemExit as exc:  # argparse's way out: --help (0) or a usage error (2)
         return exc.code if isinstance(exc.code, int) else USAGE
@@ -49,6 +51,23 @@ def main(argv: Sequence[str] | None = None) -> int:
         except CamserveError as exc:
             print(f"camserve: {exc}", file=sys.stderr)
             return FAILED
+
+
+def _check_args(parser: argparse.ArgumentParser, args: argparse.Namespace) -> None:
+    """Combinations argparse cannot check alone; a usage error (exit 2) names the options."""
+    if args.command == "explain" and args.target and args.top_k is not None:
+        parser.error("--target and --top-k cannot be combined")
+    if args.command not in ("explain", "compare") or args.score_steps is None:
+        return
+    unset = list(SCORE_ALIASES.values()) if args.command == "compare" else []  # the defaults
+    scores = _score_names(args.score) or unset
+    if not any(name in CURVE_SCORES for name in scores):
+        parser.error("--score-steps is for the curves: add --score deletion or --score insertion")
+
+
+def _score_names(short: Sequence[str]) -> list[str]:
+    """--score values (confidence, deletion, insertion) as score names, once each."""
+    return list(dict.fromkeys(SCORE_ALIASES[name] for name in short))
 
 
 def _common_options(default_server: str) -> argparse.ArgumentParser:
@@ -75,6 +94,7 @@ def build_parser(*, default_server: str = DEFAULT_ADDRESS) -> argparse.ArgumentP
     )
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     _add_explain(commands, common)
+    _add_compare(commands, common)
     models = commands.add_parser("models", parents=[common], help="list models and their layers")
     models.set_defaults(run=_models)
     health = commands.add_parser(
@@ -114,6 +134,13 @@ def _add_explain(commands: Any, common: argparse.ArgumentParser) -> None:
         help="CAM method; repeatable (default: gradcam)",
     )
     explain.add_argument("--layer", help="target layer (default: the model's)")
+    explain.add_argument(
+        "--eigen-smooth", action="store_true", help="each map from its principal component"
+    )
+    explain.add_argument(
+        "--aug-smooth", action="store_true", help="average six augmented copies (6x the cost)"
+    )
+    _add_score_options(explain, default_help="none")
     explain.add_argument("--panel", action="store_true", help="write image|heatmap|overlay panels")
     explain.add_argument("--out", type=Path, default=Path("out"), help="output folder (out)")
     explain.add_argument("--colormap", choices=COLORMAPS, default="jet")
@@ -122,6 +149,51 @@ def _add_explain(commands: Any, common: argparse.ArgumentParser) -> None:
         "--predictions", type=_positive_int, default=3, help="predictions printed per image (3)"
     )
     explain.set_defaults(run=_explain)
+
+
+def _add_score_options(parser: argparse.ArgumentParser, *, default_help: str) -> None:
+    parser.add_argument(
+        "--score",
+        action="append",
+        choices=list(SCORE_ALIASES),
+        default=[],
+        help=f"faithfulness score of each heatmap; repeatable (default: {default_help})",
+    )
+    parser.add_argument(
+        "--score-steps",
+        type=_positive_int,
+        metavar="N",
+        help="steps of the deletion and insertion curves (default: the server's, 20)",
+    )
+
+
+def _add_compare(commands: Any, common: argparse.ArgumentParser) -> None:
+    parser = commands.add_parser(
+        "compare",
+        parents=[common],
+        help="compare methods on images: a score table and a panel PNG",
+        description="Explains each image with each method, one request per method, and prints "
+        "the mean of each score per method (and seconds per image), the best method per score, "
+        "and a refused method's server message. Writes a panel: per image, the image and one "
+        "overlay per method captioned with its scores. Exit 1 only when every method failed.",
+    )
+    parser.add_argument("images", nargs="+", type=Path, metavar="IMAGE")
+    parser.add_argument(
+        "--methods",
+        type=_method_list,
+        default=list(METHODS),
+        metavar="M1,M2,...",
+        help=f"comma-separated methods (default: all ten: {','.join(METHODS)})",
+    )
+    _add_score_options(parser, default_help="all three")
+    parser.add_argument("--model", help="model name (default: the server's default)")
+    parser.add_argument("--layer", help="target layer (default: the model's)")
+    parser.add_argument(
+        "--out", type=Path, default=Path("compare.png"), help="panel PNG (compare.png)"
+    )
+    parser.add_argument("--colormap", choices=COLORMAPS, default="jet")
+    parser.add_argument("--alpha", type=float, default=0.4, help="heatmap opacity (0.4)")
+    parser.set_defaults(run=_compare)
 
 
 def _client(args: argparse.Namespace) -> Client:
@@ -154,6 +226,10 @@ def _explain(client: Client, args: argparse.Namespace) -> int:
         methods=args.method or "gradcam",
         layer=args.layer,
         top_predictions=args.predictions,
+        eigen_smooth=args.eigen_smooth,
+        aug_smooth=args.aug_smooth,
+        scores=_score_names(args.score),
+        score_steps=args.score_steps,
     )
     status = OK
     for path, outcome in zip(args.images, outcomes, strict=True):
@@ -165,8 +241,44 @@ def _explain(client: Client, args: argparse.Namespace) -> int:
             print(
                 f"{path.name}: {prediction.index} {prediction.label} {prediction.probability:.3f}"
             )
+        _print_scores(path, outcome)
         _write_pictures(path, outcome, args)
     return status
+
+
+def _print_scores(path: Path, explanation: Explanation) -> None:
+    """One line per scored heatmap: which map, then each score."""
+    for (method, class_index), scores in explanation.scores.items():
+        label = explanation.class_labels.get(class_index, "")
+        values = " ".join(f"{name} {value:.4f}" for name, value in scores.items())
+        print(f"{path.name}: {method} {class_index} {label}: {values}")
+
+
+def _compare(client: Client, args: argparse.Namespace) -> int:
+    missing = [str(path) for path in args.images if not path.is_file()]
+    if missing:
+        print(f"camserve: error: no such image file: {', '.join(missing)}", file=sys.stderr)
+        return USAGE
+    try:
+        pictures = [compare.load_picture(path) for path in args.images]
+    except OSError as exc:
+        print(f"camserve: error: cannot read image: {exc}", file=sys.stderr)
+        return USAGE
+    scores = _score_names(args.score) or list(SCORE_ALIASES.values())
+    options: dict[str, Any] = {"model": args.model, "layer": args.layer, "scores": scores}
+    if args.score_steps is not None:
+        options["score_steps"] = args.score_steps
+    results = compare.run(client.explain, pictures, args.methods, **options)
+    for line in compare.table(results, scores):
+        print(line)
+    figure = compare.panel(pictures, results, scores, colormap=args.colormap, alpha=args.alpha)
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    figure.save(args.out)
+    print(f"panel written to {args.out}")
+    if all(result.refused for result in results):
+        print("camserve: every method failed; see the table above", file=sys.stderr)
+        return FAILED
+    return OK
 
 
 def _write_pictures(path: Path, explanation: Explanation, args: argparse.Namespace) -> None:
@@ -186,6 +298,11 @@ def _models(client: Client, args: argparse.Namespace) -> int:
         for layer in info.layers:
             shape = "x".join(str(d) for d in layer.output_shape)
             print(f"  {layer.name}  {shape}")
+        if info.method_costs:
+            costs = ", ".join(
+                f"{c.method} {c.rows_per_image}/{c.forward_passes:.2f}" for c in info.method_costs
+            )
+            print(f"  cost per image at {info.default_layer} (rows/forward passes): {costs}")
     return OK
 
 
@@ -218,6 +335,19 @@ def _positive_int(value: str) -> int:
     if number < 1:
         raise argparse.ArgumentTypeError(f"must be at least 1, got {value}")
     return number
+
+
+def _method_list(value: str) -> list[str]:
+    """A --methods value: comma-separated method names, each known, once each."""
+    names = [name.strip() for name in value.split(",") if name.strip()]
+    unknown = [name for name in names if name not in METHODS]
+    if unknown or not names:
+        raise argparse.ArgumentTypeError(
+            f"unknown methods {unknown}; use a comma-separated list of {','.join(METHODS)}"
+            if unknown
+            else "name at least one method"
+        )
+    return list(dict.fromkeys(names))
 
 
 def _positive_float(value: str) -> float:
