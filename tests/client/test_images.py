@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import io
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -82,3 +83,17 @@ def test_to_pil_gives_rgb_pictures_of_every_drawable_form() -> None:
 def test_to_pil_refuses_normalised_arrays() -> None:
     with pytest.raises(TypeError, match="overlays need"):
         to_pil(np.zeros((3, 4, 4), np.float32))
+
+
+def test_overlays_draw_on_the_photo_turned_upright_by_its_exif_orientation(
+    tmp_path: Path,
+) -> None:
+    """The server explains an EXIF-rotated photo upright, so the picture under the overlay must
+    be upright too, or the heatmap lands on the wrong part of it."""
+    picture = Image.new("RGB", (40, 20), (200, 10, 10))
+    exif = Image.Exif()
+    exif[0x0112] = 6  # rotated 90 degrees clockwise when shown
+    path = tmp_path / "rotated.jpg"
+    picture.save(path, format="JPEG", exif=exif.tobytes())
+    assert to_pil(path).size == (20, 40)
+    assert to_pil(path.read_bytes()).size == (20, 40)

@@ -209,7 +209,8 @@ async def test_costly_items_fill_batches_and_the_queue_by_their_cost() -> None:
     assert batcher.depth == 14
     with pytest.raises(QueueFull) as refused:
         await batcher.submit([3])  # 14 + 3 > 16
-    assert not refused.value.never and refused.value.wanted == 3
+    assert not refused.value.never
+    assert refused.value.wanted == 3
     with pytest.raises(QueueFull) as never:
         await batcher.submit([17])
     assert never.value.never
@@ -229,7 +230,8 @@ async def test_a_reservation_is_used_up_across_waves_of_submissions() -> None:
         with pytest.raises(QueueFull):
             batcher.reserve(2)  # the room is held for the waves to come
         await batcher.submit([4], reservation=reservation)
-        assert reservation.count == 5 and batcher.depth == 5
+        assert reservation.count == 5
+        assert batcher.depth == 5
         await batcher.submit([3, 2], reservation=reservation)
         assert reservation.count == 0
         # Beyond the reservation, a submission is admitted against the free room as usual.

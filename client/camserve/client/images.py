@@ -14,6 +14,7 @@ from typing import TypeAlias
 
 import numpy as np
 from PIL import Image as PILImage
+from PIL import ImageOps
 
 from camserve.v1 import explain_pb2 as pb
 from camserve.v1.tensors import to_proto
@@ -63,13 +64,16 @@ def _check_array(array: np.ndarray) -> np.ndarray:
 
 
 def to_pil(image: ImageInput) -> PILImage.Image:
-    """The picture itself as an RGB PIL image, for overlays; not possible for normalised arrays."""
+    """The picture itself as an RGB PIL image, for overlays; not possible for normalised arrays.
+
+    Files are turned upright by their EXIF orientation, as the server does before explaining
+    them, so that the heatmap lands where it belongs."""
     if isinstance(image, (str, os.PathLike)):
         with PILImage.open(image) as opened:
-            return opened.convert("RGB")
+            return ImageOps.exif_transpose(opened).convert("RGB")
     if isinstance(image, (bytes, bytearray, memoryview)):
         with PILImage.open(io.BytesIO(bytes(image))) as opened:
-            return opened.convert("RGB")
+            return ImageOps.exif_transpose(opened).convert("RGB")
     if isinstance(image, PILImage.Image):
         return image.convert("RGB")
     if isinstance(image, np.ndarray) and image.dtype == np.uint8:

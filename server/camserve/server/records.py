@@ -69,7 +69,7 @@ class ModelMeta:
     layers: tuple[LayerSpec, ...]
     recipe: InputRecipe
     max_batch_size: int
-    method_costs: tuple[MethodCostInfo, ...] = ()  # every method, in ALL_METHOD_BY_NAME order
+    method_costs: tuple[MethodCostInfo, ...] = ()  # every method, in METHOD_BY_NAME order
 
     @functools.cached_property
     def layer_names(self) -> frozenset[str]:
