@@ -91,7 +91,15 @@ async def test_a_stalled_stream_reader_holds_bounded_memory_and_stalls_only_itse
         await explain(pb.ExplainRequest(images=[pb.Image(encoded=image)]), timeout=60)
         baseline = rss_bytes(process.pid)
         stalled = pb_grpc.ExplainServiceStub(stalled_channel).ExplainStream(requests())
-        first = await stalled.read()  # the stream works; then this client stops reading
+        # The stream works; then this client stops reading. Its window (STREAM_IN_FLIGHT) is
+        # larger than the queue, so some of its requests may be refused before the first answer
+        # is computed: those refusals come first.
+        first = await stalled.read()
+        for _ in range(STREAM_IN_FLIGHT):
+            if not first.HasField("error"):
+                break
+            assert first.error.code == grpc.StatusCode.RESOURCE_EXHAUSTED.value[0]
+            first = await stalled.read()
         assert not first.HasField("error")
         peak = baseline
         for _ in range(20):  # 6 s: ample time to compute all 300 if nothing held it back
