@@ -7,7 +7,7 @@ without reading server logs.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
@@ -78,17 +78,33 @@ def _choices(values: object) -> str:
     return ", ".join(str(v) for v in values)  # type: ignore[attr-defined]
 
 
-def _methods(request: pb.ExplainRequest) -> tuple[str, ...]:
+def _distinct(
+    values: Sequence[int],
+    field: str,
+    what: str,
+    name_by_value: Mapping[int, str],
+    offered: Mapping[str, int],
+    enum_name: Callable[[int], str],
+) -> tuple[str, ...]:
+    """The names of enum `values`, each once in first-seen order; an unknown value is refused
+    naming its field and listing the values offered."""
     names: list[str] = []
-    for i, value in enumerate(request.methods):
-        if value not in NAME_BY_METHOD:
+    for i, value in enumerate(values):
+        if value not in name_by_value:
             raise RequestError(
-                f"methods[{i}]: unknown method {value}; use one of "
-                f"{_choices(f'{pb.Method.Name(v)}={v}' for v in METHOD_BY_NAME.values())}"
+                f"{field}[{i}]: unknown {what} {value}; use one of "
+                f"{_choices(f'{enum_name(v)}={v}' for v in offered.values())}"
             )
-        if NAME_BY_METHOD[value] not in names:
-            names.append(NAME_BY_METHOD[value])
-    return tuple(names) or ("gradcam",)
+        if name_by_value[value] not in names:
+            names.append(name_by_value[value])
+    return tuple(names)
+
+
+def _methods(request: pb.ExplainRequest) -> tuple[str, ...]:
+    methods = _distinct(
+        request.methods, "methods", "method", NAME_BY_METHOD, METHOD_BY_NAME, pb.Method.Name
+    )
+    return methods or ("gradcam",)
 
 
 def _output(options: pb.OutputOptions, limits: LimitsSettings) -> OutputPlan:
@@ -134,16 +150,9 @@ class ScoreOptions:
 
 
 def _score_names(options: pb.OutputOptions) -> tuple[str, ...]:
-    names: list[str] = []
-    for i, value in enumerate(options.scores):
-        if value not in NAME_BY_SCORE:
-            raise RequestError(
-                f"output.scores[{i}]: unknown score {value}; use one of "
-                f"{_choices(f'{pb.Score.Name(v)}={v}' for v in SCORE_BY_NAME.values())}"
-            )
-        if NAME_BY_SCORE[value] not in names:
-            names.append(NAME_BY_SCORE[value])
-    return tuple(names)
+    return _distinct(
+        options.scores, "output.scores", "score", NAME_BY_SCORE, SCORE_BY_NAME, pb.Score.Name
+    )
 
 
 def _score_steps(
