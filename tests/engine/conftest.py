@@ -234,6 +234,14 @@ def tiny_vit() -> nn.Module:
 
 
 @pytest.fixture
+def model(request: pytest.FixtureRequest) -> nn.Module:
+    """The session model named by an indirect parametrisation: a test parametrised with
+    `pytest.mark.parametrize("model", ["seeded_tiny", ...], indirect=["model"])` gets the
+    model that fixture builds."""
+    return request.getfixturevalue(request.param)
+
+
+@pytest.fixture
 def make_engine() -> Callable[..., CamEngine]:
     """Builds an engine on a deep copy, so session models stay trainable and unhooked."""
 

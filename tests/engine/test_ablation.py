@@ -4,46 +4,23 @@ from __future__ import annotations
 
 from collections.abc import Callable
 
-import numpy as np
 import pytest
 import torch
-from pytorch_grad_cam import AblationCAM, ScoreCAM
-from pytorch_grad_cam.utils.model_targets import ClassifierOutputTarget
 from torch import nn
 
-from camserve.server.engine import (
-    CamEngine,
-    EngineError,
-    RowRequest,
-    explain_all,
-    normalise,
-    to_input,
-)
+from camserve.server.engine import CamEngine, EngineError, RowRequest, explain_all
 from camserve.server.engine.ablation import ABLATION_OFFSET, ablated_rows, ablation_value
 from camserve.server.engine.gradient_free import follow_ups, pack, pieces, run_pieces
-
-
-def _reference(
-    model: nn.Module, layer: str, batch: torch.Tensor, classes: list[int], batch_size: int = 32
-) -> np.ndarray:
-    with AblationCAM(
-        model=model, target_layers=[model.get_submodule(layer)], batch_size=batch_size
-    ) as cam:
-        return cam(input_tensor=batch, targets=[ClassifierOutputTarget(c) for c in classes])
-
-
-def _normalised(
-    results: list, method: str, classes: list[int], size: tuple[int, int]
-) -> np.ndarray:
-    maps = [
-        normalise(to_input(r.maps[(method, c)], size))
-        for r, c in zip(results, classes, strict=True)
-    ]
-    return torch.stack(maps).numpy()
+from tests._support.cams import (
+    GRADIENT_FREE_REFERENCES,
+    assert_maps_match_reference,
+    assert_method_matches_reference,
+    reference_cam,
+)
 
 
 @pytest.mark.parametrize(
-    ("model_fixture", "layer", "reference_batch"),
+    ("model", "layer", "reference_batch"),
     [
         pytest.param("seeded_tiny", "act", 32, id="relu-output"),
         pytest.param("seeded_tiny", "block", 32, id="residual-block"),
@@ -53,26 +30,26 @@ def _normalised(
         # fx cannot trace this twin: the fallback runs the whole model with the layer replaced.
         pytest.param("seeded_branchy", "act", 32, id="untraceable"),
     ],
+    indirect=["model"],
 )
 def test_ablationcam_matches_pytorch_grad_cam(
-    request: pytest.FixtureRequest,
     make_engine: Callable[..., CamEngine],
     random_images: Callable[..., torch.Tensor],
-    model_fixture: str,
+    model: nn.Module,
     layer: str,
     reference_batch: int,
 ) -> None:
-    model = request.getfixturevalue(model_fixture)
-    size = (32, 32)
-    batch = random_images(3, size, seed=9)
-    classes = [2, 7, 2]
-    engine = make_engine(model)
-    rows = [RowRequest(layer, ("ablationcam",), classes=(c,)) for c in classes]
+    batch = random_images(3, (32, 32), seed=9)
     # Chunks of 10 rows: pieces of one image are split and pieces of two images share a batch.
-    results = explain_all(engine, batch, rows, chunk_rows=10)
-    expected = _reference(model, layer, batch, classes, reference_batch)
-    np.testing.assert_allclose(
-        _normalised(results, "ablationcam", classes, size), expected, atol=1e-4
+    assert_method_matches_reference(
+        make_engine(model),
+        model,
+        "ablationcam",
+        layer,
+        batch,
+        [2, 7, 2],
+        chunk_rows=10,
+        batch_size=reference_batch,
     )
 
 
@@ -82,13 +59,9 @@ def test_ablationcam_matches_pytorch_grad_cam_on_resnet18(
     make_engine: Callable[..., CamEngine],
     random_images: Callable[..., torch.Tensor],
 ) -> None:
-    size = (64, 64)
-    batch = random_images(1, size, seed=9)
-    results = explain_all(
-        make_engine(seeded_resnet18), batch, [RowRequest("layer4", ("ablationcam",), (3,))]
-    )
-    expected = _reference(seeded_resnet18, "layer4", batch, [3])
-    np.testing.assert_allclose(_normalised(results, "ablationcam", [3], size), expected, atol=1e-4)
+    batch = random_images(1, (64, 64), seed=9)
+    engine = make_engine(seeded_resnet18)
+    assert_method_matches_reference(engine, seeded_resnet18, "ablationcam", "layer4", batch, 3)
 
 
 def test_chunking_does_not_change_the_maps(
@@ -168,9 +141,6 @@ def test_gradient_free_methods_with_eigen_smooth_match(
     engine = make_engine(seeded_tiny, channels_last=False)
     rows = [RowRequest("block", ("ablationcam", "scorecam"), (2,), eigen_smooth=True)] * 2
     results = explain_all(engine, batch, rows)
-    targets = [ClassifierOutputTarget(2)] * 2
-    for method, reference in (("ablationcam", AblationCAM), ("scorecam", ScoreCAM)):
-        with reference(model=seeded_tiny, target_layers=[seeded_tiny.block]) as cam:
-            expected = cam(input_tensor=batch, targets=targets, eigen_smooth=True)
-        ours = _normalised(results, method, [2, 2], size)
-        np.testing.assert_allclose(ours, expected, atol=1e-4, err_msg=method)
+    for method, reference in GRADIENT_FREE_REFERENCES.items():
+        expected = reference_cam(reference, seeded_tiny, "block", batch, 2, eigen_smooth=True)
+        assert_maps_match_reference(results, method, 2, size, expected)

@@ -11,28 +11,11 @@ import torch
 import ttach
 from pytorch_grad_cam import AblationCAM, EigenCAM, GradCAM, ScoreCAM, XGradCAM
 from pytorch_grad_cam.base_cam import BaseCAM
-from pytorch_grad_cam.utils.model_targets import ClassifierOutputTarget
 from torch import nn
 
 from camserve.server.engine import CamEngine, RowRequest, explain_all
 from camserve.server.engine.augment import AUGMENTATIONS, augment_images, undo
-
-
-def _reference(
-    cam_class: type[BaseCAM],
-    model: nn.Module,
-    layer: str,
-    batch: torch.Tensor,
-    class_index: int,
-    eigen_smooth: bool = False,
-) -> np.ndarray:
-    with cam_class(model=model, target_layers=[model.get_submodule(layer)]) as cam:
-        return cam(
-            input_tensor=batch,
-            targets=[ClassifierOutputTarget(class_index)] * len(batch),
-            aug_smooth=True,
-            eigen_smooth=eigen_smooth,
-        )
+from tests._support.cams import reference_cam
 
 
 def test_augmentations_are_ttachs() -> None:
@@ -66,7 +49,9 @@ def test_single_pass_methods_match_pytorch_grad_cam(
     batch = random_images(2, size, seed=13)
     rows = [RowRequest("layer3", (method,), (6,), eigen_smooth=eigen_smooth, aug_smooth=True)]
     results = make_engine(seeded_resnet18, channels_last=False).explain_batch(batch, rows * 2)
-    expected = _reference(reference, seeded_resnet18, "layer3", batch, 6, eigen_smooth)
+    expected = reference_cam(
+        reference, seeded_resnet18, "layer3", batch, 6, aug_smooth=True, eigen_smooth=eigen_smooth
+    )
     ours = torch.stack([r.maps[(method, 6)] for r in results])
     assert ours.shape == (2, *size)  # at input resolution, already averaged
     np.testing.assert_allclose(ours.numpy(), expected, atol=1e-4)
@@ -86,7 +71,7 @@ def test_gradient_free_methods_match_pytorch_grad_cam(
     batch = random_images(2, size, seed=14)
     rows = [RowRequest("act", (method,), (3,), aug_smooth=True)] * 2
     results = explain_all(make_engine(seeded_tiny), batch, rows, chunk_rows=50)
-    expected = _reference(reference, seeded_tiny, "act", batch, 3)
+    expected = reference_cam(reference, seeded_tiny, "act", batch, 3, aug_smooth=True)
     ours = torch.stack([r.maps[(method, 3)] for r in results])
     np.testing.assert_allclose(ours.numpy(), expected, atol=1e-4)
 

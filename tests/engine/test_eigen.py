@@ -8,34 +8,12 @@ from collections.abc import Callable
 import numpy as np
 import pytest
 import torch
-from pytorch_grad_cam import (
-    EigenCAM,
-    EigenGradCAM,
-    GradCAM,
-    GradCAMElementWise,
-    GradCAMPlusPlus,
-    HiResCAM,
-    LayerCAM,
-    XGradCAM,
-)
-from pytorch_grad_cam.base_cam import BaseCAM
-from pytorch_grad_cam.utils.model_targets import ClassifierOutputTarget
 from pytorch_grad_cam.utils.svd_on_activations import get_2d_projection
 from torch import nn
 
 from camserve.server.engine import METHODS, CamEngine, RowRequest, normalise, to_input
 from camserve.server.engine.eigen import first_component
-
-REFERENCES: dict[str, type[BaseCAM]] = {
-    "gradcam": GradCAM,
-    "gradcampp": GradCAMPlusPlus,
-    "xgradcam": XGradCAM,
-    "hirescam": HiResCAM,
-    "layercam": LayerCAM,
-    "gradcamelementwise": GradCAMElementWise,
-    "eigencam": EigenCAM,
-    "eigengradcam": EigenGradCAM,
-}
+from tests._support.cams import SINGLE_PASS_REFERENCES, assert_maps_match_reference, reference_cam
 
 
 def _reference_projection(maps: np.ndarray) -> np.ndarray:
@@ -49,7 +27,7 @@ def _ours(maps: torch.Tensor) -> np.ndarray:
 
 
 def test_reference_table_covers_every_single_pass_method() -> None:
-    assert tuple(REFERENCES) == METHODS
+    assert tuple(SINGLE_PASS_REFERENCES) == METHODS
 
 
 @pytest.mark.parametrize(
@@ -99,12 +77,8 @@ def _reference(
     class_index: int,
     eigen_smooth: bool,
 ) -> np.ndarray:
-    with REFERENCES[method](model=model, target_layers=[model.get_submodule(layer)]) as cam:
-        return cam(
-            input_tensor=batch,
-            targets=[ClassifierOutputTarget(class_index)] * len(batch),
-            eigen_smooth=eigen_smooth,
-        )
+    cam_class = SINGLE_PASS_REFERENCES[method]
+    return reference_cam(cam_class, model, layer, batch, class_index, eigen_smooth=eigen_smooth)
 
 
 EXACT_CASES = [
@@ -114,12 +88,13 @@ EXACT_CASES = [
 ]
 
 
-@pytest.mark.parametrize(("model_fixture", "layer", "size", "methods", "eigen_smooth"), EXACT_CASES)
+@pytest.mark.parametrize(
+    ("model", "layer", "size", "methods", "eigen_smooth"), EXACT_CASES, indirect=["model"]
+)
 def test_methods_match_pytorch_grad_cam_sign_included(
-    request: pytest.FixtureRequest,
     make_engine: Callable[..., CamEngine],
     random_images: Callable[..., torch.Tensor],
-    model_fixture: str,
+    model: nn.Module,
     layer: str,
     size: tuple[int, int],
     methods: tuple[str, ...],
@@ -130,15 +105,13 @@ def test_methods_match_pytorch_grad_cam_sign_included(
     layout the activations and gradients are bit-equal, and these matrices have full rank, so
     LAPACK decides the sign the same way. `head` outputs a raw convolution: EigenCAM sees its
     negative values unchanged, as pytorch-grad-cam does."""
-    model = request.getfixturevalue(model_fixture)
     batch = random_images(2, size, seed=11)
     engine = make_engine(model, channels_last=False)
     rows = [RowRequest(layer, methods, classes=(5,), eigen_smooth=eigen_smooth)] * 2
     results = engine.explain_batch(batch, rows)
     for method in methods:
         expected = _reference(method, model, layer, batch, 5, eigen_smooth)
-        ours = torch.stack([normalise(to_input(r.maps[(method, 5)], size)) for r in results])
-        np.testing.assert_allclose(ours.numpy(), expected, atol=1e-4, err_msg=method)
+        assert_maps_match_reference(results, method, 5, size, expected)
 
 
 @pytest.mark.parametrize("channels_last", [False, True])

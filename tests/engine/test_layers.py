@@ -39,7 +39,7 @@ def test_shapes_follow_the_input_size(
 
 
 @pytest.mark.parametrize(
-    ("model_fixture", "size", "expected"),
+    ("model", "size", "expected"),
     [
         ("seeded_mobilenet", (128, 128), "features"),
         ("lite0", (224, 224), "head"),
@@ -48,15 +48,15 @@ def test_shapes_follow_the_input_size(
         # and is followed only by the classifier, so the rule picks it.
         ("seeded_vgg11", (64, 64), "avgpool"),
     ],
+    indirect=["model"],
 )
 def test_default_layer(
-    request: pytest.FixtureRequest,
     make_engine: Callable[..., CamEngine],
-    model_fixture: str,
+    model: nn.Module,
     size: tuple[int, int],
     expected: str,
 ) -> None:
-    engine = make_engine(request.getfixturevalue(model_fixture))
+    engine = make_engine(model)
     assert engine.default_layer(size) == expected
 
 

@@ -6,24 +6,18 @@ from __future__ import annotations
 import copy
 from collections.abc import Callable
 
-import numpy as np
 import pytest
 import torch
-from pytorch_grad_cam import GradCAM, GradCAMPlusPlus, HiResCAM, LayerCAM, XGradCAM
-from pytorch_grad_cam.base_cam import BaseCAM
-from pytorch_grad_cam.utils.model_targets import ClassifierOutputTarget
 from torch import nn
 
-from camserve.server.engine import METHODS, CamEngine, RowRequest, normalise, to_input
+from camserve.server.engine import METHODS, CamEngine, RowRequest
 from camserve.server.engine.methods import CAM_METHODS
-
-REFERENCES: dict[str, type[BaseCAM]] = {
-    "gradcam": GradCAM,
-    "gradcampp": GradCAMPlusPlus,
-    "xgradcam": XGradCAM,
-    "hirescam": HiResCAM,
-    "layercam": LayerCAM,
-}
+from tests._support.cams import (
+    GRADIENT_WEIGHTED_REFERENCES,
+    assert_maps_match_reference,
+    normalised_maps,
+    reference_cam,
+)
 
 CASES = [
     pytest.param("seeded_resnet18", "layer4", (224, 224), id="resnet18"),
@@ -34,38 +28,32 @@ CASES = [
 
 def test_method_table_covers_the_public_names() -> None:
     assert tuple(CAM_METHODS) == METHODS
-    assert METHODS[: len(REFERENCES)] == tuple(REFERENCES)
+    assert METHODS[: len(GRADIENT_WEIGHTED_REFERENCES)] == tuple(GRADIENT_WEIGHTED_REFERENCES)
 
 
-@pytest.mark.parametrize(("model_fixture", "layer", "size"), CASES)
+@pytest.mark.parametrize(("model", "layer", "size"), CASES, indirect=["model"])
 def test_every_method_matches_pytorch_grad_cam(
-    request: pytest.FixtureRequest,
     make_engine: Callable[..., CamEngine],
     random_images: Callable[..., torch.Tensor],
-    model_fixture: str,
+    model: nn.Module,
     layer: str,
     size: tuple[int, int],
 ) -> None:
-    model = request.getfixturevalue(model_fixture)
     batch = random_images(2, size, seed=7)
     engine = make_engine(model)
     # Row 0 names two classes explicitly, row 1 asks for its top 2: both paths, K = 2.
-    five = tuple(REFERENCES)
+    five = tuple(GRADIENT_WEIGHTED_REFERENCES)
     rows = [RowRequest(layer, five, classes=(3, 1)), RowRequest(layer, five, top_k=2)]
     results = engine.explain_batch(batch, rows)
     assert results[1].classes == tuple(engine.predict(batch[1:]).topk(2).indices[0].tolist())
 
-    for method, reference_class in REFERENCES.items():
-        with reference_class(model=model, target_layers=[model.get_submodule(layer)]) as cam:
-            for slot in range(2):
-                targets = [ClassifierOutputTarget(r.classes[slot]) for r in results]
-                expected = cam(input_tensor=batch, targets=targets)
-                ours = torch.stack(
-                    [normalise(to_input(r.maps[(method, r.classes[slot])], size)) for r in results]
-                )
-                np.testing.assert_allclose(
-                    ours.numpy(), expected, atol=1e-4, err_msg=f"{method}, class slot {slot}"
-                )
+    for method, reference_class in GRADIENT_WEIGHTED_REFERENCES.items():
+        for slot in range(2):
+            classes = [r.classes[slot] for r in results]
+            expected = reference_cam(reference_class, model, layer, batch, classes)
+            assert_maps_match_reference(
+                results, method, classes, size, expected, f"{method}, class slot {slot}"
+            )
 
 
 def test_tiny_maps_match_once_above_the_reference_epsilon(
@@ -84,15 +72,17 @@ def test_tiny_maps_match_once_above_the_reference_epsilon(
     with torch.no_grad():
         scaled.classifier[-1].weight.mul_(1e8)
         scaled.classifier[-1].bias.mul_(1e8)
-    rows = [RowRequest("features", tuple(REFERENCES), classes=(3,))] * 2
+    rows = [RowRequest("features", tuple(GRADIENT_WEIGHTED_REFERENCES), classes=(3,))] * 2
     tiny = make_engine(seeded_mobilenet).explain_batch(batch, rows)
     large = make_engine(scaled).explain_batch(batch, rows)
     assert max(float(m.max()) for r in tiny for m in r.maps.values()) < 1e-7
-    for method, reference_class in REFERENCES.items():
-        ours = torch.stack([normalise(to_input(r.maps[(method, 3)], size)) for r in large])
+    for method, reference_class in GRADIENT_WEIGHTED_REFERENCES.items():
         if method != "gradcampp":  # Grad-CAM++'s alphas are not homogeneous in the gradient
-            ours_tiny = torch.stack([normalise(to_input(r.maps[(method, 3)], size)) for r in tiny])
-            torch.testing.assert_close(ours_tiny, ours, atol=1e-4, rtol=0)
-        with reference_class(model=scaled, target_layers=[scaled.features]) as cam:
-            expected = cam(input_tensor=batch, targets=[ClassifierOutputTarget(3)] * 2)
-        np.testing.assert_allclose(ours.numpy(), expected, atol=1e-4, err_msg=method)
+            torch.testing.assert_close(
+                normalised_maps(tiny, method, 3, size),
+                normalised_maps(large, method, 3, size),
+                atol=1e-4,
+                rtol=0,
+            )
+        expected = reference_cam(reference_class, scaled, "features", batch, 3)
+        assert_maps_match_reference(large, method, 3, size, expected)

@@ -4,62 +4,37 @@ from __future__ import annotations
 
 from collections.abc import Callable
 
-import numpy as np
 import pytest
 import torch
-from pytorch_grad_cam import ScoreCAM
-from pytorch_grad_cam.utils.model_targets import ClassifierOutputTarget
 from torch import nn
 
-from camserve.server.engine import (
-    CamEngine,
-    EngineError,
-    RowRequest,
-    explain_all,
-    normalise,
-    to_input,
-)
+from camserve.server.engine import CamEngine, EngineError, RowRequest, explain_all
 from camserve.server.engine.gradient_free import follow_ups, pack, pieces, run_pieces
 from camserve.server.engine.scorecam import masked_inputs, score_cam
-
-
-def _reference(model: nn.Module, layer: str, batch: torch.Tensor, classes: list[int]) -> np.ndarray:
-    with ScoreCAM(model=model, target_layers=[model.get_submodule(layer)]) as cam:
-        return cam(input_tensor=batch, targets=[ClassifierOutputTarget(c) for c in classes])
-
-
-def _normalised(results: list, classes: list[int], size: tuple[int, int]) -> np.ndarray:
-    maps = [
-        normalise(to_input(r.maps[("scorecam", c)], size))
-        for r, c in zip(results, classes, strict=True)
-    ]
-    return torch.stack(maps).numpy()
+from tests._support.cams import assert_method_matches_reference
 
 
 @pytest.mark.parametrize(
-    ("model_fixture", "layer", "size", "count"),
+    ("model", "layer", "size", "count"),
     [
         pytest.param("seeded_tiny", "act", (32, 32), 3, id="tiny-relu"),
         pytest.param("seeded_tiny", "head", (32, 32), 2, id="tiny-negative"),
         pytest.param("seeded_resnet18", "layer1", (64, 64), 1, id="resnet18-layer1"),
     ],
+    indirect=["model"],
 )
 def test_scorecam_matches_pytorch_grad_cam(
-    request: pytest.FixtureRequest,
     make_engine: Callable[..., CamEngine],
     random_images: Callable[..., torch.Tensor],
-    model_fixture: str,
+    model: nn.Module,
     layer: str,
     size: tuple[int, int],
     count: int,
 ) -> None:
-    model = request.getfixturevalue(model_fixture)
     batch = random_images(count, size, seed=12)
     classes = [4, 1, 4][:count]
-    rows = [RowRequest(layer, ("scorecam",), classes=(c,)) for c in classes]
-    results = explain_all(make_engine(model), batch, rows, chunk_rows=20)
-    expected = _reference(model, layer, batch, classes)
-    np.testing.assert_allclose(_normalised(results, classes, size), expected, atol=1e-4)
+    engine = make_engine(model)
+    assert_method_matches_reference(engine, model, "scorecam", layer, batch, classes, chunk_rows=20)
 
 
 @pytest.mark.slow
@@ -68,13 +43,9 @@ def test_scorecam_matches_pytorch_grad_cam_on_resnet18_layer4(
     make_engine: Callable[..., CamEngine],
     random_images: Callable[..., torch.Tensor],
 ) -> None:
-    size = (64, 64)
-    batch = random_images(1, size, seed=12)
-    results = explain_all(
-        make_engine(seeded_resnet18), batch, [RowRequest("layer4", ("scorecam",), (3,))]
-    )
-    expected = _reference(seeded_resnet18, "layer4", batch, [3])
-    np.testing.assert_allclose(_normalised(results, [3], size), expected, atol=1e-4)
+    batch = random_images(1, (64, 64), seed=12)
+    engine = make_engine(seeded_resnet18)
+    assert_method_matches_reference(engine, seeded_resnet18, "scorecam", "layer4", batch, 3)
 
 
 def test_masked_inputs_follow_the_reference_recipe() -> None:

@@ -20,23 +20,22 @@ def _layer_output(model: nn.Module, layer: str, batch: torch.Tensor) -> torch.Te
 
 
 @pytest.mark.parametrize(
-    ("model_fixture", "layer", "size"),
+    ("model", "layer", "size"),
     [
         ("seeded_resnet18", "layer4", (64, 64)),
         ("seeded_resnet18", "layer3", (64, 64)),
         ("seeded_mobilenet", "features.9", (96, 96)),
         ("seeded_tiny", "block", (32, 32)),
     ],
+    indirect=["model"],
 )
 def test_split_tail_equals_the_full_model(
-    request: pytest.FixtureRequest,
     make_engine: Callable[..., CamEngine],
     random_images: Callable[..., torch.Tensor],
-    model_fixture: str,
+    model: nn.Module,
     layer: str,
     size: tuple[int, int],
 ) -> None:
-    model = request.getfixturevalue(model_fixture)
     batch = random_images(3, size, seed=5)
     tail = split_after(model, layer)
     activations = _layer_output(model, layer, batch)

@@ -13,17 +13,7 @@ from collections.abc import Callable
 import numpy as np
 import pytest
 import torch
-from pytorch_grad_cam import (
-    EigenCAM,
-    EigenGradCAM,
-    GradCAM,
-    GradCAMElementWise,
-    GradCAMPlusPlus,
-    HiResCAM,
-    LayerCAM,
-    XGradCAM,
-)
-from pytorch_grad_cam.base_cam import BaseCAM
+from pytorch_grad_cam import GradCAM
 from pytorch_grad_cam.utils.model_targets import ClassifierOutputTarget
 from torch import nn
 
@@ -35,21 +25,10 @@ from camserve.server.engine import (
     LayerSpec,
     LayoutHints,
     RowRequest,
-    normalise,
-    to_input,
 )
+from tests._support.cams import SINGLE_PASS_REFERENCES, assert_maps_match_reference
 from tests.engine.test_batching import assert_same_row
 
-REFERENCES: dict[str, type[BaseCAM]] = {
-    "gradcam": GradCAM,
-    "gradcampp": GradCAMPlusPlus,
-    "xgradcam": XGradCAM,
-    "hirescam": HiResCAM,
-    "layercam": LayerCAM,
-    "gradcamelementwise": GradCAMElementWise,
-    "eigencam": EigenCAM,
-    "eigengradcam": EigenGradCAM,
-}
 Transform = Callable[[torch.Tensor], torch.Tensor]
 
 
@@ -110,7 +89,7 @@ def reference_maps(
     finally:
         handle.remove()
         model.requires_grad_(True)
-    for method, reference in REFERENCES.items():
+    for method, reference in SINGLE_PASS_REFERENCES.items():
         if method == "gradcam":
             continue
         with reference(model=model, target_layers=[target]) as other:
@@ -167,17 +146,15 @@ PARITY = [
 ]
 
 
-@pytest.mark.parametrize(("model_fixture", "spec", "transform", "is_default"), PARITY)
+@pytest.mark.parametrize(("model", "spec", "transform", "is_default"), PARITY, indirect=["model"])
 def test_every_method_matches_pytorch_grad_cam(
-    request: pytest.FixtureRequest,
     make_engine: Callable[..., CamEngine],
     random_images: Callable[..., torch.Tensor],
-    model_fixture: str,
+    model: nn.Module,
     spec: LayerSpec,
     transform: Transform | None,
     is_default: bool,
 ) -> None:
-    model = request.getfixturevalue(model_fixture)
     size = (224, 224)
     engine = make_engine(model)
     assert spec in engine.layers(size)
@@ -191,8 +168,7 @@ def test_every_method_matches_pytorch_grad_cam(
     for method in METHODS:
         maps = [r.maps[(method, c)] for r, c in zip(results, classes, strict=True)]
         assert all(m.shape == spec.shape[1:] and float(m.max()) > 0 for m in maps), method
-        ours = torch.stack([normalise(to_input(m, size)) for m in maps])
-        np.testing.assert_allclose(ours.numpy(), expected[method], atol=1e-4, err_msg=method)
+        assert_maps_match_reference(results, method, classes, size, expected[method])
 
 
 def test_a_mixed_batch_of_token_and_map_layers_equals_each_row_alone(
@@ -315,8 +291,7 @@ def test_sequences_without_a_grid_are_refused_until_configured(
     results = configured.explain_batch(batch, [RowRequest("mix", METHODS, classes=(2,))] * 2)
     expected = reference_maps(model, "mix", vit_reshape(0, 7, 14), batch, [2, 2])
     for method in METHODS:
-        ours = torch.stack([normalise(to_input(r.maps[(method, 2)], (28, 56))) for r in results])
-        np.testing.assert_allclose(ours.numpy(), expected[method], atol=1e-4, err_msg=method)
+        assert_maps_match_reference(results, method, 2, (28, 56), expected[method])
 
 
 class _ChannelsLastNet(nn.Module):
@@ -346,8 +321,7 @@ def test_an_ambiguous_channels_last_layer_follows_the_override(
     results = engine.explain_batch(batch, [RowRequest("norm", METHODS, classes=(1,))] * 2)
     expected = reference_maps(model, "norm", swin_reshape(8, 8), batch, [1, 1])
     for method in METHODS:
-        ours = torch.stack([normalise(to_input(r.maps[(method, 1)], (32, 32))) for r in results])
-        np.testing.assert_allclose(ours.numpy(), expected[method], atol=1e-4, err_msg=method)
+        assert_maps_match_reference(results, method, 1, (32, 32), expected[method])
 
 
 def test_layout_settings_are_checked(
