@@ -25,11 +25,11 @@ from camserve.server.engine import (
     GRADIENT_FREE_METHODS,
     FollowUp,
     MapScores,
-    MethodCost,
     RowResult,
     forward_rows,
     plan_from_results,
 )
+from camserve.server.engine.costs import explain_rows
 from camserve.server.engine.gradient_free import follow_ups, merge, pieces
 from camserve.server.engine.scoring import ScorePlan
 from camserve.server.runtime import ModelRuntime
@@ -45,29 +45,18 @@ def _chunk_sizes(rows: int, chunk: int) -> list[int]:
 
 def request_cost(
     plan: ExplainPlan,
-    costs: dict[str, MethodCost],
     channels: int,
     tail_fraction: float,
     chunk: int,
 ) -> int:
     """The whole request's cost in forward passes, counted the way its jobs will be: explain
     rows, gradient-free pieces (AblationCAM's at the tail's share) and score rows."""
-    copies = costs["gradcam"].explain_rows
-    total = 0
-    maps = 0
-    for target in plan.targets:
-        total += copies
-        maps += (len(target.classes) or target.top_k) * len(plan.methods)
-        for method in plan.methods:
-            if method not in GRADIENT_FREE_METHODS:
-                continue
-            sizes = _chunk_sizes(channels, chunk)
-            per_copy = (
-                sum(tail_cost(size, tail_fraction) for size in sizes)
-                if method == "ablationcam"
-                else channels
-            )
-            total += copies * per_copy
+    copies = explain_rows(plan.aug_smooth)
+    pieces_cost = sum(tail_cost(size, tail_fraction) for size in _chunk_sizes(channels, chunk))
+    follow_up = {"ablationcam": pieces_cost, "scorecam": channels}  # per explained copy
+    per_image = copies * (1 + sum(follow_up.get(method, 0) for method in plan.methods))
+    total = per_image * len(plan.targets)
+    maps = sum((len(t.classes) or t.top_k) * len(plan.methods) for t in plan.targets)
     if plan.scores:
         total += forward_rows(plan.scores, maps, plan.score_steps)
     return total
@@ -117,9 +106,11 @@ def merged(results: Sequence[RowResult], work: Work, input_hw: tuple[int, int]) 
 
 
 def score_jobs(
-    images: torch.Tensor, results: Sequence[RowResult], plan: ExplainPlan, chunk: int
+    inputs: Sequence[torch.Tensor], results: Sequence[RowResult], plan: ExplainPlan, chunk: int
 ) -> tuple[ScorePlan, list[tuple[int, str, int]], list[ForwardJob]]:
-    """A plan scoring every map of the request, its map keys, and its chunks as jobs."""
+    """A plan scoring every map of the request (its images' model inputs `inputs`), its map
+    keys, and its chunks as jobs."""
+    images = torch.stack(list(inputs))
     score_plan, keys = plan_from_results(images, results, plan.scores, steps=plan.score_steps)
     size = tuple(images.shape[-2:])
     jobs = [

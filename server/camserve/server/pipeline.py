@@ -27,6 +27,7 @@ from camserve.server.engine import (
     RowRequest,
     RowResult,
 )
+from camserve.server.engine.costs import explain_rows
 from camserve.server.engine.shaping import output_bytes
 from camserve.server.errors import (
     DeadlineExceeded,
@@ -147,6 +148,13 @@ def _gradient_free(plan: ExplainPlan) -> bool:
     return any(method in GRADIENT_FREE_METHODS for method in plan.methods)
 
 
+async def _tail_fraction(runtime: ModelRuntime, plan: ExplainPlan) -> float:
+    """What an AblationCAM row costs; only AblationCAM runs the tail, so only it measures one."""
+    if "ablationcam" not in plan.methods:
+        return 1.0
+    return await runtime.tail_fraction(plan.layer)
+
+
 class ExplainPipeline:
     """Runs explain requests for the models of a registry; see the module docstring."""
 
@@ -223,17 +231,16 @@ class ExplainPipeline:
     async def _cost(self, runtime: ModelRuntime, meta: ModelMeta, plan: ExplainPlan) -> int:
         """The request's cost in forward passes: its images, plus the rows of gradient-free
         methods and scores when it asks for them."""
-        if not plan.scores and not plan.aug_smooth and not _gradient_free(plan):
-            return len(plan.targets)
+        if not plan.scores and not _gradient_free(plan):
+            return len(plan.targets) * explain_rows(plan.aug_smooth)
         try:
-            costs = await runtime.method_costs(plan.layer, plan.aug_smooth)
+            fraction = await _tail_fraction(runtime, plan)
         except Exception as exc:  # noqa: BLE001 - e.g. a layer the tail cannot be measured at
             raise service_error(exc, meta.name) from None
         return followups.request_cost(
             plan,
-            costs,
             channels=meta.layer_shapes[plan.layer][0],
-            tail_fraction=runtime.tail_fraction(plan.layer),
+            tail_fraction=fraction,
             chunk=meta.max_batch_size,
         )
 
@@ -254,7 +261,7 @@ class ExplainPipeline:
         no_scores: list[dict[tuple[str, int], MapScores]] = [{} for _ in results]
         try:
             if _gradient_free(plan):
-                fraction = runtime.tail_fraction(plan.layer)
+                fraction = await _tail_fraction(runtime, plan)
                 work, jobs = followups.gradient_free_jobs(results, plan, chunk, fraction)
                 await followups.submit_in_waves(runtime, jobs, deadline, reservation, chunk)
                 input_hw = (meta.recipe.crop, meta.recipe.crop)
@@ -263,9 +270,9 @@ class ExplainPipeline:
                 )
             if not plan.scores:
                 return results, no_scores
-            images = torch.stack([item.tensor for item in prepared])
+            inputs = [item.tensor for item in prepared]
             score_plan, keys, jobs = await loop.run_in_executor(
-                self._pool, followups.score_jobs, images, results, plan, chunk
+                self._pool, followups.score_jobs, inputs, results, plan, chunk
             )
             await followups.submit_in_waves(runtime, jobs, deadline, reservation, chunk)
             scores = await loop.run_in_executor(

@@ -28,7 +28,6 @@ from camserve.server.engine import (
     METHODS,
     CamEngine,
     EngineError,
-    MethodCost,
     RowRequest,
     RowResult,
 )
@@ -85,7 +84,6 @@ class ModelRuntime:
         self._meta: ModelMeta | None = None
         self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix=f"engine-{spec.name}")
         self._batcher: DynamicBatcher[WorkItem, tuple[RowResult | None, float]] | None = None
-        self._costs: dict[tuple[str, bool], dict[str, MethodCost]] = {}
         self._tail_fractions: dict[str, float] = {}
         self._failed_batches = 0  # whole batches failed in a row
         self.healthy = True
@@ -152,25 +150,17 @@ class ModelRuntime:
         after them, in forward passes) before anything is decoded; QueueFull if there is none."""
         return self._started().reserve(cost)
 
-    async def method_costs(self, layer: str, aug_smooth: bool) -> dict[str, MethodCost]:
-        """Every method's cost per image at `layer`; the first call per layer measures the
-        model's tail on the worker thread, later ones are answered from memory."""
-        key = (layer, aug_smooth)
-        if key not in self._costs:
+    async def tail_fraction(self, layer: str) -> float:
+        """The share of a forward pass that runs after `layer` (what an AblationCAM row costs);
+        the first call per layer measures it on the worker thread, later ones remember it."""
+        if layer not in self._tail_fractions:
+            assert self._engine is not None
+            size = (self.meta.recipe.crop, self.meta.recipe.crop)
             loop = asyncio.get_running_loop()
-            costs, fraction = await loop.run_in_executor(self._executor, self._measure, *key)
-            self._costs[key], self._tail_fractions[layer] = costs, fraction
-        return self._costs[key]
-
-    def tail_fraction(self, layer: str) -> float:
-        """The share of a forward pass after `layer`, once `method_costs` has measured it."""
+            self._tail_fractions[layer] = await loop.run_in_executor(
+                self._executor, self._engine.tail_fraction, layer, size
+            )
         return self._tail_fractions[layer]
-
-    def _measure(self, layer: str, aug_smooth: bool) -> tuple[dict[str, MethodCost], float]:
-        assert self._engine is not None
-        size = (self.meta.recipe.crop, self.meta.recipe.crop)
-        costs = self._engine.method_costs(layer, size, aug_smooth=aug_smooth)
-        return costs, self._engine.tail_fraction(layer, size)
 
     async def submit(
         self, jobs: list[ImageJob], deadline: float | None, reservation: Reservation | None = None

@@ -22,7 +22,8 @@ from dataclasses import dataclass, field
 import torch
 
 from camserve.server.engine import CamEngine, RowRequest
-from camserve.server.engine.augment import AUGMENTATIONS
+from camserve.server.engine.costs import explain_rows
+from camserve.server.engine.gradient_free import distinct_images
 
 
 @dataclass(frozen=True)
@@ -34,7 +35,7 @@ class ImageJob:
 
     @property
     def cost(self) -> int:
-        return len(AUGMENTATIONS) if self.row.aug_smooth else 1
+        return explain_rows(self.row.aug_smooth)
 
 
 @dataclass(eq=False)
@@ -87,13 +88,8 @@ def run_forward(engine: CamEngine, jobs: list[ForwardJob]) -> None:
 
 def _tail_inputs(group: list[ForwardJob]) -> tuple[torch.Tensor, list[int]]:
     """The distinct input images of a tail group, and each row's index into them."""
-    slots: dict[int, int] = {}
-    images: list[torch.Tensor] = []
-    index: list[int] = []
+    sources: list[tuple[torch.Tensor, int]] = []
     for job in group:
         assert job.image is not None, "tail jobs carry the input they came from"
-        if id(job.image) not in slots:
-            slots[id(job.image)] = len(images)
-            images.append(job.image)
-        index += [slots[id(job.image)]] * job.rows
-    return torch.stack(images), index
+        sources.append((job.image, job.rows))
+    return distinct_images(sources)

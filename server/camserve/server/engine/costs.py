@@ -34,6 +34,11 @@ class MethodCost:
         return self.explain_rows + self.follow_up_rows
 
 
+def explain_rows(aug_smooth: bool) -> int:
+    """The rows of one image's explain pass: 1, or its six augmented copies with aug_smooth."""
+    return len(AUGMENTATIONS) if aug_smooth else 1
+
+
 def method_cost(
     method: str, *, channels: int, tail_fraction: float, aug_smooth: bool = False
 ) -> MethodCost:
@@ -42,7 +47,7 @@ def method_cost(
         raise EngineError(f"channels must be >= 1, got {channels}")
     if not 0.0 <= tail_fraction <= 1.0:
         raise EngineError(f"tail_fraction must be in [0, 1], got {tail_fraction}")
-    copies = len(AUGMENTATIONS) if aug_smooth else 1
+    copies = explain_rows(aug_smooth)
     if method in METHODS:
         return MethodCost(copies, 0, float(copies))
     if method not in GRADIENT_FREE_METHODS:

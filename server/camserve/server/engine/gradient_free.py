@@ -172,6 +172,20 @@ def pack(all_pieces: Sequence[Piece], max_rows: int) -> list[list[Piece]]:
     return batches
 
 
+def distinct_images(sources: Sequence[tuple[torch.Tensor, int]]) -> tuple[torch.Tensor, list[int]]:
+    """For groups of rows given as (their input image, how many rows): the distinct images
+    stacked once, and each row's index into them, as `CamEngine.predict_tail` takes them."""
+    slots: dict[int, int] = {}
+    images: list[torch.Tensor] = []
+    index: list[int] = []
+    for image, rows in sources:
+        if id(image) not in slots:
+            slots[id(image)] = len(images)
+            images.append(image)
+        index += [slots[id(image)]] * rows
+    return torch.stack(images), index
+
+
 def run_pieces(engine: CamEngine, batch: Sequence[Piece]) -> None:
     """Runs one batch of pieces through the model and records their scores."""
     if not batch:
@@ -182,16 +196,10 @@ def run_pieces(engine: CamEngine, batch: Sequence[Piece]) -> None:
     rows = torch.cat([piece.follow_up.rows(piece.start, piece.stop) for piece in batch])
     first = batch[0].follow_up
     if first.method == "ablationcam":
-        slots: dict[int, int] = {}
-        images: list[torch.Tensor] = []
-        image_index: list[int] = []
-        for piece in batch:
-            image = piece.follow_up.retained.image
-            if id(image) not in slots:
-                slots[id(image)] = len(images)
-                images.append(image)
-            image_index += [slots[id(image)]] * piece.rows
-        logits = engine.predict_tail(first.layer, rows, torch.stack(images), image_index)
+        images, image_index = distinct_images(
+            [(piece.follow_up.retained.image, piece.rows) for piece in batch]
+        )
+        logits = engine.predict_tail(first.layer, rows, images, image_index)
     else:
         logits = engine.predict(rows)
     offset = 0
