@@ -59,6 +59,7 @@ from camserve.server.engine.rows import (
     row_images,
 )
 from camserve.server.engine.tail import Tail, Tails
+from camserve.server.engine.tracing import MODEL_CALLS
 from camserve.server.engine.types import (
     ALL_METHODS,
     EngineError,
@@ -180,12 +181,12 @@ class CamEngine:
 
     def layers(self, input_size: tuple[int, int]) -> list[LayerSpec]:
         """Every valid target layer at `input_size` (height, width), in forward order."""
-        with self._lock:
+        with self._lock, MODEL_CALLS.running():
             return self._probe(_check_input_size(input_size)).specs()
 
     def default_layer(self, input_size: tuple[int, int]) -> str:
         """The layer explained when a request names none (rule: `camserve.server.engine.layers`)."""
-        with self._lock:
+        with self._lock, MODEL_CALLS.running():
             return self._probe(_check_input_size(input_size)).default_layer()
 
     def num_classes(self, input_size: tuple[int, int]) -> int:
@@ -193,7 +194,7 @@ class CamEngine:
 
         A method rather than a property because it takes a probe pass (cached per size).
         """
-        with self._lock:
+        with self._lock, MODEL_CALLS.running():
             found = self._probe(_check_input_size(input_size))
         shape = found.output_shape
         if shape is None or len(shape) != 2:
@@ -208,7 +209,7 @@ class CamEngine:
     def predict(self, batch: torch.Tensor) -> torch.Tensor:
         """Logits (N, num_classes), float32 on the CPU, from an inference-mode forward pass."""
         images = check_images(batch)
-        with self._lock:
+        with self._lock, MODEL_CALLS.running():
             self._check_state()
 
             def forward(x: torch.Tensor) -> torch.Tensor:
@@ -234,7 +235,7 @@ class CamEngine:
             check_row(index, row)
         input_hw = (int(images.shape[2]), int(images.shape[3]))
         expansion = augment.expand(images, rows)
-        with self._lock:
+        with self._lock, MODEL_CALLS.running():
             self._check_state()
             with torch.inference_mode(False), torch.enable_grad():
                 results = self._explain(expansion, input_hw)
@@ -260,7 +261,7 @@ class CamEngine:
         pictures = check_images(images)
         index = row_images(image_index, rows, int(pictures.shape[0]))
         input_hw = (int(pictures.shape[2]), int(pictures.shape[3]))
-        with self._lock:
+        with self._lock, MODEL_CALLS.running():
             self._check_state()
             tail = self._tail(layer, input_hw)
             if tuple(activations.shape[1:]) != tail.shape:
@@ -277,7 +278,7 @@ class CamEngine:
         """The FLOPs after `layer` over those of a whole forward pass at `input_size`: what one
         ablated row costs in forward passes (1.0 when the model cannot be split)."""
         input_hw = _check_input_size(input_size)
-        with self._lock:
+        with self._lock, MODEL_CALLS.running():
             self._check_state()
             return self._tails.fraction(self._tail(layer, input_hw), input_hw)
 
@@ -286,7 +287,7 @@ class CamEngine:
     ) -> dict[str, MethodCost]:
         """Every method's cost per image at `layer` (`camserve.server.engine.costs`)."""
         input_hw = _check_input_size(input_size)
-        with self._lock:
+        with self._lock, MODEL_CALLS.running():
             channels = self._spec(layer, input_hw).shape[0]
         fraction = self.tail_fraction(layer, input_size)
         return {

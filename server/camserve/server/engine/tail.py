@@ -28,6 +28,8 @@ import torch
 from torch import fx, nn
 from torch.utils.flop_counter import FlopCounterMode
 
+from camserve.server.engine.tracing import MODEL_CALLS
+
 log = logging.getLogger("camserve.engine")
 
 
@@ -59,7 +61,8 @@ def split_after(model: nn.Module, layer: str) -> fx.GraphModule:
     The returned module shares its submodules and parameters with `model`.
     """
     try:
-        graph = _LayerAsLeaf(layer).trace(model)
+        with MODEL_CALLS.tracing():  # the trace patches every module's __call__ meanwhile
+            graph = _LayerAsLeaf(layer).trace(model)
     except Exception as exc:  # noqa: BLE001 - any tracing failure means "use the fallback"
         raise TailUnavailable(f"torch.fx cannot trace the model ({_first_line(exc)})") from exc
     calls = [n for n in graph.nodes if n.op == "call_module" and n.target == layer]
