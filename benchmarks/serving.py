@@ -196,8 +196,11 @@ def server_config(
     )
 
 
-def start_server(config: Path, workdir: Path) -> tuple[subprocess.Popen[bytes], dict[str, Any]]:
-    """Starts `python -m camserve.server` and waits for its ready file (ports, pid)."""
+def start_server(
+    config: Path, workdir: Path, env: dict[str, str] | None = None
+) -> tuple[subprocess.Popen[bytes], dict[str, Any]]:
+    """Starts `python -m camserve.server` (in `env`, default this process's environment) and
+    waits for its ready file (ports, pid)."""
     ready = workdir / "ready.json"
     ready.unlink(missing_ok=True)
     log = (workdir / "server.log").open("wb")
@@ -217,6 +220,7 @@ def start_server(config: Path, workdir: Path) -> tuple[subprocess.Popen[bytes], 
         ],
         stdout=log,
         stderr=subprocess.STDOUT,
+        env=env,
     )
     log.close()
     try:

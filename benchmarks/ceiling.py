@@ -1,0 +1,512 @@
+"""The serving ceiling: what camserve serves when the model costs nothing.
+
+On a GPU the engine explains thousands of images per second; then decoding, resizing, shaping
+heatmaps, encoding overlays, protobuf and per-request Python decide throughput. This benchmark
+measures exactly that part: a `camserve.server` subprocess serves `tiny_model.tiny_cnn` (about
+1 MFLOP per image, through the `factory:` source), and a separate client process drives it with
+`--concurrency` calls in flight, for each
+
+* input: `cat` (the 451x300 JPEG of examples/), `large` (the same photo as a 4000x3000 JPEG),
+  `uint8` (the cat as a uint8 HxWx3 tensor), `float32` (a normalised 3x224x224 tensor);
+* output: `default` (float32 heatmap at the original size), `uint8` (uint8 at the model input
+  size), `overlay` (the default heatmap plus an overlay PNG);
+* transport: `unary` (Explain calls) and `stream` (one ExplainStream with that many requests in
+  flight).
+
+Each case reports images/s and the server's CPU milliseconds per image: the server process's
+CPU time (all threads, from /proc) over the images answered in the measured window, and that
+time split by stage from the server's `camserve_stage_cpu_seconds_total` counter (CPU time of
+the threads doing each stage: decode, preprocess, compute, shape, overlay, respond); `other` is
+the rest: gRPC, the event loop and the servicer's Python. The client sends pre-serialised
+requests and does not parse the answers (it checks a sample), so it takes as little of the
+machine as it can. `--bare` adds a reference row per case: a plain grpc.aio server that answers
+every call with the same response bytes, the floor of any Python gRPC service on this machine.
+
+Usage: `python benchmarks/ceiling.py [--duration 5] [--json]` (also `benchmarks/serving.py
+--ceiling`). Everything listens on 127.0.0.1; every server process is stopped.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import subprocess
+import sys
+import tempfile
+import time
+import urllib.request
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+HERE = Path(__file__).resolve().parent
+ROOT = HERE.parent
+CAT = ROOT / "examples" / "chelsea.jpg"
+LARGE_SIZE = (4000, 3000)  # width, height
+CROP = 224
+INPUTS = ("cat", "large", "uint8", "float32")
+OUTPUTS = ("default", "uint8", "overlay")
+TRANSPORTS = ("unary", "stream")
+EXPLAIN = "/camserve.v1.ExplainService/Explain"
+EXPLAIN_STREAM = "/camserve.v1.ExplainService/ExplainStream"
+CALL_TIMEOUT_S = 300.0
+CLIENT_TIMEOUT_S = 900.0
+MAX_MESSAGE = 256 * 1024 * 1024
+STAGE_METRIC = "camserve_stage_cpu_seconds_total"
+CEILING_KEYS = ("input", "output", "transport", "ips", "server_cpu_ms_per_image")
+
+
+def log(message: str) -> None:
+    print(message, file=sys.stderr, flush=True)
+
+
+# ------------------------------------------------------------------------------------ requests
+
+
+def input_images(workdir: Path) -> dict[str, Any]:
+    """Each input kind as what the client SDK sends: encoded bytes or an array."""
+    import numpy as np
+    from PIL import Image
+
+    from camserve.server.settings import IMAGENET_MEAN, IMAGENET_STD
+
+    cat = Image.open(CAT).convert("RGB")
+    large = workdir / "large.jpg"
+    if not large.exists():
+        cat.resize(LARGE_SIZE, Image.Resampling.BICUBIC).save(large, quality=90)
+    square = np.asarray(cat.resize((CROP, CROP), Image.Resampling.BILINEAR), dtype=np.float32)
+    mean, std = np.array(IMAGENET_MEAN), np.array(IMAGENET_STD)
+    normalised = ((square / 255.0 - mean) / std).transpose(2, 0, 1).astype(np.float32)
+    return {
+        "cat": CAT.read_bytes(),
+        "large": large.read_bytes(),
+        "uint8": np.asarray(cat),
+        "float32": np.ascontiguousarray(normalised),
+    }
+
+
+def request_bytes(image: Any, output: str) -> bytes:
+    """One serialised ExplainRequest: the image, Grad-CAM at the default layer, `output`."""
+    from camserve.client.requests import ExplainOptions, build_request
+
+    if output == "uint8":
+        options = ExplainOptions(resolution="input", dtype="uint8")
+    else:
+        options = ExplainOptions(overlay=output == "overlay")
+    return build_request([image], options).SerializeToString()  # type: ignore[no-any-return]
+
+
+# -------------------------------------------------------------------------------------- server
+
+
+def server_config(preprocess_threads: int, max_batch_size: int) -> str:
+    return "\n".join(
+        [
+            "[server]",
+            'host = "127.0.0.1"',
+            'log_level = "warning"',
+            "grace_period_s = 5",
+            "max_message_mb = 128",
+            "engine_threads = 1",
+            f"preprocess_threads = {preprocess_threads}",
+            "",
+            "[[models]]",
+            'name = "tiny"',
+            'source = "factory:tiny_model:tiny_cnn"',
+            'labels = ""',
+            f"crop = {CROP}",
+            f"max_batch_size = {max_batch_size}",
+            "max_delay_ms = 2",
+            "max_queue = 1024",
+            "",
+        ]
+    )
+
+
+def start_camserve(workdir: Path, args: argparse.Namespace) -> tuple[Any, dict[str, Any]]:
+    from serving import start_server
+
+    config = workdir / "ceiling.toml"
+    config.write_text(server_config(args.preprocess_threads, args.batch))
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(HERE), _pythonpath()]))}
+    return start_server(config, workdir, env=env)
+
+
+def _pythonpath() -> str:
+    return os.environ.get("PYTHONPATH", "")
+
+
+def bare_server_main(response_path: str, ready_path: str) -> int:
+    """A grpc.aio server answering every Explain and ExplainStream call with fixed bytes."""
+    import grpc
+
+    response = Path(response_path).read_bytes()
+
+    async def unary(request: bytes, context: Any) -> bytes:
+        return response
+
+    async def stream(requests: Any, context: Any) -> Any:
+        async for _ in requests:
+            yield response
+
+    async def serve() -> None:
+        server = grpc.aio.server(
+            options=[
+                ("grpc.max_send_message_length", MAX_MESSAGE),
+                ("grpc.max_receive_message_length", MAX_MESSAGE),
+            ]
+        )
+        handlers = {
+            "Explain": grpc.unary_unary_rpc_method_handler(unary),
+            "ExplainStream": grpc.stream_stream_rpc_method_handler(stream),
+        }
+        server.add_generic_rpc_handlers(
+            (grpc.method_handlers_generic_handler("camserve.v1.ExplainService", handlers),)
+        )
+        port = server.add_insecure_port("127.0.0.1:0")
+        await server.start()
+        ready = {"port": port, "pid": os.getpid(), "metrics_port": 0}
+        Path(ready_path).write_text(json.dumps(ready))
+        await server.wait_for_termination()
+
+    asyncio.run(serve())
+    return 0
+
+
+def start_bare(workdir: Path, response: bytes) -> tuple[Any, dict[str, Any]]:
+    path = workdir / "response.bin"
+    path.write_bytes(response)
+    ready = workdir / "bare-ready.json"
+    ready.unlink(missing_ok=True)
+    process = subprocess.Popen(
+        [sys.executable, __file__, "--bare-server", str(path), str(ready)],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    deadline = time.monotonic() + 60
+    while not ready.exists():
+        if process.poll() is not None or time.monotonic() > deadline:
+            process.kill()
+            raise RuntimeError("the bare gRPC server did not start")
+        time.sleep(0.05)
+    return process, json.loads(ready.read_text())
+
+
+# -------------------------------------------------------------------------------------- client
+
+
+def process_cpu_s(pid: int) -> float:
+    """User + system CPU seconds of every thread of process `pid` so far."""
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def stage_cpu_s(metrics_port: int) -> dict[str, float]:
+    """The server's CPU seconds per stage so far (empty for a server without the counter)."""
+    if not metrics_port:
+        return {}
+    from prometheus_client.parser import text_string_to_metric_families
+
+    url = f"http://127.0.0.1:{metrics_port}/metrics"
+    with urllib.request.urlopen(url, timeout=10) as response:  # noqa: S310 - fixed local URL
+        text = response.read().decode()
+    stages: dict[str, float] = {}
+    for family in text_string_to_metric_families(text):
+        for sample in family.samples:
+            if sample.name == STAGE_METRIC:
+                stage = sample.labels["stage"]
+                stages[stage] = stages.get(stage, 0.0) + sample.value
+    return stages
+
+
+def check_answer(data: bytes) -> None:
+    """Refuses to count a run whose answers are errors or lack a heatmap."""
+    from camserve.v1 import explain_pb2 as pb
+
+    response = pb.ExplainResponse.FromString(data)
+    if response.HasField("error"):
+        raise RuntimeError(f"the server answered an error: {response.error.message}")
+    if not response.results or not response.results[0].heatmaps:
+        raise RuntimeError("the server answered without a heatmap")
+
+
+class Window:
+    """Counts answers and takes the server's CPU readings at the start and end of the window."""
+
+    def __init__(self, pid: int, metrics_port: int) -> None:
+        self.pid, self.metrics_port = pid, metrics_port
+        self.answered = 0
+        self.checked = 0
+        self.stop = False
+        self.start: tuple[float, int, float, dict[str, float]] | None = None
+
+    def answer(self, data: bytes) -> None:
+        self.answered += 1
+        if self.checked < 3 or self.answered % 97 == 0:
+            check_answer(data)
+            self.checked += 1
+
+    def reading(self) -> tuple[float, int, float, dict[str, float]]:
+        return (
+            time.perf_counter(),
+            self.answered,
+            process_cpu_s(self.pid),
+            stage_cpu_s(self.metrics_port),
+        )
+
+
+async def drive(
+    address: str,
+    body: bytes,
+    transport: str,
+    concurrency: int,
+    warmup_s: float,
+    duration_s: float,
+    window: Window,
+) -> dict[str, Any]:
+    import grpc
+
+    options = [
+        ("grpc.max_send_message_length", MAX_MESSAGE),
+        ("grpc.max_receive_message_length", MAX_MESSAGE),
+    ]
+    async with grpc.aio.insecure_channel(address, options=options) as channel:
+        if transport == "unary":
+            call = channel.unary_unary(EXPLAIN)
+
+            async def caller() -> None:
+                while not window.stop:
+                    window.answer(await call(body, timeout=CALL_TIMEOUT_S))
+
+            tasks = [asyncio.create_task(caller()) for _ in range(concurrency)]
+        else:
+            tasks = [asyncio.create_task(_stream(channel, body, concurrency, window))]
+        await asyncio.sleep(warmup_s)
+        started = window.reading()
+        await asyncio.sleep(duration_s)
+        ended = window.reading()
+        window.stop = True
+        await asyncio.gather(*tasks)
+    seconds = ended[0] - started[0]
+    images = ended[1] - started[1]
+    cpu_ms = 1000 * (ended[2] - started[2])
+    stages = {name: 1000 * (ended[3][name] - started[3].get(name, 0.0)) for name in ended[3]}
+    per_image = {name: round(ms / images, 3) for name, ms in stages.items()} if images else {}
+    if images and stages:
+        per_image["other"] = round((cpu_ms - sum(stages.values())) / images, 3)
+    return {
+        "ips": round(images / seconds, 2),
+        "server_cpu_ms_per_image": round(cpu_ms / images, 3) if images else None,
+        "server_cores": round(cpu_ms / 1000 / seconds, 2),
+        "stages_ms_per_image": per_image,
+        "images": images,
+    }
+
+
+async def _stream(channel: Any, body: bytes, window_size: int, window: Window) -> None:
+    """One ExplainStream keeping `window_size` requests in flight until the window stops."""
+    call = channel.stream_stream(EXPLAIN_STREAM)(timeout=CLIENT_TIMEOUT_S)
+    slots = asyncio.Semaphore(window_size)
+
+    async def write() -> None:
+        while not window.stop:
+            await slots.acquire()
+            await call.write(body)
+        await call.done_writing()
+
+    writer = asyncio.create_task(write())
+    async for data in call:
+        window.answer(data)
+        slots.release()
+    await writer
+
+
+def client_main(spec_path: str) -> int:
+    """The client process: reads its case, drives the server, prints one JSON line."""
+    spec = json.loads(Path(spec_path).read_text())
+    body = Path(spec["body"]).read_bytes()
+    window = Window(spec["pid"], spec["metrics_port"])
+    result = asyncio.run(
+        drive(
+            spec["address"],
+            body,
+            spec["transport"],
+            spec["concurrency"],
+            spec["warmup_s"],
+            spec["duration_s"],
+            window,
+        )
+    )
+    print(json.dumps(result))
+    return 0
+
+
+def run_client(workdir: Path, ready: dict[str, Any], body: bytes, **case: Any) -> dict[str, Any]:
+    """Runs one case in a fresh client process against the server `ready` describes."""
+    body_path = workdir / "request.bin"
+    body_path.write_bytes(body)
+    spec = {
+        "address": f"127.0.0.1:{ready['port']}",
+        "pid": ready["pid"],
+        "metrics_port": ready.get("metrics_port", 0),
+        "body": str(body_path),
+        **case,
+    }
+    spec_path = workdir / "client.json"
+    spec_path.write_text(json.dumps(spec))
+    done = subprocess.run(
+        [sys.executable, __file__, "--client", str(spec_path)],
+        capture_output=True,
+        text=True,
+        timeout=CLIENT_TIMEOUT_S,
+        check=False,
+    )
+    if done.returncode != 0:
+        raise RuntimeError(f"client failed ({done.returncode}):\n{done.stderr[-4000:]}")
+    result: dict[str, Any] = json.loads(done.stdout.strip().splitlines()[-1])
+    return result
+
+
+def one_answer(ready: dict[str, Any], body: bytes) -> bytes:
+    """The server's answer bytes to `body` (what the bare server then replays)."""
+    import grpc
+
+    options = [("grpc.max_receive_message_length", MAX_MESSAGE)]
+    with grpc.insecure_channel(f"127.0.0.1:{ready['port']}", options=options) as channel:
+        answer: bytes = channel.unary_unary(EXPLAIN)(body, timeout=CALL_TIMEOUT_S)
+    return answer
+
+
+# ----------------------------------------------------------------------------------- reporting
+
+
+def render(result: dict[str, Any]) -> str:
+    stages = sorted({s for row in result["ceiling"] for s in row["stages_ms_per_image"]})
+    header = f"{'input':<8} {'output':<8} {'transport':<9} {'images/s':>9} {'CPU ms/img':>10}"
+    header += "".join(f" {stage:>10}" for stage in stages)
+    if any("bare_ips" in row for row in result["ceiling"]):
+        header += f" {'bare img/s':>10} {'bare ms':>8}"
+    lines = [
+        f"camserve serving ceiling: tiny CNN, {result['concurrency']} calls in flight, "
+        f"{result['duration_s']:g} s per case, {result['cores']} cores",
+        "CPU ms/img: server process CPU time per image answered; stage columns split it",
+        "",
+        header,
+    ]
+    for row in result["ceiling"]:
+        line = (
+            f"{row['input']:<8} {row['output']:<8} {row['transport']:<9} {row['ips']:>9.1f} "
+            f"{_fmt(row['server_cpu_ms_per_image']):>10}"
+        )
+        line += "".join(f" {_fmt(row['stages_ms_per_image'].get(s)):>10}" for s in stages)
+        if "bare_ips" in row:
+            line += f" {row['bare_ips']:>10.1f} {_fmt(row['bare_cpu_ms_per_image']):>8}"
+        lines.append(line)
+    return "\n".join(lines)
+
+
+def _fmt(value: float | None) -> str:
+    return "-" if value is None else f"{value:.2f}"
+
+
+# ---------------------------------------------------------------------------------------- main
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        description="camserve's serving ceiling: images/s and server CPU per image when the "
+        "model costs nothing"
+    )
+    parser.add_argument("--inputs", nargs="+", choices=INPUTS, default=list(INPUTS))
+    parser.add_argument("--outputs", nargs="+", choices=OUTPUTS, default=list(OUTPUTS))
+    parser.add_argument("--transports", nargs="+", choices=TRANSPORTS, default=list(TRANSPORTS))
+    parser.add_argument("--concurrency", type=int, default=32, help="calls in flight (32)")
+    parser.add_argument("--duration", type=float, default=5.0, help="measured seconds per case")
+    parser.add_argument("--warmup", type=float, default=1.5, help="seconds before measuring")
+    parser.add_argument("--batch", type=int, default=32, help="the model's max_batch_size (32)")
+    parser.add_argument(
+        "--preprocess-threads", type=int, default=4, help="server CPU pool threads (4)"
+    )
+    parser.add_argument("--bare", action="store_true", help="add a bare grpc.aio reference")
+    parser.add_argument("--json", action="store_true", help="print the results as JSON")
+    parser.add_argument("--json-file", type=Path, help="also write the JSON document here")
+    parser.add_argument("--client", help=argparse.SUPPRESS)
+    parser.add_argument("--bare-server", nargs=2, help=argparse.SUPPRESS)
+    return parser
+
+
+def cases(args: argparse.Namespace) -> list[tuple[str, str, str]]:
+    return [
+        (image, output, transport)
+        for image in args.inputs
+        for output in args.outputs
+        for transport in args.transports
+    ]
+
+
+def measure_all(args: argparse.Namespace, workdir: Path) -> list[dict[str, Any]]:
+    from serving import stop_server
+
+    images = input_images(workdir)
+    bodies = {(i, o): request_bytes(images[i], o) for i in args.inputs for o in args.outputs}
+    timing = {
+        "concurrency": args.concurrency,
+        "warmup_s": args.warmup,
+        "duration_s": args.duration,
+    }
+    rows = []
+    process, ready = start_camserve(workdir, args)
+    try:
+        for image, output, transport in cases(args):
+            body = bodies[(image, output)]
+            log(f"{image} -> {output} over {transport}")
+            row = run_client(workdir, ready, body, transport=transport, **timing)
+            rows.append({"input": image, "output": output, "transport": transport, **row})
+            log(f"  {row['ips']:.1f} images/s, {_fmt(row['server_cpu_ms_per_image'])} ms CPU")
+        answers = {key: one_answer(ready, body) for key, body in bodies.items()} if args.bare else {}
+    finally:
+        stop_server(process)
+    for row in rows if args.bare else []:
+        bare_process, bare_ready = start_bare(workdir, answers[(row["input"], row["output"])])
+        try:
+            body = bodies[(row["input"], row["output"])]
+            bare = run_client(workdir, bare_ready, body, transport=row["transport"], **timing)
+        finally:
+            _stop(bare_process.kill, bare_process.wait)
+        row["bare_ips"] = bare["ips"]
+        row["bare_cpu_ms_per_image"] = bare["server_cpu_ms_per_image"]
+    return rows
+
+
+def _stop(kill: Callable[[], None], wait: Callable[[], Any]) -> None:
+    kill()
+    wait()
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    if args.client:
+        return client_main(args.client)
+    if args.bare_server:
+        return bare_server_main(*args.bare_server)
+    if args.concurrency < 1 or args.duration <= 0 or args.batch < 1:
+        raise SystemExit("--concurrency and --batch must be >= 1, --duration > 0")
+    with tempfile.TemporaryDirectory(prefix="camserve-ceiling-") as tmp:
+        rows = measure_all(args, Path(tmp))
+    result = {
+        "concurrency": args.concurrency,
+        "duration_s": args.duration,
+        "cores": len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count(),
+        "ceiling": rows,
+    }
+    if args.json_file:
+        args.json_file.write_text(json.dumps(result, indent=2) + "\n")
+    print(json.dumps(result) if args.json else render(result))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.path.insert(0, str(HERE))
+    raise SystemExit(main())
