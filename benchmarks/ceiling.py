@@ -168,7 +168,7 @@ def bare_server_main(response_path: str, ready_path: str) -> int:
         port = server.add_insecure_port("127.0.0.1:0")
         await server.start()
         ready = {"port": port, "pid": os.getpid(), "metrics_port": 0}
-        Path(ready_path).write_text(json.dumps(ready))
+        await asyncio.to_thread(Path(ready_path).write_text, json.dumps(ready))
         await server.wait_for_termination()
 
     asyncio.run(serve())
@@ -465,7 +465,7 @@ def measure_all(args: argparse.Namespace, workdir: Path) -> list[dict[str, Any]]
             row = run_client(workdir, ready, body, transport=transport, **timing)
             rows.append({"input": image, "output": output, "transport": transport, **row})
             log(f"  {row['ips']:.1f} images/s, {_fmt(row['server_cpu_ms_per_image'])} ms CPU")
-        answers = {key: one_answer(ready, body) for key, body in bodies.items()} if args.bare else {}
+        answers = {key: one_answer(ready, body) for key, body in bodies.items() if args.bare}
     finally:
         stop_server(process)
     for row in rows if args.bare else []:
@@ -485,6 +485,12 @@ def _stop(kill: Callable[[], None], wait: Callable[[], Any]) -> None:
     wait()
 
 
+def usable_cores() -> int:
+    if hasattr(os, "sched_getaffinity"):
+        return len(os.sched_getaffinity(0))
+    return os.cpu_count() or 1
+
+
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     if args.client:
@@ -498,7 +504,7 @@ def main(argv: list[str] | None = None) -> int:
     result = {
         "concurrency": args.concurrency,
         "duration_s": args.duration,
-        "cores": len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count(),
+        "cores": usable_cores(),
         "ceiling": rows,
     }
     if args.json_file:
