@@ -62,10 +62,15 @@ def colorize(
     heatmap: np.ndarray, colormap_name: str = "jet", size: tuple[int, int] | None = None
 ) -> PILImage.Image:
     """The heatmap as an RGB image, resized bilinearly to `size` (width, height) when given."""
-    values = normalise(heatmap)
-    if size is not None and size != (values.shape[1], values.shape[0]):
-        values = np.asarray(PILImage.fromarray(values).resize(size, PILImage.Resampling.BILINEAR))
-    indices = np.clip(np.round(values * 255), 0, 255).astype(np.uint8)
+    array = np.asarray(heatmap)
+    if array.dtype == np.uint8 and array.ndim == 2 and size in (None, array.shape[::-1]):
+        indices = array  # already the 0..255 indices that normalising and rounding would give
+    else:
+        values = normalise(heatmap)
+        if size is not None and size != (values.shape[1], values.shape[0]):
+            resized = PILImage.fromarray(values).resize(size, PILImage.Resampling.BILINEAR)
+            values = np.asarray(resized)
+        indices = np.clip(np.round(values * 255), 0, 255).astype(np.uint8)
     return PILImage.fromarray(colormap(colormap_name)[indices])
 
 

@@ -46,14 +46,20 @@ def dtype_name(dtype: int) -> str:
     return _DTYPE_NAMES.get(dtype, "float32" if dtype == pb.DTYPE_UNSPECIFIED else str(dtype))
 
 
+def _own_dtype(array: np.ndarray) -> int:
+    """The wire DType of `array`'s own dtype; TensorFormatError for dtypes that cannot travel."""
+    code = next((k for k, v in _WIRE_DTYPES.items() if v == array.dtype.newbyteorder("<")), -1)
+    if code == -1:
+        raise TensorFormatError(
+            f"arrays of dtype {array.dtype} cannot travel; use float32, float16 or uint8"
+        )
+    return code
+
+
 def to_proto(array: np.ndarray, dtype: int | None = None) -> pb.Tensor:
     """Encodes `array` (converted to `dtype` when given, else to its own wire dtype)."""
     if dtype is None:
-        dtype = next((k for k, v in _WIRE_DTYPES.items() if v == array.dtype.newbyteorder("<")), -1)
-        if dtype == -1:
-            raise TensorFormatError(
-                f"arrays of dtype {array.dtype} cannot travel; use float32, float16 or uint8"
-            )
+        dtype = _own_dtype(array)
     target = wire_dtype(dtype)
     if target == np.float16 and array.dtype.kind == "f" and array.dtype.itemsize > 2:
         # Values beyond float16's range saturate at its largest finite value instead of
@@ -63,6 +69,17 @@ def to_proto(array: np.ndarray, dtype: int | None = None) -> pb.Tensor:
     data = np.ascontiguousarray(array, dtype=target).tobytes()
     wire = cast("pb.DType", dtype or pb.DTYPE_FLOAT32)
     return pb.Tensor(dtype=wire, shape=list(array.shape), data=data)
+
+
+def fill_header(tensor: pb.Tensor, array: np.ndarray) -> memoryview:
+    """Sets `tensor`'s dtype and shape for `array` (in its own wire dtype) and returns the bytes
+    that belong in `tensor.data`, without copying them: for writers that send large tensors
+    without building them into a message first (`to_proto(array)` is the same tensor)."""
+    dtype = _own_dtype(array)
+    tensor.dtype = cast("pb.DType", dtype)
+    tensor.shape[:] = array.shape
+    contiguous = np.ascontiguousarray(array, dtype=_WIRE_DTYPES[dtype])
+    return memoryview(contiguous.reshape(-1).view(np.uint8).data)
 
 
 def from_proto(tensor: pb.Tensor, field: str = "tensor") -> np.ndarray:

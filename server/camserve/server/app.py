@@ -119,7 +119,7 @@ class CamServer:
             max_workers=settings.preprocess_threads, thread_name_prefix="preprocess"
         )
         self.server = _grpc_server(settings, self.metrics)
-        self.pipeline = ExplainPipeline(self.registry, settings, self._pool)
+        self.pipeline = ExplainPipeline(self.registry, settings, self._pool, self.metrics)
         self.servicer = ExplainServicer(self.pipeline, settings.limits)
         explain_pb2_grpc.add_ExplainServiceServicer_to_server(self.servicer, self.server)
         health_pb2_grpc.add_HealthServicer_to_server(self.health, self.server)

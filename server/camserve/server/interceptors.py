@@ -14,6 +14,7 @@ from typing import Any
 
 import grpc
 
+from camserve.server.messages import EncodedResponse, serializer
 from camserve.server.metrics import Metrics
 from camserve.server.parsing import UnparsableRequest, tolerant
 from camserve.v1 import explain_pb2 as pb
@@ -46,7 +47,12 @@ def _status(context: grpc.aio.ServicerContext, default: grpc.StatusCode) -> grpc
     return default
 
 
-def _replace(handler: Any, request_deserializer: Any = None, **behaviours: Any) -> Any:
+def _replace(
+    handler: Any,
+    request_deserializer: Any = None,
+    response_serializer: Any = None,
+    **behaviours: Any,
+) -> Any:
     kind = (
         "unary_unary"
         if handler.unary_unary
@@ -60,7 +66,7 @@ def _replace(handler: Any, request_deserializer: Any = None, **behaviours: Any) 
     return factory(
         behaviours[kind],
         request_deserializer=request_deserializer or handler.request_deserializer,
-        response_serializer=handler.response_serializer,
+        response_serializer=response_serializer or handler.response_serializer,
     )
 
 
@@ -88,15 +94,16 @@ class ObservabilityInterceptor(grpc.aio.ServerInterceptor):
         )
 
     def _observe(self, response: Any) -> None:
-        if isinstance(response, pb.ExplainResponse) and response.HasField("timing"):
+        encoded = isinstance(response, EncodedResponse)
+        if encoded or (isinstance(response, pb.ExplainResponse) and response.HasField("timing")):
             self._metrics.observe_timing(response.timing)
 
     def _observe_item(self, response: Any) -> None:
-        if not isinstance(response, pb.ExplainResponse):
-            return
         code = grpc.StatusCode.OK
-        if response.HasField("error"):
+        if isinstance(response, pb.ExplainResponse) and response.HasField("error"):
             code = _code_of(response.error.code)
+        elif not isinstance(response, (pb.ExplainResponse, EncodedResponse)):
+            return
         self._metrics.requests.labels("ExplainStream.item", code.name).inc()
         self._observe(response)
 
@@ -190,10 +197,12 @@ class BearerTokenInterceptor(grpc.aio.ServerInterceptor):
 
 
 class ParsingInterceptor(grpc.aio.ServerInterceptor):
-    """Turns request bytes that do not parse into `UnparsableRequest` values (see `parsing`).
+    """Turns request bytes that do not parse into `UnparsableRequest` values (see `parsing`),
+    and lets responses the service serialised itself (`messages.EncodedResponse`) go out as
+    they are.
 
-    A unary call carrying one is refused here with INVALID_ARGUMENT; stream requests reach the
-    service, which answers that one request with INVALID_ARGUMENT and goes on.
+    A unary call carrying an unparsable request is refused here with INVALID_ARGUMENT; stream
+    requests reach the service, which answers that one request with INVALID_ARGUMENT and goes on.
     """
 
     async def intercept_service(
@@ -204,6 +213,7 @@ class ParsingInterceptor(grpc.aio.ServerInterceptor):
             return handler
         message_type = handler_call_details.method.rsplit("/", 1)[-1] + " request"
         parse = tolerant(handler.request_deserializer, message_type)
+        serialize = serializer(handler.response_serializer)
         if handler.unary_unary:
             behaviour = handler.unary_unary
 
@@ -212,7 +222,7 @@ class ParsingInterceptor(grpc.aio.ServerInterceptor):
                     await context.abort(grpc.StatusCode.INVALID_ARGUMENT, request.explain())
                 return await behaviour(request, context)
 
-            return _replace(handler, parse, unary_unary=unary)
+            return _replace(handler, parse, serialize, unary_unary=unary)
         if handler.stream_stream:
-            return _replace(handler, parse, stream_stream=handler.stream_stream)
+            return _replace(handler, parse, serialize, stream_stream=handler.stream_stream)
         return handler

@@ -6,12 +6,14 @@ request asked for, so encoding is a byte copy.
 
 from __future__ import annotations
 
-from typing import cast
+from collections.abc import Callable
+from typing import Any, NamedTuple, cast
 
 from google.protobuf import any_pb2, duration_pb2
 from google.rpc import error_details_pb2, status_pb2
 from grpc_status import rpc_status
 
+from camserve.server import wire
 from camserve.server.records import (
     ExplainOutcome,
     HeatmapResult,
@@ -19,57 +21,88 @@ from camserve.server.records import (
     MethodCostInfo,
     ModelStatus,
 )
+from camserve.server.wire import HeatmapPart
 from camserve.v1 import explain_pb2 as pb
 from camserve.v1.methods import METHOD_BY_NAME
 from camserve.v1.scores import CURVE_FIELDS
-from camserve.v1.tensors import to_proto
+from camserve.v1.tensors import fill_header
 
 Metadata = tuple[tuple[str, str | bytes], ...]
 
 
-def _heatmap(result: HeatmapResult) -> pb.Heatmap:
-    """One heatmap with only the scores and curves it was given: unset means not asked for."""
+class EncodedResponse(NamedTuple):
+    """An ExplainResponse already serialised (on a worker thread, so a large answer never holds
+    the event loop), with what the observability interceptor reads of it."""
+
+    data: bytes
+    timing: pb.Timing
+
+
+def _heatmap(result: HeatmapResult) -> HeatmapPart:
+    """One heatmap without its tensor bytes, and those bytes; only the scores and curves it was
+    given are set: unset means not asked for."""
     heatmap = pb.Heatmap(
         method=cast("pb.Method", METHOD_BY_NAME[result.method]),
         class_index=result.class_index,
         class_label=result.class_label,
         layer=result.layer,
-        data=to_proto(result.data),
     )
+    payload = fill_header(heatmap.data, result.data)
     for name, value in result.scores.items():
         setattr(heatmap, name, value)  # each score's field has its (engine) name
     for name, curve in result.curves.items():
         getattr(heatmap, CURVE_FIELDS[name]).extend(curve)
-    return heatmap
+    return heatmap, payload
 
 
-def _image_result(image: ImageExplanation) -> pb.ImageResult:
+def _image_head(image: ImageExplanation) -> pb.ImageResult:
     return pb.ImageResult(
         predictions=[
             pb.Prediction(index=p.index, label=p.label, probability=p.probability, logit=p.logit)
             for p in image.predictions
         ],
-        heatmaps=[_heatmap(h) for h in image.heatmaps],
         overlay_png=image.overlay_png,
     )
 
 
-def explain_response(request_id: str, outcome: ExplainOutcome) -> pb.ExplainResponse:
-    """The answer to one request, timings in milliseconds."""
+def encoded_response(request_id: str, outcome: ExplainOutcome) -> EncodedResponse:
+    """The answer to one request, serialised (timings in milliseconds). Heatmap bytes are copied
+    once, into the answer (`camserve.server.wire`)."""
     times = outcome.times
-    return pb.ExplainResponse(
+    timing = pb.Timing(
+        queue_ms=1000 * times.queue_s,
+        preprocess_ms=1000 * times.preprocess_s,
+        compute_ms=1000 * times.compute_s,
+        total_ms=1000 * times.total_s,
+    )
+    head = pb.ExplainResponse(
         request_id=request_id,
         model=outcome.model,
         model_version=outcome.model_version,
-        results=[_image_result(image) for image in outcome.images],
-        timing=pb.Timing(
-            queue_ms=1000 * times.queue_s,
-            preprocess_ms=1000 * times.preprocess_s,
-            compute_ms=1000 * times.compute_s,
-            total_ms=1000 * times.total_s,
-        ),
+        timing=timing,
         batch_size=outcome.batch_size,
     )
+    images = [
+        (_image_head(image), [_heatmap(heatmap) for heatmap in image.heatmaps])
+        for image in outcome.images
+    ]
+    return EncodedResponse(wire.serialise(head, images), timing)
+
+
+def explain_response(request_id: str, outcome: ExplainOutcome) -> pb.ExplainResponse:
+    """The answer to one request as a message (what `encoded_response` sends, parsed)."""
+    return pb.ExplainResponse.FromString(encoded_response(request_id, outcome).data)
+
+
+def serializer(encode: Callable[[Any], bytes]) -> Callable[[Any], bytes]:
+    """A response serializer that sends EncodedResponses as they are and encodes the rest."""
+
+    def serialize(response: Any) -> bytes:
+        if isinstance(response, EncodedResponse):
+            return response.data
+        return encode(response)
+
+    return serialize
 
 
 def error_response(

@@ -2,17 +2,32 @@
 
 Each fact is recorded once, in one layer: per call and per stream item by the observability
 interceptor (counts by status, and each answered request's stage times from its `Timing`);
-per batch by the model runtime (batch size, compute time, images, queue depth, expiries).
+per batch by the model runtime (batch size, compute time, images, queue depth, expiries); per
+stage of the serving path, the CPU time of the thread doing it (`cpu_time`), which says where
+the server's cores go when the model itself is cheap.
 """
 
 from __future__ import annotations
 
+import contextlib
 import functools
+import time
+from collections.abc import Callable, Iterator
+from contextlib import AbstractContextManager
 from dataclasses import dataclass, field
 from typing import Any
 from wsgiref.simple_server import WSGIServer
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, start_http_server
+
+# Times a stage of the serving path: `with timed("decode"): ...` (see `Metrics.cpu_time`).
+StageClock = Callable[[str], AbstractContextManager[None]]
+
+
+def untimed(stage: str) -> AbstractContextManager[None]:
+    """A StageClock that records nothing."""
+    return contextlib.nullcontext()
+
 
 LATENCY_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0)
 BATCH_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256)
@@ -67,7 +82,24 @@ class Metrics:
             buckets=LATENCY_BUCKETS,
             registry=r,
         )
+        self.stage_cpu = Counter(
+            "camserve_stage_cpu_seconds",
+            "CPU time of the threads serving each stage: decode, preprocess, compute, shape, "
+            "overlay, respond",
+            ["model", "stage"],
+            registry=r,
+        )
         self._add_gauges()
+
+    @contextlib.contextmanager
+    def cpu_time(self, model: str, stage: str) -> Iterator[None]:
+        """Adds the calling thread's CPU time inside the block to `stage` (time.thread_time:
+        waits for the GIL or for I/O are not counted)."""
+        started = time.thread_time()
+        try:
+            yield
+        finally:
+            self.stage_cpu.labels(model, stage).inc(time.thread_time() - started)
 
     def _add_gauges(self) -> None:
         r = self.registry

@@ -14,6 +14,7 @@ import torch
 
 from camserve.server.engine import MapScores, RowResult
 from camserve.server.engine.shaping import shape_heatmaps
+from camserve.server.metrics import StageClock, untimed
 from camserve.server.preprocess import PreparedImage
 from camserve.server.records import HeatmapResult, ImageExplanation, ModelMeta, Prediction
 from camserve.server.validation import ExplainPlan, OutputPlan
@@ -21,6 +22,9 @@ from camserve.v1 import explain_pb2 as pb
 from camserve.v1.render import blend
 from camserve.v1.tensors import dtype_name
 
+# zlib level of overlay PNGs: level 1 encodes a photo-sized overlay several times faster than
+# Pillow's default 6, for files about a fifth larger (benchmarks/ceiling.py, README).
+PNG_LEVEL = 1
 RESOLUTION_NAMES: dict[int, str] = {
     pb.RESOLUTION_FEATURE_MAP: "feature",
     pb.RESOLUTION_INPUT: "input",
@@ -47,7 +51,7 @@ def _overlay_png(prepared: PreparedImage, first_map: torch.Tensor) -> bytes:
     assert prepared.original is not None
     heatmap = shape_heatmaps(first_map[None], prepared.geometry, "original", dtype="uint8")[0]
     buffer = io.BytesIO()
-    blend(prepared.original, heatmap).save(buffer, format="PNG")
+    blend(prepared.original, heatmap).save(buffer, format="PNG", compress_level=PNG_LEVEL)
     return buffer.getvalue()
 
 
@@ -77,26 +81,30 @@ def explain_image(
     plan: ExplainPlan,
     meta: ModelMeta,
     scores: Mapping[tuple[str, int], MapScores] | None = None,
+    *,
+    timed: StageClock = untimed,
 ) -> ImageExplanation:
     """One image's predictions and heatmaps, ordered by class (as explained), then method, each
     with its faithfulness scores when the plan asked for them (`scores`, keyed like the maps)."""
     scores = scores or {}
-    keys = [(method, cls) for cls in result.classes for method in plan.methods]
-    raw = torch.stack([result.maps[key] for key in keys]).float()
-    heatmaps = tuple(
-        HeatmapResult(
-            method=method,
-            class_index=cls,
-            class_label=meta.labels[cls],
-            layer=result.layer,
-            data=data,
-            scores=scores[(method, cls)].values() if (method, cls) in scores else {},
-            curves=_curves(scores.get((method, cls))) if plan.score_curves else {},
+    with timed("shape"):
+        keys = [(method, cls) for cls in result.classes for method in plan.methods]
+        raw = torch.stack([result.maps[key] for key in keys]).float()
+        heatmaps = tuple(
+            HeatmapResult(
+                method=method,
+                class_index=cls,
+                class_label=meta.labels[cls],
+                layer=result.layer,
+                data=data,
+                scores=scores[(method, cls)].values() if (method, cls) in scores else {},
+                curves=_curves(scores.get((method, cls))) if plan.score_curves else {},
+            )
+            for (method, cls), data in zip(keys, _shape(raw, prepared, plan.output), strict=True)
         )
-        for (method, cls), data in zip(keys, _shape(raw, prepared, plan.output), strict=True)
-    )
-    return ImageExplanation(
-        predictions=_predictions(result, plan.top_predictions, meta),
-        heatmaps=heatmaps,
-        overlay_png=_overlay_png(prepared, raw[0]) if plan.output.overlay else b"",
-    )
+        predictions = _predictions(result, plan.top_predictions, meta)
+    overlay = b""
+    if plan.output.overlay:
+        with timed("overlay"):
+            overlay = _overlay_png(prepared, raw[0])
+    return ImageExplanation(predictions=predictions, heatmaps=heatmaps, overlay_png=overlay)

@@ -11,10 +11,13 @@ translated here and nowhere else.
 from __future__ import annotations
 
 import asyncio
+import dataclasses
+import functools
 import logging
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
+from typing import TypeVar
 
 import torch
 
@@ -39,10 +42,11 @@ from camserve.server.errors import (
     ServiceError,
     Unavailable,
 )
+from camserve.server.metrics import Metrics, StageClock, untimed
 from camserve.server.outputs import RESOLUTION_NAMES, explain_image
 from camserve.server.preprocess import (
     PreparedImage,
-    decode,
+    decode_for_model,
     from_normalised_array,
     from_uint8_array,
     prepare,
@@ -50,6 +54,7 @@ from camserve.server.preprocess import (
 from camserve.server.records import (
     ArrayImage,
     ExplainOutcome,
+    ImageExplanation,
     ImageSource,
     ModelMeta,
     ModelStatus,
@@ -63,19 +68,32 @@ from camserve.server.work import ImageJob
 from camserve.v1.tensors import dtype_name
 
 log = logging.getLogger("camserve.pipeline")
+R = TypeVar("R")
 
 
 def prepare_image(
-    source: ImageSource, meta: ModelMeta, limits: LimitsSettings, keep_original: bool
+    source: ImageSource,
+    meta: ModelMeta,
+    limits: LimitsSettings,
+    keep_original: bool,
+    timed: StageClock = untimed,
 ) -> PreparedImage:
     """Decodes or unpacks one image and makes the model input (runs on a worker thread)."""
-    if isinstance(source, ArrayImage):
-        if source.normalised:
-            return from_normalised_array(source.array, source.field, meta.recipe, keep_original)
-        image = from_uint8_array(source.array, source.field, limits, meta.recipe)
-    else:
-        image = decode(source.data, source.field, limits, meta.recipe)
-    return prepare(image, meta.recipe, keep_original)
+    with timed("decode"):
+        if isinstance(source, ArrayImage):
+            if source.normalised:
+                return from_normalised_array(source.array, source.field, meta.recipe, keep_original)
+            image = from_uint8_array(source.array, source.field, limits, meta.recipe)
+            size = None
+        else:
+            # An overlay is drawn on the photo at its own size: only images without one are
+            # decoded at a reduced scale.
+            decoded = decode_for_model(
+                source.data, source.field, limits, meta.recipe, reduce=not keep_original
+            )
+            image, size = decoded.image, decoded.original_size
+    with timed("preprocess"):
+        return prepare(image, meta.recipe, keep_original, size)
 
 
 def check_allocation(
@@ -158,8 +176,15 @@ async def _tail_fraction(runtime: ModelRuntime, plan: ExplainPlan) -> float:
 class ExplainPipeline:
     """Runs explain requests for the models of a registry; see the module docstring."""
 
-    def __init__(self, registry: ModelRegistry, settings: Settings, pool: ThreadPoolExecutor):
+    def __init__(
+        self,
+        registry: ModelRegistry,
+        settings: Settings,
+        pool: ThreadPoolExecutor,
+        metrics: Metrics,
+    ) -> None:
         self._registry = registry
+        self._metrics = metrics
         self._pool = pool
         self._limits = settings.limits
         self._max_bytes = settings.max_message_bytes
@@ -185,16 +210,20 @@ class ExplainPipeline:
         plan: ExplainPlan,
         sources: Sequence[ImageSource],
         deadline: float | None,
-    ) -> ExplainOutcome:
-        """Prepares, computes and shapes one request; raises a ServiceError when refused."""
+        respond: Callable[[ExplainOutcome], R],
+    ) -> R:
+        """Prepares, computes and shapes one request and returns `respond(outcome)`, which runs
+        on a worker thread (building the answer message there keeps it off the event loop);
+        raises a ServiceError when refused."""
         arrived = time.monotonic()
         runtime = self._runtime(meta.name)
+        timed = functools.partial(self._metrics.cpu_time, meta.name)
         try:  # admission first: a refused request costs no decoding
             reservation = runtime.reserve(await self._cost(runtime, meta, plan))
         except Exception as exc:  # noqa: BLE001 - translated into the domain error
             raise service_error(exc, meta.name) from None
         with reservation:
-            prepared = await self._prepare(sources, meta, plan)
+            prepared = await self._prepare(sources, meta, plan, timed)
             check_response_size(plan, [item.geometry for item in prepared], meta, self._max_bytes)
             check_allocation(plan, prepared, meta, self._limits.max_request_output_bytes)
             preprocessed = time.monotonic()
@@ -206,27 +235,36 @@ class ExplainPipeline:
                 runtime, meta, plan, prepared, [c.result for c in computed], deadline, reservation
             )
             follow_up_s = time.monotonic() - follow_up_started
-        loop = asyncio.get_running_loop()
-        images = await asyncio.gather(
-            *(
-                loop.run_in_executor(
-                    self._pool, explain_image, result, item, plan, meta, image_scores
-                )
-                for result, item, image_scores in zip(results, prepared, scores, strict=True)
+        times = StageTimes(
+            queue_s=max(c.batch.queue_s for c in computed),
+            preprocess_s=preprocessed - arrived,
+            compute_s=max(c.compute_s for c in computed) + follow_up_s,
+            total_s=0.0,  # set when the answer is built
+        )
+
+        def shape(index: int) -> ImageExplanation:
+            return explain_image(
+                results[index], prepared[index], plan, meta, scores[index], timed=timed
             )
+
+        def finish(images: Sequence[ImageExplanation]) -> R:
+            outcome = ExplainOutcome(
+                model=meta.name,
+                model_version=meta.version,
+                images=tuple(images),
+                times=dataclasses.replace(times, total_s=time.monotonic() - arrived),
+                batch_size=max(c.batch.size for c in computed),
+            )
+            with timed("respond"):
+                return respond(outcome)
+
+        loop = asyncio.get_running_loop()
+        if len(prepared) == 1:  # one hop to a worker thread for the whole answer
+            return await loop.run_in_executor(self._pool, lambda: finish([shape(0)]))
+        shaped = await asyncio.gather(
+            *(loop.run_in_executor(self._pool, shape, index) for index in range(len(prepared)))
         )
-        return ExplainOutcome(
-            model=meta.name,
-            model_version=meta.version,
-            images=tuple(images),
-            times=StageTimes(
-                queue_s=max(c.batch.queue_s for c in computed),
-                preprocess_s=preprocessed - arrived,
-                compute_s=max(c.compute_s for c in computed) + follow_up_s,
-                total_s=time.monotonic() - arrived,
-            ),
-            batch_size=max(c.batch.size for c in computed),
-        )
+        return await loop.run_in_executor(self._pool, finish, shaped)
 
     async def _cost(self, runtime: ModelRuntime, meta: ModelMeta, plan: ExplainPlan) -> int:
         """The request's cost in forward passes: its images, plus the rows of gradient-free
@@ -283,7 +321,11 @@ class ExplainPipeline:
         return results, scores
 
     async def _prepare(
-        self, sources: Sequence[ImageSource], meta: ModelMeta, plan: ExplainPlan
+        self,
+        sources: Sequence[ImageSource],
+        meta: ModelMeta,
+        plan: ExplainPlan,
+        timed: StageClock,
     ) -> list[PreparedImage]:
         loop = asyncio.get_running_loop()
         return await asyncio.gather(
@@ -295,6 +337,7 @@ class ExplainPipeline:
                     meta,
                     self._limits,
                     plan.output.overlay,
+                    timed,
                 )
                 for source in sources
             )
@@ -304,7 +347,7 @@ class ExplainPipeline:
     def _jobs(prepared: list[PreparedImage], plan: ExplainPlan) -> list[ImageJob]:
         return [
             ImageJob(
-                tensor=item.tensor,
+                pixels=item.pixels,
                 row=RowRequest(
                     layer=plan.layer,
                     methods=tuple(m for m in plan.methods if m not in GRADIENT_FREE_METHODS),

@@ -9,6 +9,16 @@ stored sideways), 16-bit grayscale scaled to 8 bits rather than clipped, and eve
 converted to RGB by Pillow. The geometry limits (`check_size`) are checked from the file header
 before any pixel is decoded; `peek` runs only those checks, so an image can be refused before
 any work is spent on it.
+
+Large JPEGs are decoded at reduced size in the DCT domain (Pillow's `draft`, libjpeg's scaled
+IDCT) when the model's resize target is at most half their size: a 4000x3000 photo for a
+256-pixel model decodes as 500x375, about 1/20 of the work, and the resize that follows starts
+from that. The geometry still records the original size, so heatmaps map back onto the photo
+as sent. Images kept for an overlay are decoded whole.
+
+The model input leaves here as uint8 pixels when the image came as pixels: `ImagePixels` are
+normalised per batch, on the engine's device (`camserve.server.staging`), so a GPU receives a
+quarter of the bytes.
 """
 
 from __future__ import annotations
@@ -44,11 +54,43 @@ class ImageError(InvalidRequest):
 
 @dataclass(frozen=True)
 class PreparedImage:
-    """A model input (3, crop, crop) float32 plus what is needed to map its heatmap back."""
+    """A model input plus what is needed to map its heatmap back.
 
-    tensor: torch.Tensor
+    `pixels` is (3, crop, crop): uint8 RGB still to be normalised with `mean` and `std` (what
+    decoded and uint8 images give), or float32 already normalised (what float32 tensors are).
+    """
+
+    pixels: torch.Tensor
     geometry: Geometry
     original: Image.Image | None  # kept only when an overlay is rendered
+    mean: tuple[float, ...] = ()
+    std: tuple[float, ...] = ()
+
+    @property
+    def tensor(self) -> torch.Tensor:
+        """The normalised float32 model input, on the CPU."""
+        if self.pixels.dtype != torch.uint8:
+            return self.pixels
+        return normalise_pixels(self.pixels, self.mean, self.std)
+
+
+def normalise_pixels(
+    pixels: torch.Tensor, mean: tuple[float, ...], std: tuple[float, ...]
+) -> torch.Tensor:
+    """uint8 (..., 3, H, W) RGB as the model's float32 input, by the same operations as
+    torchvision's `to_tensor` then `normalize`, so values are identical on every device."""
+    values = pixels.float().div_(255)
+    shape = (3, 1, 1)
+    mean_t = torch.as_tensor(mean, dtype=torch.float32, device=pixels.device).view(shape)
+    std_t = torch.as_tensor(std, dtype=torch.float32, device=pixels.device).view(shape)
+    return values.sub_(mean_t).div_(std_t)
+
+
+class DecodedImage(NamedTuple):
+    """An upright RGB image and the size it has as sent, which `draft` decoding may reduce."""
+
+    image: Image.Image
+    original_size: tuple[int, int]  # (width, height), EXIF orientation applied
 
 
 class ImageHeader(NamedTuple):
@@ -169,15 +211,35 @@ def peek(
 def decode(
     data: bytes, field: str, limits: LimitsSettings | int, recipe: InputRecipe | None = None
 ) -> Image.Image:
-    """Decodes JPEG/PNG/WebP bytes to upright RGB, refusing sizes `check_size` refuses before
-    decoding pixels. `limits` may be a bare `max_pixels` (the other limits at their defaults)."""
-    limits = _as_limits(limits)
+    """Decodes JPEG/PNG/WebP bytes to upright RGB at full size, refusing sizes `check_size`
+    refuses before decoding pixels. `limits` may be a bare `max_pixels` (the other limits at
+    their defaults)."""
+    return decode_for_model(data, field, _as_limits(limits), recipe, reduce=False).image
+
+
+def decode_for_model(
+    data: bytes,
+    field: str,
+    limits: LimitsSettings,
+    recipe: InputRecipe | None,
+    *,
+    reduce: bool = True,
+) -> DecodedImage:
+    """Like `decode`, but with `reduce` (and a `recipe`) a JPEG at least twice the size the
+    model resizes it to is decoded at a reduced scale (1/2, 1/4 or 1/8) that stays at or above
+    that size."""
     with _decoding(field, limits.max_pixels):
         image = _open(data, field)
-        check_size(*_displayed_size(image), field, limits, recipe)
+        width, height = _displayed_size(image)
+        check_size(width, height, field, limits, recipe)
+        if reduce and recipe is not None and image.format == "JPEG":
+            target_w, target_h = resized_size(width, height, recipe)
+            if (width, height) != image.size:  # stored sideways: draft works on stored sides
+                target_w, target_h = target_h, target_w
+            image.draft("RGB", (target_w, target_h))
         image.load()
         _upright(image)
-    return _to_rgb(image)
+    return DecodedImage(_to_rgb(image), (width, height))
 
 
 def _upright(image: Image.Image) -> None:
@@ -210,25 +272,34 @@ def from_uint8_array(
     return Image.fromarray(np.ascontiguousarray(array))
 
 
-def prepare(image: Image.Image, recipe: InputRecipe, keep_original: bool) -> PreparedImage:
-    """Resizes, centre-crops and normalises `image` as the model was trained to see it."""
-    width, height = image.size
-    if recipe.resize:
-        resized = tf.resize(image, recipe.resize)
-    else:
-        resized = image.resize((recipe.crop, recipe.crop), Image.Resampling.BILINEAR)
-    rw, rh = resized.size
-    top = int(round((rh - recipe.crop) / 2.0))
-    left = int(round((rw - recipe.crop) / 2.0))
+def prepare(
+    image: Image.Image,
+    recipe: InputRecipe,
+    keep_original: bool,
+    original_size: tuple[int, int] | None = None,
+) -> PreparedImage:
+    """Resizes and centre-crops `image` as the model was trained to see it (torchvision's
+    `Resize` then `CenterCrop`), into uint8 pixels that `PreparedImage.tensor` (or the batch's
+    staging) normalises. `original_size` (width, height) is the size of the image as sent when
+    `image` was decoded at a reduced scale; the resize target is computed from it."""
+    width, height = original_size or image.size
+    resized_w, resized_h = resized_size(width, height, recipe)
+    resized = image.resize((resized_w, resized_h), Image.Resampling.BILINEAR)
+    top = int(round((resized_h - recipe.crop) / 2.0))
+    left = int(round((resized_w - recipe.crop) / 2.0))
     cropped = resized.crop((left, top, left + recipe.crop, top + recipe.crop))
-    tensor = tf.normalize(tf.to_tensor(cropped), list(recipe.mean), list(recipe.std))
+    pixels = torch.from_numpy(np.asarray(cropped).transpose(2, 0, 1).copy())
     geometry = Geometry(
         original_hw=(height, width),
-        resized_hw=(rh, rw),
+        resized_hw=(resized_h, resized_w),
         crop_box=(top, left, recipe.crop, recipe.crop),
     )
     return PreparedImage(
-        tensor=tensor, geometry=geometry, original=image if keep_original else None
+        pixels=pixels,
+        geometry=geometry,
+        original=image if keep_original else None,
+        mean=recipe.mean,
+        std=recipe.std,
     )
 
 
@@ -248,9 +319,9 @@ def from_normalised_array(
         original_hw=(size, size), resized_hw=(size, size), crop_box=(0, 0, size, size)
     )
     tensor = torch.from_numpy(array.copy())
-    original = None
+    original: Image.Image | None = None
     if keep_original:  # an overlay needs pixels: undo the normalisation the caller applied
         mean = torch.tensor(recipe.mean).view(3, 1, 1)
         std = torch.tensor(recipe.std).view(3, 1, 1)
         original = tf.to_pil_image((tensor * std + mean).clamp(0, 1))
-    return PreparedImage(tensor=tensor, geometry=geometry, original=original)
+    return PreparedImage(pixels=tensor, geometry=geometry, original=original)

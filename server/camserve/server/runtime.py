@@ -41,6 +41,7 @@ from camserve.server.models.loading import (
 )
 from camserve.server.records import InputRecipe, MethodCostInfo, ModelMeta
 from camserve.server.settings import ModelSettings
+from camserve.server.staging import InputStager
 from camserve.server.work import ForwardJob, ImageJob, WorkItem, item_cost, run_forward
 
 log = logging.getLogger("camserve.runtime")
@@ -81,6 +82,7 @@ class ModelRuntime:
         self._metrics = metrics
         self._on_health = on_health
         self._engine: CamEngine | None = None
+        self._stager: InputStager | None = None
         self._meta: ModelMeta | None = None
         self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix=f"engine-{spec.name}")
         self._batcher: DynamicBatcher[WorkItem, tuple[RowResult | None, float]] | None = None
@@ -120,6 +122,7 @@ class ModelRuntime:
             rows = [RowRequest(layer=meta.default_layer, methods=METHODS)] * batch
             size = meta.recipe.crop
             engine.explain_batch(torch.zeros(batch, 3, size, size), rows)
+        self._stager = InputStager(device, recipe.mean, recipe.std)
         self._engine, self._meta = engine, meta
         log.info(
             "model loaded",
@@ -236,8 +239,9 @@ class ModelRuntime:
         images = [job for job in jobs if isinstance(job, ImageJob)]
         forward = [job for job in jobs if isinstance(job, ForwardJob)]
         try:
-            explained = iter(self._explain(images))
-            run_forward(self._engine, forward)
+            with self._metrics.cpu_time(self.spec.name, "compute"):
+                explained = iter(self._explain(images))
+                run_forward(self._engine, forward)
         except Exception as exc:  # noqa: BLE001 - isolated by the caller, reported per item
             return _detached(exc)
         seconds = time.monotonic() - started
@@ -253,7 +257,8 @@ class ModelRuntime:
         if not jobs:
             return []
         assert self._engine is not None
-        batch = torch.stack([job.tensor for job in jobs])
+        assert self._stager is not None
+        batch = self._stager.batch([job.pixels for job in jobs])
         return self._engine.explain_batch(batch, [job.row for job in jobs])
 
 

@@ -10,6 +10,7 @@ with UNAVAILABLE while started ones finish.
 from __future__ import annotations
 
 import asyncio
+import functools
 import logging
 import time
 import uuid
@@ -40,6 +41,9 @@ if TYPE_CHECKING:
     from camserve.server.pipeline import ExplainPipeline
 
 log = logging.getLogger("camserve.servicer")
+# What the RPCs answer: a response the worker thread already serialised, or (for refusals on a
+# stream) a small message gRPC serialises.
+Answer = messages.EncodedResponse | pb.ExplainResponse
 STREAM_IN_FLIGHT = 64  # requests of one stream computed or waiting to be sent at once
 
 STATUS_CODES: dict[type[ServiceError], grpc.StatusCode] = {
@@ -94,10 +98,9 @@ class ExplainServicer(pb_grpc.ExplainServiceServicer):
         """Waits until every started request has been answered."""
         await self._idle.wait()
 
-    async def _answer(
-        self, request: pb.ExplainRequest, time_remaining: float | None
-    ) -> pb.ExplainResponse:
-        """One request's response, counted so that shutdown can wait for it."""
+    async def _answer(self, request: pb.ExplainRequest, time_remaining: float | None) -> Answer:
+        """One request's response, serialised on a worker thread, counted so that shutdown can
+        wait for it."""
         if self._draining:
             raise Unavailable(
                 "server is shutting down and starts no new work; retry on another replica"
@@ -110,8 +113,12 @@ class ExplainServicer(pb_grpc.ExplainServiceServicer):
         try:
             meta = self._pipeline.model(request.model)
             plan = validate(request, meta, self._limits)
-            outcome = await self._pipeline.explain(meta, plan, image_sources(request), deadline)
-            return messages.explain_response(request.request_id or uuid.uuid4().hex, outcome)
+            respond = functools.partial(
+                messages.encoded_response, request.request_id or uuid.uuid4().hex
+            )
+            return await self._pipeline.explain(
+                meta, plan, image_sources(request), deadline, respond
+            )
         except ServiceError:
             raise
         except Exception as exc:  # noqa: BLE001 - a bug must still get a precise status
@@ -123,7 +130,7 @@ class ExplainServicer(pb_grpc.ExplainServiceServicer):
 
     async def Explain(  # noqa: N802 - gRPC method name
         self, request: pb.ExplainRequest, context: grpc.aio.ServicerContext
-    ) -> pb.ExplainResponse:
+    ) -> Answer:
         try:
             return await self._answer(request, context.time_remaining())
         except ServiceError as error:
@@ -134,12 +141,12 @@ class ExplainServicer(pb_grpc.ExplainServiceServicer):
 
     async def ExplainStream(  # noqa: N802 - gRPC method name
         self, request_iterator: AsyncIterator[pb.ExplainRequest], context: grpc.aio.ServicerContext
-    ) -> AsyncIterator[pb.ExplainResponse]:
+    ) -> AsyncIterator[Answer]:
 
-        async def answer(request: pb.ExplainRequest) -> pb.ExplainResponse:
+        async def answer(request: pb.ExplainRequest) -> Answer:
             return await self._answer(request, context.time_remaining())
 
-        def fail(request: pb.ExplainRequest, exc: Exception) -> pb.ExplainResponse:
+        def fail(request: pb.ExplainRequest, exc: Exception) -> Answer:
             error = exc if isinstance(exc, ServiceError) else _fault(exc)
             return messages.error_response(
                 request.request_id or uuid.uuid4().hex,

@@ -30,7 +30,7 @@ from camserve.server.engine.gradient_free import distinct_images
 class ImageJob:
     """One image's explain work: its model input and what to explain in it."""
 
-    tensor: torch.Tensor  # (3, H, W) float32
+    pixels: torch.Tensor  # (3, H, W): uint8 RGB, or float32 already normalised (`preprocess`)
     row: RowRequest
 
     @property

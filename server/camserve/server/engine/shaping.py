@@ -30,7 +30,6 @@ The tensor functions take (K, h, w) maps (or a single (h, w) map) and return the
 
 from __future__ import annotations
 
-import itertools
 from dataclasses import dataclass
 
 import numpy as np
@@ -43,7 +42,7 @@ from camserve.server.engine.types import EngineError
 _CONSTANT_RTOL = 1e-6
 RESOLUTIONS = ("feature", "input", "original", "explicit")
 DTYPE_BYTES = {"float32": 4, "float16": 2, "uint8": 1}
-# Mapping onto the original works on groups of maps and runs of output rows of about this many
+# Mapping onto the original works on groups of maps and bands of output rows of about this many
 # float32 values at a time.
 _BAND_ELEMENTS = 1 << 20
 # Upsampling to the model input and normalising hold a few arrays of the input's size per map.
@@ -129,17 +128,6 @@ class _Taps:
     def __len__(self) -> int:
         return len(self.a)
 
-    def runs(self, longest: int) -> list[tuple[int, int]]:
-        """[start, stop) spans of consecutive pixels reading the same two lines, at most
-        `longest` long."""
-        changes = np.flatnonzero((np.diff(self.a) != 0) | (np.diff(self.b) != 0)) + 1
-        bounds = [0, *changes.tolist(), len(self)]
-        return [
-            (start, min(start + longest, stop))
-            for begin, stop in itertools.pairwise(bounds)
-            for start in range(begin, stop, longest)
-        ]
-
 
 def _taps(out_len: int, resized_len: int, crop_start: int, crop_len: int) -> _Taps | None:
     """The taps of F.interpolate(bilinear, align_corners=False) from `resized_len` to `out_len`
@@ -192,8 +180,8 @@ def _onto(
     """(K, crop h, crop w) maps drawn over the original image at `size_hw`, zero outside the crop,
     in `dtype`. Equals pasting them into a zero canvas of the resized image's size and resizing
     that canvas to `size_hw`, without building the canvas: the columns are resampled first, on
-    the crop's rows only, then each run of output rows that reads the same two crop rows is
-    written straight into the output."""
+    the crop's rows only, then each band of output rows is gathered from the two crop rows it
+    reads and written straight into the output."""
     count = maps.shape[0]
     out = np.zeros((count, *size_hw), dtype=np.dtype(dtype))
     top, left, height, width = geometry.crop_box
@@ -207,16 +195,18 @@ def _onto(
     col_a, col_b = torch.from_numpy(cols.a), torch.from_numpy(cols.b)
     col_fraction = torch.from_numpy(cols.fraction)
     row_fraction = torch.from_numpy(rows.fraction)[None, :, None]
+    row_a, row_b = torch.from_numpy(rows.a), torch.from_numpy(rows.b)
     group = max(1, _BAND_ELEMENTS // ((height + 1) * len(cols)))
     for first in range(0, count, group):
         chunk = padded[first : first + group]
         left_of = chunk.index_select(2, col_a)
         by_column = torch.lerp(left_of, chunk.index_select(2, col_b), col_fraction)
-        longest = max(1, _BAND_ELEMENTS // (chunk.shape[0] * len(cols)))
-        for start, stop in rows.runs(longest):
-            above = by_column[:, int(rows.a[start]), None]
-            below = by_column[:, int(rows.b[start]), None]
-            values = torch.addcmul(above, row_fraction[:, start:stop], below - above)
+        band = max(1, _BAND_ELEMENTS // (chunk.shape[0] * len(cols)))
+        for start in range(0, len(rows), band):
+            stop = min(start + band, len(rows))
+            above = by_column.index_select(1, row_a[start:stop])
+            below = by_column.index_select(1, row_b[start:stop])
+            values = torch.addcmul(above, row_fraction[:, start:stop], below.sub_(above))
             target[first : first + group, start:stop] = _cast(values, dtype)
     return out
 
@@ -327,7 +317,7 @@ def output_bytes(
 
     It counts the heatmaps in their output dtype twice (the arrays and their wire copies in the
     response message), the raw maps and normalising them, the maps at input resolution
-    (upsampled and normalised), the groups and row runs in flight while mapping onto the
+    (upsampled and normalised), the groups and row bands in flight while mapping onto the
     original or an explicit size over the crop's footprint, and, with `overlay`, rendering the
     overlay at the original size; never the resized image. gRPC's serialised copy of the whole
     response is not counted: the message size limit bounds it.
@@ -353,7 +343,7 @@ def output_bytes(
 
 def _mapping_bytes(maps: int, geometry: Geometry, out_hw: tuple[int, int]) -> int:
     """The most `_onto` holds besides its output: the zero-padded maps, three arrays of a group
-    of maps resampled along the columns, and three arrays of a run of output rows, all over the
+    of maps resampled along the columns, and three arrays of a band of output rows, all over the
     crop's footprint in the output."""
     top, left, crop_h, crop_w = geometry.crop_box
     row_taps = _taps(out_hw[0], geometry.resized_hw[0], top, crop_h)
