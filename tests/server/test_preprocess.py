@@ -6,6 +6,7 @@ import io
 
 import numpy as np
 import pytest
+import torch
 import torchvision.transforms.functional as tf
 from PIL import Image
 
@@ -15,6 +16,7 @@ from camserve.server.preprocess import (
     InputRecipe,
     check_size,
     decode,
+    decode_for_model,
     from_uint8_array,
     peek,
     prepare,
@@ -192,3 +194,53 @@ def test_a_bare_pixel_limit_keeps_the_other_limits_at_their_defaults() -> None:
         decode(data, FIELD, 1_000_000)
     with pytest.raises(ImageError, match="over the limit of 1000"):
         decode(png_bytes(PICTURE), FIELD, 1000)
+
+
+def smooth_photo(width: int, height: int) -> Image.Image:
+    """A photo-like picture (smooth gradients and shapes), so reduced decoding is comparable."""
+    y, x = np.mgrid[0:height, 0:width].astype(np.float32)
+    red = 127 + 127 * np.sin(x / width * 6)
+    green = 127 + 127 * np.cos(y / height * 5)
+    blue = 255 * ((x - width / 2) ** 2 + (y - height / 2) ** 2 < (height / 3) ** 2)
+    return Image.fromarray(np.stack([red, green, blue], axis=2).astype(np.uint8))
+
+
+@pytest.mark.parametrize("orientation", [1, 6])
+def test_large_jpeg_is_decoded_at_reduced_scale_with_the_original_geometry(
+    orientation: int,
+) -> None:
+    """A 2000x1500 photo for a 256-pixel resize decodes at 1/4 scale (500x375, still at least
+    the 341x256 the model resizes it to); the geometry is the photo's as sent, and the model
+    input stays close to the full decode's."""
+    stored = smooth_photo(2000, 1500)
+    data = with_orientation(stored, "JPEG", orientation, quality=90)
+    reduced = decode_for_model(data, FIELD, LIMITS, RECIPE)
+    full = decode_for_model(data, FIELD, LIMITS, RECIPE, reduce=False)
+    sideways = orientation == 6
+    shown = (1500, 2000) if sideways else (2000, 1500)
+    assert reduced.original_size == full.original_size == shown
+    assert full.image.size == shown
+    assert reduced.image.size == ((375, 500) if sideways else (500, 375))
+    fast = prepare(reduced.image, RECIPE, False, reduced.original_size)
+    slow = prepare(full.image, RECIPE, False, full.original_size)
+    assert fast.geometry == slow.geometry
+    assert fast.geometry.original_hw == (shown[1], shown[0])
+    difference = np.abs(fast.pixels.numpy().astype(int) - slow.pixels.numpy().astype(int))
+    assert difference.mean() < 2.0  # of 255 levels
+    assert decode(data, FIELD, LIMITS, RECIPE).size == shown  # `decode` never reduces
+
+
+def test_small_jpegs_and_other_formats_are_decoded_whole() -> None:
+    small = encode(smooth_photo(400, 300), "JPEG", quality=90)  # under twice 341x256
+    assert decode_for_model(small, FIELD, LIMITS, RECIPE).image.size == (400, 300)
+    png = encode(smooth_photo(2000, 1500), "PNG")
+    assert decode_for_model(png, FIELD, LIMITS, RECIPE).image.size == (2000, 1500)
+
+
+def test_prepared_pixels_normalise_exactly_as_torchvision_does() -> None:
+    image = Image.fromarray(PICTURE)
+    prepared = prepare(image, RECIPE, keep_original=False)
+    assert prepared.pixels.dtype == torch.uint8
+    resized = tf.center_crop(tf.resize(image, RECIPE.resize), [RECIPE.crop, RECIPE.crop])
+    expected = tf.normalize(tf.to_tensor(resized), list(RECIPE.mean), list(RECIPE.std))
+    assert torch.equal(prepared.tensor, expected)

@@ -7,6 +7,7 @@ import urllib.request
 from typing import Any
 
 import grpc
+from prometheus_client.parser import text_string_to_metric_families
 import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
@@ -90,6 +91,14 @@ async def test_metrics_endpoint_serves_prometheus_text(camserve_server: Any) -> 
         "camserve_model_ready",
     ):
         assert name in text
+    stages = {
+        sample.labels["stage"]: sample.value
+        for family in text_string_to_metric_families(text)
+        for sample in family.samples
+        if sample.name == "camserve_stage_cpu_seconds_total"
+    }
+    for stage in ("decode", "preprocess", "compute", "shape", "respond"):
+        assert stages[stage] > 0, stage  # every stage of the serving path was timed
 
 
 async def test_stream_answers_each_request_by_id_and_isolates_bad_ones(

@@ -1,0 +1,60 @@
+"""A batch's model input built from prepared pixels: the same values whatever the mix."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from camserve.server.preprocess import prepare
+from camserve.server.records import InputRecipe
+from camserve.server.settings import IMAGENET_MEAN, IMAGENET_STD
+from camserve.server.staging import InputStager
+from tests._support.servers import seeded_images
+
+RECIPE = InputRecipe(resize=0, crop=32, mean=IMAGENET_MEAN, std=IMAGENET_STD)
+
+
+def prepared_images(count: int) -> list:
+    return [
+        prepare(Image.fromarray(picture), RECIPE, keep_original=False)
+        for picture in seeded_images(count, size=(40, 48), seed=3)
+    ]
+
+
+def test_uint8_batches_equal_the_images_normalised_one_by_one() -> None:
+    images = prepared_images(4)
+    stager = InputStager(torch.device("cpu"), RECIPE.mean, RECIPE.std)
+    batch = stager.batch([image.pixels for image in images])
+    assert batch.dtype == torch.float32
+    assert torch.equal(batch, torch.stack([image.tensor for image in images]))
+
+
+def test_mixed_batches_keep_each_row_in_place() -> None:
+    """Ready float inputs are used as they are; uint8 rows are normalised; order is kept."""
+    images = prepared_images(3)
+    ready = torch.randn(3, RECIPE.crop, RECIPE.crop)
+    pixels = [images[0].pixels, ready, images[1].pixels, images[2].pixels]
+    batch = InputStager(torch.device("cpu"), RECIPE.mean, RECIPE.std).batch(pixels)
+    expected = torch.stack([images[0].tensor, ready, images[1].tensor, images[2].tensor])
+    assert torch.equal(batch, expected)
+    only_ready = InputStager(torch.device("cpu"), RECIPE.mean, RECIPE.std).batch([ready])
+    assert torch.equal(only_ready, ready[None])
+
+
+def test_an_empty_batch_is_refused() -> None:
+    with pytest.raises(ValueError, match="at least one image"):
+        InputStager(torch.device("cpu"), RECIPE.mean, RECIPE.std).batch([])
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_cuda_batches_go_through_the_pinned_buffer_and_match_the_cpu() -> None:
+    images = prepared_images(5)
+    stager = InputStager(torch.device("cuda"), RECIPE.mean, RECIPE.std)
+    for count in (5, 2, 5):  # reuses the buffer, smaller and again full
+        pixels = [image.pixels for image in images[:count]]
+        batch = stager.batch(pixels)
+        assert batch.device.type == "cuda"
+        expected = torch.stack([image.tensor for image in images[:count]])
+        np.testing.assert_allclose(batch.cpu().numpy(), expected.numpy(), rtol=0, atol=1e-6)
