@@ -23,6 +23,7 @@ import torch
 
 from camserve.server import batcher, followups
 from camserve.server.batcher import Reservation
+from camserve.server.device_jpeg import is_jpeg, prepare_jpegs
 from camserve.server.engine import (
     GRADIENT_FREE_METHODS,
     EngineError,
@@ -53,6 +54,7 @@ from camserve.server.preprocess import (
 )
 from camserve.server.records import (
     ArrayImage,
+    EncodedImage,
     ExplainOutcome,
     ImageExplanation,
     ImageSource,
@@ -327,21 +329,43 @@ class ExplainPipeline:
         plan: ExplainPlan,
         timed: StageClock,
     ) -> list[PreparedImage]:
+        """Each image's model input, on CPU threads in parallel; on a CUDA model the request's
+        JPEGs are decoded together on the device first (`device_jpeg`), and any it cannot
+        decode take the CPU path."""
         loop = asyncio.get_running_loop()
-        return await asyncio.gather(
-            *(
-                loop.run_in_executor(
-                    self._pool,
-                    prepare_image,
-                    source,
-                    meta,
-                    self._limits,
-                    plan.output.overlay,
-                    timed,
+        keep = plan.output.overlay
+        on_device: dict[int, PreparedImage] = {}
+        if meta.device.startswith("cuda") and not keep:
+            jpegs = [
+                (index, source)
+                for index, source in enumerate(sources)
+                if isinstance(source, EncodedImage) and is_jpeg(source.data)
+            ]
+            if jpegs:
+                decoded = await loop.run_in_executor(
+                    self._pool, self._decode_on_device, [s for _, s in jpegs], meta, timed
                 )
-                for source in sources
+                on_device = {
+                    index: item
+                    for (index, _), item in zip(jpegs, decoded, strict=True)
+                    if item is not None
+                }
+        rest = {
+            index: loop.run_in_executor(
+                self._pool, prepare_image, source, meta, self._limits, keep, timed
             )
-        )
+            for index, source in enumerate(sources)
+            if index not in on_device
+        }
+        done = dict(zip(rest, await asyncio.gather(*rest.values()), strict=True))
+        return [on_device[i] if i in on_device else done[i] for i in range(len(sources))]
+
+    def _decode_on_device(
+        self, sources: list[EncodedImage], meta: ModelMeta, timed: StageClock
+    ) -> list[PreparedImage | None]:
+        with timed("decode"):
+            items = [(source.data, source.field) for source in sources]
+            return prepare_jpegs(items, meta.recipe, self._limits, torch.device(meta.device))
 
     @staticmethod
     def _jobs(prepared: list[PreparedImage], plan: ExplainPlan) -> list[ImageJob]:

@@ -184,15 +184,21 @@ def _displayed_size(image: Image.Image) -> tuple[int, int]:
     header counts as upright here; `decode` applies whatever orientation it finds after
     decoding, and no limit depends on which side is which."""
     width, height = image.size
+    return (height, width) if exif_orientation(image) in _SIDEWAYS else (width, height)
+
+
+def exif_orientation(image: Image.Image) -> int:
+    """The EXIF orientation (1 to 8) in an opened image's header; 1 (upright) when there is
+    none or it cannot be read, as viewers do."""
     if image.format == "PNG" and "exif" not in image.info:
-        return width, height
+        return 1
     try:
         # The base class reads the header's EXIF (and XMP) only; PngImageFile.getexif would
         # decode the pixels to look for a late chunk.
         orientation = Image.Image.getexif(image).get(_ORIENTATION_TAG, 1)
     except (SyntaxError, ValueError, TypeError, struct.error):
-        return width, height  # unreadable metadata: shown upright, as viewers do
-    return (height, width) if orientation in _SIDEWAYS else (width, height)
+        return 1
+    return orientation if isinstance(orientation, int) and 1 <= orientation <= 8 else 1
 
 
 def peek(
