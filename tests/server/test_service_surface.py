@@ -7,10 +7,10 @@ import urllib.request
 from typing import Any
 
 import grpc
-from prometheus_client.parser import text_string_to_metric_families
 import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
+from prometheus_client.parser import text_string_to_metric_families
 
 from camserve.server.app import CamServer
 from camserve.server.settings import ModelSettings, Settings
