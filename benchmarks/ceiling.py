@@ -427,7 +427,10 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--warmup", type=float, default=1.5, help="seconds before measuring")
     parser.add_argument("--batch", type=int, default=32, help="the model's max_batch_size (32)")
     parser.add_argument(
-        "--preprocess-threads", type=int, default=4, help="server CPU pool threads (4)"
+        "--preprocess-threads",
+        type=int,
+        default=0,
+        help="server CPU pool threads (0: the server's default, one per core, at most 4)",
     )
     parser.add_argument("--bare", action="store_true", help="add a bare grpc.aio reference")
     parser.add_argument("--json", action="store_true", help="print the results as JSON")

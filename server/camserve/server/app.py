@@ -116,7 +116,7 @@ class CamServer:
         self.registry = ModelRegistry(settings, self.metrics, on_health=self._model_health)
         self.health = health.aio.HealthServicer()  # type: ignore[attr-defined]
         self._pool = ThreadPoolExecutor(
-            max_workers=settings.preprocess_threads, thread_name_prefix="preprocess"
+            max_workers=settings.pool_threads, thread_name_prefix="preprocess"
         )
         self.server = _grpc_server(settings, self.metrics)
         self.pipeline = ExplainPipeline(self.registry, settings, self._pool, self.metrics)

@@ -34,6 +34,30 @@ def _metadata(details: grpc.HandlerCallDetails, key: str) -> str:
     return ""
 
 
+def _metadata_of(context: grpc.aio.ServicerContext, key: str) -> str:
+    for name, value in context.invocation_metadata() or ():
+        if name == key:
+            return value.decode() if isinstance(value, bytes) else str(value)
+    return ""
+
+
+class WrappedHandlers:
+    """An interceptor's wrapped handler per method, built once rather than on every call: the
+    wrapping depends only on the method and the handler it wraps (an inner interceptor that
+    returns another handler, such as a refusal, gets its own wrapping)."""
+
+    def __init__(self) -> None:
+        self._by_method: dict[str, tuple[Any, Any]] = {}
+
+    def get(self, method: str, handler: Any, wrap: Callable[[str, Any], Any]) -> Any:
+        cached = self._by_method.get(method)
+        if cached is not None and cached[0] is handler:
+            return cached[1]
+        wrapped = wrap(method, handler)
+        self._by_method[method] = (handler, wrapped)
+        return wrapped
+
+
 def _code_of(value: int, default: grpc.StatusCode = grpc.StatusCode.UNKNOWN) -> grpc.StatusCode:
     return next((c for c in grpc.StatusCode if c.value[0] == value), default)
 
@@ -80,9 +104,20 @@ class ObservabilityInterceptor(grpc.aio.ServerInterceptor):
 
     def __init__(self, metrics: Metrics) -> None:
         self._metrics = metrics
+        self._wrapped = WrappedHandlers()
 
-    def _finish(self, rpc: str, code: grpc.StatusCode, started: float, request_id: str) -> None:
+    def _finish(
+        self,
+        rpc: str,
+        code: grpc.StatusCode,
+        started: float,
+        request: Any,
+        context: grpc.aio.ServicerContext,
+    ) -> None:
         self._metrics.requests.labels(rpc, code.name).inc()
+        if not log.isEnabledFor(logging.DEBUG):
+            return
+        request_id = getattr(request, "request_id", "") or _metadata_of(context, "x-request-id")
         log.debug(
             "rpc",
             extra={
@@ -113,20 +148,19 @@ class ObservabilityInterceptor(grpc.aio.ServerInterceptor):
         handler = await continuation(handler_call_details)
         if handler is None:
             return None
-        rpc = handler_call_details.method.rsplit("/", 1)[-1]
-        header_id = _metadata(handler_call_details, "x-request-id")
+        return self._wrapped.get(handler_call_details.method, handler, self._wrap)
+
+    def _wrap(self, method: str, handler: Any) -> Any:
+        rpc = method.rsplit("/", 1)[-1]
         if handler.unary_unary:
-            return _replace(handler, unary_unary=self._unary(handler.unary_unary, rpc, header_id))
+            return _replace(handler, unary_unary=self._unary(handler.unary_unary, rpc))
         if handler.stream_stream:
-            return _replace(
-                handler, stream_stream=self._stream(handler.stream_stream, rpc, header_id)
-            )
+            return _replace(handler, stream_stream=self._stream(handler.stream_stream, rpc))
         return handler
 
-    def _unary(self, behaviour: Any, rpc: str, header_id: str) -> Any:
+    def _unary(self, behaviour: Any, rpc: str) -> Any:
         async def unary(request: Any, context: grpc.aio.ServicerContext) -> Any:
             started, code = time.monotonic(), grpc.StatusCode.OK
-            request_id = getattr(request, "request_id", "") or header_id
             try:
                 response = await behaviour(request, context)
                 self._observe(response)
@@ -135,11 +169,11 @@ class ObservabilityInterceptor(grpc.aio.ServerInterceptor):
                 code = _status(context, grpc.StatusCode.UNKNOWN)
                 raise
             finally:
-                self._finish(rpc, code, started, request_id)
+                self._finish(rpc, code, started, request, context)
 
         return unary
 
-    def _stream(self, behaviour: Any, rpc: str, header_id: str) -> Any:
+    def _stream(self, behaviour: Any, rpc: str) -> Any:
         async def stream(requests: Any, context: grpc.aio.ServicerContext) -> AsyncIterator[Any]:
             started, code = time.monotonic(), grpc.StatusCode.OK
             try:
@@ -150,7 +184,7 @@ class ObservabilityInterceptor(grpc.aio.ServerInterceptor):
                 code = _status(context, grpc.StatusCode.CANCELLED)
                 raise
             finally:
-                self._finish(rpc, code, started, header_id)
+                self._finish(rpc, code, started, None, context)
 
         return stream
 
@@ -205,13 +239,20 @@ class ParsingInterceptor(grpc.aio.ServerInterceptor):
     requests reach the service, which answers that one request with INVALID_ARGUMENT and goes on.
     """
 
+    def __init__(self) -> None:
+        self._wrapped = WrappedHandlers()
+
     async def intercept_service(
         self, continuation: Continuation, handler_call_details: grpc.HandlerCallDetails
     ) -> Any:
         handler = await continuation(handler_call_details)
         if handler is None or handler.request_deserializer is None:
             return handler
-        message_type = handler_call_details.method.rsplit("/", 1)[-1] + " request"
+        return self._wrapped.get(handler_call_details.method, handler, self._wrap)
+
+    @staticmethod
+    def _wrap(method: str, handler: Any) -> Any:
+        message_type = method.rsplit("/", 1)[-1] + " request"
         parse = tolerant(handler.request_deserializer, message_type)
         serialize = serializer(handler.response_serializer)
         if handler.unary_unary:

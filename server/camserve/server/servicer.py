@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import functools
+import itertools
 import logging
 import time
 import uuid
@@ -89,6 +90,10 @@ class ExplainServicer(pb_grpc.ExplainServiceServicer):
         self._active = 0
         self._idle = asyncio.Event()
         self._idle.set()
+        # Ids for requests that bring none: unique per server (a random prefix, then a count),
+        # without a call to the OS's random source per request as uuid4 makes.
+        prefix, count = uuid.uuid4().hex[:16], itertools.count()
+        self._new_id = lambda: f"{prefix}-{next(count)}"
 
     def begin_drain(self) -> None:
         """From now on requests not yet started are refused with UNAVAILABLE (retryable)."""
@@ -114,7 +119,7 @@ class ExplainServicer(pb_grpc.ExplainServiceServicer):
             meta = self._pipeline.model(request.model)
             plan = validate(request, meta, self._limits)
             respond = functools.partial(
-                messages.encoded_response, request.request_id or uuid.uuid4().hex
+                messages.encoded_response, request.request_id or self._new_id()
             )
             return await self._pipeline.explain(
                 meta, plan, image_sources(request), deadline, respond
@@ -149,7 +154,7 @@ class ExplainServicer(pb_grpc.ExplainServiceServicer):
         def fail(request: pb.ExplainRequest, exc: Exception) -> Answer:
             error = exc if isinstance(exc, ServiceError) else _fault(exc)
             return messages.error_response(
-                request.request_id or uuid.uuid4().hex,
+                request.request_id or self._new_id(),
                 status_code(error).value[0],
                 error.message,
                 error.retry_after_s,

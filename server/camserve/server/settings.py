@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import os
 import tomllib
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
@@ -191,7 +192,9 @@ class Settings:
     ready_file: str = ""  # JSON with the bound ports, written once serving
     warmup: bool = True
     engine_threads: int = 0  # torch intra-op threads; 0 = torch's default
-    preprocess_threads: int = 4  # decoding, resizing and response encoding
+    # CPU pool for decoding, resizing, shaping and encoding; 0 = one per usable core, at most
+    # 4 (more threads than cores only trade the GIL back and forth).
+    preprocess_threads: int = 0
     limits: LimitsSettings = field(default_factory=LimitsSettings)
     models: tuple[ModelSettings, ...] = ()
 
@@ -213,9 +216,10 @@ class Settings:
             raise SettingsError("tls_client_ca_file needs tls_cert_file and tls_key_file")
         if self.log_format not in ("text", "json"):
             raise SettingsError(f"log_format={self.log_format!r}: use 'text' or 'json'")
-        if self.max_message_mb < 1 or self.grace_period_s < 0 or self.preprocess_threads < 1:
+        if self.max_message_mb < 1 or self.grace_period_s < 0 or self.preprocess_threads < 0:
             raise SettingsError(
-                "max_message_mb and preprocess_threads must be >= 1, grace_period_s >= 0"
+                "max_message_mb must be >= 1, preprocess_threads >= 0 (0: one per core), "
+                "grace_period_s >= 0"
             )
         if self.log_level.lower() not in LOG_LEVELS:
             raise SettingsError(f"log_level={self.log_level!r}: use one of {list(LOG_LEVELS)}")
@@ -272,6 +276,14 @@ class Settings:
     @property
     def default_model_name(self) -> str:
         return self.default_model or self.models[0].name
+
+    @property
+    def pool_threads(self) -> int:
+        """The CPU pool's size: `preprocess_threads`, or one per usable core, at most 4."""
+        if self.preprocess_threads:
+            return self.preprocess_threads
+        cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
+        return max(1, min(4, cores or 1))
 
     @property
     def max_message_bytes(self) -> int:
