@@ -19,7 +19,9 @@ time split by stage from the server's `camserve_stage_cpu_seconds_total` counter
 the threads doing each stage: decode, preprocess, compute, shape, overlay, respond); `other` is
 the rest: gRPC, the event loop and the servicer's Python. The client sends pre-serialised
 requests and does not parse the answers (it checks a sample), so it takes as little of the
-machine as it can. `--bare` adds a reference row per case: a plain grpc.aio server that answers
+machine as it can. `--processes N` serves from N server processes, the client spreading its
+calls over them as a load balancer would (CPU per image then sums the processes). `--bare` adds
+a reference row per case: a plain grpc.aio server that answers
 every call with the same response bytes, the floor of any Python gRPC service on this machine.
 
 Usage: `python benchmarks/ceiling.py [--duration 5] [--json]` (also `benchmarks/serving.py
@@ -235,8 +237,8 @@ def check_answer(data: bytes) -> None:
 class Window:
     """Counts answers and takes the server's CPU readings at the start and end of the window."""
 
-    def __init__(self, pid: int, metrics_port: int) -> None:
-        self.pid, self.metrics_port = pid, metrics_port
+    def __init__(self, pids: list[int], metrics_ports: list[int]) -> None:
+        self.pids, self.metrics_ports = pids, metrics_ports
         self.answered = 0
         self.checked = 0
         self.stop = False
@@ -252,13 +254,21 @@ class Window:
         return (
             time.perf_counter(),
             self.answered,
-            process_cpu_s(self.pid),
-            stage_cpu_s(self.metrics_port),
+            sum(process_cpu_s(pid) for pid in self.pids),
+            _summed([stage_cpu_s(port) for port in self.metrics_ports]),
         )
 
 
+def _summed(readings: list[dict[str, float]]) -> dict[str, float]:
+    total: dict[str, float] = {}
+    for reading in readings:
+        for name, value in reading.items():
+            total[name] = total.get(name, 0.0) + value
+    return total
+
+
 async def drive(
-    address: str,
+    addresses: list[str],
     body: bytes,
     transport: str,
     concurrency: int,
@@ -272,23 +282,30 @@ async def drive(
         ("grpc.max_send_message_length", MAX_MESSAGE),
         ("grpc.max_receive_message_length", MAX_MESSAGE),
     ]
-    async with grpc.aio.insecure_channel(address, options=options) as channel:
+    channels = [grpc.aio.insecure_channel(address, options=options) for address in addresses]
+    try:
         if transport == "unary":
-            call = channel.unary_unary(EXPLAIN)
 
-            async def caller() -> None:
+            async def caller(channel: Any) -> None:
+                call = channel.unary_unary(EXPLAIN)
                 while not window.stop:
                     window.answer(await call(body, timeout=CALL_TIMEOUT_S))
 
-            tasks = [asyncio.create_task(caller()) for _ in range(concurrency)]
-        else:
-            tasks = [asyncio.create_task(_stream(channel, body, concurrency, window))]
+            tasks = [
+                asyncio.create_task(caller(channels[i % len(channels)])) for i in range(concurrency)
+            ]
+        else:  # one stream per server, the calls in flight shared between them
+            share = max(1, concurrency // len(channels))
+            tasks = [asyncio.create_task(_stream(c, body, share, window)) for c in channels]
         await asyncio.sleep(warmup_s)
         started = window.reading()
         await asyncio.sleep(duration_s)
         ended = window.reading()
         window.stop = True
         await asyncio.gather(*tasks)
+    finally:
+        for channel in channels:
+            await channel.close()
     seconds = ended[0] - started[0]
     images = ended[1] - started[1]
     cpu_ms = 1000 * (ended[2] - started[2])
@@ -327,10 +344,10 @@ def client_main(spec_path: str) -> int:
     """The client process: reads its case, drives the server, prints one JSON line."""
     spec = json.loads(Path(spec_path).read_text())
     body = Path(spec["body"]).read_bytes()
-    window = Window(spec["pid"], spec["metrics_port"])
+    window = Window(spec["pids"], spec["metrics_ports"])
     result = asyncio.run(
         drive(
-            spec["address"],
+            spec["addresses"],
             body,
             spec["transport"],
             spec["concurrency"],
@@ -343,14 +360,17 @@ def client_main(spec_path: str) -> int:
     return 0
 
 
-def run_client(workdir: Path, ready: dict[str, Any], body: bytes, **case: Any) -> dict[str, Any]:
-    """Runs one case in a fresh client process against the server `ready` describes."""
+def run_client(
+    workdir: Path, servers: list[dict[str, Any]], body: bytes, **case: Any
+) -> dict[str, Any]:
+    """Runs one case in a fresh client process against the servers their ready files describe
+    (calls spread evenly over them, as a load balancer would)."""
     body_path = workdir / "request.bin"
     body_path.write_bytes(body)
     spec = {
-        "address": f"127.0.0.1:{ready['port']}",
-        "pid": ready["pid"],
-        "metrics_port": ready.get("metrics_port", 0),
+        "addresses": [f"127.0.0.1:{ready['port']}" for ready in servers],
+        "pids": [ready["pid"] for ready in servers],
+        "metrics_ports": [ready.get("metrics_port", 0) for ready in servers],
         "body": str(body_path),
         **case,
     }
@@ -389,8 +409,9 @@ def render(result: dict[str, Any]) -> str:
     if any("bare_ips" in row for row in result["ceiling"]):
         header += f" {'bare img/s':>10} {'bare ms':>8}"
     lines = [
-        f"camserve serving ceiling: tiny CNN, {result['concurrency']} calls in flight, "
-        f"{result['duration_s']:g} s per case, {result['cores']} cores",
+        f"camserve serving ceiling: tiny CNN, {result['processes']} server process(es), "
+        f"{result['concurrency']} calls in flight, {result['duration_s']:g} s per case, "
+        f"{result['cores']} cores",
         "CPU ms/img: server process CPU time per image answered; stage columns split it",
         "",
         header,
@@ -432,6 +453,13 @@ def build_parser() -> argparse.ArgumentParser:
         default=0,
         help="server CPU pool threads (0: the server's default, one per core, at most 4)",
     )
+    parser.add_argument(
+        "--processes",
+        type=int,
+        default=1,
+        help="server processes sharing the load, each with the whole model (1); CPU per image "
+        "sums them",
+    )
     parser.add_argument("--bare", action="store_true", help="add a bare grpc.aio reference")
     parser.add_argument("--json", action="store_true", help="print the results as JSON")
     parser.add_argument("--json-file", type=Path, help="also write the JSON document here")
@@ -460,22 +488,28 @@ def measure_all(args: argparse.Namespace, workdir: Path) -> list[dict[str, Any]]
         "duration_s": args.duration,
     }
     rows = []
-    process, ready = start_camserve(workdir, args)
+    started = []
     try:
+        for index in range(args.processes):
+            server_dir = workdir / f"server-{index}"
+            server_dir.mkdir(exist_ok=True)
+            started.append(start_camserve(server_dir, args))
+        servers = [ready for _, ready in started]
         for image, output, transport in cases(args):
             body = bodies[(image, output)]
             log(f"{image} -> {output} over {transport}")
-            row = run_client(workdir, ready, body, transport=transport, **timing)
+            row = run_client(workdir, servers, body, transport=transport, **timing)
             rows.append({"input": image, "output": output, "transport": transport, **row})
             log(f"  {row['ips']:.1f} images/s, {_fmt(row['server_cpu_ms_per_image'])} ms CPU")
-        answers = {key: one_answer(ready, body) for key, body in bodies.items() if args.bare}
+        answers = {k: one_answer(servers[0], body) for k, body in bodies.items() if args.bare}
     finally:
-        stop_server(process)
+        for process, _ in started:
+            stop_server(process)
     for row in rows if args.bare else []:
         bare_process, bare_ready = start_bare(workdir, answers[(row["input"], row["output"])])
         try:
             body = bodies[(row["input"], row["output"])]
-            bare = run_client(workdir, bare_ready, body, transport=row["transport"], **timing)
+            bare = run_client(workdir, [bare_ready], body, transport=row["transport"], **timing)
         finally:
             _stop(bare_process.kill, bare_process.wait)
         row["bare_ips"] = bare["ips"]
@@ -500,13 +534,14 @@ def main(argv: list[str] | None = None) -> int:
         return client_main(args.client)
     if args.bare_server:
         return bare_server_main(*args.bare_server)
-    if args.concurrency < 1 or args.duration <= 0 or args.batch < 1:
-        raise SystemExit("--concurrency and --batch must be >= 1, --duration > 0")
+    if min(args.concurrency, args.batch, args.processes) < 1 or args.duration <= 0:
+        raise SystemExit("--concurrency, --batch and --processes must be >= 1, --duration > 0")
     with tempfile.TemporaryDirectory(prefix="camserve-ceiling-") as tmp:
         rows = measure_all(args, Path(tmp))
     result = {
         "concurrency": args.concurrency,
         "duration_s": args.duration,
+        "processes": args.processes,
         "cores": usable_cores(),
         "ceiling": rows,
     }
