@@ -22,7 +22,8 @@ core; on a 2-core machine that is 1 thread, and more threads would only fight th
 offline figures are measured alone on the machine, the served ones share it with the client: that
 difference is part of what serving costs here.
 
-Usage: `python benchmarks/serving.py [--batch 32] [--concurrency 1 8 32] [--duration 10] [--json]`.
+Usage: `python benchmarks/serving.py [--batch 32] [--concurrency 1 8 32] [--duration 10] [--json]`;
+`--ceiling` runs `benchmarks/ceiling.py` instead (what serving costs when the model costs nothing).
 Everything listens on 127.0.0.1; every server process is stopped (SIGTERM, then kill).
 """
 
@@ -442,6 +443,11 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument(
         "--json-file", type=Path, help="also write the JSON document here (with the table)"
     )
+    parser.add_argument(
+        "--ceiling",
+        action="store_true",
+        help="measure the serving ceiling instead (benchmarks/ceiling.py; its options follow)",
+    )
     parser.add_argument("--worker", nargs="+", help=argparse.SUPPRESS)
     return parser
 
@@ -463,6 +469,11 @@ def log(message: str) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    if "--ceiling" in argv:  # the serving ceiling has its own script and options
+        import ceiling
+
+        return ceiling.main([arg for arg in argv if arg != "--ceiling"])
     args = build_parser().parse_args(argv)
     if args.worker:
         return worker_main(args.worker)
