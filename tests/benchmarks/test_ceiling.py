@@ -1,0 +1,50 @@
+"""The ceiling benchmark runs end to end and reports what README's table is made of."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+SCRIPT = Path(__file__).resolve().parents[2] / "benchmarks" / "serving.py"
+
+
+def test_ceiling_json_reports_each_case_with_its_server_cpu() -> None:
+    done = subprocess.run(
+        [
+            sys.executable,
+            str(SCRIPT),
+            "--ceiling",
+            "--inputs",
+            "cat",
+            "float32",
+            "--outputs",
+            "uint8",
+            "--duration",
+            "1",
+            "--warmup",
+            "0.5",
+            "--concurrency",
+            "4",
+            "--json",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=240,
+        check=False,
+    )
+    assert done.returncode == 0, done.stderr[-3000:]
+    rows = json.loads(done.stdout)["ceiling"]
+    assert [(r["input"], r["output"], r["transport"]) for r in rows] == [
+        ("cat", "uint8", "unary"),
+        ("cat", "uint8", "stream"),
+        ("float32", "uint8", "unary"),
+        ("float32", "uint8", "stream"),
+    ]
+    for row in rows:
+        assert row["ips"] > 0
+        assert row["server_cpu_ms_per_image"] > 0
+        stages = row["stages_ms_per_image"]
+        assert {"decode", "compute", "shape", "respond", "other"} <= set(stages)
+    assert "preprocess" in rows[0]["stages_ms_per_image"]  # a JPEG is resized; a tensor is not
