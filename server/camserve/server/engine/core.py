@@ -14,11 +14,27 @@ How it stays close to the cost of a plain forward pass:
   through their `layouts.Layout`: the engine differentiates the raw output and views activations
   and gradients as (N, C, h, w) maps, prefix tokens dropped, before the methods see them.
 
+One synchronisation per batch: on a GPU the host must not wait for the device in the middle of
+a batch, or the device idles while the host queues the rest. The classes to explain are planned
+on the host from the requests (`rows.plan_classes`) and uploaded before the forward pass without
+waiting; top-k classes are picked on the device by one `torch.topk`, the one-hot grad outputs are
+built there, and every method's maps stay there (`methods.start`) until one
+`transfer.to_host` moves them with the logits and the class indices. Only then are the per-row
+results assembled (and the eigen methods' SVDs run: see `eigen`). `predict` and `predict_tail`
+also synchronise once. Range checks on classes need only the logits' shape.
+
+Precision: "bfloat16" (CPU or CUDA) and "float16" (CUDA) cast the model's floating parameters and
+buffers once, at construction, and the inputs on the way in; no autocast, which would cast the
+weights again on every forward pass. Activations and gradients are upcast to float32 before the
+CAM arithmetic, and logits come back as float32. float16 gradients are kept out of underflow by
+scaling the grad outputs by a power of two (`GRAD_SCALES`), divided out again in float32.
+
 Memory format: with `channels_last=None` (the default) the engine uses channels_last tensors on
 the CPU, where oneDNN convolutions run measurably faster in that layout (README, Performance;
-compare `benchmarks/engine.py --memory-format contiguous`), and under CUDA autocast; contiguous
+compare `benchmarks/engine.py --memory-format contiguous`), and in reduced precision; contiguous
 tensors for CUDA float32. A model that fails on channels_last input but works on contiguous input
-makes the engine switch to contiguous for good. Pass True or False to decide explicitly.
+makes the engine switch to contiguous for good. Pass True or False to decide explicitly. On CUDA
+the engine turns on `torch.backends.cudnn.benchmark` when it is built.
 
 Ownership and threads: the engine owns the model it is given. It moves it to the device, puts it
 in eval mode and freezes its parameters; `explain_batch` and `predict` refuse to run if it is
@@ -31,13 +47,13 @@ from __future__ import annotations
 import contextlib
 import difflib
 import threading
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Sequence
 from typing import TypeVar
 
 import torch
 from torch import nn
 
-from camserve.server.engine import augment
+from camserve.server.engine import augment, transfer
 from camserve.server.engine.costs import MethodCost, method_cost
 from camserve.server.engine.hooks import Capture, capture_targets
 from camserve.server.engine.layers import (
@@ -49,13 +65,17 @@ from camserve.server.engine.layers import (
     unusable_layer,
 )
 from camserve.server.engine.layouts import NCHW, Layout, LayoutHints, declared_hints
-from camserve.server.engine.methods import compute, uses_gradients
+from camserve.server.engine.methods import PendingMaps, finish, start, uses_gradients
 from camserve.server.engine.rows import (
+    ClassPlan,
     check_activations,
     check_batch,
+    check_classes,
     check_images,
     check_row,
-    resolve_classes,
+    map_groups,
+    pick_classes,
+    plan_classes,
     row_images,
 )
 from camserve.server.engine.tail import Tail, Tails
@@ -77,6 +97,12 @@ PRECISIONS: dict[str, torch.dtype] = {
     "bfloat16": torch.bfloat16,
     "float16": torch.float16,
 }
+# The one-hot grad outputs' value per precision, divided out of the float32 gradients again (a
+# power of two, so exactly). float16 gradients below 6e-5 lose precision and below 6e-8 vanish;
+# those of a logit with respect to a late layer are typically 1e-6 to 1e-2, and 2**12 lifts them
+# into float16's normal range while leaving room up to 16 before overflow. bfloat16 has float32's
+# exponent range and needs no scale.
+GRAD_SCALES: dict[str, float] = {"float32": 1.0, "bfloat16": 1.0, "float16": 2.0**12}
 
 
 def _parse_device(device: torch.device | str) -> torch.device:
@@ -134,14 +160,20 @@ class CamEngine:
         self._device = _parse_device(device)
         if precision not in PRECISIONS:
             raise EngineError(f"precision {precision!r} is unknown; use one of {list(PRECISIONS)}")
-        if precision != "float32" and self._device.type != "cuda":
+        if precision == "float16" and self._device.type != "cuda":
             raise EngineError(
-                f"precision {precision!r} needs a CUDA device (autocast); use 'float32' on the CPU"
+                "precision 'float16' needs a CUDA device (the CPU has few float16 kernels); use "
+                "'bfloat16' or 'float32' on the CPU"
             )
         self._precision = precision
+        self._dtype = PRECISIONS[precision]
+        self._grad_scale = GRAD_SCALES[precision]
+        if self._device.type == "cuda":
+            # Input sizes repeat from batch to batch: let cuDNN pick its fastest algorithms.
+            torch.backends.cudnn.benchmark = True
         if channels_last is None:
-            # Measured faster on the CPU (benchmarks/engine.py) and the usual choice for CUDA
-            # autocast; undone by itself for models that cannot take channels_last tensors.
+            # Measured faster on the CPU (benchmarks/engine.py) and what tensor cores prefer in
+            # reduced precision; undone by itself for models that cannot take channels_last.
             channels_last = self._device.type == "cpu" or precision != "float32"
             self._format_fallback = True
         else:
@@ -149,7 +181,10 @@ class CamEngine:
         self._memory_format = torch.channels_last if channels_last else torch.contiguous_format
         model.eval()
         model.requires_grad_(False)
-        self._model = model.to(self._device).to(memory_format=self._memory_format)
+        model.to(self._device)
+        if self._dtype != torch.float32:
+            model.to(self._dtype)  # floating parameters and buffers, once: no autocast per call
+        self._model = model.to(memory_format=self._memory_format)
         self._lock = threading.Lock()
         self._probes: dict[tuple[int, int], Probe] = {}
         # torch's attention prefers sequence-first token outputs (see hooks._copy).
@@ -158,7 +193,7 @@ class CamEngine:
             for module in model.modules()
         )
         self._batched_grads = True  # cleared for good if a model cannot vmap its backward
-        self._tails = Tails(self._model, to_device=self._to_layout, autocast=self._autocast)
+        self._tails = Tails(self._model, to_device=self._to_layout, autocast=contextlib.nullcontext)
 
     @property
     def model(self) -> nn.Module:
@@ -213,12 +248,13 @@ class CamEngine:
             self._check_state()
 
             def forward(x: torch.Tensor) -> torch.Tensor:
-                with torch.inference_mode(), self._autocast():
+                with torch.inference_mode():
                     return self._model(x)
 
             logits = self._run(forward, images)
             self._check_logits(logits, int(images.shape[0]))
-            return logits.float().cpu()
+            (host,) = transfer.to_host([logits.float()])
+            return host
 
     def explain_batch(self, batch: torch.Tensor, rows: Sequence[RowRequest]) -> list[RowResult]:
         """Predictions and maps for each image of `batch` (N, 3, H, W), one RowRequest per image.
@@ -272,7 +308,8 @@ class CamEngine:
                 )
             logits = self._tails.run(tail, activations.detach(), pictures, index)
             self._check_logits(logits, rows)
-            return logits.float().cpu()
+            (host,) = transfer.to_host([logits.float()])
+            return host
 
     def tail_fraction(self, layer: str, input_size: tuple[int, int]) -> float:
         """The FLOPs after `layer` over those of a whole forward pass at `input_size`: what one
@@ -300,23 +337,35 @@ class CamEngine:
     # -------------------------------------------------------------------------------- internals
 
     def _explain(self, expansion: augment.Expansion, input_hw: tuple[int, int]) -> list[RowResult]:
+        """The batch's results with one synchronisation: everything stays on the device until
+        one `transfer.to_host` of the logits, the chosen classes and every method's maps."""
         images, rows = expansion.images, expansion.rows
         batch_size = int(images.shape[0])
         layer_names = list(dict.fromkeys(row.layer for row in rows))
         modules = {name: self._module(name, input_hw) for name in layer_names}
+        plan = plan_classes(rows, expansion.class_source)
+        groups = map_groups(rows, layer_names)
+        subsets = [i for i, group in enumerate(groups) if len(group.rows) != batch_size]
+        uploaded = transfer.to_device(
+            [*plan.tensors(), *(torch.tensor(groups[i].rows) for i in subsets)], self._device
+        )
+        plan = plan.with_tensors(uploaded[:4])
+        picked = dict(zip(subsets, uploaded[4:], strict=True))
+        kept_rows = [i for i, row in enumerate(rows) if row.keep_activations]
 
-        def forward(x: torch.Tensor) -> tuple[torch.Tensor, dict[str, Capture]]:
+        def forward(x: torch.Tensor) -> tuple[torch.Tensor, dict[str, Capture], list[torch.Tensor]]:
+            # Inputs of rows that keep activations, copied before the model may change x.
+            kept = [x[i].to(torch.float32, copy=True) for i in kept_rows]
             if x.is_inference():  # made under the caller's inference_mode: copy it for autograd
                 x = x.clone()
             sequence_first = self._sequence_first
-            with (
-                capture_targets(modules, batch_size, sequence_first=sequence_first) as captures,
-                self._autocast(),
-            ):
-                return self._model(x), captures
+            with capture_targets(modules, batch_size, sequence_first=sequence_first) as captures:
+                return self._model(x), captures, kept
 
-        logits, captures = self._run(forward, images)
+        logits, captures, kept_inputs = self._run(forward, images)
         self._check_logits(logits, batch_size)
+        for source in dict.fromkeys(expansion.class_source):
+            check_classes(expansion.origin[source], rows[source], int(logits.shape[1]))
         activations = [self._activation(captures[name], input_hw) for name in layer_names]
         layouts = [
             self._layout(name, a, input_hw)
@@ -324,14 +373,11 @@ class CamEngine:
         ]
 
         scores = logits.detach().float()
-        chosen = {
-            source: resolve_classes(expansion.origin[source], rows[source], scores[source])
-            for source in dict.fromkeys(expansion.class_source)
-        }
-        classes = [chosen[source] for source in expansion.class_source]
+        classes = pick_classes(plan, scores)
         gradients: list[torch.Tensor | None] = [None] * len(layer_names)
         if any(uses_gradients(method) for row in rows for method in row.methods):
-            gradients = self._gradients(logits, activations, classes)
+            one_hot = self._grad_outputs(logits, classes, plan)
+            gradients = self._gradients(logits, activations, one_hot)
             for name, gradient in zip(layer_names, gradients, strict=True):
                 if gradient is None:
                     raise LayerError(
@@ -339,24 +385,40 @@ class CamEngine:
                         f"gradient to explain; {self._probe(input_hw).listing()}"
                     )
 
-        maps: list[dict[tuple[str, int], torch.Tensor]] = [{} for _ in rows]
+        pending: list[PendingMaps] = []
         with torch.no_grad():
-            for name, layout, activation, gradient in zip(
-                layer_names, layouts, activations, gradients, strict=True
-            ):
-                grid = None if gradient is None else layout.to_maps(gradient)
-                self._layer_maps(
-                    name, layout.to_maps(activation.detach()), grid, rows, classes, maps
-                )
+            maps_in = [
+                self._method_inputs(*inputs)
+                for inputs in zip(layouts, activations, gradients, strict=True)
+            ]
+            for position, group in enumerate(groups):
+                a, g = maps_in[layer_names.index(group.layer)]
+                g = g if uses_gradients(group.method) else None
+                if position in picked:
+                    a = a[picked[position]]
+                    g = None if g is None else g[:, picked[position]]
+                pending.append(start(group.method, a, g, eigen_smooth=group.eigen_smooth))
 
-        scores = scores.cpu()
-        probabilities = torch.softmax(scores, dim=1)
-        retained = self._retained(images, rows, layer_names, layouts, activations, scores)
+        host_scores, host_classes, *host_maps = transfer.to_host(
+            [scores, classes, *(p.tensor for p in pending)]
+        )
+        host_scores = host_scores.clone()  # not a view of the buffer: see `methods.finish`
+        columns = host_classes.T.tolist()
+        chosen = [tuple(columns[i][:count]) for i, count in enumerate(plan.counts)]
+        maps: list[dict[tuple[str, int], torch.Tensor]] = [{} for _ in rows]
+        for group, waiting, host in zip(groups, pending, host_maps, strict=True):
+            cams = finish(waiting, host)  # (K or 1, n, h, w)
+            for column, i in enumerate(group.rows):
+                for k, class_index in enumerate(chosen[i]):
+                    maps[i][(group.method, class_index)] = cams[min(k, cams.shape[0] - 1), column]
+
+        probabilities = torch.softmax(host_scores, dim=1)
+        retained = self._retained(rows, layer_names, layouts, activations, kept_inputs, host_scores)
         return [
             RowResult(
-                logits=scores[i],
+                logits=host_scores[i],
                 probabilities=probabilities[i],
-                classes=classes[i],
+                classes=chosen[i],
                 layer=row.layer,
                 maps=maps[i],
                 retained=retained[i],
@@ -364,22 +426,32 @@ class CamEngine:
             for i, row in enumerate(rows)
         ]
 
+    def _method_inputs(
+        self, layout: Layout, activation: torch.Tensor, gradient: torch.Tensor | None
+    ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """A layer's activations (N, C, h, w) and gradients (K, N, C, h, w) as float32 maps,
+        the gradients' loss scale divided out (exact: it is a power of two)."""
+        a = layout.to_maps(activation.detach()).float()
+        if gradient is None:
+            return a, None
+        g = layout.to_maps(gradient).float()
+        if self._grad_scale != 1.0:
+            g = g / self._grad_scale
+        return a, g
+
     def _retained(
         self,
-        images: torch.Tensor,
         rows: list[RowRequest],
         layer_names: list[str],
         layouts: list[Layout],
         activations: list[torch.Tensor],
+        inputs: list[torch.Tensor],
         scores: torch.Tensor,
     ) -> list[tuple[Retained, ...]]:
-        """For rows with keep_activations: their input and layer output as a (C, h, w) map,
-        copied on the device. Only an NCHW layer's map is also what the tail takes as input."""
+        """For rows with keep_activations: their input (float32) and layer output as a (C, h, w)
+        map, copied on the device. Only an NCHW layer's map is also what the tail takes."""
         kept: list[tuple[Retained, ...]] = [() for _ in rows]
         wanted = [i for i, row in enumerate(rows) if row.keep_activations]
-        if not wanted:
-            return kept
-        inputs = self._to_device(images[wanted])
         for position, i in enumerate(wanted):
             layer = layer_names.index(rows[i].layer)
             layout = layouts[layer]
@@ -394,19 +466,25 @@ class CamEngine:
             )
         return kept
 
+    def _grad_outputs(
+        self, logits: torch.Tensor, classes: torch.Tensor, plan: ClassPlan
+    ) -> torch.Tensor:
+        """One-hot grad outputs (K, N, num_classes) built on the device from the (K, N) class
+        indices: `grad_scale` at each row's k-th class, zero vectors for padding positions."""
+        depth = int(classes.shape[0])
+        one_hot = torch.zeros((depth, *logits.shape), dtype=logits.dtype, device=logits.device)
+        values = plan.valid.to(logits.dtype) * self._grad_scale
+        return one_hot.scatter_(2, classes[..., None], values[..., None])
+
     def _gradients(
         self,
         logits: torch.Tensor,
         activations: list[torch.Tensor],
-        classes: list[tuple[int, ...]],
+        one_hot: torch.Tensor,
     ) -> list[torch.Tensor | None]:
-        """dY_c/dA for every layer as (K, N, *A's shape per image): K = the most classes any row
-        asks for."""
-        depth = max(len(row_classes) for row_classes in classes)
-        index = [(k, i, c) for i, wanted in enumerate(classes) for k, c in enumerate(wanted)]
-        one_hot = torch.zeros((depth, *logits.shape), dtype=logits.dtype)
-        one_hot[tuple(torch.tensor(index).T)] = 1  # rows with fewer classes keep zero vectors
-        one_hot = one_hot.to(logits.device)
+        """dY_c/dA for every layer as (K, N, *A's shape per image), from the (K, N,
+        num_classes) grad outputs: K = the most classes any row asks for."""
+        depth = int(one_hot.shape[0])
         if depth == 1:
             single = torch.autograd.grad(logits, activations, one_hot[0], allow_unused=True)
             return [None if g is None else g[None] for g in single]
@@ -440,37 +518,6 @@ class CamEngine:
             present = [g for g in grads if g is not None]
             stacked.append(torch.stack(present) if len(present) == depth else None)
         return stacked
-
-    @staticmethod
-    def _layer_maps(
-        name: str,
-        activation: torch.Tensor,
-        gradient: torch.Tensor | None,
-        rows: list[RowRequest],
-        classes: list[tuple[int, ...]],
-        maps: list[dict[tuple[str, int], torch.Tensor]],
-    ) -> None:
-        """Fills `maps` with every method asked of layer `name`, one tensor op per method and
-        eigen_smooth setting."""
-        on_layer = [i for i, row in enumerate(rows) if row.layer == name]
-        asked = dict.fromkeys((m, rows[i].eigen_smooth) for i in on_layer for m in rows[i].methods)
-        for method, eigen_smooth in asked:
-            wanted = [
-                i
-                for i in on_layer
-                if method in rows[i].methods and rows[i].eigen_smooth == eigen_smooth
-            ]
-            g = gradient if uses_gradients(method) else None
-            if len(wanted) == activation.shape[0]:
-                a = activation
-            else:
-                picked = torch.tensor(wanted, device=activation.device)
-                a = activation[picked]
-                g = None if g is None else g[:, picked]
-            cams = compute(method, a, g, eigen_smooth=eigen_smooth).cpu()  # (K or 1, n, h, w)
-            for column, i in enumerate(wanted):
-                for k, class_index in enumerate(classes[i]):
-                    maps[i][(method, class_index)] = cams[min(k, cams.shape[0] - 1), column]
 
     def _module(self, name: str, input_hw: tuple[int, int]) -> nn.Module:
         try:
@@ -608,18 +655,13 @@ class CamEngine:
             )
 
     def _to_device(self, images: torch.Tensor) -> torch.Tensor:
-        x = images.detach().to(self._device, dtype=torch.float32, non_blocking=True)
+        """Model inputs on the device, in the engine's precision and memory format."""
+        x = images.detach().to(self._device, dtype=self._dtype, non_blocking=True)
         return x.contiguous(memory_format=self._memory_format)
 
     def _to_layout(self, tensor: torch.Tensor) -> torch.Tensor:
-        """A 4-D tensor on the device in the engine's memory format, its dtype kept."""
-        x = tensor.detach().to(self._device, non_blocking=True)
+        """A 4-D tensor on the device in the engine's memory format; floating tensors in the
+        engine's precision, which the model's weights are in."""
+        dtype = self._dtype if tensor.is_floating_point() else None
+        x = tensor.detach().to(self._device, dtype=dtype, non_blocking=True)
         return x.contiguous(memory_format=self._memory_format)
-
-    @contextlib.contextmanager
-    def _autocast(self) -> Iterator[None]:
-        if self._precision == "float32":
-            yield
-            return
-        with torch.autocast(self._device.type, dtype=PRECISIONS[self._precision]):
-            yield

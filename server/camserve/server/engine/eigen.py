@@ -6,10 +6,19 @@ its first right singular vector: an (S,) map that no longer depends on any per-c
 Sign convention. A singular vector is defined only up to sign, so the projection is too. The
 engine does what pytorch-grad-cam does: no correction; the sign is the one LAPACK's `sgesdd`
 returns through `numpy.linalg.svd` on the float32 matrix, centred with pytorch-grad-cam's own
-float32 steps. Equal matrices therefore get equal signs, on every device: the SVD always runs on
-the CPU with numpy, because `torch.linalg.svd`'s LAPACK picks the other sign for about half of
-all matrices. The thin SVD is used; its first singular vector is the one of the full SVD that
-pytorch-grad-cam asks for, at a fraction of the cost.
+float32 steps. Equal matrices therefore get equal signs, on every device. The thin SVD is used;
+its first singular vector is the one of the full SVD that pytorch-grad-cam asks for, at a
+fraction of the cost.
+
+Why the SVD runs on the host. No rule computable on the device reproduces LAPACK's sign:
+`torch.linalg.svd` picks the other sign for about a quarter of random activation matrices, even
+on the CPU, and simple rules (the singular vector's largest component positive, the
+projection's sum positive, its first entry positive) each agree with LAPACK on only 40-70% of
+them. The work is therefore split in two: `prepare` lays the matrices out on their device (no
+synchronisation), and `project` centres them and runs the SVD on the CPU once they are there.
+The engine moves the prepared matrices with the rest of a batch's results in its single
+transfer to the host (`camserve.server.engine.transfer`), so the eigen methods add no
+synchronisation, only bytes to that copy; `first_component` does both steps for other callers.
 
 The sign stays arbitrary in two ways, as in pytorch-grad-cam. LAPACK's choice is not a
 continuous function of the matrix: for a rank-deficient matrix (channels whose weight is zero,
@@ -33,7 +42,8 @@ import numpy as np
 import torch
 from threadpoolctl import ThreadpoolController
 
-_SPATIAL = -2
+from camserve.server.engine import transfer
+
 _BLAS_LOCK = threading.Lock()
 
 
@@ -48,25 +58,38 @@ def _svd_vt(array: np.ndarray) -> np.ndarray:
         return np.linalg.svd(array, full_matrices=False)[2]
 
 
-def first_component(matrices: torch.Tensor) -> torch.Tensor:
-    """(..., S, C) -> (..., S): each matrix's centred rows projected on its first component.
+def prepare(matrices: torch.Tensor) -> torch.Tensor:
+    """(..., S, C) -> (..., C, S): the matrices as `project` reads them, on their own device.
 
-    NaNs count as zeros. The float32 arithmetic mirrors pytorch-grad-cam's step by step (its
-    (S, C) matrices are transposed views of (C, S) arrays, which decides numpy's summation
-    order), so that equal inputs give bit-equal matrices to the SVD and hence the same sign.
-    The result is float32 on the input's device.
+    float32, NaNs read as zeros (as pytorch-grad-cam reads them), channel-major and contiguous.
     """
-    device = matrices.device
     x = matrices.detach().float()
     x = torch.where(torch.isnan(x), torch.zeros_like(x), x)
-    stack, positions = tuple(x.shape[:-2]), int(x.shape[-2])
-    if x.numel() == 0 or positions == 0:
-        return torch.zeros((*stack, positions), device=device)
-    by_channel = x.movedim(-1, -2).contiguous().cpu().numpy()  # (..., C, S)
-    rows = by_channel.swapaxes(-1, -2)  # (..., S, C), a view as in pytorch-grad-cam
+    return x.movedim(-1, -2).contiguous()
+
+
+def project(by_channel: torch.Tensor) -> torch.Tensor:
+    """(..., C, S) on the CPU, from `prepare` -> (..., S) float32 on the CPU: each matrix's
+    centred rows projected on its first right singular vector.
+
+    The float32 arithmetic mirrors pytorch-grad-cam's step by step (its (S, C) matrices are
+    transposed views of (C, S) arrays, which decides numpy's summation order), so that equal
+    inputs give bit-equal matrices to the SVD and hence the same sign.
+    """
+    stack, positions = tuple(by_channel.shape[:-2]), int(by_channel.shape[-1])
+    if by_channel.numel() == 0 or positions == 0:
+        return torch.zeros((*stack, positions))
+    rows = by_channel.numpy().swapaxes(-1, -2)  # (..., S, C), a view as in pytorch-grad-cam
     centred = rows - rows.mean(axis=-2, keepdims=True)
     vt = _svd_vt(centred)
     projection = np.empty((*stack, positions), dtype=np.float32)
     for index in np.ndindex(*stack):
         projection[index] = centred[index] @ vt[index][0, :]
-    return torch.from_numpy(projection).to(device)
+    return torch.from_numpy(projection)
+
+
+def first_component(matrices: torch.Tensor) -> torch.Tensor:
+    """(..., S, C) -> (..., S) float32 on the input's device: `prepare`, one transfer to the
+    host, `project`. NaNs count as zeros."""
+    (host,) = transfer.to_host([prepare(matrices)])
+    return project(host).to(matrices.device)

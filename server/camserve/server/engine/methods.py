@@ -11,9 +11,14 @@ With eigen_smooth, and always for EigenCAM and EigenGradCAM, the map is instead 
 principal component of the terms (`camserve.server.engine.eigen`), ReLU'd. EigenCAM works on the
 raw activations (no ReLU before the projection) and ignores the gradients, as pytorch-grad-cam's.
 
+A method runs in two steps so that a batch waits for its device only once: `start` does on the
+device all that can be done there (every plain map; the laid-out matrices of a projection), the
+engine moves every method's `PendingMaps.tensor` to the host in one transfer, and `finish`
+completes the maps there (the projections' SVDs run on the CPU; see `eigen` for why).
+
 The definitions (epsilons included) follow pytorch-grad-cam 1.5.7 so results can be checked
 against it. The arithmetic is float32 whatever precision the forward pass ran in, because
-Grad-CAM++ cubes gradients.
+Grad-CAM++ cubes gradients: activations and gradients are upcast before any of it.
 """
 
 from __future__ import annotations
@@ -23,7 +28,7 @@ from dataclasses import dataclass
 
 import torch
 
-from camserve.server.engine.eigen import first_component
+from camserve.server.engine.eigen import first_component, prepare, project
 
 CamFn = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
 TermsFn = Callable[[torch.Tensor, torch.Tensor | None], torch.Tensor]
@@ -155,30 +160,60 @@ def flat_channels_last(feature_maps: torch.Tensor) -> torch.Tensor:
     return moved.reshape(*moved.shape[:-3], -1, moved.shape[-1])
 
 
-def compute(
+@dataclass(frozen=True)
+class PendingMaps:
+    """One method's maps for some rows, on the device, waiting for the batch's transfer.
+
+    `tensor` holds the finished maps (K, R, h, w) or, for a projected method, the matrices
+    (K or 1, R, C, S) that `eigen.project` turns into maps on the host (see `eigen`); `finish`
+    takes either once it is on the host.
+    """
+
+    tensor: torch.Tensor
+    projected: bool
+    depth: int  # K: the classes a projection is repeated for when it ignores them
+    hw: tuple[int, int]
+
+
+def start(
     method: str,
     activations: torch.Tensor,
     gradients: torch.Tensor | None,
     *,
     eigen_smooth: bool = False,
-) -> torch.Tensor:
-    """Maps (K, R, h, w) for `method` from (R, C, h, w) activations, (K, R, C, h, w) gradients.
+) -> PendingMaps:
+    """`method`'s maps from (R, C, h, w) activations and (K, R, C, h, w) gradients, as far as
+    the device takes them: all of them, or the matrices to project. No synchronisation.
 
-    `gradients` may be None for a method that does not use them; the result is then (1, R, h, w).
+    `gradients` may be None for a method that does not use them; the maps are then (1, R, h, w).
+    Both are read as float32, whatever precision the forward pass ran in.
     """
     spec = CAM_METHODS[method]
-    height, width = activations.shape[-2:]
+    height, width = (int(side) for side in activations.shape[-2:])
     a = flat_channels_last(activations)
     g = None if gradients is None else flat_channels_last(gradients)
     if spec.uses_gradients and g is None:
         raise ValueError(f"method {method!r} needs gradients")
+    depth = 1 if g is None else int(g.shape[0])
     if spec.fast is not None and g is not None and not eigen_smooth:
-        cams = spec.fast(a, g)
-    else:
-        cams = first_component(spec.terms(a, g)).clamp_(min=0)
-        if g is not None and cams.shape[0] != g.shape[0]:
-            cams = cams.expand(g.shape[0], *cams.shape[1:])
-    return cams.unflatten(-1, (height, width))
+        cams = spec.fast(a, g).unflatten(-1, (height, width))
+        return PendingMaps(cams, projected=False, depth=depth, hw=(height, width))
+    matrices = prepare(spec.terms(a, g))
+    return PendingMaps(matrices, projected=True, depth=depth, hw=(height, width))
+
+
+def finish(pending: PendingMaps, host: torch.Tensor) -> torch.Tensor:
+    """The maps (K, R, h, w) from `pending.tensor` brought to the host as `host`.
+
+    They own their memory: `host` may be a view of a transfer buffer that also holds other
+    methods' matrices, which should not live as long as the maps.
+    """
+    if not pending.projected:
+        return host.clone()
+    cams = project(host).clamp_(min=0)
+    if cams.shape[0] != pending.depth:
+        cams = cams.expand(pending.depth, *cams.shape[1:])
+    return cams.unflatten(-1, pending.hw)
 
 
 def from_weights(

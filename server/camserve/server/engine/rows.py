@@ -1,12 +1,18 @@
-"""Checks on what a batch asks for, and which classes each row explains.
+"""Checks on what a batch asks for, which classes each row explains, which rows share a method.
 
 The servicer validates requests before they reach the engine, but the engine does not rely on
 it: every check here raises `EngineError` naming the row, the argument and the fix.
+
+Class choice is planned on the host from the requests alone (`plan_classes`) and carried out on
+the device (`pick_classes`), so that choosing top-k classes never waits for the logits to reach
+the host; the range checks need only the logits' shape (`check_classes`).
 """
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Sequence
+from dataclasses import dataclass
 
 import torch
 
@@ -88,9 +94,11 @@ def check_row(index: int, row: RowRequest) -> None:
         raise EngineError(f"{where}.top_k must be an int >= 1, got {row.top_k!r}")
 
 
-def resolve_classes(index: int, row: RowRequest, logits: torch.Tensor) -> tuple[int, ...]:
-    """The classes row `index` explains: its explicit classes, else its top_k predictions."""
-    num_classes = int(logits.shape[-1])
+def check_classes(index: int, row: RowRequest, num_classes: int) -> None:
+    """Row `index`'s classes, or its top_k, fit a model with `num_classes` logits.
+
+    Needs only the logits' shape, so it runs before anything has to be read from the device.
+    """
     where = f"rows[{index}]"
     if row.classes:
         bad = [c for c in row.classes if c >= num_classes]
@@ -99,13 +107,109 @@ def resolve_classes(index: int, row: RowRequest, logits: torch.Tensor) -> tuple[
                 f"{where}.classes: {bad} out of range; this model has {num_classes} classes "
                 f"(0..{num_classes - 1})"
             )
-        return tuple(row.classes)
-    if row.top_k > num_classes:
+    elif row.top_k > num_classes:
         raise EngineError(
             f"{where}.top_k is {row.top_k} but this model has only {num_classes} classes; "
             f"use 1..{num_classes}"
         )
-    return tuple(int(c) for c in torch.topk(logits, row.top_k).indices.tolist())
+
+
+@dataclass(frozen=True)
+class ClassPlan:
+    """Which classes each row of a batch explains, as index tensors, so that the device can pick
+    them and build the grad outputs without asking the host for anything.
+
+    Row i explains `counts[i]` classes: its explicit classes, or the top `counts[i]` of its class
+    source's logits. Position k of row i is `explicit[k, i]` when that is >= 0, else the k-th
+    class of `top[top_slot[i]]` where `top` ranks the logits of the `top_rows` (one
+    `torch.topk` of `top_k` classes for the whole batch). Positions k >= counts[i] are padding:
+    class 0, `valid` False, a zero grad output.
+    """
+
+    counts: tuple[int, ...]
+    explicit: torch.Tensor  # (depth, N) int64
+    valid: torch.Tensor  # (depth, N) bool
+    top_rows: torch.Tensor  # (T,) int64
+    top_slot: torch.Tensor  # (N,) int64
+    top_k: int  # 0 when no row ranks its logits
+
+    @property
+    def depth(self) -> int:
+        return max(self.counts)
+
+    def tensors(self) -> list[torch.Tensor]:
+        """The index tensors, in the order `with_tensors` takes them back."""
+        return [self.explicit, self.valid, self.top_rows, self.top_slot]
+
+    def with_tensors(self, tensors: Sequence[torch.Tensor]) -> ClassPlan:
+        """The same plan with its index tensors replaced (by their copies on the device)."""
+        explicit, valid, top_rows, top_slot = tensors
+        return dataclasses.replace(
+            self, explicit=explicit, valid=valid, top_rows=top_rows, top_slot=top_slot
+        )
+
+
+def plan_classes(rows: Sequence[RowRequest], class_source: Sequence[int]) -> ClassPlan:
+    """The plan for `rows`, where row i takes its classes from row `class_source[i]` (itself, or
+    the identity copy of an aug_smooth image). Host-side only: it reads no logits."""
+    counts = tuple(len(rows[s].classes) or rows[s].top_k for s in class_source)
+    depth = max(counts)
+    ranked = list(dict.fromkeys(s for s in class_source if not rows[s].classes))
+    slot = {source: position for position, source in enumerate(ranked)}
+    explicit: list[list[int]] = []  # per row, transposed below
+    top_slot: list[int] = []
+    for source, count in zip(class_source, counts, strict=True):
+        wanted = rows[source].classes
+        explicit.append([*(wanted or [-1] * count), *[0] * (depth - count)])
+        top_slot.append(0 if wanted else slot[source])
+    positions = torch.arange(depth)[:, None]
+    return ClassPlan(
+        counts=counts,
+        explicit=torch.tensor(explicit, dtype=torch.int64).T.contiguous(),
+        valid=positions < torch.tensor(counts)[None, :],
+        top_rows=torch.tensor(ranked, dtype=torch.int64),
+        top_slot=torch.tensor(top_slot, dtype=torch.int64),
+        top_k=max((rows[s].top_k for s in ranked), default=0),
+    )
+
+
+def pick_classes(plan: ClassPlan, scores: torch.Tensor) -> torch.Tensor:
+    """(depth, N) int64 class indices on the scores' device, `plan`'s tensors being there too:
+    the explicit ones, and the top-k ones from one `torch.topk` over the rows that rank."""
+    if plan.top_k == 0:
+        return plan.explicit
+    top = torch.topk(scores.index_select(0, plan.top_rows), plan.top_k).indices  # (T, k)
+    per_row = top.index_select(0, plan.top_slot).T  # (k, N)
+    missing = plan.depth - plan.top_k
+    if missing:
+        per_row = torch.cat([per_row, per_row.new_zeros((missing, per_row.shape[1]))])
+    return torch.where(plan.explicit < 0, per_row, plan.explicit)
+
+
+@dataclass(frozen=True)
+class MapGroup:
+    """Rows of one layer asking for one method with one eigen_smooth setting: one tensor op."""
+
+    layer: str
+    method: str
+    eigen_smooth: bool
+    rows: tuple[int, ...]
+
+
+def map_groups(rows: Sequence[RowRequest], layers: Sequence[str]) -> list[MapGroup]:
+    """Every (layer, method, eigen_smooth) some row asks for, with the rows that ask for it."""
+    groups: list[MapGroup] = []
+    for layer in layers:
+        on_layer = [i for i, row in enumerate(rows) if row.layer == layer]
+        asked = dict.fromkeys((m, rows[i].eigen_smooth) for i in on_layer for m in rows[i].methods)
+        for method, eigen_smooth in asked:
+            wanted = tuple(
+                i
+                for i in on_layer
+                if method in rows[i].methods and rows[i].eigen_smooth == eigen_smooth
+            )
+            groups.append(MapGroup(layer, method, eigen_smooth, wanted))
+    return groups
 
 
 def check_activations(activations: object) -> int:
