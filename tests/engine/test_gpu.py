@@ -1,4 +1,6 @@
-"""CUDA: float32 and bfloat16 autocast, contiguous and channels_last, against the CPU engine."""
+"""CUDA: float32, and bfloat16 and float16 weights cast once, contiguous and channels_last,
+against the CPU engine; and one host synchronisation per batch, checked by CUDA's sync debug
+mode (the engine's single transfer, `camserve.server.engine.transfer.to_host`, is exempt)."""
 
 from __future__ import annotations
 
@@ -34,7 +36,9 @@ ROWS = [
 ]
 
 
-def _normalised(result_maps: dict[tuple[str, int], torch.Tensor]) -> dict[object, torch.Tensor]:
+def _normalised(
+    result_maps: dict[tuple[str, int], torch.Tensor],
+) -> dict[tuple[str, int], torch.Tensor]:
     return {key: normalise(to_input(cam, (160, 160))) for key, cam in result_maps.items()}
 
 
@@ -45,7 +49,8 @@ def _normalised(result_maps: dict[tuple[str, int], torch.Tensor]) -> dict[object
         ("float32", False, 1e-2, 1e-4),
         ("float32", True, 1e-2, 1e-4),
         ("bfloat16", True, 0.1, 2e-3),
-        ("bfloat16", None, 0.1, 2e-3),  # the engine's default layout under autocast
+        ("bfloat16", None, 0.1, 2e-3),  # the engine's default layout in reduced precision
+        ("float16", None, 0.1, 2e-3),
     ],
 )
 def test_cuda_matches_the_cpu_engine(
@@ -78,6 +83,9 @@ def test_cuda_matches_the_cpu_engine(
             assert got.maps[key].dtype == torch.float32
             assert float((got_maps[key] - want_maps[key]).abs().mean()) < map_tol, key
     assert all(p.grad is None for p in cuda_engine.model.parameters())
+    dtype = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+    assert all(p.dtype == dtype[precision] for p in cuda_engine.model.parameters())
+    assert torch.backends.cudnn.benchmark
 
 
 def test_cuda_peak_memory_stays_near_a_forward_pass(
@@ -131,3 +139,61 @@ def test_cuda_new_methods(
                 b = normalise(to_input(want.maps[key], (64, 64)))
                 assert float((a - b).abs().mean()) < 1e-2, key
     assert engine.tail_fraction("layer4", (64, 64)) < 0.05
+
+
+SYNC_ROWS = [
+    RowRequest("layer4", METHODS, classes=(5, 2)),
+    RowRequest("layer3", ("gradcam", "eigencam", "layercam"), top_k=3, eigen_smooth=True),
+    RowRequest("layer4", ("eigengradcam", "gradcampp"), top_k=2, keep_activations=True),
+    RowRequest("layer3", (), classes=(1,), keep_activations=True),
+    RowRequest("layer4", ("gradcam", "hirescam"), top_k=1, aug_smooth=True),
+]
+
+
+@pytest.mark.parametrize("precision", ["float32", "bfloat16", "float16"])
+@pytest.mark.parametrize("on_device", [True, False], ids=["cuda-batch", "cpu-batch"])
+def test_cuda_synchronises_once_per_call(
+    seeded_resnet18: nn.Module,
+    make_engine: Callable[..., CamEngine],
+    random_images: Callable[..., torch.Tensor],
+    monkeypatch: pytest.MonkeyPatch,
+    precision: str,
+    on_device: bool,
+) -> None:
+    """Any synchronising call but the transfer raises under sync debug mode "error"; the first
+    call at an input size (probe pass, cuDNN's algorithm search) is left out."""
+    from camserve.server.engine import transfer
+
+    batch = random_images(len(SYNC_ROWS), (96, 96), seed=34)
+    batch = batch.cuda() if on_device else batch
+    engine = make_engine(seeded_resnet18, device="cuda", precision=precision)
+    warm = engine.explain_batch(batch, SYNC_ROWS)
+    activations = warm[2].retained[0].activation[None]  # row 2: layer4, keep_activations
+    engine.predict(batch)
+    engine.predict_tail("layer4", activations.clone(), batch[2:3])
+    calls = 0
+    real = transfer.to_host
+
+    def counted(tensors: list[torch.Tensor]) -> list[torch.Tensor]:
+        nonlocal calls
+        calls += 1
+        return real(tensors)
+
+    monkeypatch.setattr(transfer, "to_host", counted)
+    torch.cuda.synchronize()
+    previous = torch.cuda.get_sync_debug_mode()
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        results = engine.explain_batch(batch, SYNC_ROWS)
+        assert calls == 1
+        engine.predict(batch)
+        assert calls == 2
+        engine.predict_tail("layer4", activations.clone(), batch[2:3])
+        assert calls == 3
+    finally:
+        torch.cuda.set_sync_debug_mode(previous)
+    for got, want in zip(results, warm, strict=True):
+        assert got.classes == want.classes
+        assert set(got.maps) == set(want.maps)
+        assert all(m.device.type == "cpu" and m.dtype == torch.float32 for m in got.maps.values())
+        assert all(r.activation.is_cuda and r.image.is_cuda for r in got.retained)
