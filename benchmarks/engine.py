@@ -30,8 +30,18 @@ the explanation's cost, not the layout's. pytorch-grad-cam and the tutorial loop
 run them: contiguous and float32 (pytorch-grad-cam converts activations to numpy, which has no
 bfloat16).
 
-On CUDA the cases also cover float32 and bfloat16 (autocast) and each result carries a
-"precision" field; CPU results hold exactly the fields listed in `FIELDS`.
+On CUDA the cases also cover bfloat16 and float16 (the engine casts its weights once; the
+forward pass runs the same cast model) and each result carries a "precision" field; CPU results
+hold exactly the fields listed in `FIELDS`.
+
+`--throughput` reports images per second instead: `CamEngine.explain_batch` (Grad-CAM of the top
+class) against plain inference with `CamEngine.predict` on the same engine, per precision
+(float32, bfloat16 and float16 on CUDA; float32 on the CPU unless `--precisions` says
+otherwise), resnet50 at batches 64 and 256 unless told otherwise, inputs already on the device,
+results on the host (each call's single transfer included).
+
+    python benchmarks/engine.py --throughput                  # table
+    python benchmarks/engine.py --throughput --json           # {"device": ..., "throughput": [...]}
 
 `--gradient-free` times AblationCAM and ScoreCAM instead, per image, against pytorch-grad-cam's
 on the same images (resnet50 at `layer4` and `layer3` by default, each case in a fresh process,
@@ -67,7 +77,7 @@ import statistics
 import subprocess
 import sys
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -78,6 +88,7 @@ from torch import nn
 
 from camserve.server.engine import (
     DEFAULT_STEPS,
+    PRECISIONS,
     CamEngine,
     LayerSpec,
     RowRequest,
@@ -108,6 +119,7 @@ INPUT = 224
 DEFAULT_MODELS = "resnet18,resnet50,vit_b_16,swin_t"
 CPU_BATCHES = (1, 8, 32)
 CUDA_BATCHES = (1, 8, 32, 64, 256)
+CUDA_PRECISIONS = ("float32", "bfloat16", "float16")
 # Targets on the CPU for batches of 8 and more.
 TARGETS = {
     "engine_over_forward": 1.10,
@@ -194,15 +206,6 @@ class TutorialGradCAM:
 # ------------------------------------------------------------------------------ one case
 
 
-@contextlib.contextmanager
-def _autocast(device: torch.device, precision: str) -> Iterator[None]:
-    if precision == "float32":
-        yield
-        return
-    with torch.autocast(device.type, dtype=getattr(torch, precision)):
-        yield
-
-
 FORMATS: dict[str, bool | None] = {"auto": None, "channels_last": True, "contiguous": False}
 
 
@@ -222,11 +225,14 @@ def _contenders(
     x = torch.randn(batch, 3, INPUT, INPUT, generator=torch.Generator().manual_seed(1))
     x = x.to(device)
     x_engine = x.contiguous(memory_format=layout)
-    plain = copy.deepcopy(base).to(device).to(memory_format=layout)
+    # The floor runs what the engine runs: its weights cast to the precision, once.
+    dtype = PRECISIONS[precision]
+    plain = copy.deepcopy(base).to(device, dtype).to(memory_format=layout)
+    x_plain = x_engine.to(dtype)
 
     def forward() -> object:
-        with torch.inference_mode(), _autocast(device, precision):
-            return plain(x_engine)
+        with torch.inference_mode():
+            return plain(x_plain)
 
     spec = target_layer(engine)
     one = [RowRequest(spec.name)] * batch
@@ -617,6 +623,102 @@ def _run_scores(args: argparse.Namespace, device: torch.device) -> None:
         print(_scores_table(description, results))
 
 
+# ------------------------------------------------------------------------------ throughput
+
+THROUGHPUT_FIELDS = (
+    "model",
+    "batch",
+    "precision",
+    "explain_images_per_s",
+    "predict_images_per_s",
+    "explain_over_predict",
+)
+THROUGHPUT_MODELS = "resnet50"
+THROUGHPUT_BATCHES = (64, 256)
+
+
+def run_throughput_case(
+    name: str, batch: int, device: torch.device, precision: str, repeats: int
+) -> dict[str, Any]:
+    """Images per second of `explain_batch` (Grad-CAM of the top class at the target layer) and
+    of `predict` on the same engine, both from device-resident inputs to results on the host,
+    runs alternated after a warm-up."""
+    engine = CamEngine(build_model(name), device=device, precision=precision)
+    x = torch.randn(batch, 3, INPUT, INPUT, generator=torch.Generator().manual_seed(3)).to(device)
+    rows = [RowRequest(target_layer(engine).name)] * batch
+
+    def explain() -> object:
+        return engine.explain_batch(x, rows)
+
+    def predict() -> object:
+        return engine.predict(x)
+
+    contenders: dict[str, Callable[[], object]] = {"explain": explain, "predict": predict}
+    for fn in contenders.values():  # warm-up: the probe, cuDNN's algorithm search
+        fn()
+        fn()
+    times: dict[str, list[float]] = {key: [] for key in contenders}
+    for _ in range(repeats):
+        for key, fn in contenders.items():
+            times[key].append(_timed(fn, device))
+    pairs = zip(times["explain"], times["predict"], strict=True)
+    return {
+        "model": name,
+        "batch": batch,
+        "precision": precision,
+        "explain_images_per_s": batch / statistics.median(times["explain"]),
+        "predict_images_per_s": batch / statistics.median(times["predict"]),
+        "explain_over_predict": statistics.median(a / b for a, b in pairs),
+    }
+
+
+def _throughput_table(device: str, results: list[dict[str, Any]]) -> str:
+    header = (
+        f"{'model':<10}{'batch':>6}{'prec':>10}{'explain img/s':>15}{'predict img/s':>15}"
+        f"{'explain/predict':>17}"
+    )
+    lines = [f"device: {device}, input {INPUT}x{INPUT}", header, "-" * len(header)]
+    for r in results:
+        lines.append(
+            f"{r['model']:<10}{r['batch']:>6}{r['precision']:>10}"
+            f"{r['explain_images_per_s']:>15.1f}{r['predict_images_per_s']:>15.1f}"
+            f"{r['explain_over_predict']:>17.3f}"
+        )
+    lines.append("explain/predict: median per-round ratio of their times (1.0: explaining is free)")
+    return "\n".join(lines)
+
+
+def _run_throughput(args: argparse.Namespace, device: torch.device) -> None:
+    cuda = device.type == "cuda"
+    batches = [int(b) for b in args.batches.split(",")] if args.batches else THROUGHPUT_BATCHES
+    default = CUDA_PRECISIONS if cuda else ("float32",)
+    precisions = args.precisions.split(",") if args.precisions else list(default)
+    if not cuda and "float16" in precisions:
+        raise SystemExit("--precisions float16 needs --device cuda")
+    results: list[dict[str, Any]] = []
+    for name in (args.models if args.models_given else THROUGHPUT_MODELS).split(","):
+        for batch in batches:
+            for precision in precisions:
+                print(
+                    f"throughput {name} batch {batch} {precision} ...", file=sys.stderr, flush=True
+                )
+                command = [sys.executable, __file__, "--throughput-case"]
+                command += [f"{name}:{batch}:{precision}", "--device", args.device]
+                command += ["--repeats", str(args.repeats)]
+                done = subprocess.run(command, capture_output=True, text=True)
+                if done.returncode != 0:
+                    raise SystemExit(
+                        f"throughput {name} {batch} {precision} failed:\n{done.stderr}"
+                    )
+                results.append(json.loads(done.stdout.strip().splitlines()[-1]))
+    description = torch.cuda.get_device_name(device) if cuda else f"cpu ({os.cpu_count()} cores)"
+    if args.json:
+        public = [{k: r[k] for k in THROUGHPUT_FIELDS} for r in results]
+        print(json.dumps({"device": description, "throughput": public}))
+    else:
+        print(_throughput_table(description, results))
+
+
 # ------------------------------------------------------------------------------- driver
 
 
@@ -719,7 +821,10 @@ def main(argv: list[str] | None = None) -> None:
         "--device", default="cuda" if torch.cuda.is_available() else "cpu", help="cpu or cuda"
     )
     parser.add_argument(
-        "--precisions", default="", help="CUDA only; default float32,bfloat16 on CUDA"
+        "--precisions",
+        default="",
+        help="default float32,bfloat16,float16 on CUDA; the main cases take float32 only on the "
+        "CPU, --throughput also bfloat16",
     )
     parser.add_argument(
         "--memory-format",
@@ -742,6 +847,12 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument(
         "--steps", type=int, default=DEFAULT_STEPS, help="--scores: deletion/insertion steps"
     )
+    parser.add_argument(
+        "--throughput",
+        action="store_true",
+        help="images/s of explain vs predict per precision (see above)",
+    )
+    parser.add_argument("--throughput-case", help=argparse.SUPPRESS)
     parser.add_argument("--case", help=argparse.SUPPRESS)
     parser.add_argument("--scores-case", help=argparse.SUPPRESS)
     parser.add_argument("--memory-probe", help=argparse.SUPPRESS)
@@ -778,11 +889,18 @@ def main(argv: list[str] | None = None) -> None:
         name, batch = args.scores_case.split(":")
         print(json.dumps(run_scores_case(name, int(batch), device, args.steps, args.repeats)))
         return
+    if args.throughput_case:
+        name, batch, precision = args.throughput_case.split(":")
+        print(json.dumps(run_throughput_case(name, int(batch), device, precision, args.repeats)))
+        return
 
     if args.repeats < 1:
         parser.error("--repeats must be >= 1")
     if args.scores:
         _run_scores(args, device)
+        return
+    if args.throughput:
+        _run_throughput(args, device)
         return
     cuda = device.type == "cuda"
     batches = (
@@ -793,7 +911,7 @@ def main(argv: list[str] | None = None) -> None:
     precisions = (
         args.precisions.split(",")
         if args.precisions
-        else (["float32", "bfloat16"] if cuda else ["float32"])
+        else (list(CUDA_PRECISIONS) if cuda else ["float32"])
     )
     if not cuda and precisions != ["float32"]:
         parser.error("--precisions other than float32 need --device cuda")
