@@ -57,14 +57,12 @@ def _overlay_png(prepared: PreparedImage, first_map: torch.Tensor) -> bytes:
 
 def _predictions(result: RowResult, count: int, meta: ModelMeta) -> tuple[Prediction, ...]:
     probabilities, indices = torch.topk(result.probabilities, count)
+    logits = result.logits[indices]
     return tuple(
-        Prediction(
-            index=int(i),
-            label=meta.labels[int(i)],
-            probability=float(p),
-            logit=float(result.logits[int(i)]),
+        Prediction(index=i, label=meta.labels[i], probability=p, logit=logit)
+        for i, p, logit in zip(
+            indices.tolist(), probabilities.tolist(), logits.tolist(), strict=True
         )
-        for p, i in zip(probabilities, indices, strict=True)
     )
 
 

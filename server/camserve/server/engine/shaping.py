@@ -237,8 +237,7 @@ def normalise(maps: torch.Tensor) -> torch.Tensor:
     flat = batch.flatten(1)
     if flat.shape[1] == 0:
         return maps.float()
-    low = flat.amin(dim=1)
-    high = flat.amax(dim=1)
+    low, high = torch.aminmax(flat, dim=1)
     span = high - low
     scale = torch.maximum(high.abs(), low.abs())
     constant = span <= scale * _CONSTANT_RTOL
