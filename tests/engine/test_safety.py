@@ -258,7 +258,7 @@ def test_bad_engine_options_are_refused(seeded_resnet18: nn.Module) -> None:
         CamEngine(nn.Identity(), device="gpu7")
     if not torch.cuda.is_available():
         with pytest.raises(EngineError, match="needs a CUDA device"):
-            CamEngine(nn.Identity(), precision="bfloat16")
+            CamEngine(nn.Identity(), precision="float16")
         with pytest.raises(EngineError, match="none is available"):
             CamEngine(nn.Identity(), device="cuda")
 

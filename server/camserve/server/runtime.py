@@ -109,8 +109,11 @@ class ModelRuntime:
         spec = self.spec
         started = time.monotonic()
         device = _resolve_device(spec.device)
-        if spec.precision != "float32" and device.type != "cuda":
-            raise ModelLoadError(f"model {spec.name!r}: precision {spec.precision} needs CUDA")
+        if spec.precision == "float16" and device.type != "cuda":
+            raise ModelLoadError(
+                f"model {spec.name!r}: precision float16 needs CUDA; use bfloat16 or float32 on "
+                "the CPU"
+            )
         model = build_model(spec)
         recipe = input_recipe(spec, model)
         engine = CamEngine(

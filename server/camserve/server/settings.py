@@ -46,7 +46,7 @@ class ModelSettings:
     labels: str = "imagenet"  # "imagenet", or a text file with one label per line
     version: str = "1"
     device: str = "auto"  # auto = CUDA when present, else CPU
-    precision: str = "float32"  # float32 | bfloat16 | float16 (autocast on CUDA)
+    precision: str = "float32"  # float32 | bfloat16 | float16 (weights cast once; float16: CUDA)
     default_layer: str = ""  # empty: detected (see camserve.server.engine)
     num_classes: int = 0  # torchvision and timm sources: 0 = infer from the weights
     # Shorter side before the centre crop (0 = resize straight to crop x crop) and the crop; None

@@ -44,7 +44,6 @@ serialises concurrent calls); different engines on different models may run in p
 
 from __future__ import annotations
 
-import contextlib
 import difflib
 import threading
 from collections.abc import Callable, Sequence
@@ -193,7 +192,7 @@ class CamEngine:
             for module in model.modules()
         )
         self._batched_grads = True  # cleared for good if a model cannot vmap its backward
-        self._tails = Tails(self._model, to_device=self._to_layout, autocast=contextlib.nullcontext)
+        self._tails = Tails(self._model, to_device=self._to_layout)
 
     @property
     def model(self) -> nn.Module:

@@ -17,7 +17,6 @@ on a probe input, or the fallback and its reason; the first fallback is logged.
 
 from __future__ import annotations
 
-import contextlib
 import logging
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
@@ -29,6 +28,7 @@ from torch import fx, nn
 from torch.utils.flop_counter import FlopCounterMode
 
 from camserve.server.engine.tracing import MODEL_CALLS
+from camserve.server.engine.transfer import to_device
 
 log = logging.getLogger("camserve.engine")
 
@@ -154,7 +154,7 @@ def split_mismatch(
 ) -> str | None:
     """Why `split` does not reproduce `model` on `sample` (module is the split layer), or None.
 
-    Run under the caller's inference and autocast modes, so the check sees what serving sees.
+    Run under the caller's inference mode, so the check sees what serving sees.
     """
     with recorded_output(module) as seen:
         expected = model(sample)
@@ -195,18 +195,17 @@ class Tail:
 
 class Tails:
     """One engine's tails. Not thread-safe: the engine calls it under its lock, in the model's
-    device, memory format and precision, which it supplies as callables."""
+    device, memory format and precision (its weights are already cast), which `to_device`
+    applies to the tensors it is given."""
 
     def __init__(
         self,
         model: nn.Module,
         *,
         to_device: Callable[[torch.Tensor], torch.Tensor],
-        autocast: Callable[[], contextlib.AbstractContextManager[None]],
     ) -> None:
         self._model = model
         self._to_device = to_device
-        self._autocast = autocast
         self._found: dict[tuple[str, tuple[int, int]], Tail] = {}
         self._logged = False
 
@@ -220,7 +219,7 @@ class Tails:
         split: fx.GraphModule | None = None
         try:
             split = split_after(self._model, layer)
-            with torch.inference_mode(), self._autocast():
+            with torch.inference_mode():
                 reason = split_mismatch(
                     self._model, self._model.get_submodule(layer), split, self._to_device(sample)
                 )
@@ -245,11 +244,12 @@ class Tails:
     ) -> torch.Tensor:
         """The model's output for `activations` standing in for the layer's output; `images`
         and `index` (each row's image) feed the fallback's full forward pass."""
-        with torch.inference_mode(), self._autocast():
+        with torch.inference_mode():
             x = self._to_device(activations)
             if tail.module is not None:
                 return tail.module(x)
-            inputs = self._to_device(images.float())[torch.tensor(index, device=x.device)]
+            (rows,) = to_device([torch.tensor(index)], x.device)  # no wait for the device
+            inputs = self._to_device(images.float())[rows]
             with replaced_output(self._model.get_submodule(tail.layer), x):
                 output: torch.Tensor = self._model(inputs)
                 return output
