@@ -60,8 +60,7 @@ def test_refused_images_get_the_cpu_paths_error() -> None:
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 def test_nvjpeg_batches_match_the_cpu_decoder() -> None:
     datas = [
-        with_orientation(smooth_photo(120 + 8 * i, 90), "JPEG", 1 + i, quality=95)
-        for i in range(8)
+        with_orientation(smooth_photo(120 + 8 * i, 90), "JPEG", 1 + i, quality=95) for i in range(8)
     ]
     items = [(data, f"images[{i}].encoded") for i, data in enumerate(datas)]
     on_gpu = prepare_jpegs(items, RECIPE, LIMITS, torch.device("cuda"))
