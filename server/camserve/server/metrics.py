@@ -12,7 +12,7 @@ from __future__ import annotations
 import contextlib
 import functools
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from contextlib import AbstractContextManager
 from dataclasses import dataclass, field
 from typing import Any
@@ -27,6 +27,22 @@ StageClock = Callable[[str], AbstractContextManager[None]]
 def untimed(stage: str) -> AbstractContextManager[None]:
     """A StageClock that records nothing."""
     return contextlib.nullcontext()
+
+
+class _CpuTime:
+    """The block's thread CPU time, added to a counter on exit."""
+
+    __slots__ = ("_counter", "_started")
+
+    def __init__(self, counter: Counter) -> None:
+        self._counter = counter
+        self._started = 0.0
+
+    def __enter__(self) -> None:
+        self._started = time.thread_time()
+
+    def __exit__(self, *exc: object) -> None:
+        self._counter.inc(time.thread_time() - self._started)
 
 
 LATENCY_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0)
@@ -89,17 +105,17 @@ class Metrics:
             ["model", "stage"],
             registry=r,
         )
+        self._stage_children: dict[tuple[str, str], Counter] = {}
         self._add_gauges()
 
-    @contextlib.contextmanager
-    def cpu_time(self, model: str, stage: str) -> Iterator[None]:
+    def cpu_time(self, model: str, stage: str) -> AbstractContextManager[None]:
         """Adds the calling thread's CPU time inside the block to `stage` (time.thread_time:
         waits for the GIL or for I/O are not counted)."""
-        started = time.thread_time()
-        try:
-            yield
-        finally:
-            self.stage_cpu.labels(model, stage).inc(time.thread_time() - started)
+        key = (model, stage)
+        child = self._stage_children.get(key)
+        if child is None:  # labels() takes a lock and a lookup: once per stage, not per call
+            child = self._stage_children[key] = self.stage_cpu.labels(model, stage)
+        return _CpuTime(child)
 
     def _add_gauges(self) -> None:
         r = self.registry
