@@ -54,13 +54,11 @@ class InputStager:
         return normalise_pixels(on_device, self._mean, self._std)
 
     def _upload(self, pixels: Sequence[torch.Tensor]) -> torch.Tensor:
-        """The uint8 batch on the device as (N, 3, H, W) in channels-last memory (the pixels'
-        own layout when they come from a decoder): stacked into the pinned buffer and copied
+        """The uint8 batch on the device: stacked into the pinned buffer and copied
         asynchronously on CUDA; stacked on the CPU."""
-        hwc = [p.permute(1, 2, 0) for p in pixels]
         if not self._pinned or any(p.device != torch.device("cpu") for p in pixels):
-            return torch.stack([p.to(self._device) for p in hwc]).permute(0, 3, 1, 2)
-        shape = (len(hwc), *hwc[0].shape)
+            return torch.stack([p.to(self._device) for p in pixels])
+        shape = (len(pixels), *pixels[0].shape)
         buffer = self._buffer
         if buffer is None or buffer.shape[0] < shape[0] or buffer.shape[1:] != shape[1:]:
             buffer = torch.empty(shape, dtype=torch.uint8, pin_memory=True)
@@ -68,8 +66,8 @@ class InputStager:
         elif self._copied is not None:
             self._copied.synchronize()  # the previous batch's copy still reads the buffer
         staged = buffer[: shape[0]]
-        torch.stack(hwc, out=staged)
+        torch.stack(list(pixels), out=staged)
         on_device = staged.to(self._device, non_blocking=True)
         self._copied = torch.cuda.Event()
         self._copied.record()
-        return on_device.permute(0, 3, 1, 2)
+        return on_device
