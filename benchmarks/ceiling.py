@@ -112,7 +112,7 @@ def server_config(preprocess_threads: int, max_batch_size: int) -> str:
             "grace_period_s = 5",
             "max_message_mb = 128",
             "engine_threads = 1",
-            f"preprocess_threads = {preprocess_threads}",
+            *([f"preprocess_threads = {preprocess_threads}"] if preprocess_threads else []),
             "",
             "[[models]]",
             'name = "tiny"',
@@ -127,12 +127,19 @@ def server_config(preprocess_threads: int, max_batch_size: int) -> str:
     )
 
 
-def start_camserve(workdir: Path, args: argparse.Namespace) -> tuple[Any, dict[str, Any]]:
+def start_camserve(
+    workdir: Path, args: argparse.Namespace, source: Path | None = None
+) -> tuple[Any, dict[str, Any]]:
+    """A camserve server for the tiny model; `source` is another checkout whose server code
+    runs instead of the installed one (its `server/` and `protos/` first on PYTHONPATH)."""
     from serving import start_server
 
     config = workdir / "ceiling.toml"
     config.write_text(server_config(args.preprocess_threads, args.batch))
-    env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(HERE), _pythonpath()]))}
+    paths = [str(HERE)]
+    if source is not None:
+        paths += [str(source / "server"), str(source / "protos")]
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [*paths, _pythonpath()]))}
     return start_server(config, workdir, env=env)
 
 
@@ -408,6 +415,8 @@ def render(result: dict[str, Any]) -> str:
     header += "".join(f" {stage:>10}" for stage in stages)
     if any("bare_ips" in row for row in result["ceiling"]):
         header += f" {'bare img/s':>10} {'bare ms':>8}"
+    if any("baseline_ips" in row for row in result["ceiling"]):
+        header += f" {'base img/s':>10} {'base ms':>8} {'ms ratio':>8}"
     lines = [
         f"camserve serving ceiling: tiny CNN, {result['processes']} server process(es), "
         f"{result['concurrency']} calls in flight, {result['duration_s']:g} s per case, "
@@ -424,6 +433,10 @@ def render(result: dict[str, Any]) -> str:
         line += "".join(f" {_fmt(row['stages_ms_per_image'].get(s)):>10}" for s in stages)
         if "bare_ips" in row:
             line += f" {row['bare_ips']:>10.1f} {_fmt(row['bare_cpu_ms_per_image']):>8}"
+        if "baseline_ips" in row:
+            before, after = row["baseline_cpu_ms_per_image"], row["server_cpu_ms_per_image"]
+            ratio = after / before if before and after else None
+            line += f" {row['baseline_ips']:>10.1f} {_fmt(before):>8} {_fmt(ratio):>8}"
         lines.append(line)
     return "\n".join(lines)
 
@@ -460,6 +473,12 @@ def build_parser() -> argparse.ArgumentParser:
         help="server processes sharing the load, each with the whole model (1); CPU per image "
         "sums them",
     )
+    parser.add_argument(
+        "--baseline",
+        type=Path,
+        help="another camserve checkout (e.g. a git worktree of an older commit): each case is "
+        "also measured on its server, just before this one's, and the table shows both",
+    )
     parser.add_argument("--bare", action="store_true", help="add a bare grpc.aio reference")
     parser.add_argument("--json", action="store_true", help="print the results as JSON")
     parser.add_argument("--json-file", type=Path, help="also write the JSON document here")
@@ -494,12 +513,25 @@ def measure_all(args: argparse.Namespace, workdir: Path) -> list[dict[str, Any]]
             server_dir = workdir / f"server-{index}"
             server_dir.mkdir(exist_ok=True)
             started.append(start_camserve(server_dir, args))
-        servers = [ready for _, ready in started]
+        servers = [ready for _, ready in started[: args.processes]]
+        baseline: list[dict[str, Any]] = []
+        if args.baseline is not None:
+            baseline_dir = workdir / "baseline"
+            baseline_dir.mkdir(exist_ok=True)
+            started.append(start_camserve(baseline_dir, args, args.baseline))
+            baseline = [started[-1][1]]
         for image, output, transport in cases(args):
             body = bodies[(image, output)]
             log(f"{image} -> {output} over {transport}")
-            row = run_client(workdir, servers, body, transport=transport, **timing)
-            rows.append({"input": image, "output": output, "transport": transport, **row})
+            row: dict[str, Any] = {"input": image, "output": output, "transport": transport}
+            if baseline:  # measured just before, so both see the same machine
+                before = run_client(workdir, baseline, body, transport=transport, **timing)
+                row["baseline_ips"] = before["ips"]
+                row["baseline_cpu_ms_per_image"] = before["server_cpu_ms_per_image"]
+                cpu = _fmt(before["server_cpu_ms_per_image"])
+                log(f"  baseline {before['ips']:.1f} images/s, {cpu} ms CPU")
+            row.update(run_client(workdir, servers, body, transport=transport, **timing))
+            rows.append(row)
             log(f"  {row['ips']:.1f} images/s, {_fmt(row['server_cpu_ms_per_image'])} ms CPU")
         answers = {k: one_answer(servers[0], body) for k, body in bodies.items() if args.bare}
     finally:
