@@ -47,6 +47,7 @@ protos: install
 bench: install
 	$(PY) benchmarks/engine.py
 	$(PY) benchmarks/serving.py
+	$(PY) benchmarks/ceiling.py
 
 clean:
 	rm -rf $(VENV) $(OUT) .pytest_cache .mypy_cache .ruff_cache
