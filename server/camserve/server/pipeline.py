@@ -1,11 +1,11 @@
 """The explain pipeline: the torch side of the seam between the servicer and the engine.
 
-One request travels: admission for its whole cost -> prepare its images on CPU threads ->
-submit them together to the model's batcher -> the forward-only work its methods and scores
-need, through the same batcher (`followups`) -> shape each image's result on CPU threads -> an
-`ExplainOutcome`. Every refusal leaves
-as one of the domain errors of `camserve.server.errors`; batcher, engine and device failures are
-translated here and nowhere else.
+One request travels: admission for its whole cost -> prepare its images on CPU threads (JPEGs
+on the GPU for CUDA models) -> submit them together to the model's batcher -> the forward-only
+work its methods and scores need, through the same batcher (`followups`) -> shape each image's
+result and build the answer from the `ExplainOutcome` on CPU threads (one hop for a one-image
+request). Every refusal leaves as one of the domain errors of `camserve.server.errors`; batcher,
+engine and device failures are translated here and nowhere else.
 """
 
 from __future__ import annotations
