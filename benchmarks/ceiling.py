@@ -39,7 +39,6 @@ import sys
 import tempfile
 import time
 import urllib.request
-from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -139,12 +138,9 @@ def start_camserve(
     paths = [str(HERE)]
     if source is not None:
         paths += [str(source / "server"), str(source / "protos")]
-    env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [*paths, _pythonpath()]))}
+    inherited = os.environ.get("PYTHONPATH", "")
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [*paths, inherited]))}
     return start_server(config, workdir, env=env)
-
-
-def _pythonpath() -> str:
-    return os.environ.get("PYTHONPATH", "")
 
 
 def bare_server_main(response_path: str, ready_path: str) -> int:
@@ -249,7 +245,6 @@ class Window:
         self.answered = 0
         self.checked = 0
         self.stop = False
-        self.start: tuple[float, int, float, dict[str, float]] | None = None
 
     def answer(self, data: bytes) -> None:
         self.answered += 1
@@ -543,24 +538,16 @@ def measure_all(args: argparse.Namespace, workdir: Path) -> list[dict[str, Any]]
             body = bodies[(row["input"], row["output"])]
             bare = run_client(workdir, [bare_ready], body, transport=row["transport"], **timing)
         finally:
-            _stop(bare_process.kill, bare_process.wait)
+            bare_process.kill()
+            bare_process.wait()
         row["bare_ips"] = bare["ips"]
         row["bare_cpu_ms_per_image"] = bare["server_cpu_ms_per_image"]
     return rows
 
 
-def _stop(kill: Callable[[], None], wait: Callable[[], Any]) -> None:
-    kill()
-    wait()
-
-
-def usable_cores() -> int:
-    if hasattr(os, "sched_getaffinity"):
-        return len(os.sched_getaffinity(0))
-    return os.cpu_count() or 1
-
-
 def main(argv: list[str] | None = None) -> int:
+    from serving import usable_cores
+
     args = build_parser().parse_args(argv)
     if args.client:
         return client_main(args.client)

@@ -2,10 +2,11 @@
 uprighted, resized and cropped there, so their pixels never pass through the host's cores.
 
 Used for models on CUDA, for JPEGs without an overlay (an overlay needs the photo on the host).
-Every image is first checked from its header, exactly as on the CPU path (`preprocess.peek`),
-so a refused image gets the same precise error. An image the device decoder cannot read (CMYK,
-arithmetic coding, a corrupt stream) comes back as None and the caller prepares it on the CPU
-path, which decodes what it can and names what it cannot. The pixels match the CPU path's
+Every image is first checked from its header, exactly as on the CPU path
+(`preprocess.read_header`), so a refused image gets the same precise error; the same read gives
+its EXIF orientation. An image the device decoder cannot read (CMYK, arithmetic coding, a
+corrupt stream) comes back as None and the caller prepares it on the CPU path, which decodes
+what it can and names what it cannot. The pixels match the CPU path's
 within a few levels (another IDCT, and torch's antialiased resize instead of Pillow's).
 
 Decoding is torchvision's `decode_jpeg` (nvJPEG on CUDA, libjpeg on the CPU, which is how the
@@ -15,17 +16,15 @@ TorchCodec; the call is isolated here so the move is one function.
 
 from __future__ import annotations
 
-import io
 import warnings
 from collections.abc import Callable, Sequence
 
 import torch
 import torchvision.transforms.v2.functional as tvf
-from PIL import Image
 from torchvision.io import ImageReadMode, decode_jpeg
 
 from camserve.server.engine.shaping import Geometry
-from camserve.server.preprocess import PreparedImage, exif_orientation, peek, resized_size
+from camserve.server.preprocess import PreparedImage, read_header, resized_size
 from camserve.server.records import InputRecipe
 from camserve.server.settings import LimitsSettings
 
@@ -66,11 +65,6 @@ def _decode(datas: Sequence[bytes], device: torch.device) -> list[torch.Tensor |
         return decoded
 
 
-def _orientation(data: bytes) -> int:
-    with Image.open(io.BytesIO(data)) as image:
-        return exif_orientation(image)
-
-
 def prepare_jpegs(
     items: Sequence[tuple[bytes, str]],
     recipe: InputRecipe,
@@ -79,14 +73,14 @@ def prepare_jpegs(
 ) -> list[PreparedImage | None]:
     """Model inputs for (JPEG bytes, request field) pairs, decoded on `device`; None for those
     to prepare on the CPU path. Raises the CPU path's ImageError for an image it refuses."""
-    headers = [peek(data, field, limits, recipe) for data, field in items]
+    headers = [read_header(data, field, limits, recipe) for data, field in items]
     decoded = _decode([data for data, _ in items], device)
     prepared: list[PreparedImage | None] = []
-    for (data, _), header, pixels in zip(items, headers, decoded, strict=True):
+    for (header, orientation), pixels in zip(headers, decoded, strict=True):
         if pixels is None:
             prepared.append(None)
             continue
-        upright = _UPRIGHT.get(_orientation(data), lambda x: x)(pixels)
+        upright = _UPRIGHT.get(orientation, lambda x: x)(pixels)
         if tuple(upright.shape[1:]) != (header.height, header.width):
             prepared.append(None)  # the decoder read another size than the header says
             continue

@@ -79,11 +79,23 @@ def normalise_pixels(
 ) -> torch.Tensor:
     """uint8 (..., 3, H, W) RGB as the model's float32 input, by the same operations as
     torchvision's `to_tensor` then `normalize`, so values are identical on every device."""
-    values = pixels.float().div_(255)
+    mean_t, std_t = channel_constants(mean, std, pixels.device)
+    return normalise_with(pixels, mean_t, std_t)
+
+
+def channel_constants(
+    mean: tuple[float, ...], std: tuple[float, ...], device: torch.device
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """`mean` and `std` as (3, 1, 1) float32 tensors on `device`, for `normalise_with`."""
     shape = (3, 1, 1)
-    mean_t = torch.as_tensor(mean, dtype=torch.float32, device=pixels.device).view(shape)
-    std_t = torch.as_tensor(std, dtype=torch.float32, device=pixels.device).view(shape)
-    return values.sub_(mean_t).div_(std_t)
+    mean_t = torch.as_tensor(mean, dtype=torch.float32, device=device).view(shape)
+    std_t = torch.as_tensor(std, dtype=torch.float32, device=device).view(shape)
+    return mean_t, std_t
+
+
+def normalise_with(pixels: torch.Tensor, mean: torch.Tensor, std: torch.Tensor) -> torch.Tensor:
+    """`normalise_pixels` with its constants already on the pixels' device."""
+    return pixels.float().div_(255).sub_(mean).div_(std)
 
 
 class DecodedImage(NamedTuple):
@@ -178,13 +190,16 @@ def _open(data: bytes, field: str) -> Image.Image:
     return Image.open(io.BytesIO(data), formats=ACCEPTED_FORMATS)
 
 
-def _displayed_size(image: Image.Image) -> tuple[int, int]:
+def _displayed_size(image: Image.Image, orientation: int | None = None) -> tuple[int, int]:
     """(width, height) as a viewer shows the image, from the header: EXIF orientations 5 to 8
     swap the sides. A PNG's EXIF chunk may follow its pixel data, so a PNG without one in its
     header counts as upright here; `decode` applies whatever orientation it finds after
-    decoding, and no limit depends on which side is which."""
+    decoding, and no limit depends on which side is which. `orientation`: the image's EXIF
+    orientation when already read."""
     width, height = image.size
-    return (height, width) if exif_orientation(image) in _SIDEWAYS else (width, height)
+    if orientation is None:
+        orientation = exif_orientation(image)
+    return (height, width) if orientation in _SIDEWAYS else (width, height)
 
 
 def exif_orientation(image: Image.Image) -> int:
@@ -207,11 +222,20 @@ def peek(
     """Reads only the header of an encoded image: its size as displayed (EXIF orientation
     applied) and its format, refusing what `check_size` refuses, without decoding a pixel.
     Cheap enough to run before admitting a request."""
+    return read_header(data, field, limits, recipe)[0]
+
+
+def read_header(
+    data: bytes, field: str, limits: LimitsSettings, recipe: InputRecipe | None = None
+) -> tuple[ImageHeader, int]:
+    """`peek`, with the EXIF orientation (1 to 8) it read, for decoders that upright the
+    pixels themselves."""
     with _decoding(field, limits.max_pixels), _open(data, field) as image:
-        width, height = _displayed_size(image)
+        orientation = exif_orientation(image)
+        width, height = _displayed_size(image, orientation)
         header = ImageHeader(width, height, str(image.format))
     check_size(width, height, field, limits, recipe)
-    return header
+    return header, orientation
 
 
 def decode(

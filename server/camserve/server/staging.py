@@ -13,7 +13,7 @@ from collections.abc import Sequence
 
 import torch
 
-from camserve.server.preprocess import normalise_pixels
+from camserve.server.preprocess import channel_constants, normalise_with
 
 
 class InputStager:
@@ -26,7 +26,8 @@ class InputStager:
         self, device: torch.device, mean: tuple[float, ...], std: tuple[float, ...]
     ) -> None:
         self._device = device
-        self._mean, self._std = mean, std
+        # On the device once: building them per batch would be a blocking upload each time.
+        self._mean, self._std = channel_constants(mean, std, device)
         self._pinned = device.type == "cuda"
         self._buffer: torch.Tensor | None = None
         self._copied: torch.cuda.Event | None = None
@@ -51,7 +52,7 @@ class InputStager:
 
     def _normalised(self, pixels: Sequence[torch.Tensor]) -> torch.Tensor:
         on_device = self._upload(pixels)
-        return normalise_pixels(on_device, self._mean, self._std)
+        return normalise_with(on_device, self._mean, self._std)
 
     def _upload(self, pixels: Sequence[torch.Tensor]) -> torch.Tensor:
         """The uint8 batch on the device: stacked into the pinned buffer and copied
