@@ -8,7 +8,7 @@ TORCH_SPEC ?= torch==2.14.1 torchvision==0.29.1
 OUT ?= out
 PROTO := protos/camserve/v1/explain.proto
 
-.PHONY: install demo test lint typecheck pytest protos system-deps bench clean
+.PHONY: install demo test lint typecheck pytest protos system-deps node-deps bench clean
 
 $(VENV)/.installed: pyproject.toml
 	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -21,7 +21,8 @@ install: $(VENV)/.installed
 demo: install
 	$(PY) examples/demo.py --out $(OUT) examples/chelsea.jpg examples/coffee.jpg
 
-# Tools the deployment tests drive (nginx, docker-compose); installed from Debian when missing.
+# Tools the deployment and interop tests drive (nginx, docker-compose, Node.js); installed from
+# Debian when missing.
 system-deps:
 	@bash .ci/system-deps
 
@@ -32,7 +33,12 @@ lint: install
 typecheck: install
 	$(VENV)/bin/mypy
 
-pytest: install system-deps
+# The Node.js client test's npm packages (tests/node), installed from its lock file when it changed.
+node-deps: system-deps
+	@cd tests/node && { [ node_modules/.package-lock.json -nt package-lock.json ] || \
+		npm ci --no-audit --no-fund --loglevel=error; }
+
+pytest: install system-deps node-deps
 	@$(PY) -m pytest; rc=$$?; \
 	if [ $$rc -eq 5 ]; then echo "pytest collected no tests: the suite is broken" >&2; exit 1; fi; \
 	exit $$rc
@@ -50,4 +56,4 @@ bench: install
 	$(PY) benchmarks/ceiling.py
 
 clean:
-	rm -rf $(VENV) $(OUT) .pytest_cache .mypy_cache .ruff_cache
+	rm -rf $(VENV) $(OUT) .pytest_cache .mypy_cache .ruff_cache tests/node/node_modules

@@ -25,6 +25,9 @@ ARRAYS = (
     RNG.random((600, 1100), dtype=np.float32),  # 2.6 MB: lengths take four varint bytes
 )
 
+SCORES = {"confidence_change": -0.5, "deletion_auc": 0.25, "insertion_auc": 0.75}
+CURVES = {"deletion_auc": (1.0, 0.5, 0.125), "insertion_auc": (0.0, 0.25, 1.0)}
+
 
 def outcome() -> ExplainOutcome:
     images = []
@@ -36,8 +39,8 @@ def outcome() -> ExplainOutcome:
                 class_label=f"class {index}",
                 layer="layer4",
                 data=array,
-                scores={"deletion_auc": 0.25} if index == 1 else {},
-                curves={"deletion_auc": (1.0, 0.5)} if index == 1 else {},
+                scores=SCORES if index == 1 else {},
+                curves=CURVES if index == 1 else {},
             )
             for index, array in enumerate(ARRAYS[first:])
         )
@@ -80,8 +83,11 @@ def built_by_protobuf(request_id: str, answer: ExplainOutcome) -> pb.ExplainResp
                         class_label=h.class_label,
                         layer=h.layer,
                         data=to_proto(h.data),
+                        confidence_change=h.scores.get("confidence_change"),
                         deletion_auc=h.scores.get("deletion_auc"),
+                        insertion_auc=h.scores.get("insertion_auc"),
                         deletion_curve=h.curves.get("deletion_auc", ()),
+                        insertion_curve=h.curves.get("insertion_auc", ()),
                     )
                     for h in image.heatmaps
                 ],
@@ -92,11 +98,14 @@ def built_by_protobuf(request_id: str, answer: ExplainOutcome) -> pb.ExplainResp
     )
 
 
-def test_spliced_answer_parses_as_the_message_protobuf_builds() -> None:
+def test_spliced_answer_is_byte_for_byte_protobufs_own_serialisation() -> None:
     answer = outcome()
     sent = messages.encoded_response("r-1", answer).data
+    expected = built_by_protobuf("r-1", answer)
+    # Equal bytes: every message once, fields in number order, exactly as protobuf writes them.
+    assert sent == expected.SerializeToString(deterministic=True)
     parsed = pb.ExplainResponse.FromString(sent)
-    assert parsed == built_by_protobuf("r-1", answer)
+    assert parsed == expected
     for image, result in zip(answer.images, parsed.results, strict=True):
         for heatmap, wire in zip(image.heatmaps, result.heatmaps, strict=True):
             np.testing.assert_array_equal(from_proto(wire.data), heatmap.data)
@@ -115,3 +124,19 @@ def test_non_contiguous_and_big_endian_arrays_travel_little_endian_in_c_order() 
         )
         wire = pb.ExplainResponse.FromString(messages.encoded_response("r", answer).data)
         np.testing.assert_array_equal(from_proto(wire.results[0].heatmaps[0].data), array)
+
+
+def test_the_split_points_cover_every_field_of_the_spliced_messages() -> None:
+    """wire.py writes each spliced message as protobuf-serialised pieces around its large fields,
+    split by field number; a field added to one of these messages must be placed there too."""
+    fields = {
+        message.DESCRIPTOR.name: [f.name for f in message.DESCRIPTOR.fields]
+        for message in (pb.ExplainResponse, pb.ImageResult, pb.Heatmap, pb.Tensor)
+    }
+    assert fields["ExplainResponse"][3] == "results"  # head: request_id, model, model_version
+    assert fields["ImageResult"] == ["predictions", "heatmaps", "overlay_png"]
+    assert fields["Heatmap"][4] == "data"  # head: method, class_index, class_label, layer
+    assert fields["Tensor"] == ["dtype", "shape", "data"]
+    for message in (pb.ExplainResponse, pb.ImageResult, pb.Heatmap, pb.Tensor):
+        numbers = [f.number for f in message.DESCRIPTOR.fields]
+        assert numbers == sorted(numbers), f"{message.DESCRIPTOR.name} fields out of order"

@@ -21,7 +21,7 @@ from camserve.server.records import (
     MethodCostInfo,
     ModelStatus,
 )
-from camserve.server.wire import HeatmapPart
+from camserve.server.wire import HeatmapPart, ImagePart
 from camserve.v1 import explain_pb2 as pb
 from camserve.v1.methods import METHOD_BY_NAME
 from camserve.v1.scores import CURVE_FIELDS
@@ -39,35 +39,37 @@ class EncodedResponse(NamedTuple):
 
 
 def _heatmap(result: HeatmapResult) -> HeatmapPart:
-    """One heatmap without its tensor bytes, and those bytes; only the scores and curves it was
-    given are set: unset means not asked for."""
-    heatmap = pb.Heatmap(
+    """One heatmap in the pieces `wire` joins; only the scores and curves it was given are set:
+    unset means not asked for."""
+    head = pb.Heatmap(
         method=cast("pb.Method", METHOD_BY_NAME[result.method]),
         class_index=result.class_index,
         class_label=result.class_label,
         layer=result.layer,
     )
-    payload = fill_header(heatmap.data, result.data)
+    tensor = pb.Tensor()
+    payload = fill_header(tensor, result.data)
+    tail = pb.Heatmap()
     for name, value in result.scores.items():
-        setattr(heatmap, name, value)  # each score's field has its (engine) name
+        setattr(tail, name, value)  # each score's field has its (engine) name
     for name, curve in result.curves.items():
-        getattr(heatmap, CURVE_FIELDS[name]).extend(curve)
-    return heatmap, payload
+        getattr(tail, CURVE_FIELDS[name]).extend(curve)
+    return HeatmapPart(head, tensor, payload, tail)
 
 
-def _image_head(image: ImageExplanation) -> pb.ImageResult:
-    return pb.ImageResult(
+def _image(image: ImageExplanation) -> ImagePart:
+    head = pb.ImageResult(
         predictions=[
             pb.Prediction(index=p.index, label=p.label, probability=p.probability, logit=p.logit)
             for p in image.predictions
-        ],
-        overlay_png=image.overlay_png,
+        ]
     )
+    return ImagePart(head, [_heatmap(heatmap) for heatmap in image.heatmaps], image.overlay_png)
 
 
 def encoded_response(request_id: str, outcome: ExplainOutcome) -> EncodedResponse:
-    """The answer to one request, serialised (timings in milliseconds). Heatmap bytes are copied
-    once, into the answer (`camserve.server.wire`)."""
+    """The answer to one request, serialised (timings in milliseconds). Heatmap and overlay
+    bytes are copied once, into the answer (`camserve.server.wire`)."""
     times = outcome.times
     timing = pb.Timing(
         queue_ms=1000 * times.queue_s,
@@ -76,17 +78,11 @@ def encoded_response(request_id: str, outcome: ExplainOutcome) -> EncodedRespons
         total_ms=1000 * times.total_s,
     )
     head = pb.ExplainResponse(
-        request_id=request_id,
-        model=outcome.model,
-        model_version=outcome.model_version,
-        timing=timing,
-        batch_size=outcome.batch_size,
+        request_id=request_id, model=outcome.model, model_version=outcome.model_version
     )
-    images = [
-        (_image_head(image), [_heatmap(heatmap) for heatmap in image.heatmaps])
-        for image in outcome.images
-    ]
-    return EncodedResponse(wire.serialise(head, images), timing)
+    tail = pb.ExplainResponse(timing=timing, batch_size=outcome.batch_size)
+    images = [_image(image) for image in outcome.images]
+    return EncodedResponse(wire.serialise(head, images, tail), timing)
 
 
 def explain_response(request_id: str, outcome: ExplainOutcome) -> pb.ExplainResponse:

@@ -1,29 +1,54 @@
-"""Serialising an ExplainResponse with a single copy of its heatmap bytes.
+"""Serialising an ExplainResponse with a single copy of its heatmap and overlay bytes.
 
 A heatmap at a photo's size is tens of megabytes, and protobuf's Python API copies a bytes field
-when it is assigned and again when the message is serialised. Here each heatmap's bytes are
-instead appended as wire-format fields around the serialised rest of the message, and the whole
-answer is joined once. This relies on two rules of the protobuf wire format: fields may come in
-any order, and a singular message field that occurs twice is merged, so a `Heatmap` serialised
-without its `data.data` followed by a `data` field holding only that `data` parses as the
-complete heatmap (tests/server/test_wire.py checks it against protobuf's own serialisation).
+when it is assigned and again when the message is serialised. Here the answer is written as wire
+format directly: every small part (ids, predictions, a heatmap's method and scores, a tensor's
+dtype and shape) is serialised by protobuf itself, and this module writes only the framing (key
+and length) of the length-delimited fields that hold large bytes: `results`, `heatmaps`, a
+heatmap's `data` Tensor, that tensor's `data` bytes and `overlay_png`. The whole answer is then
+joined once.
+
+Every message occurs exactly once and its fields come in field-number order, so the bytes equal
+protobuf's own deterministic serialisation of the same message (tests/server/test_wire.py checks
+it, and tests/server/test_wire_conformance.py walks real answers). No decoder has to merge a
+repeated occurrence of a singular field, a corner of the specification that some decoders
+(protobuf.js among them) implement by replacing the first occurrence.
 """
 
 from __future__ import annotations
 
 from collections.abc import Sequence
+from typing import NamedTuple
 
 from camserve.v1 import explain_pb2 as pb
 
 _LENGTH_DELIMITED = 2
 _RESULTS = pb.ExplainResponse.DESCRIPTOR.fields_by_name["results"].number
 _HEATMAPS = pb.ImageResult.DESCRIPTOR.fields_by_name["heatmaps"].number
+_OVERLAY_PNG = pb.ImageResult.DESCRIPTOR.fields_by_name["overlay_png"].number
 _HEATMAP_DATA = pb.Heatmap.DESCRIPTOR.fields_by_name["data"].number
 _TENSOR_DATA = pb.Tensor.DESCRIPTOR.fields_by_name["data"].number
 
 Chunk = bytes | memoryview
-# A heatmap without its tensor bytes, and those bytes.
-HeatmapPart = tuple[pb.Heatmap, memoryview]
+
+
+class HeatmapPart(NamedTuple):
+    """A heatmap in pieces: `head` holds its fields numbered below `data`, `tail` those above;
+    `tensor` is `data` without its bytes (dtype and shape), and `payload` those bytes."""
+
+    head: pb.Heatmap
+    tensor: pb.Tensor
+    payload: memoryview
+    tail: pb.Heatmap
+
+
+class ImagePart(NamedTuple):
+    """An ImageResult in pieces: `head` holds only its predictions (the field numbered before
+    `heatmaps`); the heatmaps and the overlay PNG follow, in field order."""
+
+    head: pb.ImageResult
+    heatmaps: Sequence[HeatmapPart]
+    overlay_png: bytes
 
 
 def _varint(value: int) -> bytes:
@@ -35,32 +60,42 @@ def _varint(value: int) -> bytes:
     return bytes(out)
 
 
-def _header(field: int, length: int) -> bytes:
-    """The key and length of a length-delimited field."""
-    return _varint(field << 3 | _LENGTH_DELIMITED) + _varint(length)
+def _size(chunks: Sequence[Chunk]) -> int:
+    return sum(len(c) if isinstance(c, bytes) else c.nbytes for c in chunks)
 
 
-def _heatmap(heatmap: pb.Heatmap, payload: memoryview) -> list[Chunk]:
-    tensor_data = _header(_TENSOR_DATA, payload.nbytes)
-    heatmap_data = _header(_HEATMAP_DATA, len(tensor_data) + payload.nbytes)
-    return [heatmap.SerializeToString(), heatmap_data, tensor_data, payload]
+def _field(number: int, chunks: list[Chunk]) -> list[Chunk]:
+    """A length-delimited field holding `chunks`: its key and length, then the chunks."""
+    key = _varint(number << 3 | _LENGTH_DELIMITED)
+    return [key + _varint(_size(chunks)), *chunks]
 
 
-def _wrapped(field: int, chunks: list[Chunk]) -> list[Chunk]:
-    return [_header(field, sum(len(c) if isinstance(c, bytes) else c.nbytes for c in chunks))]
+def _bytes_field(number: int, data: Chunk) -> list[Chunk]:
+    """A bytes field; proto3 writes none for empty bytes, and neither does this."""
+    return _field(number, [data]) if _size([data]) else []
+
+
+def _heatmap(part: HeatmapPart) -> list[Chunk]:
+    tensor = [part.tensor.SerializeToString(), *_bytes_field(_TENSOR_DATA, part.payload)]
+    inner = [part.head.SerializeToString(), *_field(_HEATMAP_DATA, tensor)]
+    return _field(_HEATMAPS, [*inner, part.tail.SerializeToString()])
+
+
+def _image(part: ImagePart) -> list[Chunk]:
+    inner: list[Chunk] = [part.head.SerializeToString()]
+    for heatmap in part.heatmaps:
+        inner += _heatmap(heatmap)
+    inner += _bytes_field(_OVERLAY_PNG, part.overlay_png)
+    return _field(_RESULTS, inner)
 
 
 def serialise(
-    head: pb.ExplainResponse,
-    images: Sequence[tuple[pb.ImageResult, Sequence[HeatmapPart]]],
+    head: pb.ExplainResponse, images: Sequence[ImagePart], tail: pb.ExplainResponse
 ) -> bytes:
-    """The bytes of `head` with `images` as its results: each an ImageResult without heatmaps
-    and its heatmaps, each without its tensor bytes and those bytes."""
+    """The bytes of one ExplainResponse: `head` holds its fields numbered below `results`, then
+    come `images` as its results, then `tail` with the fields numbered above."""
     chunks: list[Chunk] = [head.SerializeToString()]
-    for image, heatmaps in images:
-        inner: list[Chunk] = [image.SerializeToString()]
-        for heatmap, payload in heatmaps:
-            parts = _heatmap(heatmap, payload)
-            inner += _wrapped(_HEATMAPS, parts) + parts
-        chunks += _wrapped(_RESULTS, inner) + inner
+    for image in images:
+        chunks += _image(image)
+    chunks.append(tail.SerializeToString())
     return b"".join(chunks)
