@@ -22,6 +22,7 @@ from camserve.client.connection import DEFAULT_ADDRESS, DEFAULT_MESSAGE_BYTES, T
 from camserve.client.errors import CamserveError, from_rpc_error
 from camserve.client.health import CHECK_METHOD, SERVING, decode_status, encode_request
 from camserve.client.images import ImageInput
+from camserve.client.kernels import Kernels, kernels_from_proto, kernels_request
 from camserve.client.requests import (
     ExplainKwargs,
     ExplainOptions,
@@ -161,6 +162,33 @@ class AsyncClient:
         stub = self._open().stub
         info = await self._call(stub.GetModel, pb.GetModelRequest(name=name), timeout=timeout)
         return model_from_proto(info)
+
+    async def kernels(
+        self,
+        layer: str = "",
+        *,
+        model: str = "",
+        weights: bool = True,
+        grid: bool = True,
+        page: int = 0,
+        tiles_per_page: int = 0,
+        tile_size: int = 0,
+        timeout: float | None = None,
+    ) -> Kernels:
+        """A conv layer's weights (float32, out x in/groups x kh x kw) and one page of their grid
+        PNG; `layer` empty: the model's first conv layer (`ModelInfo.conv_layers` lists them).
+        `tiles_per_page` and `tile_size` 0: the server's defaults."""
+        request = kernels_request(
+            layer,
+            model,
+            weights=weights,
+            grid=grid,
+            page=page,
+            tiles_per_page=tiles_per_page,
+            tile_size=tile_size,
+        )
+        stub = self._open().stub
+        return kernels_from_proto(await self._call(stub.GetKernels, request, timeout=timeout))
 
     async def health(self, *, service: str = "", timeout: float | None = None) -> bool:
         """True when the server (or `service`) reports SERVING; errors raise as usual."""

@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import Any
 
 from camserve.client import compare
+from camserve.client.cli_kernels import add_kernels
 from camserve.client.connection import DEFAULT_ADDRESS, TLSConfig
 from camserve.client.errors import CamserveError
 from camserve.client.health import SERVING
@@ -95,6 +96,7 @@ def build_parser(*, default_server: str = DEFAULT_ADDRESS) -> argparse.ArgumentP
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     _add_explain(commands, common)
     _add_compare(commands, common)
+    add_kernels(commands, common)
     models = commands.add_parser("models", parents=[common], help="list models and their layers")
     models.set_defaults(run=_models)
     health = commands.add_parser(
@@ -303,6 +305,11 @@ def _models(client: Client, args: argparse.Namespace) -> int:
                 f"{c.method} {c.rows_per_image}/{c.forward_passes:.2f}" for c in info.method_costs
             )
             print(f"  cost per image at {info.default_layer} (rows/forward passes): {costs}")
+        if info.conv_layers:
+            first = info.conv_layers[0]
+            shape = "x".join(str(d) for d in first.weight_shape)
+            count = len(info.conv_layers)
+            print(f"  conv layers (camserve kernels): {count}, first {first.name} {shape}")
     return OK
 
 

@@ -15,6 +15,7 @@ from typing import Any
 import numpy as np
 from PIL import Image as PILImage
 
+from camserve.client.kernels import ConvLayerInfo
 from camserve.v1 import explain_pb2 as pb
 from camserve.v1.methods import NAME_BY_METHOD
 from camserve.v1.scores import CURVE_FIELDS, SCORE_BY_NAME
@@ -140,6 +141,7 @@ class ModelInfo:
     methods: tuple[str, ...]
     max_batch_size: int
     method_costs: tuple[MethodCost, ...] = ()
+    conv_layers: tuple[ConvLayerInfo, ...] = ()  # every Conv2d, for `Client.kernels`
 
     def cost(self, method: str) -> MethodCost:
         """The cost of `method`; KeyError naming the methods that have one."""
@@ -253,5 +255,9 @@ def model_from_proto(info: pb.ModelInfo) -> ModelInfo:
                 forward_passes=cost.forward_passes,
             )
             for cost in info.method_costs
+        ),
+        conv_layers=tuple(
+            ConvLayerInfo(conv.name, tuple(conv.weight_shape), conv.groups)
+            for conv in info.conv_layers
         ),
     )

@@ -14,6 +14,7 @@ from camserve.client.connection import DEFAULT_ADDRESS, DEFAULT_MESSAGE_BYTES, T
 from camserve.client.errors import CamserveError, from_rpc_error
 from camserve.client.health import CHECK_METHOD, SERVING, decode_status, encode_request
 from camserve.client.images import ImageInput
+from camserve.client.kernels import Kernels, kernels_from_proto, kernels_request
 from camserve.client.requests import (
     ExplainKwargs,
     ExplainOptions,
@@ -171,6 +172,32 @@ class Client:
         """One model by name; NotFound when the server has no such model."""
         info = self._call(self._stub.GetModel, pb.GetModelRequest(name=name), timeout=timeout)
         return model_from_proto(info)
+
+    def kernels(
+        self,
+        layer: str = "",
+        *,
+        model: str = "",
+        weights: bool = True,
+        grid: bool = True,
+        page: int = 0,
+        tiles_per_page: int = 0,
+        tile_size: int = 0,
+        timeout: float | None = None,
+    ) -> Kernels:
+        """A conv layer's weights (float32, out x in/groups x kh x kw) and one page of their grid
+        PNG; `layer` empty: the model's first conv layer (`ModelInfo.conv_layers` lists them).
+        `tiles_per_page` and `tile_size` 0: the server's defaults."""
+        request = kernels_request(
+            layer,
+            model,
+            weights=weights,
+            grid=grid,
+            page=page,
+            tiles_per_page=tiles_per_page,
+            tile_size=tile_size,
+        )
+        return kernels_from_proto(self._call(self._stub.GetKernels, request, timeout=timeout))
 
     def health(self, *, service: str = "", timeout: float | None = None) -> bool:
         """True when the server (or `service`) reports SERVING; errors raise as usual."""

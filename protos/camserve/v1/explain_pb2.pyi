@@ -268,7 +268,7 @@ class LayerInfo(_message.Message):
     def __init__(self, name: _Optional[str] = ..., output_shape: _Optional[_Iterable[int]] = ...) -> None: ...
 
 class ModelInfo(_message.Message):
-    __slots__ = ("name", "version", "device", "ready", "input", "num_classes", "labels", "default_layer", "layers", "methods", "max_batch_size", "method_costs")
+    __slots__ = ("name", "version", "device", "ready", "input", "num_classes", "labels", "default_layer", "layers", "methods", "max_batch_size", "method_costs", "conv_layers")
     NAME_FIELD_NUMBER: _ClassVar[int]
     VERSION_FIELD_NUMBER: _ClassVar[int]
     DEVICE_FIELD_NUMBER: _ClassVar[int]
@@ -281,6 +281,7 @@ class ModelInfo(_message.Message):
     METHODS_FIELD_NUMBER: _ClassVar[int]
     MAX_BATCH_SIZE_FIELD_NUMBER: _ClassVar[int]
     METHOD_COSTS_FIELD_NUMBER: _ClassVar[int]
+    CONV_LAYERS_FIELD_NUMBER: _ClassVar[int]
     name: str
     version: str
     device: str
@@ -293,7 +294,66 @@ class ModelInfo(_message.Message):
     methods: _containers.RepeatedScalarFieldContainer[Method]
     max_batch_size: int
     method_costs: _containers.RepeatedCompositeFieldContainer[MethodCost]
-    def __init__(self, name: _Optional[str] = ..., version: _Optional[str] = ..., device: _Optional[str] = ..., ready: _Optional[bool] = ..., input: _Optional[_Union[InputSpec, _Mapping]] = ..., num_classes: _Optional[int] = ..., labels: _Optional[_Iterable[str]] = ..., default_layer: _Optional[str] = ..., layers: _Optional[_Iterable[_Union[LayerInfo, _Mapping]]] = ..., methods: _Optional[_Iterable[_Union[Method, str]]] = ..., max_batch_size: _Optional[int] = ..., method_costs: _Optional[_Iterable[_Union[MethodCost, _Mapping]]] = ...) -> None: ...
+    conv_layers: _containers.RepeatedCompositeFieldContainer[ConvLayerInfo]
+    def __init__(self, name: _Optional[str] = ..., version: _Optional[str] = ..., device: _Optional[str] = ..., ready: _Optional[bool] = ..., input: _Optional[_Union[InputSpec, _Mapping]] = ..., num_classes: _Optional[int] = ..., labels: _Optional[_Iterable[str]] = ..., default_layer: _Optional[str] = ..., layers: _Optional[_Iterable[_Union[LayerInfo, _Mapping]]] = ..., methods: _Optional[_Iterable[_Union[Method, str]]] = ..., max_batch_size: _Optional[int] = ..., method_costs: _Optional[_Iterable[_Union[MethodCost, _Mapping]]] = ..., conv_layers: _Optional[_Iterable[_Union[ConvLayerInfo, _Mapping]]] = ...) -> None: ...
+
+class ConvLayerInfo(_message.Message):
+    __slots__ = ("name", "weight_shape", "groups")
+    NAME_FIELD_NUMBER: _ClassVar[int]
+    WEIGHT_SHAPE_FIELD_NUMBER: _ClassVar[int]
+    GROUPS_FIELD_NUMBER: _ClassVar[int]
+    name: str
+    weight_shape: _containers.RepeatedScalarFieldContainer[int]
+    groups: int
+    def __init__(self, name: _Optional[str] = ..., weight_shape: _Optional[_Iterable[int]] = ..., groups: _Optional[int] = ...) -> None: ...
+
+class GetKernelsRequest(_message.Message):
+    __slots__ = ("model", "layer", "skip_weights", "skip_grid", "page", "tiles_per_page", "tile_size")
+    MODEL_FIELD_NUMBER: _ClassVar[int]
+    LAYER_FIELD_NUMBER: _ClassVar[int]
+    SKIP_WEIGHTS_FIELD_NUMBER: _ClassVar[int]
+    SKIP_GRID_FIELD_NUMBER: _ClassVar[int]
+    PAGE_FIELD_NUMBER: _ClassVar[int]
+    TILES_PER_PAGE_FIELD_NUMBER: _ClassVar[int]
+    TILE_SIZE_FIELD_NUMBER: _ClassVar[int]
+    model: str
+    layer: str
+    skip_weights: bool
+    skip_grid: bool
+    page: int
+    tiles_per_page: int
+    tile_size: int
+    def __init__(self, model: _Optional[str] = ..., layer: _Optional[str] = ..., skip_weights: _Optional[bool] = ..., skip_grid: _Optional[bool] = ..., page: _Optional[int] = ..., tiles_per_page: _Optional[int] = ..., tile_size: _Optional[int] = ...) -> None: ...
+
+class GetKernelsResponse(_message.Message):
+    __slots__ = ("model", "model_version", "layer", "weights", "grid_png", "colour", "page", "pages", "first_filter", "end_filter", "columns", "rows", "tiles")
+    MODEL_FIELD_NUMBER: _ClassVar[int]
+    MODEL_VERSION_FIELD_NUMBER: _ClassVar[int]
+    LAYER_FIELD_NUMBER: _ClassVar[int]
+    WEIGHTS_FIELD_NUMBER: _ClassVar[int]
+    GRID_PNG_FIELD_NUMBER: _ClassVar[int]
+    COLOUR_FIELD_NUMBER: _ClassVar[int]
+    PAGE_FIELD_NUMBER: _ClassVar[int]
+    PAGES_FIELD_NUMBER: _ClassVar[int]
+    FIRST_FILTER_FIELD_NUMBER: _ClassVar[int]
+    END_FILTER_FIELD_NUMBER: _ClassVar[int]
+    COLUMNS_FIELD_NUMBER: _ClassVar[int]
+    ROWS_FIELD_NUMBER: _ClassVar[int]
+    TILES_FIELD_NUMBER: _ClassVar[int]
+    model: str
+    model_version: str
+    layer: str
+    weights: Tensor
+    grid_png: bytes
+    colour: bool
+    page: int
+    pages: int
+    first_filter: int
+    end_filter: int
+    columns: int
+    rows: int
+    tiles: int
+    def __init__(self, model: _Optional[str] = ..., model_version: _Optional[str] = ..., layer: _Optional[str] = ..., weights: _Optional[_Union[Tensor, _Mapping]] = ..., grid_png: _Optional[bytes] = ..., colour: _Optional[bool] = ..., page: _Optional[int] = ..., pages: _Optional[int] = ..., first_filter: _Optional[int] = ..., end_filter: _Optional[int] = ..., columns: _Optional[int] = ..., rows: _Optional[int] = ..., tiles: _Optional[int] = ...) -> None: ...
 
 class MethodCost(_message.Message):
     __slots__ = ("method", "rows_per_image", "forward_passes")

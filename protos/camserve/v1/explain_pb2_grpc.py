@@ -54,6 +54,11 @@ class ExplainServiceStub:
                 request_serializer=camserve_dot_v1_dot_explain__pb2.GetModelRequest.SerializeToString,
                 response_deserializer=camserve_dot_v1_dot_explain__pb2.ModelInfo.FromString,
                 _registered_method=True)
+        self.GetKernels = channel.unary_unary(
+                '/camserve.v1.ExplainService/GetKernels',
+                request_serializer=camserve_dot_v1_dot_explain__pb2.GetKernelsRequest.SerializeToString,
+                response_deserializer=camserve_dot_v1_dot_explain__pb2.GetKernelsResponse.FromString,
+                _registered_method=True)
 
 
 class ExplainServiceServicer:
@@ -89,6 +94,14 @@ class ExplainServiceServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def GetKernels(self, request, context):
+        """A convolution layer's weights, as a tensor and as a grid of images (one page of it). Needs no
+        pass through the model; answers are cached per model version.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_ExplainServiceServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -111,6 +124,11 @@ def add_ExplainServiceServicer_to_server(servicer, server):
                     servicer.GetModel,
                     request_deserializer=camserve_dot_v1_dot_explain__pb2.GetModelRequest.FromString,
                     response_serializer=camserve_dot_v1_dot_explain__pb2.ModelInfo.SerializeToString,
+            ),
+            'GetKernels': grpc.unary_unary_rpc_method_handler(
+                    servicer.GetKernels,
+                    request_deserializer=camserve_dot_v1_dot_explain__pb2.GetKernelsRequest.FromString,
+                    response_serializer=camserve_dot_v1_dot_explain__pb2.GetKernelsResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -221,6 +239,33 @@ class ExplainService:
             '/camserve.v1.ExplainService/GetModel',
             camserve_dot_v1_dot_explain__pb2.GetModelRequest.SerializeToString,
             camserve_dot_v1_dot_explain__pb2.ModelInfo.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def GetKernels(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/camserve.v1.ExplainService/GetKernels',
+            camserve_dot_v1_dot_explain__pb2.GetKernelsRequest.SerializeToString,
+            camserve_dot_v1_dot_explain__pb2.GetKernelsResponse.FromString,
             options,
             channel_credentials,
             insecure,

@@ -120,7 +120,9 @@ class CamServer:
         )
         self.server = _grpc_server(settings, self.metrics)
         self.pipeline = ExplainPipeline(self.registry, settings, self._pool, self.metrics)
-        self.servicer = ExplainServicer(self.pipeline, settings.limits)
+        self.servicer = ExplainServicer(
+            self.pipeline, settings.limits, max_message_bytes=settings.max_message_bytes
+        )
         explain_pb2_grpc.add_ExplainServiceServicer_to_server(self.servicer, self.server)
         health_pb2_grpc.add_HealthServicer_to_server(self.health, self.server)
         reflection.enable_server_reflection(

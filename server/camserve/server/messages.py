@@ -14,6 +14,7 @@ from google.rpc import error_details_pb2, status_pb2
 from grpc_status import rpc_status
 
 from camserve.server import wire
+from camserve.server.kernels import KernelView
 from camserve.server.records import (
     ExplainOutcome,
     HeatmapResult,
@@ -25,7 +26,7 @@ from camserve.server.wire import HeatmapPart, ImagePart
 from camserve.v1 import explain_pb2 as pb
 from camserve.v1.methods import METHOD_BY_NAME
 from camserve.v1.scores import CURVE_FIELDS
-from camserve.v1.tensors import fill_header
+from camserve.v1.tensors import fill_header, to_proto
 
 Metadata = tuple[tuple[str, str | bytes], ...]
 
@@ -157,6 +158,10 @@ def model_info(status: ModelStatus) -> pb.ModelInfo:
     )
     info.methods.extend(cast("list[pb.Method]", list(METHOD_BY_NAME.values())))
     info.method_costs.extend(_method_cost(cost) for cost in meta.method_costs)
+    info.conv_layers.extend(
+        pb.ConvLayerInfo(name=conv.name, weight_shape=conv.weight_shape, groups=conv.groups)
+        for conv in meta.conv_layers
+    )
     return info
 
 
@@ -166,3 +171,19 @@ def _method_cost(cost: MethodCostInfo) -> pb.MethodCost:
         rows_per_image=cost.rows,
         forward_passes=cost.forward_passes,
     )
+
+
+def kernels_response(view: KernelView) -> pb.GetKernelsResponse:
+    """A conv layer's weights and/or one page of their grid."""
+    response = pb.GetKernelsResponse(
+        model=view.model, model_version=view.version, layer=view.layer, colour=view.colour
+    )
+    if view.weights is not None:
+        response.weights.CopyFrom(to_proto(view.weights))
+    page = view.page
+    if page is not None:
+        response.grid_png = page.png
+        response.page, response.pages, response.tiles = page.page, page.pages, page.tiles
+        response.first_filter, response.end_filter = page.first_filter, page.end_filter
+        response.columns, response.rows = page.columns, page.rows
+    return response

@@ -43,6 +43,7 @@ from camserve.server.errors import (
     ServiceError,
     Unavailable,
 )
+from camserve.server.kernels import KernelCatalogue, KernelQuery, KernelView
 from camserve.server.metrics import Metrics, StageClock, untimed
 from camserve.server.outputs import RESOLUTION_NAMES, explain_image
 from camserve.server.preprocess import (
@@ -190,6 +191,7 @@ class ExplainPipeline:
         self._pool = pool
         self._limits = settings.limits
         self._max_bytes = settings.max_message_bytes
+        self._kernels = KernelCatalogue(pool)
 
     def statuses(self) -> list[ModelStatus]:
         """Every hosted model, loaded or not, in configuration order."""
@@ -205,6 +207,13 @@ class ExplainPipeline:
         if not runtime.ready:
             raise Unavailable(f"model {runtime.spec.name!r} is still loading; retry")
         return runtime.meta
+
+    async def kernels(self, query: KernelQuery) -> KernelView:
+        """A conv layer's weights and grid page (`camserve.server.kernels`); no pass runs."""
+        runtime = self._runtime(query.model)
+        return await self._kernels.view(
+            query, functools.partial(runtime.conv_weights, pool=self._pool)
+        )
 
     async def explain(
         self,

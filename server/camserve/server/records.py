@@ -57,6 +57,15 @@ class MethodCostInfo:
 
 
 @dataclass(frozen=True)
+class ConvLayer:
+    """A Conv2d of a model: its weight's shape (out, in / groups, kh, kw) and groups."""
+
+    name: str
+    weight_shape: tuple[int, ...]
+    groups: int
+
+
+@dataclass(frozen=True)
 class ModelMeta:
     """What clients and the request checker need to know about a loaded model."""
 
@@ -70,6 +79,7 @@ class ModelMeta:
     recipe: InputRecipe
     max_batch_size: int
     method_costs: tuple[MethodCostInfo, ...] = ()  # every method, in METHOD_BY_NAME order
+    conv_layers: tuple[ConvLayer, ...] = ()  # every Conv2d, in module order (kernels)
 
     @functools.cached_property
     def layer_names(self) -> frozenset[str]:

@@ -18,9 +18,10 @@ import asyncio
 import logging
 import time
 from collections.abc import Callable
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import Executor, ThreadPoolExecutor
 from dataclasses import dataclass
 
+import numpy as np
 import torch
 
 from camserve.server.batcher import BatchInfo, DynamicBatcher, Reservation
@@ -31,6 +32,7 @@ from camserve.server.engine import (
     RowRequest,
     RowResult,
 )
+from camserve.server.engine.kernels import conv_layers, conv_weights
 from camserve.server.metrics import Metrics
 from camserve.server.models.labels import load_labels
 from camserve.server.models.loading import (
@@ -155,6 +157,14 @@ class ModelRuntime:
         """Holds queue room for a request's whole cost (its images and every forward-only row
         after them, in forward passes) before anything is decoded; QueueFull if there is none."""
         return self._started().reserve(cost)
+
+    async def conv_weights(self, layer: str, pool: Executor) -> np.ndarray:
+        """The float32 weights of the Conv2d `layer`, read on `pool` (reading a parameter is
+        safe beside a running batch, so it never waits for the engine's worker)."""
+        if self._engine is None:
+            raise RuntimeError(f"model {self.spec.name!r} is not loaded yet")
+        model = self._engine.model
+        return await asyncio.get_running_loop().run_in_executor(pool, conv_weights, model, layer)
 
     async def tail_fraction(self, layer: str) -> float:
         """The share of a forward pass that runs after `layer` (what an AblationCAM row costs);
@@ -307,4 +317,5 @@ def _read_meta(
             MethodCostInfo(method, cost.rows, cost.forward_passes) for method, cost in costs.items()
         ),
         max_batch_size=spec.max_batch_size,
+        conv_layers=conv_layers(engine.model),
     )

@@ -31,6 +31,7 @@ from camserve.server.errors import (
     ServiceError,
     Unavailable,
 )
+from camserve.server.kernels import kernel_query
 from camserve.server.parsing import UnparsableRequest
 from camserve.server.settings import LimitsSettings
 from camserve.server.streams import answer_stream
@@ -82,9 +83,11 @@ class ExplainServicer(pb_grpc.ExplainServiceServicer):
         pipeline: ExplainPipeline,
         limits: LimitsSettings,
         stream_in_flight: int = STREAM_IN_FLIGHT,
+        max_message_bytes: int = 64 << 20,
     ) -> None:
         self._pipeline = pipeline
         self._limits = limits
+        self._max_message_bytes = max_message_bytes
         self._stream_in_flight = stream_in_flight
         self._draining = False
         self._active = 0
@@ -178,3 +181,14 @@ class ExplainServicer(pb_grpc.ExplainServiceServicer):
         except ModelNotFound as error:
             await context.abort(grpc.StatusCode.NOT_FOUND, error.message)
             raise
+
+    async def GetKernels(  # noqa: N802 - gRPC method name
+        self, request: pb.GetKernelsRequest, context: grpc.aio.ServicerContext
+    ) -> pb.GetKernelsResponse:
+        try:
+            meta = self._pipeline.model(request.model)
+            query = kernel_query(request, meta, self._limits, self._max_message_bytes)
+            return messages.kernels_response(await self._pipeline.kernels(query))
+        except ServiceError as error:
+            await context.abort(status_code(error), error.message)
+            raise  # unreachable: abort raises

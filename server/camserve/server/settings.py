@@ -143,6 +143,8 @@ class LimitsSettings:
     # Steps of a deletion or insertion curve a request may ask for (output.score_steps): each step
     # is a forward row per map and curve, so this bounds what one scored map can cost.
     max_score_steps: int = ENGINE_MAX_SCORE_STEPS
+    max_kernel_tiles: int = 1024  # tiles on one page of a kernel grid (GetKernels)
+    max_kernel_tile_size: int = 128  # pixels per side of one kernel tile
 
     def __post_init__(self) -> None:
         for key in (
@@ -152,6 +154,8 @@ class LimitsSettings:
             "max_output_pixels",
             "max_concurrent_streams",
             "max_top_k",
+            "max_kernel_tiles",
+            "max_kernel_tile_size",
         ):
             if getattr(self, key) < 1:
                 raise SettingsError(f"limits.{key}={getattr(self, key)} must be at least 1")
