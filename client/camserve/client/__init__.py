@@ -19,9 +19,11 @@ from camserve.client.errors import (
     Unauthenticated,
     Unavailable,
 )
+from camserve.client.kernels import ConvLayerInfo, Kernels
 from camserve.client.render import colormap, overlay, panel
 from camserve.client.results import (
     Explanation,
+    GateInfo,
     InputSpec,
     LayerInfo,
     MethodCost,
@@ -36,10 +38,13 @@ __all__ = [
     "AsyncClient",
     "CamserveError",
     "Client",
+    "ConvLayerInfo",
     "DeadlineExceeded",
     "Explanation",
+    "GateInfo",
     "InputSpec",
     "InvalidArgument",
+    "Kernels",
     "LayerInfo",
     "MethodCost",
     "ModelInfo",

@@ -310,7 +310,19 @@ def _models(client: Client, args: argparse.Namespace) -> int:
             shape = "x".join(str(d) for d in first.weight_shape)
             count = len(info.conv_layers)
             print(f"  conv layers (camserve kernels): {count}, first {first.name} {shape}")
+        _print_gates(info)
     return OK
+
+
+def _print_gates(info: ModelInfo) -> None:
+    if not info.gates:
+        print("  attention gates: none")
+        return
+    kinds = {kind: sum(g.kind == kind for g in info.gates) for kind in ("channel", "spatial")}
+    print(f"  attention gates: {kinds['channel']} channel, {kinds['spatial']} spatial")
+    for gate in info.gates:
+        shape = "x".join(str(d) for d in gate.shape)
+        print(f"    {gate.name}  {gate.kind} {shape} ({gate.module})")
 
 
 def _describe(info: ModelInfo) -> str:

@@ -126,6 +126,20 @@ class MethodCost:
 
 
 @dataclass(frozen=True)
+class GateInfo:
+    """An attention gate the server found: `kind` "channel" (shape (C,)) or "spatial" (shape
+    (H, W) at the model's input size), and the module's class."""
+
+    name: str
+    kind: str
+    shape: tuple[int, ...]
+    module: str
+
+
+GATE_KIND_NAMES = {pb.GATE_KIND_CHANNEL: "channel", pb.GATE_KIND_SPATIAL: "spatial"}
+
+
+@dataclass(frozen=True)
 class ModelInfo:
     """A model the server hosts; `method_costs` has one entry per method in `methods`."""
 
@@ -142,6 +156,7 @@ class ModelInfo:
     max_batch_size: int
     method_costs: tuple[MethodCost, ...] = ()
     conv_layers: tuple[ConvLayerInfo, ...] = ()  # every Conv2d, for `Client.kernels`
+    gates: tuple[GateInfo, ...] = ()  # attention gates, in the order they run
 
     def cost(self, method: str) -> MethodCost:
         """The cost of `method`; KeyError naming the methods that have one."""
@@ -259,5 +274,11 @@ def model_from_proto(info: pb.ModelInfo) -> ModelInfo:
         conv_layers=tuple(
             ConvLayerInfo(conv.name, tuple(conv.weight_shape), conv.groups)
             for conv in info.conv_layers
+        ),
+        gates=tuple(
+            GateInfo(
+                gate.name, GATE_KIND_NAMES.get(gate.kind, "unknown"), tuple(gate.shape), gate.module
+            )
+            for gate in info.gates
         ),
     )

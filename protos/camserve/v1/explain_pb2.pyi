@@ -42,6 +42,12 @@ class Resolution(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
     RESOLUTION_INPUT: _ClassVar[Resolution]
     RESOLUTION_ORIGINAL: _ClassVar[Resolution]
     RESOLUTION_EXPLICIT: _ClassVar[Resolution]
+
+class GateKind(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
+    __slots__ = ()
+    GATE_KIND_UNSPECIFIED: _ClassVar[GateKind]
+    GATE_KIND_CHANNEL: _ClassVar[GateKind]
+    GATE_KIND_SPATIAL: _ClassVar[GateKind]
 DTYPE_UNSPECIFIED: DType
 DTYPE_FLOAT32: DType
 DTYPE_FLOAT16: DType
@@ -66,6 +72,9 @@ RESOLUTION_FEATURE_MAP: Resolution
 RESOLUTION_INPUT: Resolution
 RESOLUTION_ORIGINAL: Resolution
 RESOLUTION_EXPLICIT: Resolution
+GATE_KIND_UNSPECIFIED: GateKind
+GATE_KIND_CHANNEL: GateKind
+GATE_KIND_SPATIAL: GateKind
 
 class Tensor(_message.Message):
     __slots__ = ("dtype", "shape", "data")
@@ -268,7 +277,7 @@ class LayerInfo(_message.Message):
     def __init__(self, name: _Optional[str] = ..., output_shape: _Optional[_Iterable[int]] = ...) -> None: ...
 
 class ModelInfo(_message.Message):
-    __slots__ = ("name", "version", "device", "ready", "input", "num_classes", "labels", "default_layer", "layers", "methods", "max_batch_size", "method_costs", "conv_layers")
+    __slots__ = ("name", "version", "device", "ready", "input", "num_classes", "labels", "default_layer", "layers", "methods", "max_batch_size", "method_costs", "conv_layers", "gates")
     NAME_FIELD_NUMBER: _ClassVar[int]
     VERSION_FIELD_NUMBER: _ClassVar[int]
     DEVICE_FIELD_NUMBER: _ClassVar[int]
@@ -282,6 +291,7 @@ class ModelInfo(_message.Message):
     MAX_BATCH_SIZE_FIELD_NUMBER: _ClassVar[int]
     METHOD_COSTS_FIELD_NUMBER: _ClassVar[int]
     CONV_LAYERS_FIELD_NUMBER: _ClassVar[int]
+    GATES_FIELD_NUMBER: _ClassVar[int]
     name: str
     version: str
     device: str
@@ -295,7 +305,20 @@ class ModelInfo(_message.Message):
     max_batch_size: int
     method_costs: _containers.RepeatedCompositeFieldContainer[MethodCost]
     conv_layers: _containers.RepeatedCompositeFieldContainer[ConvLayerInfo]
-    def __init__(self, name: _Optional[str] = ..., version: _Optional[str] = ..., device: _Optional[str] = ..., ready: _Optional[bool] = ..., input: _Optional[_Union[InputSpec, _Mapping]] = ..., num_classes: _Optional[int] = ..., labels: _Optional[_Iterable[str]] = ..., default_layer: _Optional[str] = ..., layers: _Optional[_Iterable[_Union[LayerInfo, _Mapping]]] = ..., methods: _Optional[_Iterable[_Union[Method, str]]] = ..., max_batch_size: _Optional[int] = ..., method_costs: _Optional[_Iterable[_Union[MethodCost, _Mapping]]] = ..., conv_layers: _Optional[_Iterable[_Union[ConvLayerInfo, _Mapping]]] = ...) -> None: ...
+    gates: _containers.RepeatedCompositeFieldContainer[GateInfo]
+    def __init__(self, name: _Optional[str] = ..., version: _Optional[str] = ..., device: _Optional[str] = ..., ready: _Optional[bool] = ..., input: _Optional[_Union[InputSpec, _Mapping]] = ..., num_classes: _Optional[int] = ..., labels: _Optional[_Iterable[str]] = ..., default_layer: _Optional[str] = ..., layers: _Optional[_Iterable[_Union[LayerInfo, _Mapping]]] = ..., methods: _Optional[_Iterable[_Union[Method, str]]] = ..., max_batch_size: _Optional[int] = ..., method_costs: _Optional[_Iterable[_Union[MethodCost, _Mapping]]] = ..., conv_layers: _Optional[_Iterable[_Union[ConvLayerInfo, _Mapping]]] = ..., gates: _Optional[_Iterable[_Union[GateInfo, _Mapping]]] = ...) -> None: ...
+
+class GateInfo(_message.Message):
+    __slots__ = ("name", "kind", "shape", "module")
+    NAME_FIELD_NUMBER: _ClassVar[int]
+    KIND_FIELD_NUMBER: _ClassVar[int]
+    SHAPE_FIELD_NUMBER: _ClassVar[int]
+    MODULE_FIELD_NUMBER: _ClassVar[int]
+    name: str
+    kind: GateKind
+    shape: _containers.RepeatedScalarFieldContainer[int]
+    module: str
+    def __init__(self, name: _Optional[str] = ..., kind: _Optional[_Union[GateKind, str]] = ..., shape: _Optional[_Iterable[int]] = ..., module: _Optional[str] = ...) -> None: ...
 
 class ConvLayerInfo(_message.Message):
     __slots__ = ("name", "weight_shape", "groups")

@@ -29,6 +29,7 @@ from camserve.v1.scores import CURVE_FIELDS
 from camserve.v1.tensors import fill_header, to_proto
 
 Metadata = tuple[tuple[str, str | bytes], ...]
+GATE_KINDS = {"channel": pb.GATE_KIND_CHANNEL, "spatial": pb.GATE_KIND_SPATIAL}
 
 
 class EncodedResponse(NamedTuple):
@@ -161,6 +162,15 @@ def model_info(status: ModelStatus) -> pb.ModelInfo:
     info.conv_layers.extend(
         pb.ConvLayerInfo(name=conv.name, weight_shape=conv.weight_shape, groups=conv.groups)
         for conv in meta.conv_layers
+    )
+    info.gates.extend(
+        pb.GateInfo(
+            name=gate.name,
+            kind=GATE_KINDS[gate.kind],
+            shape=gate.shape,
+            module=gate.module,
+        )
+        for gate in meta.gates
     )
     return info
 

@@ -66,6 +66,17 @@ class ConvLayer:
 
 
 @dataclass(frozen=True)
+class GateSpec:
+    """An attention gate: a module whose output scales channels (kind "channel", shape (C,))
+    or positions (kind "spatial", shape (H, W) at the model's input size), and its class."""
+
+    name: str
+    kind: str
+    shape: tuple[int, ...]
+    module: str
+
+
+@dataclass(frozen=True)
 class ModelMeta:
     """What clients and the request checker need to know about a loaded model."""
 
@@ -80,6 +91,7 @@ class ModelMeta:
     max_batch_size: int
     method_costs: tuple[MethodCostInfo, ...] = ()  # every method, in METHOD_BY_NAME order
     conv_layers: tuple[ConvLayer, ...] = ()  # every Conv2d, in module order (kernels)
+    gates: tuple[GateSpec, ...] = ()  # attention gates, in the order they run
 
     @functools.cached_property
     def layer_names(self) -> frozenset[str]:

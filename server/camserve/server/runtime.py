@@ -32,6 +32,7 @@ from camserve.server.engine import (
     RowRequest,
     RowResult,
 )
+from camserve.server.engine.gates import find_gates
 from camserve.server.engine.kernels import conv_layers, conv_weights
 from camserve.server.metrics import Metrics
 from camserve.server.models.labels import load_labels
@@ -318,4 +319,5 @@ def _read_meta(
         ),
         max_batch_size=spec.max_batch_size,
         conv_layers=conv_layers(engine.model),
+        gates=find_gates(engine.model, size),
     )
