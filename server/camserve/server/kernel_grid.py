@@ -2,7 +2,8 @@
 
 Torch-free: it works on the float32 weight array (out, in / groups, kh, kw). Tiles are whole
 filters in colour when the layer reads the image's three channels, otherwise one grayscale tile
-per (filter, input channel), filter-major, each filter's row(s) of channel tiles together. Every
+per (filter, input channel), filter-major, each filter's row(s) of channel tiles together (a
+depthwise conv's filters, one channel each, in a square grid like colour filters). Every
 filter is min-max normalised over all its own weights, so each shows its own pattern whatever its
 scale. A layer with more tiles than a page holds is paged; pages hold whole filters when they fit.
 """
@@ -60,10 +61,11 @@ def layout(shape: tuple[int, ...], colour: bool, tiles_per_page: int) -> GridLay
     """The paging of a weight of `shape` (out, in / groups, kh, kw) at most `tiles_per_page`
     tiles a page; `colour` draws each filter as one RGB tile (its input must be 3 channels)."""
     filters, per_filter = shape[0], 1 if colour else shape[1]
-    if colour or per_filter > tiles_per_page:
-        page = min(tiles_per_page, filters * per_filter)
-        columns = math.ceil(math.sqrt(page)) if colour else min(page, MAX_COLUMNS)
-        return GridLayout(colour, filters, per_filter, page, page, columns)
+    if per_filter == 1:  # colour filters, or a depthwise conv's: one tile each, a square grid
+        page = min(tiles_per_page, filters)
+        return GridLayout(colour, filters, 1, page, page, math.ceil(math.sqrt(page)))
+    if per_filter > tiles_per_page:  # pages of one filter's channels
+        return GridLayout(colour, filters, per_filter, tiles_per_page, tiles_per_page, MAX_COLUMNS)
     whole = (tiles_per_page // per_filter) * per_filter  # whole filters only
     columns = min(per_filter, MAX_COLUMNS)
     return GridLayout(colour, filters, per_filter, whole, per_filter, columns)
