@@ -1,9 +1,10 @@
 """The fault campaign: a model that fails on command, behind a real server on loopback.
 
 Every request read from a stream or sent as a unary call gets exactly one answer: its result, or
-a precise status (INTERNAL for a server fault, RESOURCE_EXHAUSTED for out-of-memory on one
-image); the other requests of the same batch succeed; a model that keeps failing turns its
-health NOT_SERVING and back once it recovers; unparsable request bytes are INVALID_ARGUMENT.
+a precise status (INTERNAL for a server fault, NaN logits included, RESOURCE_EXHAUSTED for
+out-of-memory on one image); the other requests of the same batch succeed; a model that keeps
+failing turns its health NOT_SERVING (and ModelInfo.ready false) and back once it recovers,
+through a request or a periodic probe; unparsable request bytes are INVALID_ARGUMENT.
 """
 
 from __future__ import annotations
@@ -32,18 +33,32 @@ GOOD = [png_bytes(image) for image in IMAGES[1:]]
 HEALTH_NAME = "camserve.v1.ExplainService/faulty"
 
 
-@pytest.fixture
-def faulty_server(server_factory: Callable[..., ServerThread]) -> Iterator[ServerThread]:
-    FAULT.reset()
-    model = ModelSettings(
+def faulty_settings(health_probe_s: float = 0.0) -> ModelSettings:
+    return ModelSettings(
         name="faulty",
         source=faulty_model.SOURCE,
         labels="",
         max_batch_size=8,
         max_delay_ms=40,
+        failing_after=3,
+        health_probe_s=health_probe_s,
         **faulty_model.RECIPE,  # type: ignore[arg-type]
     )
-    yield server_factory(models=(model,), metrics_port=-1)
+
+
+@pytest.fixture
+def faulty_server(server_factory: Callable[..., ServerThread]) -> Iterator[ServerThread]:
+    """The faulty model, probed by requests only (no periodic probe)."""
+    FAULT.reset()
+    yield server_factory(models=(faulty_settings(),), metrics_port=-1)
+    FAULT.reset()
+
+
+@pytest.fixture
+def probed_server(server_factory: Callable[..., ServerThread]) -> Iterator[ServerThread]:
+    """The faulty model, probed every 0.2 s while failing."""
+    FAULT.reset()
+    yield server_factory(models=(faulty_settings(health_probe_s=0.2),), metrics_port=-1)
     FAULT.reset()
 
 
@@ -55,6 +70,14 @@ async def stream_all(address: str, requests: list[pb.ExplainRequest]) -> list[pb
     async with grpc.aio.insecure_channel(address) as channel:
         call = pb_grpc.ExplainServiceStub(channel).ExplainStream(iter(requests), timeout=60)
         return [response async for response in call]
+
+
+async def model_ready(address: str) -> bool:
+    async with grpc.aio.insecure_channel(address) as channel:
+        info = await pb_grpc.ExplainServiceStub(channel).GetModel(
+            pb.GetModelRequest(name="faulty"), timeout=5
+        )
+    return info.ready
 
 
 async def health(address: str, service: str) -> str:
@@ -127,6 +150,56 @@ async def test_a_persistent_fault_turns_the_model_not_serving_until_it_recovers(
     assert not recovered[0].HasField("error")
     assert await health(address, HEALTH_NAME) == "SERVING"
     assert await health(address, "") == "SERVING"
+
+
+async def test_nan_logits_are_a_fault_of_that_image_alone_not_a_refusal(
+    faulty_server: ServerThread,
+) -> None:
+    FAULT.reset("nan-marked")
+    async with grpc.aio.insecure_channel(faulty_server.address) as channel:
+        explain = pb_grpc.ExplainServiceStub(channel).Explain
+        scored = pb.ExplainRequest(
+            images=[pb.Image(encoded=MARKED)],
+            output=pb.OutputOptions(scores=[pb.SCORE_DELETION_AUC]),
+        )
+        calls = [explain(request(MARKED, "marked"), timeout=60), explain(scored, timeout=60)]
+        calls += [explain(request(image, f"good-{i}"), timeout=60) for i, image in enumerate(GOOD)]
+        outcomes = await asyncio.gather(*calls, return_exceptions=True)
+    for failure in outcomes[:2]:
+        assert isinstance(failure, grpc.aio.AioRpcError)
+        assert failure.code() == grpc.StatusCode.INTERNAL
+        details = failure.details() or ""
+        assert "logits for this image are NaN or Inf" in details
+        assert "not the request's" in details
+        assert "normalise" not in details
+    assert all(isinstance(s, pb.ExplainResponse) and len(s.results) == 1 for s in outcomes[2:])
+    assert await health(faulty_server.address, HEALTH_NAME) == "SERVING"  # the others worked
+
+
+async def test_a_model_giving_nan_logits_goes_not_serving_and_a_probe_brings_it_back(
+    probed_server: ServerThread,
+) -> None:
+    address = probed_server.address
+    assert await model_ready(address)
+    FAULT.reset("nan")
+    for i in range(3):  # failing_after = 3 batches in a row, one request each
+        responses = await stream_all(address, [request(GOOD[0], f"nan-{i}")])
+        assert responses[0].error.code == grpc.StatusCode.INTERNAL.value[0]
+        assert "NaN" in responses[0].error.message
+    assert await health(address, HEALTH_NAME) == "NOT_SERVING"
+    assert not await model_ready(address)
+    assert probed_server.metric("camserve_model_ready", model="faulty") == 0
+    await asyncio.sleep(0.6)  # probes run, and fail: still failing
+    assert await health(address, HEALTH_NAME) == "NOT_SERVING"
+    FAULT.reset("off")  # no request is sent from here on: only the probe can notice
+    for _ in range(100):
+        if await health(address, HEALTH_NAME) == "SERVING":
+            break
+        await asyncio.sleep(0.05)
+    assert await health(address, HEALTH_NAME) == "SERVING"
+    assert await health(address, "") == "SERVING"
+    assert await model_ready(address)
+    assert probed_server.metric("camserve_model_ready", model="faulty") == 1
 
 
 async def test_unparsable_bytes_are_invalid_argument_unary_and_per_stream_item(

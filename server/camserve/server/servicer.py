@@ -12,7 +12,6 @@ from __future__ import annotations
 import asyncio
 import functools
 import itertools
-import logging
 import time
 import uuid
 from collections.abc import AsyncIterator
@@ -30,6 +29,7 @@ from camserve.server.errors import (
     ServerFault,
     ServiceError,
     Unavailable,
+    server_fault,
 )
 from camserve.server.parsing import UnparsableRequest
 from camserve.server.settings import LimitsSettings
@@ -41,11 +41,9 @@ from camserve.v1 import explain_pb2_grpc as pb_grpc
 if TYPE_CHECKING:
     from camserve.server.pipeline import ExplainPipeline
 
-log = logging.getLogger("camserve.servicer")
 # What the RPCs answer: a response the worker thread already serialised, or (for refusals on a
 # stream) a small message gRPC serialises.
 Answer = messages.EncodedResponse | pb.ExplainResponse
-STREAM_IN_FLIGHT = 64  # requests of one stream computed or waiting to be sent at once
 
 STATUS_CODES: dict[type[ServiceError], grpc.StatusCode] = {
     InvalidRequest: grpc.StatusCode.INVALID_ARGUMENT,
@@ -56,14 +54,6 @@ STATUS_CODES: dict[type[ServiceError], grpc.StatusCode] = {
     DeadlineExceeded: grpc.StatusCode.DEADLINE_EXCEEDED,
     ServerFault: grpc.StatusCode.INTERNAL,
 }
-
-
-def _fault(exc: Exception) -> ServerFault:
-    log.exception("request failed inside the server", exc_info=exc)
-    return ServerFault(
-        f"the server failed while answering this request ({type(exc).__name__}); this is not "
-        "the request's fault: retry, and report it if it persists"
-    )
 
 
 def status_code(error: ServiceError) -> grpc.StatusCode:
@@ -81,11 +71,9 @@ class ExplainServicer(pb_grpc.ExplainServiceServicer):
         self,
         pipeline: ExplainPipeline,
         limits: LimitsSettings,
-        stream_in_flight: int = STREAM_IN_FLIGHT,
     ) -> None:
         self._pipeline = pipeline
         self._limits = limits
-        self._stream_in_flight = stream_in_flight
         self._draining = False
         self._active = 0
         self._idle = asyncio.Event()
@@ -127,7 +115,7 @@ class ExplainServicer(pb_grpc.ExplainServiceServicer):
         except ServiceError:
             raise
         except Exception as exc:  # noqa: BLE001 - a bug must still get a precise status
-            raise _fault(exc) from exc
+            raise server_fault(exc) from exc
         finally:
             self._active -= 1
             if not self._active:
@@ -152,7 +140,7 @@ class ExplainServicer(pb_grpc.ExplainServiceServicer):
             return await self._answer(request, context.time_remaining())
 
         def fail(request: pb.ExplainRequest, exc: Exception) -> Answer:
-            error = exc if isinstance(exc, ServiceError) else _fault(exc)
+            error = exc if isinstance(exc, ServiceError) else server_fault(exc)
             return messages.error_response(
                 request.request_id or self._new_id(),
                 status_code(error).value[0],
@@ -160,7 +148,9 @@ class ExplainServicer(pb_grpc.ExplainServiceServicer):
                 error.retry_after_s,
             )
 
-        async for response in answer_stream(request_iterator, answer, fail, self._stream_in_flight):
+        async for response in answer_stream(
+            request_iterator, answer, fail, self._limits.stream_window
+        ):
             yield response
 
     async def ListModels(  # noqa: N802 - gRPC method name
