@@ -461,7 +461,6 @@ def test_bad_arguments_name_the_argument_and_the_fix(
 
 
 @pytest.mark.gpu
-@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 def test_cuda_rows_match_the_cpu(
     confident_resnet18: nn.Module,
     make_engine: Callable[..., CamEngine],
