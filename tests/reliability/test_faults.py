@@ -19,6 +19,7 @@ import pytest
 import torch
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
+from camserve.client import AsyncClient, Explanation, ServerError
 from camserve.server.settings import ModelSettings
 from camserve.v1 import explain_pb2 as pb
 from camserve.v1 import explain_pb2_grpc as pb_grpc
@@ -70,14 +71,6 @@ async def stream_all(address: str, requests: list[pb.ExplainRequest]) -> list[pb
     async with grpc.aio.insecure_channel(address) as channel:
         call = pb_grpc.ExplainServiceStub(channel).ExplainStream(iter(requests), timeout=60)
         return [response async for response in call]
-
-
-async def model_ready(address: str) -> bool:
-    async with grpc.aio.insecure_channel(address) as channel:
-        info = await pb_grpc.ExplainServiceStub(channel).GetModel(
-            pb.GetModelRequest(name="faulty"), timeout=5
-        )
-    return info.ready
 
 
 async def health(address: str, service: str) -> str:
@@ -155,50 +148,53 @@ async def test_a_persistent_fault_turns_the_model_not_serving_until_it_recovers(
 async def test_nan_logits_are_a_fault_of_that_image_alone_not_a_refusal(
     faulty_server: ServerThread,
 ) -> None:
+    """Through the SDK: the marked image's request fails with ServerError (INTERNAL), scored or
+    not, and the good requests batched with it are answered."""
     FAULT.reset("nan-marked")
-    async with grpc.aio.insecure_channel(faulty_server.address) as channel:
-        explain = pb_grpc.ExplainServiceStub(channel).Explain
-        scored = pb.ExplainRequest(
-            images=[pb.Image(encoded=MARKED)],
-            output=pb.OutputOptions(scores=[pb.SCORE_DELETION_AUC]),
-        )
-        calls = [explain(request(MARKED, "marked"), timeout=60), explain(scored, timeout=60)]
-        calls += [explain(request(image, f"good-{i}"), timeout=60) for i, image in enumerate(GOOD)]
+    async with AsyncClient(address=faulty_server.address, retry=None, timeout=60) as client:
+        calls = [
+            client.explain(MARKED, model="faulty"),
+            client.explain(MARKED, model="faulty", scores=["deletion_auc"]),
+            *(client.explain(image, model="faulty") for image in GOOD),
+        ]
         outcomes = await asyncio.gather(*calls, return_exceptions=True)
+        assert await client.health_status(service=HEALTH_NAME) == "SERVING"  # the others worked
     for failure in outcomes[:2]:
-        assert isinstance(failure, grpc.aio.AioRpcError)
-        assert failure.code() == grpc.StatusCode.INTERNAL
-        details = failure.details() or ""
-        assert "logits for this image are NaN or Inf" in details
-        assert "not the request's" in details
-        assert "normalise" not in details
-    assert all(isinstance(s, pb.ExplainResponse) and len(s.results) == 1 for s in outcomes[2:])
-    assert await health(faulty_server.address, HEALTH_NAME) == "SERVING"  # the others worked
+        assert isinstance(failure, ServerError)
+        assert failure.code == grpc.StatusCode.INTERNAL
+        assert "logits for this image are NaN or Inf" in failure.message
+        assert "not the request's" in failure.message
+        assert "normalise" not in failure.message
+    assert all(isinstance(o, Explanation) and o.heatmaps for o in outcomes[2:])
 
 
 async def test_a_model_giving_nan_logits_goes_not_serving_and_a_probe_brings_it_back(
     probed_server: ServerThread,
 ) -> None:
-    address = probed_server.address
-    assert await model_ready(address)
-    FAULT.reset("nan")
-    for i in range(3):  # failing_after = 3 batches in a row, one request each
-        responses = await stream_all(address, [request(GOOD[0], f"nan-{i}")])
-        assert responses[0].error.code == grpc.StatusCode.INTERNAL.value[0]
-        assert "NaN" in responses[0].error.message
-    assert await health(address, HEALTH_NAME) == "NOT_SERVING"
-    assert not await model_ready(address)
-    assert probed_server.metric("camserve_model_ready", model="faulty") == 0
-    await asyncio.sleep(0.6)  # probes run, and fail: still failing
-    assert await health(address, HEALTH_NAME) == "NOT_SERVING"
-    FAULT.reset("off")  # no request is sent from here on: only the probe can notice
-    for _ in range(100):
-        if await health(address, HEALTH_NAME) == "SERVING":
-            break
-        await asyncio.sleep(0.05)
-    assert await health(address, HEALTH_NAME) == "SERVING"
-    assert await health(address, "") == "SERVING"
-    assert await model_ready(address)
+    """Through the SDK: three batches of NaN logits turn the model NOT_SERVING (its health name,
+    ModelInfo.ready, camserve_model_ready); once it computes again, the probe alone brings it
+    back, with no request sent."""
+    async with AsyncClient(address=probed_server.address, retry=None, timeout=30) as client:
+        assert (await client.model("faulty")).ready
+        FAULT.reset("nan")
+        for _ in range(3):  # failing_after = 3 batches in a row, one request each
+            with pytest.raises(ServerError, match="NaN") as failed:
+                await client.explain(GOOD[0], model="faulty")
+            assert failed.value.code == grpc.StatusCode.INTERNAL
+        assert await client.health_status(service=HEALTH_NAME) == "NOT_SERVING"
+        assert await client.health_status() == "NOT_SERVING"  # its only model is failing
+        assert not (await client.model("faulty")).ready
+        assert probed_server.metric("camserve_model_ready", model="faulty") == 0
+        await asyncio.sleep(0.6)  # probes run, and fail: still failing
+        assert await client.health_status(service=HEALTH_NAME) == "NOT_SERVING"
+        FAULT.reset("off")  # no request is sent from here on: only the probe can notice
+        for _ in range(100):
+            if await client.health_status(service=HEALTH_NAME) == "SERVING":
+                break
+            await asyncio.sleep(0.05)
+        assert await client.health_status(service=HEALTH_NAME) == "SERVING"
+        assert await client.health_status() == "SERVING"
+        assert (await client.model("faulty")).ready
     assert probed_server.metric("camserve_model_ready", model="faulty") == 1
 
 
