@@ -4,6 +4,7 @@ and against an address where nothing listens."""
 
 from __future__ import annotations
 
+import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
@@ -84,10 +85,14 @@ def test_bad_paths_are_usage_errors_before_any_call(argv, message, files, one_li
     assert message in one_line()
 
 
-@pytest.mark.parametrize("command", [["models"], ["health"], ["explain", str(CAT_JPEG)]])
+@pytest.mark.parametrize(
+    "command", [["models"], ["health"], ["explain", str(CAT_JPEG)], ["compare", str(CAT_JPEG)]]
+)
 def test_an_address_where_nothing_listens_says_what_to_check(command, tmp_path, one_line):
-    extra = ["--out", str(tmp_path)] if command[0] == "explain" else []
+    extra = ["--out", str(tmp_path)] if command[0] in ("explain", "compare") else []
+    started = time.monotonic()
     assert cli.main([*command, *extra, "--server", NOWHERE, "--timeout", "2"]) == 1
+    assert time.monotonic() - started < 15  # one call's timeout, not one per method
     err = one_line()
     assert "UNAVAILABLE" in err
     assert f"is a camserve server running at {NOWHERE}?" in err
@@ -99,12 +104,13 @@ def test_an_address_where_nothing_listens_says_what_to_check(command, tmp_path, 
         (["explain", "{not_image}"], "INVALID_ARGUMENT: images[0].encoded: not a decodable image"),
         (["explain", str(CAT_JPEG), "--model", "nope"], "NOT_FOUND: model: 'nope' is not hosted"),
         (["explain", str(CAT_JPEG), "--layer", "nope"], "INVALID_ARGUMENT: layer: 'nope' is not"),
+        (["compare", str(CAT_JPEG), "--model", "nope"], "NOT_FOUND: model: 'nope' is not hosted"),
     ],
 )
 def test_server_refusals_are_one_line_and_exit_1(server, argv, message, files, one_line) -> None:
     names = {key: str(path) for key, path in files.items()}
     argv = [arg.format(**names) for arg in argv]
-    extra = ["--out", str(files["tmp"] / "out")] if argv[0] == "explain" else []
+    extra = ["--out", str(files["tmp"] / "out")]
     code = cli.main([*argv, *extra, "--server", server.address])
     assert code == 1
     assert message in one_line()

@@ -302,6 +302,7 @@ def _compare(client: Client, args: argparse.Namespace) -> int:
     except OSError as exc:
         print(f"camserve: error: cannot read image: {describe_os_error(exc)}", file=sys.stderr)
         return USAGE
+    client.model(args.model or "")  # one call first: an absent server or model stops here
     scores = _score_names(args.score) or list(SCORE_ALIASES.values())
     options: dict[str, Any] = {"model": args.model, "layer": args.layer, "scores": scores}
     if args.score_steps is not None:
