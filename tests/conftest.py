@@ -1,7 +1,8 @@
 """Shared fixtures: real camserve servers on 127.0.0.1:0 and small seeded models.
 
 A server runs on its own event loop in a background thread, so synchronous clients, asyncio
-clients and subprocesses can all talk to it from the test's thread.
+clients and subprocesses can all talk to it from the test's thread. Tests marked `gpu` are
+skipped here when no CUDA device is present (`-m gpu` selects them on a GPU machine).
 """
 
 from __future__ import annotations
@@ -14,6 +15,20 @@ import pytest
 
 from tests._support import gated_model
 from tests._support.servers import ServerThread, gated_settings, seeded_model
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    """Skips the `gpu` tests without a CUDA device (torch is imported only if there are any)."""
+    marked = [item for item in items if item.get_closest_marker("gpu") is not None]
+    if not marked:
+        return
+    import torch
+
+    if torch.cuda.is_available():
+        return
+    skip = pytest.mark.skip(reason="gpu: needs a CUDA device")
+    for item in marked:
+        item.add_marker(skip)
 
 
 @pytest.fixture(scope="session")

@@ -5,6 +5,8 @@ so a white pixel reaches the model as exactly 1.0). `FAULT` decides what a forwa
 
 - `mode = "marked"`: raise `error()` when the batch holds a marked image (first row all white);
 - `mode = "always"`: raise on every pass (a model-wide, persistent fault);
+- `mode = "nan-marked"`: return NaN logits for the marked images only (rows stay independent);
+- `mode = "nan"`: return NaN logits for every image;
 - `mode = "off"`: compute normally.
 
 It also records whether the input of the last failed pass was still alive when the next pass
@@ -69,7 +71,13 @@ class FaultyNet(nn.Module):
             if FAULT.mode == "always" or (FAULT.mode == "marked" and has_marked):
                 FAULT.failed_input = weakref.ref(x)
                 raise FAULT.error()
-        return self.fc(torch.flatten(self.pool(self.features(x)), 1))
+        logits = self.fc(torch.flatten(self.pool(self.features(x)), 1))
+        if FAULT.mode == "nan":
+            return logits + float("nan")
+        if FAULT.mode == "nan-marked":
+            rows = x[:, :, 0, :].flatten(1).amin(dim=1) > 0.99
+            return torch.where(rows[:, None], torch.full_like(logits, float("nan")), logits)
+        return logits
 
 
 def faulty_net() -> nn.Module:

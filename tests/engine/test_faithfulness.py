@@ -26,7 +26,7 @@ from pytorch_grad_cam.utils.model_targets import ClassifierOutputSoftmaxTarget
 from torch import nn
 from torchcam.metrics import ClassificationMetric, DeletionInsertionMetric
 
-from camserve.server.engine import CamEngine, EngineError, RowRequest
+from camserve.server.engine import CamEngine, EngineError, ModelFault, RowRequest
 from camserve.server.engine.faithfulness import MAX_STEPS, SCORES, saliency_ranks
 from camserve.server.engine.scoring import (
     MapScores,
@@ -413,7 +413,6 @@ def test_bad_arguments_name_the_argument_and_the_fix(
         ({"steps": MAX_STEPS + 1}, f"steps must be an int from 1 to {MAX_STEPS}"),
         ({"steps": True}, "steps must be an int"),
         ({"maps": cams * 2}, "maps must be normalised to [0, 1]"),
-        ({"maps": torch.full((1, *SIZE), float("nan"))}, "shaping.normalise"),
         ({"maps": cams[:, :40]}, "bring them there with shaping.to_input"),
         ({"image_index": [1]}, "image_index[0] must be an image index in 0..0"),
         ({"image_index": [0, 0]}, "image_index has 2 entries but there are 1 maps"),
@@ -424,6 +423,9 @@ def test_bad_arguments_name_the_argument_and_the_fix(
     for changes, message in cases:
         with pytest.raises(EngineError, match=re.escape(message)):
             make(**changes)
+    # Non-finite maps come from the model (its activations or gradients), not from the caller.
+    with pytest.raises(ModelFault, match="NaN or Inf"):
+        make(maps=torch.full((1, *SIZE), float("nan")))
     with pytest.raises(EngineError, match="use at most 4 steps"):
         ScorePlan(
             batch[:, :, :2, :2],
@@ -459,7 +461,6 @@ def test_bad_arguments_name_the_argument_and_the_fix(
 
 
 @pytest.mark.gpu
-@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 def test_cuda_rows_match_the_cpu(
     confident_resnet18: nn.Module,
     make_engine: Callable[..., CamEngine],

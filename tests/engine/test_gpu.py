@@ -20,10 +20,7 @@ from camserve.server.engine import (
 )
 from camserve.server.engine.eigen import first_component
 
-pytestmark = [
-    pytest.mark.gpu,
-    pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device"),
-]
+pytestmark = pytest.mark.gpu
 
 # The eigen methods are left out of the CPU comparison: TF32 and bfloat16 rounding may flip the
 # arbitrary sign of a projection (see camserve.server.engine.eigen); test_cuda_new_methods

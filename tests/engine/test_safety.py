@@ -9,7 +9,14 @@ import pytest
 import torch
 from torch import nn
 
-from camserve.server.engine import METHODS, CamEngine, EngineError, LayerError, RowRequest
+from camserve.server.engine import (
+    METHODS,
+    CamEngine,
+    EngineError,
+    LayerError,
+    ModelFault,
+    RowRequest,
+)
 from camserve.server.engine.hooks import capture_targets
 
 
@@ -194,18 +201,18 @@ def test_non_spatial_and_unknown_layers_are_refused(
     assert "earlier ones" in message  # resnet18 has more valid layers than a message shows
 
 
-def test_train_mode_and_unfrozen_parameters_are_refused(
+def test_a_model_in_train_mode_or_unfrozen_is_a_fault_not_a_refusal(
     resnet_engine: CamEngine, random_images: Callable[..., torch.Tensor]
 ) -> None:
     batch = random_images(1, (64, 64))
     resnet_engine.model.train()
-    with pytest.raises(EngineError, match="train mode"):
+    with pytest.raises(ModelFault, match="train mode"):
         resnet_engine.explain_batch(batch, [RowRequest("layer4")])
-    with pytest.raises(EngineError, match="train mode"):
+    with pytest.raises(ModelFault, match="train mode"):
         resnet_engine.predict(batch)
     resnet_engine.model.eval()
     resnet_engine.model.fc.weight.requires_grad_(True)
-    with pytest.raises(EngineError, match="requires_grad=True"):
+    with pytest.raises(ModelFault, match="requires_grad=True"):
         resnet_engine.explain_batch(batch, [RowRequest("layer4")])
     resnet_engine.model.requires_grad_(False)
     assert resnet_engine.explain_batch(batch, [RowRequest("layer4")])[0].maps

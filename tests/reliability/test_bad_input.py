@@ -1,4 +1,5 @@
-"""Malformed requests against a live server, each sent while good traffic keeps flowing.
+"""Malformed requests against a live server, each sent while good traffic keeps flowing: the one
+table of bad requests run against a real server.
 
 Every bad request must get a precise status whose message starts with the offending field, and
 none may disturb the good requests running beside it on the same server: they keep getting the
@@ -349,6 +350,20 @@ CASES: list[Case] = [
         INVALID,
         "images[0].tensor.data",
         "holds 100 bytes",
+    ),
+    Case(
+        "uint8-shape-byte-length-mismatch",
+        request(tensor_image(pb.DTYPE_UINT8, [8, 8, 3], b"\x00" * 10)),
+        INVALID,
+        "images[0].tensor.data",
+        "holds 10 bytes",
+    ),
+    Case(
+        "default-model-nan-tensor",  # no model named: the server's first model refuses it
+        pb.ExplainRequest(images=[pb.Image(tensor=to_proto(NAN_64))]),
+        INVALID,
+        "images[0].tensor",
+        "NaN",
     ),
     Case(
         "negative-dimension",

@@ -2,7 +2,7 @@
 flood of large images at several times the server's capacity (a real server process; its
 resident memory is read from /proc).
 
-Bounds asserted here: a stalled stream holds at most STREAM_IN_FLIGHT answers (about 1 MiB each
+Bounds asserted here: a stalled stream holds at most STREAM_WINDOW answers (about 1 MiB each
 in this test), so the server grows by far less than the 300 answers the client sent; under the
 flood, refusals stay fast and the server's growth stays within a fixed bound while accepted
 requests are answered correctly.
@@ -22,7 +22,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from camserve.server.servicer import STREAM_IN_FLIGHT
+from camserve.server.settings import LimitsSettings
 from camserve.v1 import explain_pb2 as pb
 from camserve.v1 import explain_pb2_grpc as pb_grpc
 from tests._support.servers import png_bytes, seeded_images, start_server_process, stop_process
@@ -30,6 +30,7 @@ from tests._support.traffic import TINY_SOURCE
 
 pytestmark = pytest.mark.timeout(240)
 MIB = 2**20
+STREAM_WINDOW = LimitsSettings().stream_window  # the server's default
 
 
 def rss_bytes(pid: int) -> int:
@@ -91,7 +92,7 @@ async def test_a_stalled_stream_reader_holds_bounded_memory_and_stalls_only_itse
         await explain(pb.ExplainRequest(images=[pb.Image(encoded=image)]), timeout=60)
         baseline = rss_bytes(process.pid)
         stalled = pb_grpc.ExplainServiceStub(stalled_channel).ExplainStream(requests())
-        # The stream works; then this client stops reading. Its window (STREAM_IN_FLIGHT) is
+        # The stream works; then this client stops reading. Its window (STREAM_WINDOW) is
         # larger than the queue, so some of its requests may be refused before the first answer
         # is computed: those refusals come first. Each refusal read frees a slot for the next
         # request, so how many come first depends on how fast refusals are against the first
@@ -120,8 +121,8 @@ async def test_a_stalled_stream_reader_holds_bounded_memory_and_stalls_only_itse
     print(f"stalled reader: RSS peak growth {growth / MIB:.0f} MiB, others in {other_latency:.2f}s")
     assert all(len(reply.results) == 1 for reply in others)
     assert other_latency < 20
-    # Answers held: at most STREAM_IN_FLIGHT (1 MiB each) plus the transport's buffers.
-    assert growth < (STREAM_IN_FLIGHT + 96) * MIB < sent * MIB
+    # Answers held: at most STREAM_WINDOW (1 MiB each) plus the transport's buffers.
+    assert growth < (STREAM_WINDOW + 96) * MIB < sent * MIB
 
 
 async def test_a_flood_of_large_images_is_refused_fast_with_bounded_memory(

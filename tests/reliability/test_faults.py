@@ -1,9 +1,10 @@
 """The fault campaign: a model that fails on command, behind a real server on loopback.
 
 Every request read from a stream or sent as a unary call gets exactly one answer: its result, or
-a precise status (INTERNAL for a server fault, RESOURCE_EXHAUSTED for out-of-memory on one
-image); the other requests of the same batch succeed; a model that keeps failing turns its
-health NOT_SERVING and back once it recovers; unparsable request bytes are INVALID_ARGUMENT.
+a precise status (INTERNAL for a server fault, NaN logits included, RESOURCE_EXHAUSTED for
+out-of-memory on one image); the other requests of the same batch succeed; a model that keeps
+failing turns its health NOT_SERVING (and ModelInfo.ready false) and back once it recovers,
+through a request or a periodic probe; unparsable request bytes are INVALID_ARGUMENT.
 """
 
 from __future__ import annotations
@@ -18,6 +19,7 @@ import pytest
 import torch
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
+from camserve.client import AsyncClient, Explanation, ServerError
 from camserve.server.settings import ModelSettings
 from camserve.v1 import explain_pb2 as pb
 from camserve.v1 import explain_pb2_grpc as pb_grpc
@@ -32,18 +34,32 @@ GOOD = [png_bytes(image) for image in IMAGES[1:]]
 HEALTH_NAME = "camserve.v1.ExplainService/faulty"
 
 
-@pytest.fixture
-def faulty_server(server_factory: Callable[..., ServerThread]) -> Iterator[ServerThread]:
-    FAULT.reset()
-    model = ModelSettings(
+def faulty_settings(health_probe_s: float = 0.0) -> ModelSettings:
+    return ModelSettings(
         name="faulty",
         source=faulty_model.SOURCE,
         labels="",
         max_batch_size=8,
         max_delay_ms=40,
+        failing_after=3,
+        health_probe_s=health_probe_s,
         **faulty_model.RECIPE,  # type: ignore[arg-type]
     )
-    yield server_factory(models=(model,), metrics_port=-1)
+
+
+@pytest.fixture
+def faulty_server(server_factory: Callable[..., ServerThread]) -> Iterator[ServerThread]:
+    """The faulty model, probed by requests only (no periodic probe)."""
+    FAULT.reset()
+    yield server_factory(models=(faulty_settings(),), metrics_port=-1)
+    FAULT.reset()
+
+
+@pytest.fixture
+def probed_server(server_factory: Callable[..., ServerThread]) -> Iterator[ServerThread]:
+    """The faulty model, probed every 0.2 s while failing."""
+    FAULT.reset()
+    yield server_factory(models=(faulty_settings(health_probe_s=0.2),), metrics_port=-1)
     FAULT.reset()
 
 
@@ -127,6 +143,59 @@ async def test_a_persistent_fault_turns_the_model_not_serving_until_it_recovers(
     assert not recovered[0].HasField("error")
     assert await health(address, HEALTH_NAME) == "SERVING"
     assert await health(address, "") == "SERVING"
+
+
+async def test_nan_logits_are_a_fault_of_that_image_alone_not_a_refusal(
+    faulty_server: ServerThread,
+) -> None:
+    """Through the SDK: the marked image's request fails with ServerError (INTERNAL), scored or
+    not, and the good requests batched with it are answered."""
+    FAULT.reset("nan-marked")
+    async with AsyncClient(address=faulty_server.address, retry=None, timeout=60) as client:
+        calls = [
+            client.explain(MARKED, model="faulty"),
+            client.explain(MARKED, model="faulty", scores=["deletion_auc"]),
+            *(client.explain(image, model="faulty") for image in GOOD),
+        ]
+        outcomes = await asyncio.gather(*calls, return_exceptions=True)
+        assert await client.health_status(service=HEALTH_NAME) == "SERVING"  # the others worked
+    for failure in outcomes[:2]:
+        assert isinstance(failure, ServerError)
+        assert failure.code == grpc.StatusCode.INTERNAL
+        assert "logits for this image are NaN or Inf" in failure.message
+        assert "not the request's" in failure.message
+        assert "normalise" not in failure.message
+    assert all(isinstance(o, Explanation) and o.heatmaps for o in outcomes[2:])
+
+
+async def test_a_model_giving_nan_logits_goes_not_serving_and_a_probe_brings_it_back(
+    probed_server: ServerThread,
+) -> None:
+    """Through the SDK: three batches of NaN logits turn the model NOT_SERVING (its health name,
+    ModelInfo.ready, camserve_model_ready); once it computes again, the probe alone brings it
+    back, with no request sent."""
+    async with AsyncClient(address=probed_server.address, retry=None, timeout=30) as client:
+        assert (await client.model("faulty")).ready
+        FAULT.reset("nan")
+        for _ in range(3):  # failing_after = 3 batches in a row, one request each
+            with pytest.raises(ServerError, match="NaN") as failed:
+                await client.explain(GOOD[0], model="faulty")
+            assert failed.value.code == grpc.StatusCode.INTERNAL
+        assert await client.health_status(service=HEALTH_NAME) == "NOT_SERVING"
+        assert await client.health_status() == "NOT_SERVING"  # its only model is failing
+        assert not (await client.model("faulty")).ready
+        assert probed_server.metric("camserve_model_ready", model="faulty") == 0
+        await asyncio.sleep(0.6)  # probes run, and fail: still failing
+        assert await client.health_status(service=HEALTH_NAME) == "NOT_SERVING"
+        FAULT.reset("off")  # no request is sent from here on: only the probe can notice
+        for _ in range(100):
+            if await client.health_status(service=HEALTH_NAME) == "SERVING":
+                break
+            await asyncio.sleep(0.05)
+        assert await client.health_status(service=HEALTH_NAME) == "SERVING"
+        assert await client.health_status() == "SERVING"
+        assert (await client.model("faulty")).ready
+    assert probed_server.metric("camserve_model_ready", model="faulty") == 1
 
 
 async def test_unparsable_bytes_are_invalid_argument_unary_and_per_stream_item(

@@ -57,7 +57,7 @@ def test_refused_images_get_the_cpu_paths_error() -> None:
         prepare_jpegs([(data, "images[1].encoded")], RECIPE, small, CPU)
 
 
-@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+@pytest.mark.gpu
 def test_nvjpeg_batches_match_the_cpu_decoder() -> None:
     datas = [
         with_orientation(smooth_photo(120 + 8 * i, 90), "JPEG", 1 + i, quality=95) for i in range(8)

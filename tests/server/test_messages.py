@@ -116,3 +116,13 @@ def test_a_loading_model_has_no_methods_or_costs() -> None:
     assert not info.ready
     assert not info.methods
     assert not info.method_costs
+
+
+def test_a_failing_model_is_described_in_full_but_not_ready() -> None:
+    loaded = meta(())
+    serving = ModelStatus(name="tiny", version="1", max_batch_size=8, meta=loaded)
+    failing = ModelStatus(name="tiny", version="1", max_batch_size=8, meta=loaded, serving=False)
+    assert messages.model_info(serving).ready
+    info = messages.model_info(failing)
+    assert not info.ready
+    assert list(info.methods) == list(METHOD_BY_NAME.values())  # still described in full

@@ -1,4 +1,5 @@
-"""The server through real gRPC channels: round trips, batching, validation, model sources."""
+"""The server through real gRPC channels: round trips, batching, model sources (bad requests
+are the one table of `tests/reliability/test_bad_input.py`)."""
 
 from __future__ import annotations
 
@@ -19,17 +20,12 @@ from camserve.server.records import InputRecipe
 from camserve.server.settings import (
     IMAGENET_MEAN,
     IMAGENET_STD,
-    LimitsSettings,
-    ModelSettings,
-    Settings,
 )
 from camserve.v1 import explain_pb2 as pb
 from camserve.v1 import explain_pb2_grpc as pb_grpc
-from camserve.v1.tensors import from_proto, to_proto
-from tests._support import gated_model
+from camserve.v1.tensors import from_proto
 from tests._support.servers import (
     CAT_BYTES,
-    ServerThread,
     onto_original_float64,
     png_bytes,
     seeded_images,
@@ -175,117 +171,3 @@ async def test_concurrent_single_image_callers_each_get_their_own_result(
             RowRequest(layer="layer4", classes=(heatmap.class_index,)),
         )[("gradcam", heatmap.class_index)]
         np.testing.assert_allclose(from_proto(heatmap.data), expected, atol=1e-5)
-
-
-BAD_REQUESTS: list[tuple[str, pb.ExplainRequest, grpc.StatusCode, str]] = [
-    (
-        "unknown model",
-        pb.ExplainRequest(model="nope", images=[pb.Image(encoded=CAT_BYTES)]),
-        grpc.StatusCode.NOT_FOUND,
-        "model",
-    ),
-    ("no images", pb.ExplainRequest(), grpc.StatusCode.INVALID_ARGUMENT, "images"),
-    (
-        "unknown layer",
-        pb.ExplainRequest(layer="layer9", images=[pb.Image(encoded=CAT_BYTES)]),
-        grpc.StatusCode.INVALID_ARGUMENT,
-        "layer",
-    ),
-    (
-        "unknown method",
-        pb.ExplainRequest(methods=[42], images=[pb.Image(encoded=CAT_BYTES)]),
-        grpc.StatusCode.INVALID_ARGUMENT,
-        "methods[0]",
-    ),
-    (
-        "class out of range",
-        pb.ExplainRequest(
-            images=[pb.Image(encoded=CAT_BYTES, target=pb.Target(class_indices=[1000]))]
-        ),
-        grpc.StatusCode.INVALID_ARGUMENT,
-        "images[0].target.class_indices[0]",
-    ),
-    (
-        "unknown label",
-        pb.ExplainRequest(
-            images=[pb.Image(encoded=CAT_BYTES, target=pb.Target(class_labels=["dragon"]))]
-        ),
-        grpc.StatusCode.INVALID_ARGUMENT,
-        "class_labels[0]",
-    ),
-    (
-        "top-k zero",
-        pb.ExplainRequest(images=[pb.Image(encoded=CAT_BYTES, target=pb.Target(top_k=0))]),
-        grpc.StatusCode.INVALID_ARGUMENT,
-        "top_k",
-    ),
-    (
-        "undecodable",
-        pb.ExplainRequest(images=[pb.Image(encoded=b"hello, not a picture")]),
-        grpc.StatusCode.INVALID_ARGUMENT,
-        "images[0].encoded",
-    ),
-    (
-        "wrong byte length",
-        pb.ExplainRequest(
-            images=[
-                pb.Image(tensor=pb.Tensor(dtype=pb.DTYPE_UINT8, shape=[8, 8, 3], data=b"\x00" * 10))
-            ]
-        ),
-        grpc.StatusCode.INVALID_ARGUMENT,
-        "images[0].tensor.data",
-    ),
-    (
-        "NaN tensor",
-        pb.ExplainRequest(
-            images=[pb.Image(tensor=to_proto(np.full((3, 224, 224), np.nan, dtype=np.float32)))]
-        ),
-        grpc.StatusCode.INVALID_ARGUMENT,
-        "NaN",
-    ),
-    (
-        "too many pixels",
-        pb.ExplainRequest(
-            model="resnet18",
-            images=[pb.Image(encoded=png_bytes(np.zeros((300, 300, 3), dtype=np.uint8)))],
-        ),
-        grpc.StatusCode.INVALID_ARGUMENT,
-        "pixels",
-    ),
-]
-
-
-@pytest.fixture(scope="module")
-def limited_server() -> Any:
-    """A server with a small pixel limit, shared by the validation table."""
-    server = ServerThread(
-        Settings(
-            port=0,
-            metrics_port=-1,
-            limits=LimitsSettings(max_pixels=50_000),
-            models=(
-                ModelSettings(name="efficientnet-lite0", source="builtin:efficientnet-lite0"),
-                ModelSettings(
-                    name="resnet18",
-                    source=gated_model.SOURCE,
-                    labels="",
-                ),
-            ),
-        )
-    )
-    yield server
-    server.stop(grace=1.0)
-
-
-@pytest.mark.parametrize(
-    ("case", "request_", "code", "field"), BAD_REQUESTS, ids=[c[0] for c in BAD_REQUESTS]
-)
-async def test_bad_requests_get_a_precise_status_naming_the_field(
-    limited_server: Any, case: str, request_: pb.ExplainRequest, code: grpc.StatusCode, field: str
-) -> None:
-    del case
-    async with grpc.aio.insecure_channel(limited_server.address) as channel:
-        with pytest.raises(grpc.aio.AioRpcError) as failure:
-            await pb_grpc.ExplainServiceStub(channel).Explain(request_)
-    assert failure.value.code() == code
-    assert field in (failure.value.details() or "")

@@ -64,6 +64,9 @@ def test_cli_beats_env_beats_toml(tmp_path: Path) -> None:
         ("[[models]]\nname='m'\nsource='onnx:m'\n", "source='onnx:m'"),
         ("[[models]]\nname='m'\nsource='builtin:x'\nresize=100\n", "resize must be 0 or at least"),
         ("[server\n", "not valid TOML"),
+        ("[[models]]\nname='m'\nsource='builtin:x'\nfailing_after=0\n", "failing_after must be"),
+        ("[[models]]\nname='m'\nsource='builtin:x'\nhealth_probe_s=-1\n", "health_probe_s=-1"),
+        ("[limits]\nstream_window=0\n", "limits.stream_window=0 must be at least 1"),
     ],
 )
 def test_bad_files_are_refused_with_the_key(tmp_path: Path, text: str, message: str) -> None:

@@ -48,7 +48,7 @@ def test_an_empty_batch_is_refused() -> None:
         InputStager(torch.device("cpu"), RECIPE.mean, RECIPE.std).batch([])
 
 
-@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+@pytest.mark.gpu
 def test_cuda_batches_go_through_the_pinned_buffer_and_match_the_cpu() -> None:
     images = prepared_images(5)
     stager = InputStager(torch.device("cuda"), RECIPE.mean, RECIPE.std)

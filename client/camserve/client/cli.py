@@ -1,7 +1,10 @@
 """The `camserve` command: explain images into PNG files, compare methods, list models, check
 health.
 
-Exit status: 0 success, 1 the server refused or failed (message on stderr), 2 usage error.
+Exit status: 0 success, 1 the server refused or failed, or the command could not read or write
+a file (message on stderr), 2 usage error, 130 interrupted. A user's mistake (a bad path, an
+unreadable image, a bad `--out`, an address where no server answers) is one line on stderr,
+never a traceback.
 The server address comes from --server, else the CAMSERVE_SERVER environment variable, else
 127.0.0.1:50051; this module is the only place the client reads the environment.
 """
@@ -15,10 +18,11 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from camserve.client import compare
+from camserve.client import compare, outputs
 from camserve.client.cli_kernels import add_kernels
+from camserve.client.commandline import FAILED, INTERRUPTED, OK, USAGE, describe_os_error
 from camserve.client.connection import DEFAULT_ADDRESS, TLSConfig
-from camserve.client.errors import CamserveError
+from camserve.client.errors import CamserveError, Unavailable
 from camserve.client.health import SERVING
 from camserve.client.images import to_pil
 from camserve.client.render import COLORMAPS, overlay, panel
@@ -29,7 +33,6 @@ from camserve.client.sync import Client
 from camserve.v1.scores import CURVE_SCORES
 
 ENV_SERVER = "CAMSERVE_SERVER"
-OK, FAILED, USAGE = 0, 1, 2
 CALL_TIMEOUT_S = 30.0
 HEALTH_TIMEOUT_S = 3.0  # below the usual 5 s probe timeout, so the probe reports first
 
@@ -44,20 +47,39 @@ def main(argv: Sequence[str] | None = None) -> int:
     except SystemExit as exc:  # argparse's way out: --help (0) or a usage error (2)
         return exc.code if isinstance(exc.code, int) else USAGE
     except (OSError, ValueError) as exc:
-        print(f"camserve: error: {exc}", file=sys.stderr)
+        print(f"camserve: error: {describe_os_error(exc)}", file=sys.stderr)
         return USAGE
     with client:
         try:
             return int(args.run(client, args))
         except CamserveError as exc:
-            print(f"camserve: {exc}", file=sys.stderr)
+            print(f"camserve: {exc}{_hint(exc, args.server)}", file=sys.stderr)
             return FAILED
+        except OSError as exc:  # an image or an output file the command could not use
+            print(f"camserve: error: {describe_os_error(exc)}", file=sys.stderr)
+            return FAILED
+        except KeyboardInterrupt:
+            print("camserve: interrupted", file=sys.stderr)
+            return INTERRUPTED
+
+
+def _hint(exc: CamserveError, server: str) -> str:
+    """What to check when nothing answered at the address."""
+    if isinstance(exc, Unavailable):
+        return f" (is a camserve server running at {server}? set --server or {ENV_SERVER})"
+    return ""
 
 
 def _check_args(parser: argparse.ArgumentParser, args: argparse.Namespace) -> None:
     """Combinations argparse cannot check alone; a usage error (exit 2) names the options."""
     if args.command == "explain" and args.target and args.top_k is not None:
         parser.error("--target and --top-k cannot be combined")
+    if args.command == "explain":
+        outputs.check_folder(args.out)
+    if args.command == "compare":
+        args.out = outputs.panel_file(args.out)
+    if args.command == "kernels":
+        outputs.check_kernels_target(args.out)
     if args.command not in ("explain", "compare") or args.score_steps is None:
         return
     unset = list(SCORE_ALIASES.values()) if args.command == "compare" else []  # the defaults
@@ -144,7 +166,9 @@ def _add_explain(commands: Any, common: argparse.ArgumentParser) -> None:
     )
     _add_score_options(explain, default_help="none")
     explain.add_argument("--panel", action="store_true", help="write image|heatmap|overlay panels")
-    explain.add_argument("--out", type=Path, default=Path("out"), help="output folder (out)")
+    explain.add_argument(
+        "--out", type=Path, default=Path("out"), metavar="DIR", help="output folder (out)"
+    )
     explain.add_argument("--colormap", choices=COLORMAPS, default="jet")
     explain.add_argument("--alpha", type=float, default=0.4, help="heatmap opacity (0.4)")
     explain.add_argument(
@@ -191,7 +215,12 @@ def _add_compare(commands: Any, common: argparse.ArgumentParser) -> None:
     parser.add_argument("--model", help="model name (default: the server's default)")
     parser.add_argument("--layer", help="target layer (default: the model's)")
     parser.add_argument(
-        "--out", type=Path, default=Path("compare.png"), help="panel PNG (compare.png)"
+        "--out",
+        type=Path,
+        default=Path(outputs.PANEL_NAME),
+        metavar="FILE|DIR",
+        help=f"the panel: a {', '.join(outputs.PANEL_SUFFIXES)} file, or a folder to write "
+        f"{outputs.PANEL_NAME} into (default: {outputs.PANEL_NAME})",
     )
     parser.add_argument("--colormap", choices=COLORMAPS, default="jet")
     parser.add_argument("--alpha", type=float, default=0.4, help="heatmap opacity (0.4)")
@@ -201,7 +230,7 @@ def _add_compare(commands: Any, common: argparse.ArgumentParser) -> None:
 def _client(args: argparse.Namespace) -> Client:
     """A client from the common options; a health check waits briefly and never retries."""
     token = args.token_file.read_text().strip() if args.token_file else None
-    tls = TLSConfig(root_certificates=args.tls_ca) if args.tls_ca else None
+    tls = TLSConfig(root_certificates=_pem_file(args.tls_ca)) if args.tls_ca else None
     is_health = args.command == "health"
     return Client(
         address=args.server,
@@ -210,6 +239,17 @@ def _client(args: argparse.Namespace) -> Client:
         timeout=args.timeout or (HEALTH_TIMEOUT_S if is_health else CALL_TIMEOUT_S),
         retry=NO_RETRY if is_health else DEFAULT_RETRY,
     )
+
+
+def _pem_file(path: Path) -> bytes:
+    """The --tls-ca file's bytes, refused unless it holds a PEM certificate."""
+    data = path.read_bytes()
+    if b"-----BEGIN CERTIFICATE-----" not in data:
+        raise ValueError(
+            f"--tls-ca {path}: holds no PEM certificate (-----BEGIN CERTIFICATE-----); give the "
+            "CA certificate that signed the server's, in PEM form"
+        )
+    return data
 
 
 def _explain(client: Client, args: argparse.Namespace) -> int:
@@ -264,8 +304,9 @@ def _compare(client: Client, args: argparse.Namespace) -> int:
     try:
         pictures = [compare.load_picture(path) for path in args.images]
     except OSError as exc:
-        print(f"camserve: error: cannot read image: {exc}", file=sys.stderr)
+        print(f"camserve: error: cannot read image: {describe_os_error(exc)}", file=sys.stderr)
         return USAGE
+    client.model(args.model or "")  # one call first: an absent server or model stops here
     scores = _score_names(args.score) or list(SCORE_ALIASES.values())
     options: dict[str, Any] = {"model": args.model, "layer": args.layer, "scores": scores}
     if args.score_steps is not None:

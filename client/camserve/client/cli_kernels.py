@@ -3,16 +3,14 @@
 from __future__ import annotations
 
 import argparse
-import sys
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
+from camserve.client.commandline import OK
 from camserve.client.kernels import Kernels
 from camserve.client.sync import Client
-
-USAGE = 2  # the exit status of a usage error, as for every camserve command
 
 
 def add_kernels(commands: Any, common: argparse.ArgumentParser) -> None:
@@ -48,11 +46,7 @@ def output_path(out: Path, kernels: Kernels) -> Path:
 
 
 def run_kernels(client: Client, args: argparse.Namespace) -> int:
-    if not args.out.is_dir() and args.out.suffix.lower() != ".png":
-        print(
-            f"camserve: error: --out {args.out}: give a .png file or a directory", file=sys.stderr
-        )
-        return USAGE
+    """Asks for the page and writes it (`--out` was checked by `outputs.check_kernels_target`)."""
     kernels = client.kernels(
         args.layer,
         model=args.model,
@@ -71,4 +65,4 @@ def run_kernels(client: Client, args: argparse.Namespace) -> int:
         f"{kernels.first_filter}..{kernels.end_filter - 1}, {kernels.tiles} {kind} in "
         f"{kernels.rows}x{kernels.columns}; written {path}"
     )
-    return 0
+    return OK

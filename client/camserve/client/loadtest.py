@@ -8,6 +8,11 @@ scheduled start, so queueing in the client is not hidden.
 
 The test always ends by itself (--duration is at most an hour, --requests at most a million), and
 only talks to --server. Calls are not retried: refusals are counted by status code.
+
+Exit status: 0 when the test ran and some requests succeeded, 1 when the server could not be
+reached or lacks the model (checked with one GetModel call before the load starts) or when no
+request succeeded (a one-line reason on stderr, after the report), 2 on bad arguments, 130
+when interrupted. A user's mistake never shows a traceback.
 """
 
 from __future__ import annotations
@@ -31,6 +36,7 @@ import numpy as np
 from PIL import Image as PILImage
 
 from camserve.client.aio import AsyncClient
+from camserve.client.commandline import FAILED, INTERRUPTED, OK, USAGE, describe_os_error
 from camserve.client.errors import CamserveError
 
 MAX_DURATION_S = 3600.0
@@ -222,10 +228,12 @@ class _Run:
 
 
 async def run_load(config: LoadConfig, *, progress: TextIO | None = None) -> dict[str, Any]:
-    """Runs the test and returns its report (see `LoadStats.report`)."""
+    """Runs the test and returns its report (see `LoadStats.report`); raises CamserveError
+    before any load is sent when the server cannot be reached or does not host the model."""
     async with AsyncClient(
         address=config.server, token=config.token, timeout=config.timeout_s, retry=None
     ) as client:
+        await client.model(config.model or "")  # the server's default model when none is named
         run = _Run(config, client)
         reporter = None if progress is None else asyncio.create_task(run.show_progress(progress))
         try:
@@ -306,33 +314,52 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    """Runs the load test; exit 0 when it ran (whatever the errors), 2 on bad arguments."""
+    """Runs the load test; the exit status is in the module docstring."""
     parser = build_parser()
     try:
         args = parser.parse_args(argv)
     except SystemExit as exc:
-        return exc.code if isinstance(exc.code, int) else 2
+        return exc.code if isinstance(exc.code, int) else USAGE
     try:
-        config = LoadConfig(
-            server=args.server,
-            images=folder_images(args.images) if args.images else synthetic_images(seed=args.seed),
-            concurrency=None if args.rate is not None else _given(args.concurrency, 8),
-            rate=args.rate,
-            poisson=not args.fixed_interval,
-            max_in_flight=args.max_in_flight,
-            duration_s=None if args.requests is not None else _given(args.duration, 10.0),
-            requests=args.requests,
-            model=args.model,
-            timeout_s=args.timeout,
-            token=args.token_file.read_text().strip() if args.token_file else None,
-            seed=args.seed,
-        )
+        config = _config(args)
     except (OSError, ValueError) as exc:
-        print(f"camserve-loadtest: error: {exc}", file=sys.stderr)
-        return 2
-    report = asyncio.run(run_load(config, progress=None if args.quiet else sys.stderr))
+        print(f"camserve-loadtest: error: {describe_os_error(exc)}", file=sys.stderr)
+        return USAGE
+    try:
+        report = asyncio.run(run_load(config, progress=None if args.quiet else sys.stderr))
+    except CamserveError as exc:
+        print(
+            f"camserve-loadtest: error: cannot start against {config.server}: {exc}",
+            file=sys.stderr,
+        )
+        return FAILED
+    except KeyboardInterrupt:
+        print("camserve-loadtest: interrupted", file=sys.stderr)
+        return INTERRUPTED
     print(json.dumps(report) if args.json else format_report(report))
-    return 0
+    if report["requests"] and report["latency_ms"]["max"] is None:  # not one success
+        errors = ", ".join(f"{code} {count}" for code, count in report["errors"].items())
+        print(f"camserve-loadtest: error: no request succeeded ({errors})", file=sys.stderr)
+        return FAILED
+    return OK
+
+
+def _config(args: argparse.Namespace) -> LoadConfig:
+    """The test the arguments describe; OSError or ValueError for a bad file or value."""
+    return LoadConfig(
+        server=args.server,
+        images=folder_images(args.images) if args.images else synthetic_images(seed=args.seed),
+        concurrency=None if args.rate is not None else _given(args.concurrency, 8),
+        rate=args.rate,
+        poisson=not args.fixed_interval,
+        max_in_flight=args.max_in_flight,
+        duration_s=None if args.requests is not None else _given(args.duration, 10.0),
+        requests=args.requests,
+        model=args.model,
+        timeout_s=args.timeout,
+        token=args.token_file.read_text().strip() if args.token_file else None,
+        seed=args.seed,
+    )
 
 
 def _given(value: Any, default: Any) -> Any:

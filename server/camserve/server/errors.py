@@ -1,10 +1,17 @@
-"""The domain errors of an explain request: each names one way a request is refused.
+"""The domain errors of an explain request: each names one way a request is refused or failed.
 
-The pipeline and the request checker raise them; the servicer maps each class to one gRPC
-status code through a single table. Messages say what was wrong and how to fix it.
+Refusals (`InvalidRequest`, `ModelNotFound`, `Overloaded`, ...) are the caller's to act on; a
+`ServerFault` is the model's or the server's and never blames the request. The request checker
+raises refusals; every other failure becomes one of these in `camserve.server.faults`, and the
+servicer maps each class to one gRPC status code through a single table. Messages say what was
+wrong and how to fix it.
 """
 
 from __future__ import annotations
+
+import logging
+
+log = logging.getLogger("camserve.errors")
 
 
 class ServiceError(Exception):
@@ -47,3 +54,22 @@ class DeadlineExceeded(ServiceError):
 
 class ServerFault(ServiceError):
     """Something failed inside the server; not the caller's fault."""
+
+
+def server_fault(exc: BaseException, model: str = "", reason: str = "") -> ServerFault:
+    """The one answer to a failure inside the server, logged with its traceback.
+
+    It names the model and the exception type (never the exception's own text, which may tell
+    of the server's internals), or `reason` when the server knows what went wrong, and tells
+    the caller the request was not at fault.
+    """
+    where = f"model {model!r}" if model else "the server"
+    log.error(
+        "request failed inside the server",
+        extra={"model": model, "error": repr(exc)},
+        exc_info=(type(exc), exc, exc.__traceback__),
+    )
+    return ServerFault(
+        f"{where} failed while answering this request ({reason or type(exc).__name__}); this "
+        "is a server fault, not the request's: retry, and report it if it persists"
+    )

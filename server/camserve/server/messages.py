@@ -129,11 +129,12 @@ def retry_trailers(code: int, message: str, retry_after_s: float) -> Metadata:
 
 
 def model_info(status: ModelStatus) -> pb.ModelInfo:
-    """A model's description; only its name, version and readiness while it loads."""
+    """A model's description; only its name, version and readiness while it loads. `ready`
+    is false while it loads and while it is failing."""
     info = pb.ModelInfo(
         name=status.name,
         version=status.version,
-        ready=status.meta is not None,
+        ready=status.meta is not None and status.serving,
         max_batch_size=status.max_batch_size,
     )
     meta = status.meta

@@ -5,7 +5,8 @@ on the GPU for CUDA models) -> submit them together to the model's batcher -> th
 work its methods and scores need, through the same batcher (`followups`) -> shape each image's
 result and build the answer from the `ExplainOutcome` on CPU threads (one hop for a one-image
 request). Every refusal leaves as one of the domain errors of `camserve.server.errors`; batcher,
-engine and device failures are translated here and nowhere else.
+engine and device failures become domain errors through `faults.service_error` alone, which
+tells refusals apart from faults.
 """
 
 from __future__ import annotations
@@ -21,28 +22,19 @@ from typing import TypeVar
 
 import torch
 
-from camserve.server import batcher, followups
+from camserve.server import followups
 from camserve.server.batcher import Reservation
 from camserve.server.device_jpeg import is_jpeg, prepare_jpegs
 from camserve.server.engine import (
     GRADIENT_FREE_METHODS,
-    EngineError,
     MapScores,
     RowRequest,
     RowResult,
 )
 from camserve.server.engine.costs import explain_rows
 from camserve.server.engine.shaping import output_bytes
-from camserve.server.errors import (
-    DeadlineExceeded,
-    InvalidRequest,
-    ModelNotFound,
-    OutOfMemory,
-    Overloaded,
-    ServerFault,
-    ServiceError,
-    Unavailable,
-)
+from camserve.server.errors import InvalidRequest, ModelNotFound, Unavailable
+from camserve.server.faults import service_error
 from camserve.server.kernels import KernelCatalogue, KernelQuery, KernelView
 from camserve.server.metrics import Metrics, StageClock, untimed
 from camserve.server.outputs import RESOLUTION_NAMES, explain_image
@@ -123,46 +115,6 @@ def check_allocation(
             f"server's limit of {limit / 2**20:.0f} MiB per request; ask for fewer images, "
             "classes or methods, a smaller resolution, or dtype uint8"
         )
-
-
-def service_error(exc: BaseException, model: str) -> ServiceError:
-    """The domain error for a failure met while computing a request of `model`."""
-    if isinstance(exc, ServiceError):
-        return exc
-    if isinstance(exc, batcher.QueueFull) and exc.never:
-        return Overloaded(
-            f"this request costs {exc.wanted} forward passes of model {model!r} (each channel "
-            "of the layer is a row for AblationCAM and ScoreCAM, each step of a curve a row), "
-            f"more than its whole queue of {exc.capacity}; it can never be admitted as it is. "
-            "Explain fewer images or classes per request, choose a layer with fewer channels, a "
-            "single-pass method or fewer score steps, or raise the model's max_queue",
-            retry_after_s=0.0,
-        )
-    if isinstance(exc, batcher.QueueFull):
-        return Overloaded(
-            f"model {model!r} is overloaded: its queue holds {exc.depth} of {exc.capacity} "
-            f"images; retry after {exc.retry_after_s:.2f}s or lower your request rate",
-            retry_after_s=exc.retry_after_s,
-        )
-    if isinstance(exc, batcher.DeadlineExpired):
-        return DeadlineExceeded(
-            f"deadline passed while waiting in model {model!r}'s queue; the image was not "
-            "computed. Allow more time or send fewer concurrent requests"
-        )
-    if isinstance(exc, batcher.BatcherClosed):
-        return Unavailable(str(exc))
-    if isinstance(exc, EngineError):
-        return InvalidRequest(str(exc))
-    if isinstance(exc, torch.OutOfMemoryError):
-        return OutOfMemory(
-            f"model {model!r} ran out of device memory on a single image; send a smaller one",
-            retry_after_s=1.0,
-        )
-    log.error("request failed inside the server", extra={"model": model, "error": repr(exc)})
-    return ServerFault(
-        f"model {model!r} failed to compute this request ({type(exc).__name__}); this is a "
-        "server fault, not the request's: retry, and report it if it persists"
-    )
 
 
 def _gradient_free(plan: ExplainPlan) -> bool:
@@ -420,4 +372,5 @@ class ExplainPipeline:
             version=spec.version,
             max_batch_size=spec.max_batch_size,
             meta=runtime.meta if runtime.ready else None,
+            serving=runtime.healthy,
         )

@@ -116,6 +116,7 @@ class ModelStatus:
     version: str
     max_batch_size: int
     meta: ModelMeta | None  # None while the model is loading
+    serving: bool = True  # False while the model is failing (its batches keep faulting)
 
 
 @dataclass(frozen=True)

@@ -6,10 +6,11 @@ so a failure (a CUDA out-of-memory, or an item the engine refuses) reaches only 
 concerns, and the others still get their results. The retry starts only after the failed
 attempt's tensors and traceback are released, so the halves never run beside the failed batch.
 
-Health: when `FAILING_AFTER` batches in a row fail for every item with a server-side error (not
-a refused request), the model is failing: `on_health(False)` is called, batches are no longer
-bisected (a model-wide fault would cost 2N-1 passes each), and the first batch that succeeds
-again calls `on_health(True)`.
+Health (`camserve.server.health`): a model whose batches keep failing with a fault turns
+failing: `on_health(False)` is called, batches are no longer bisected (a model-wide fault would
+cost 2N-1 passes each), and the model is probed every `health_probe_s` with one image; the
+first batch or probe that succeeds calls `on_health(True)`. A row whose logits or maps are not
+finite fails alone, as a fault (`camserve.server.faults`).
 """
 
 from __future__ import annotations
@@ -25,15 +26,11 @@ import numpy as np
 import torch
 
 from camserve.server.batcher import BatchInfo, DynamicBatcher, Reservation
-from camserve.server.engine import (
-    METHODS,
-    CamEngine,
-    EngineError,
-    RowRequest,
-    RowResult,
-)
+from camserve.server.engine import METHODS, CamEngine, ModelFault, RowRequest, RowResult
 from camserve.server.engine.gates import find_gates
 from camserve.server.engine.kernels import conv_layers, conv_weights
+from camserve.server.faults import checked_row
+from camserve.server.health import HealthTracker
 from camserve.server.metrics import Metrics
 from camserve.server.models.labels import load_labels
 from camserve.server.models.loading import (
@@ -48,7 +45,6 @@ from camserve.server.staging import InputStager
 from camserve.server.work import ForwardJob, ImageJob, WorkItem, item_cost, run_forward
 
 log = logging.getLogger("camserve.runtime")
-FAILING_AFTER = 3  # whole batches failed in a row before the model reports NOT_SERVING
 # Per item: its engine result (None for a forward job, which records its own) and the seconds
 # its batch took, or its failure.
 Outcome = tuple[RowResult | None, float] | BaseException
@@ -90,8 +86,13 @@ class ModelRuntime:
         self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix=f"engine-{spec.name}")
         self._batcher: DynamicBatcher[WorkItem, tuple[RowResult | None, float]] | None = None
         self._tail_fractions: dict[str, float] = {}
-        self._failed_batches = 0  # whole batches failed in a row
-        self.healthy = True
+        self._health = HealthTracker(spec.failing_after)
+        self._probing: asyncio.Task[None] | None = None
+
+    @property
+    def healthy(self) -> bool:
+        """False while the model is failing (see `camserve.server.health`)."""
+        return self._health.serving
 
     @property
     def ready(self) -> bool:
@@ -199,7 +200,9 @@ class ModelRuntime:
         return max((seconds for (_, seconds), _ in outcomes), default=0.0)
 
     async def close(self) -> None:
-        """Finishes every queued item, then stops the worker thread."""
+        """Stops probing, finishes every queued item, then stops the worker thread."""
+        if self._probing is not None:
+            self._probing.cancel()
         if self._batcher is not None:
             await self._batcher.close()
         self._executor.shutdown(wait=True)
@@ -216,21 +219,48 @@ class ModelRuntime:
         return outcomes
 
     def _track_health(self, outcomes: list[Outcome]) -> None:
-        """Counts whole-batch server faults in a row; reports failing and recovered models."""
+        """Feeds a batch's outcomes to the health policy; reports failing and recovered models
+        and probes a failing one."""
+        if not self._health.observe(outcomes):
+            return
+        healthy = self._health.serving
+        name = self.spec.name
         faults = [o for o in outcomes if isinstance(o, BaseException)]
-        if len(faults) < len(outcomes) or any(isinstance(f, EngineError) for f in faults):
-            self._failed_batches = 0
-        else:
-            self._failed_batches += 1
-        healthy = self._failed_batches < FAILING_AFTER
-        if healthy != self.healthy:
-            self.healthy = healthy
-            log.warning(
-                "model health changed",
-                extra={"model": self.spec.name, "serving": healthy, "error": repr(faults[:1])},
-            )
-            if self._on_health is not None:
-                self._on_health(self.spec.name, healthy)
+        log.warning(
+            "model health changed",
+            extra={"model": name, "serving": healthy, "error": repr(faults[:1])},
+        )
+        self._metrics.model_ready.labels(name).set(1 if healthy else 0)
+        if self._on_health is not None:
+            self._on_health(name, healthy)
+        if not healthy and self.spec.health_probe_s > 0 and self._probing is None:
+            self._probing = asyncio.get_running_loop().create_task(self._probe_while_failing())
+
+    async def _probe_while_failing(self) -> None:
+        """Runs one probe image every `health_probe_s` until the model serves again."""
+        loop = asyncio.get_running_loop()
+        try:
+            while not self.healthy:
+                await asyncio.sleep(self.spec.health_probe_s)
+                if self.healthy:  # a request's batch succeeded meanwhile
+                    break
+                outcome = await loop.run_in_executor(self._executor, self._probe)
+                self._track_health([outcome])
+        finally:
+            self._probing = None
+
+    def _probe(self) -> Outcome:
+        """One blank image explained at the default layer, checked like a request's."""
+        crop = self.meta.recipe.crop
+        job = ImageJob(
+            pixels=torch.zeros(3, crop, crop, dtype=torch.uint8),
+            row=RowRequest(layer=self.meta.default_layer),
+        )
+        try:
+            (result,) = self._explain([job])
+        except Exception as exc:  # noqa: BLE001 - the probe's outcome, judged by the policy
+            return _detached(exc)
+        return result if isinstance(result, BaseException) else (result, 0.0)
 
     def _compute(self, jobs: list[WorkItem]) -> list[Outcome]:
         """Explains a batch; on failure bisects it so only the failing items fail."""
@@ -255,7 +285,7 @@ class ModelRuntime:
         try:
             with self._metrics.cpu_time(self.spec.name, "compute"):
                 explained = iter(self._explain(images))
-                run_forward(self._engine, forward)
+                faulted = run_forward(self._engine, forward)
         except Exception as exc:  # noqa: BLE001 - isolated by the caller, reported per item
             return _detached(exc)
         seconds = time.monotonic() - started
@@ -265,15 +295,21 @@ class ModelRuntime:
             "batch explained",
             extra={"model": self.spec.name, "batch": len(jobs), "ms": round(seconds * 1000, 1)},
         )
-        return [(next(explained) if isinstance(job, ImageJob) else None, seconds) for job in jobs]
+        outcomes: list[Outcome] = []
+        for job in jobs:
+            result = next(explained) if isinstance(job, ImageJob) else faulted.get(job)
+            outcomes.append(result if isinstance(result, BaseException) else (result, seconds))
+        return outcomes
 
-    def _explain(self, jobs: list[ImageJob]) -> list[RowResult]:
+    def _explain(self, jobs: list[ImageJob]) -> list[RowResult | ModelFault]:
+        """Each job's result, or the fault of a row whose outputs are not finite."""
         if not jobs:
             return []
         assert self._engine is not None
         assert self._stager is not None
         batch = self._stager.batch([job.pixels for job in jobs])
-        return self._engine.explain_batch(batch, [job.row for job in jobs])
+        results = self._engine.explain_batch(batch, [job.row for job in jobs])
+        return [checked_row(result) for result in results]
 
 
 def _detached(exc: BaseException) -> BaseException:

@@ -12,7 +12,6 @@ from __future__ import annotations
 import asyncio
 import functools
 import itertools
-import logging
 import time
 import uuid
 from collections.abc import AsyncIterator
@@ -30,6 +29,7 @@ from camserve.server.errors import (
     ServerFault,
     ServiceError,
     Unavailable,
+    server_fault,
 )
 from camserve.server.kernels import kernel_query
 from camserve.server.parsing import UnparsableRequest
@@ -42,11 +42,9 @@ from camserve.v1 import explain_pb2_grpc as pb_grpc
 if TYPE_CHECKING:
     from camserve.server.pipeline import ExplainPipeline
 
-log = logging.getLogger("camserve.servicer")
 # What the RPCs answer: a response the worker thread already serialised, or (for refusals on a
 # stream) a small message gRPC serialises.
 Answer = messages.EncodedResponse | pb.ExplainResponse
-STREAM_IN_FLIGHT = 64  # requests of one stream computed or waiting to be sent at once
 
 STATUS_CODES: dict[type[ServiceError], grpc.StatusCode] = {
     InvalidRequest: grpc.StatusCode.INVALID_ARGUMENT,
@@ -57,14 +55,6 @@ STATUS_CODES: dict[type[ServiceError], grpc.StatusCode] = {
     DeadlineExceeded: grpc.StatusCode.DEADLINE_EXCEEDED,
     ServerFault: grpc.StatusCode.INTERNAL,
 }
-
-
-def _fault(exc: Exception) -> ServerFault:
-    log.exception("request failed inside the server", exc_info=exc)
-    return ServerFault(
-        f"the server failed while answering this request ({type(exc).__name__}); this is not "
-        "the request's fault: retry, and report it if it persists"
-    )
 
 
 def status_code(error: ServiceError) -> grpc.StatusCode:
@@ -82,13 +72,11 @@ class ExplainServicer(pb_grpc.ExplainServiceServicer):
         self,
         pipeline: ExplainPipeline,
         limits: LimitsSettings,
-        stream_in_flight: int = STREAM_IN_FLIGHT,
         max_message_bytes: int = 64 << 20,
     ) -> None:
         self._pipeline = pipeline
         self._limits = limits
         self._max_message_bytes = max_message_bytes
-        self._stream_in_flight = stream_in_flight
         self._draining = False
         self._active = 0
         self._idle = asyncio.Event()
@@ -130,7 +118,7 @@ class ExplainServicer(pb_grpc.ExplainServiceServicer):
         except ServiceError:
             raise
         except Exception as exc:  # noqa: BLE001 - a bug must still get a precise status
-            raise _fault(exc) from exc
+            raise server_fault(exc) from exc
         finally:
             self._active -= 1
             if not self._active:
@@ -155,7 +143,7 @@ class ExplainServicer(pb_grpc.ExplainServiceServicer):
             return await self._answer(request, context.time_remaining())
 
         def fail(request: pb.ExplainRequest, exc: Exception) -> Answer:
-            error = exc if isinstance(exc, ServiceError) else _fault(exc)
+            error = exc if isinstance(exc, ServiceError) else server_fault(exc)
             return messages.error_response(
                 request.request_id or self._new_id(),
                 status_code(error).value[0],
@@ -163,7 +151,9 @@ class ExplainServicer(pb_grpc.ExplainServiceServicer):
                 error.retry_after_s,
             )
 
-        async for response in answer_stream(request_iterator, answer, fail, self._stream_in_flight):
+        async for response in answer_stream(
+            request_iterator, answer, fail, self._limits.stream_window
+        ):
             yield response
 
     async def ListModels(  # noqa: N802 - gRPC method name
@@ -186,9 +176,14 @@ class ExplainServicer(pb_grpc.ExplainServiceServicer):
         self, request: pb.GetKernelsRequest, context: grpc.aio.ServicerContext
     ) -> pb.GetKernelsResponse:
         try:
-            meta = self._pipeline.model(request.model)
-            query = kernel_query(request, meta, self._limits, self._max_message_bytes)
-            return messages.kernels_response(await self._pipeline.kernels(query))
+            try:
+                meta = self._pipeline.model(request.model)
+                query = kernel_query(request, meta, self._limits, self._max_message_bytes)
+                return messages.kernels_response(await self._pipeline.kernels(query))
+            except ServiceError:
+                raise
+            except Exception as exc:  # noqa: BLE001 - a bug must still get a precise status
+                raise server_fault(exc, request.model) from exc
         except ServiceError as error:
             await context.abort(status_code(error), error.message)
             raise  # unreachable: abort raises

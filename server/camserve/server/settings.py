@@ -58,6 +58,10 @@ class ModelSettings:
     max_batch_size: int = 32
     max_delay_ms: float = 5.0
     max_queue: int = 256
+    # Health: this many batches in a row that fail with a fault turn the model NOT_SERVING; while
+    # failing it is probed with one image every health_probe_s (0 = only requests bring it back).
+    failing_after: int = 3
+    health_probe_s: float = 5.0
     # How layers hold their maps, detected unless set (see camserve.server.engine.layouts):
     # per-layer "nchw" | "nhwc" | "tokens"; tokens before the patch grid (-1 = from the model);
     # the (h, w) patch grid of token layers (empty = from the model and the input size).
@@ -82,7 +86,7 @@ class ModelSettings:
             len(self.mean) != 3 or len(self.std) != 3 or any(s <= 0 for s in self.std)
         ):
             raise SettingsError(f"{where}: mean and std need 3 values each, std > 0")
-        for key in ("max_batch_size", "max_queue"):
+        for key in ("max_batch_size", "max_queue", "failing_after"):
             if getattr(self, key) < 1:
                 raise SettingsError(f"{where}.{key} must be at least 1")
         if self.crop is not None and self.crop < 1:
@@ -91,6 +95,11 @@ class ModelSettings:
             raise SettingsError(f"{where}.resize must be 0 or at least crop")
         if self.max_delay_ms < 0:
             raise SettingsError(f"{where}.max_delay_ms must not be negative")
+        if not self.health_probe_s >= 0:
+            raise SettingsError(
+                f"{where}.health_probe_s={self.health_probe_s}: use 0 (no probe: requests alone "
+                "bring a failing model back) or the seconds between probes"
+            )
         # timm sources learn their crop from timm when it is not set; the loader checks those.
         crop = self.crop if self.crop is not None else (None if kind == "timm" else DEFAULT_CROP)
         if self.resize and crop is not None and self.resize < crop:
@@ -145,6 +154,9 @@ class LimitsSettings:
     max_score_steps: int = ENGINE_MAX_SCORE_STEPS
     max_kernel_tiles: int = 1024  # tiles on one page of a kernel grid (GetKernels)
     max_kernel_tile_size: int = 128  # pixels per side of one kernel tile
+    # Requests of one ExplainStream read and not yet answered: the server reads no further ahead,
+    # and holds at most this many answers for a caller that stops reading.
+    stream_window: int = 64
 
     def __post_init__(self) -> None:
         for key in (
@@ -156,6 +168,7 @@ class LimitsSettings:
             "max_top_k",
             "max_kernel_tiles",
             "max_kernel_tile_size",
+            "stream_window",
         ):
             if getattr(self, key) < 1:
                 raise SettingsError(f"limits.{key}={getattr(self, key)} must be at least 1")

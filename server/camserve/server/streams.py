@@ -5,9 +5,10 @@ is ready (out of order). Two promises hold whatever happens inside `answer`:
 
 - Every request read gets exactly one answer: its result, or the `fail` answer built from the
   exception it raised (a refusal or a server fault alike). Nothing read is dropped.
-- Back-pressure covers answers not yet sent: a slot is taken before a request is read and given
-  back only once its answer has been handed to the transport. A caller that stops reading stops
-  its own stream after `limit` requests; nothing else waits on it.
+- Back-pressure covers requests read and answers not yet sent: a slot is taken before the next
+  request is read from the transport and given back only once its answer has been handed to the
+  transport, so at most `limit` requests are read ahead of the answers sent. A caller that
+  stops reading stops its own stream after `limit` requests; nothing else waits on it.
 """
 
 from __future__ import annotations
@@ -43,9 +44,14 @@ async def answer_stream(
         ready.put_nowait(response)
 
     async def read() -> None:
+        incoming = aiter(requests)
         try:
-            async for request in requests:
-                await slots.acquire()
+            while True:
+                await slots.acquire()  # before reading: never more than `limit` read ahead
+                try:
+                    request = await anext(incoming)
+                except StopAsyncIteration:
+                    break
                 task = asyncio.create_task(one(request))
                 tasks.add(task)
                 task.add_done_callback(tasks.discard)

@@ -21,9 +21,10 @@ from dataclasses import dataclass, field
 
 import torch
 
-from camserve.server.engine import CamEngine, RowRequest
+from camserve.server.engine import CamEngine, ModelFault, RowRequest
 from camserve.server.engine.costs import explain_rows
 from camserve.server.engine.gradient_free import distinct_images
+from camserve.server.faults import finite
 
 
 @dataclass(frozen=True)
@@ -68,8 +69,10 @@ def item_cost(item: WorkItem) -> int:
     return item.cost
 
 
-def run_forward(engine: CamEngine, jobs: list[ForwardJob]) -> None:
-    """Runs forward jobs, one model call per key, and hands each job its logits."""
+def run_forward(engine: CamEngine, jobs: list[ForwardJob]) -> dict[ForwardJob, ModelFault]:
+    """Runs forward jobs, one model call per key, and hands each job its logits; a job whose
+    logits are not finite records nothing and is returned with its fault instead."""
+    faulted: dict[ForwardJob, ModelFault] = {}
     groups: dict[Hashable, list[ForwardJob]] = {}
     for job in jobs:
         groups.setdefault(job.key, []).append(job)
@@ -82,8 +85,13 @@ def run_forward(engine: CamEngine, jobs: list[ForwardJob]) -> None:
             logits = engine.predict(rows)
         offset = 0
         for job in group:
-            job.record(logits[offset : offset + job.rows])
+            share = logits[offset : offset + job.rows]
             offset += job.rows
+            if finite(share):
+                job.record(share)
+            else:
+                faulted[job] = ModelFault("its logits for this request's rows are not finite")
+    return faulted
 
 
 def _tail_inputs(group: list[ForwardJob]) -> tuple[torch.Tensor, list[int]]:

@@ -84,6 +84,7 @@ from camserve.server.engine.types import (
     EngineError,
     LayerError,
     LayerSpec,
+    ModelFault,
     Retained,
     RowRequest,
     RowResult,
@@ -629,12 +630,12 @@ class CamEngine:
 
     def _check_state(self) -> None:
         if any(module.training for module in self._model.modules()):
-            raise EngineError(
+            raise ModelFault(
                 "the engine's model was put back in train mode after the engine was built; the "
                 "engine owns its model: call model.eval() again or build a new CamEngine"
             )
         if any(parameter.requires_grad for parameter in self._model.parameters()):
-            raise EngineError(
+            raise ModelFault(
                 "the engine's model has parameters with requires_grad=True; the engine owns its "
                 "model and keeps it frozen: call model.requires_grad_(False) or build a new "
                 "CamEngine"

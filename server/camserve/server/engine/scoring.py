@@ -42,7 +42,7 @@ from camserve.server.engine.faithfulness import (
     step_fractions,
 )
 from camserve.server.engine.shaping import normalise, to_input
-from camserve.server.engine.types import EngineError, RowResult
+from camserve.server.engine.types import EngineError, ModelFault, RowResult
 
 # Row kinds in the plan's row table.
 _BASELINE, _MASKED, _DELETION, _INSERTION = 0, 1, 2, 3
@@ -365,8 +365,13 @@ class ScorePlan:
                 f"maps must hold at least one float map, got shape {tuple(maps.shape)} of "
                 f"{maps.dtype}"
             )
+        if not bool(torch.isfinite(maps).all()):
+            raise ModelFault(
+                "maps hold NaN or Inf values: the model's activations or gradients at the layer "
+                "are not finite, so the maps cannot be scored"
+            )
         low, high = float(maps.min()), float(maps.max())
-        if not (low >= 0.0 and high <= 1.0):  # also refuses NaN
+        if not (low >= 0.0 and high <= 1.0):
             raise EngineError(
                 f"maps must be normalised to [0, 1], got values from {low} to {high}; apply "
                 "shaping.normalise"

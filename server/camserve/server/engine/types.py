@@ -35,6 +35,14 @@ class LayerError(EngineError):
     """A target layer that does not exist or cannot be explained; the message lists valid ones."""
 
 
+class ModelFault(RuntimeError):
+    """The model, not the request, failed: non-finite logits or maps, a model in a bad state.
+
+    Kept apart from `EngineError` because the caller cannot fix it: the server answers it as a
+    fault (INTERNAL) and counts it against the model's health.
+    """
+
+
 @dataclass(frozen=True)
 class RowRequest:
     """What one image of a batch asks for.
