@@ -40,6 +40,9 @@ pytestmark = pytest.mark.timeout(120)
 INVALID = grpc.StatusCode.INVALID_ARGUMENT
 MAX_IMAGES = 4
 GOOD_IMAGE = png_bytes(seeded_images(1, size=(64, 64), seed=1)[0])
+# The background traffic shares batches with these calls, and a batch of another size may take
+# another float32 convolution algorithm: maps agree to a few 1e-6, not bit for bit.
+BATCHED_ATOL = 1e-5
 SMALL = seeded_images(1, size=(48, 40), seed=2)[0]
 SMALL_PNG = png_bytes(SMALL)
 SMALL_JPEG = encoded(SMALL, "JPEG", quality=90)
@@ -503,7 +506,7 @@ def test_non_rgb_png_is_accepted_as_its_rgb_conversion(
     as_rgb = request(image(encoded(picture.convert("RGB"))), top_predictions=3)
     expected = stub.Explain(as_rgb, timeout=30)
     for _ in range(2):
-        assert_same_explanation(stub.Explain(as_sent, timeout=30), expected, atol=1e-6)
+        assert_same_explanation(stub.Explain(as_sent, timeout=30), expected, atol=BATCHED_ATOL)
     traffic.wait_for_more(1)
     assert not traffic.failures
 
@@ -553,7 +556,7 @@ def test_image_explains_like_the_picture_a_viewer_shows(
     each file explains exactly like the 8-bit, upright picture, heatmaps at its displayed size."""
     as_sent = request(image(sent), top_predictions=3)
     expected = stub.Explain(request(image(shown), top_predictions=3), timeout=30)
-    assert_same_explanation(stub.Explain(as_sent, timeout=30), expected, atol=1e-6)
+    assert_same_explanation(stub.Explain(as_sent, timeout=30), expected, atol=BATCHED_ATOL)
     traffic.wait_for_more(1)
     assert not traffic.failures
 
