@@ -262,6 +262,7 @@ def limited_server() -> Any:
         Settings(
             port=0,
             metrics_port=-1,
+            http_port=0,
             limits=LimitsSettings(max_pixels=50_000),
             models=(
                 ModelSettings(name="efficientnet-lite0", source="builtin:efficientnet-lite0"),

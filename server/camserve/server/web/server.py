@@ -85,6 +85,7 @@ class HttpServer:
             application(settings, routes, token, StaticFiles()),
             access_log=None,
             handle_signals=False,
+            shutdown_timeout=SHUTDOWN_TIMEOUT_S,
         )
         self.port = 0
 
@@ -96,7 +97,6 @@ class HttpServer:
             self._settings.host,
             self._settings.http_port,
             ssl_context=tls_context(self._settings),
-            shutdown_timeout=SHUTDOWN_TIMEOUT_S,
         )
         await site.start()
         self.port = int(self._runner.addresses[0][1])
