@@ -112,7 +112,8 @@ def test_the_cat_is_explained_on_the_page(page: Any, tmp_path: Path) -> None:
     page.find_element(By.ID, "explain").click()
     _wait(
         page,
-        "return document.querySelectorAll('#predictions-table tr').length > 1 || !document.querySelector('#error').hidden",
+        "return document.querySelectorAll('#predictions-table tr').length > 1 || "
+        "!document.querySelector('#error').hidden",
     )
     assert not _error_text(page)
     _idle(page)
@@ -144,7 +145,8 @@ def test_the_cat_is_explained_on_the_page(page: Any, tmp_path: Path) -> None:
     page.find_element(By.ID, "compare").click()
     _wait(
         page,
-        "return document.querySelector('#compare-table') !== null || !document.querySelector('#error').hidden",
+        "return document.querySelector('#compare-table') !== null || "
+        "!document.querySelector('#error').hidden",
     )
     _idle(page)
     assert not _error_text(page)

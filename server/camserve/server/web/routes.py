@@ -13,18 +13,21 @@ import json
 import math
 from collections.abc import Callable, Mapping
 from concurrent.futures import Executor
+from typing import TYPE_CHECKING
 
 from aiohttp import web
 from google.protobuf import json_format
 from google.protobuf.message import Message
 
 from camserve.server import messages
-from camserve.server.errors import InvalidRequest, Overloaded
-from camserve.server.pipeline import ExplainPipeline
+from camserve.server.errors import DeadlineExceeded, InvalidRequest, Overloaded
 from camserve.server.servicer import Answer, ExplainServicer
 from camserve.server.settings import Settings
 from camserve.server.web import forms
 from camserve.v1 import explain_pb2 as pb
+
+if TYPE_CHECKING:
+    from camserve.server.pipeline import ExplainPipeline
 
 TIMEOUT_HEADER = "X-Timeout-S"
 JSON = "application/json"
@@ -84,7 +87,7 @@ class ApiRoutes:
         # The explain route first: a GET on it is then "method not allowed", not a model name.
         app.router.add_post("/v1/models/{model:[^/:]+}:explain", self.explain)
         app.router.add_get("/v1/models", self.list_models)
-        app.router.add_get("/v1/models/{model}", self.get_model)
+        app.router.add_get("/v1/models/{model:[^/:]+}", self.get_model)
         app.router.add_get("/v1/health", self.health)
 
     async def explain(self, request: web.Request) -> web.Response:
@@ -100,12 +103,25 @@ class ApiRoutes:
             message = await forms.explain_request(
                 request, request.match_info["model"], self._limits, self._max_bytes
             )
-            answer = await self._servicer.answer(message, timeout)
+            answer = await self._answer(message, timeout)
             loop = asyncio.get_running_loop()
             body = await loop.run_in_executor(self._pool, answer_json, answer)
         finally:
             self._in_flight -= 1
         return web.Response(body=body, content_type=JSON)
+
+    async def _answer(self, message: pb.ExplainRequest, seconds: float | None) -> Answer:
+        """The servicer's answer within the caller's deadline: a gRPC caller's channel gives up
+        at its deadline, which cancels the call and frees its queue room; here the server
+        does that itself."""
+        try:
+            async with asyncio.timeout(seconds):
+                return await self._servicer.answer(message, seconds)
+        except TimeoutError:
+            raise DeadlineExceeded(
+                f"deadline passed: the request was not answered within {TIMEOUT_HEADER}="
+                f"{seconds:g} s; allow more time or send fewer concurrent requests"
+            ) from None
 
     async def list_models(self, request: web.Request) -> web.Response:
         models = [messages.model_info(status) for status in self._pipeline.statuses()]
