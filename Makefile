@@ -21,7 +21,8 @@ install: $(VENV)/.installed
 demo: install
 	$(PY) examples/demo.py --out $(OUT) examples/chelsea.jpg examples/coffee.jpg
 
-# Tools the deployment tests drive (nginx, docker-compose); installed from Debian when missing.
+# Tools the tests drive (nginx, docker-compose, chromium, chromium-driver); installed from Debian
+# when missing.
 system-deps:
 	@bash .ci/system-deps
 
