@@ -9,21 +9,19 @@ converted on a worker thread so a large answer never holds the event loop.
 from __future__ import annotations
 
 import asyncio
-import json
 import math
 from collections.abc import Callable, Mapping
 from concurrent.futures import Executor
 from typing import TYPE_CHECKING
 
 from aiohttp import web
-from google.protobuf import json_format
-from google.protobuf.message import Message
 
 from camserve.server import messages
 from camserve.server.errors import DeadlineExceeded, InvalidRequest, Overloaded
 from camserve.server.servicer import Answer, ExplainServicer
 from camserve.server.settings import Settings
 from camserve.server.web import forms
+from camserve.server.web.encoding import response_json, to_json
 from camserve.v1 import explain_pb2 as pb
 
 if TYPE_CHECKING:
@@ -35,16 +33,10 @@ JSON = "application/json"
 HealthReport = Callable[[], tuple[bool, Mapping[str, bool]]]
 
 
-def to_json(message: Message) -> bytes:
-    """A message in protobuf's JSON mapping with the .proto's field names."""
-    as_dict = json_format.MessageToDict(message, preserving_proto_field_name=True)
-    return json.dumps(as_dict, separators=(",", ":")).encode()
-
-
 def answer_json(answer: Answer) -> bytes:
     """The JSON of an ExplainResponse the servicer answered (serialised, or a message)."""
     if isinstance(answer, messages.EncodedResponse):
-        return to_json(pb.ExplainResponse.FromString(answer.data))
+        return response_json(pb.ExplainResponse.FromString(answer.data))
     return to_json(answer)
 
 
