@@ -1,9 +1,9 @@
 """The web page in a real browser: headless Chromium, driven by selenium, against a real server.
 
-One server (the shared one, with the built-in model) and one browser for the module: the cat
-photo is explained, its predictions, overlays, scores and the method comparison are read off
-the page, a text file's refusal must show the server's own message, and a screenshot is saved
-under the test's output.
+One browser for the module and the shared server (the built-in model): the cat photo is
+explained, its predictions, overlays, scores and the method comparison are read off the page, a
+text file's refusal must show the server's own message, and a screenshot is saved under the
+test's output. A small server with a token (the gated model) checks that the page asks for it.
 """
 
 from __future__ import annotations
@@ -172,3 +172,28 @@ def test_a_text_file_shows_the_servers_message(page: Any, tmp_path: Path) -> Non
     message = _error_text(page)
     assert "400 INVALID_ARGUMENT" in message
     assert "images[0].encoded: not a decodable image; send JPEG, PNG or WebP" in message
+
+
+def test_the_page_asks_for_the_token_and_sends_it_only_in_a_header(
+    browser: Any, server_factory: Any
+) -> None:
+    from selenium.webdriver.common.by import By
+
+    from camserve.server.settings import LimitsSettings
+    from tests._support.servers import gated_settings
+
+    guarded = server_factory(
+        models=(gated_settings(),),
+        limits=LimitsSettings(max_images_per_request=2),
+        metrics_port=-1,
+        auth_token="page-token",
+    )
+    browser.get(f"http://127.0.0.1:{guarded.server.http_port}/")
+    _wait(browser, "return !document.querySelector('#token-form').hidden")
+    assert "401 UNAUTHENTICATED: missing bearer token" in _error_text(browser)
+    browser.find_element(By.ID, "token").send_keys("page-token")
+    browser.find_element(By.CSS_SELECTOR, "#token-form button").click()
+    _wait(browser, "return document.querySelector('#model').value === 'gated'")
+    assert not _error_text(browser)
+    assert browser.execute_script("return document.querySelector('#token-form').hidden")
+    assert "page-token" not in browser.current_url
