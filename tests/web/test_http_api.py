@@ -298,6 +298,8 @@ async def test_unknown_form_fields_and_values_are_named(
 async def test_not_found_and_wrong_method(
     camserve_server: ServerThread, http: aiohttp.ClientSession
 ) -> None:
+    explain_rpc = "HTTP POST /v1/models/{model}:explain"
+    refused = camserve_server.metric("camserve_requests_total", rpc=explain_rpc, code="NOT_FOUND")
     request = pb.ExplainRequest(model="nope", images=[pb.Image(encoded=SMALL)])
     failure = await grpc_error(camserve_server, request)
     body = json_format.MessageToJson(pb.ExplainRequest(images=[pb.Image(encoded=SMALL)]))
@@ -310,6 +312,8 @@ async def test_not_found_and_wrong_method(
             "status": "NOT_FOUND",
             "message": failure.details(),
         }
+    counted = camserve_server.metric("camserve_requests_total", rpc=explain_rpc, code="NOT_FOUND")
+    assert counted == refused + 1  # HTTP requests are counted beside the RPCs
     async with http.get(http_url(camserve_server, "/v1/models/nope")) as reply:
         assert reply.status == 404
         assert (await reply.json())["message"] == failure.details()

@@ -151,7 +151,13 @@ class CamServer:
         self.http: HttpServer | None = None
         if settings.http_port != HTTP_DISABLED:
             self.http = HttpServer(
-                settings, self.servicer, self.pipeline, self._pool, _token(settings), self.serving
+                settings,
+                self.servicer,
+                self.pipeline,
+                self._pool,
+                _token(settings),
+                self.serving,
+                self.metrics,
             )
         self.http_port: int | None = None
         self._stopped = asyncio.Event()

@@ -33,16 +33,16 @@ HTTP_STATUSES: dict[type[ServiceError], int] = {
     OutOfMemory: 503,  # the device, not the caller's rate: retry later or send less
     DeadlineExceeded: 504,
 }
-# gRPC status names of the refusals only HTTP makes (the others come from the servicer's table).
-HTTP_ONLY_STATUS_NAMES = {
-    401: "UNAUTHENTICATED",
-    403: "PERMISSION_DENIED",
+# gRPC status names of the statuses aiohttp answers itself (no such path, wrong method, ...).
+HTTP_STATUS_NAMES = {
+    400: "INVALID_ARGUMENT",
     404: "NOT_FOUND",
     405: "UNIMPLEMENTED",
     413: "INVALID_ARGUMENT",
     415: "INVALID_ARGUMENT",
-    429: "RESOURCE_EXHAUSTED",
 }
+# Where an answer keeps its gRPC status name, for the request metrics.
+STATUS_NAME_KEY = web.ResponseKey("camserve_status", str)
 
 
 class BodyTooLarge(InvalidRequest):
@@ -57,21 +57,22 @@ class Unauthenticated(ServiceError):
     """A call without the configured bearer token (HTTP 401)."""
 
 
-_OWN_STATUSES: dict[type[ServiceError], int] = {
-    BodyTooLarge: 413,
-    UnsupportedBody: 415,
-    Unauthenticated: 401,
+# The refusals only HTTP makes: their status and gRPC status name.
+_HTTP_ONLY: dict[type[ServiceError], tuple[int, str]] = {
+    BodyTooLarge: (413, "INVALID_ARGUMENT"),
+    UnsupportedBody: (415, "INVALID_ARGUMENT"),
+    Unauthenticated: (401, "UNAUTHENTICATED"),
 }
 
 
-def http_status(error: ServiceError) -> int:
-    """The HTTP status of a domain error (its nearest class in the tables)."""
+def http_status(error: ServiceError) -> tuple[int, str]:
+    """The HTTP status and gRPC status name of a domain error (its nearest class)."""
     for kind in type(error).__mro__:
-        if kind in _OWN_STATUSES:
-            return _OWN_STATUSES[kind]
+        if kind in _HTTP_ONLY:
+            return _HTTP_ONLY[kind]
         if kind in HTTP_STATUSES:
-            return HTTP_STATUSES[kind]
-    return 500
+            return HTTP_STATUSES[kind], status_code(error).name
+    return 500, "INTERNAL"
 
 
 def json_error(
@@ -85,13 +86,14 @@ def json_error(
         headers["Retry-After"] = str(max(1, math.ceil(retry_after_s)))  # whole seconds only
     if status == 401:
         headers["WWW-Authenticate"] = 'Bearer realm="camserve"'
-    return web.Response(
+    response = web.Response(
         status=status, text=json.dumps(body), content_type="application/json", headers=headers
     )
+    response[STATUS_NAME_KEY] = status_name
+    return response
 
 
 def service_error_response(error: ServiceError) -> web.Response:
     """The answer to a request refused with `error`."""
-    status = http_status(error)
-    name = HTTP_ONLY_STATUS_NAMES.get(status) if status in (401, 413, 415) else None
-    return json_error(status, name or status_code(error).name, error.message, error.retry_after_s)
+    status, name = http_status(error)
+    return json_error(status, name, error.message, error.retry_after_s)

@@ -8,13 +8,16 @@ from __future__ import annotations
 
 import hmac
 import logging
+import time
 
 from aiohttp import web
 from aiohttp.typedefs import Handler, Middleware
 
 from camserve.server.errors import ServiceError
+from camserve.server.metrics import Metrics
 from camserve.server.web.errors import (
-    HTTP_ONLY_STATUS_NAMES,
+    HTTP_STATUS_NAMES,
+    STATUS_NAME_KEY,
     Unauthenticated,
     json_error,
     service_error_response,
@@ -49,7 +52,7 @@ async def json_errors(request: web.Request, handler: Handler) -> web.StreamRespo
     except web.HTTPException as exc:
         if exc.status < 400:
             raise
-        name = HTTP_ONLY_STATUS_NAMES.get(exc.status, "UNKNOWN")
+        name = HTTP_STATUS_NAMES.get(exc.status, "UNKNOWN")
         return json_error(exc.status, name, f"{request.method} {request.path}: {exc.reason}")
     except Exception:  # noqa: BLE001 - a bug must still get a precise answer
         log.exception("HTTP request failed inside the server", extra={"path": request.path})
@@ -59,6 +62,27 @@ async def json_errors(request: web.Request, handler: Handler) -> web.StreamRespo
             "the server failed while answering this request; this is not the request's fault: "
             "retry, and report it if it persists",
         )
+
+
+def observability(metrics: Metrics) -> Middleware:
+    """Counts every HTTP request in `camserve_requests_total` (rpc "HTTP <method> <route>", the
+    gRPC status name as code) and logs one line per request at debug level, as the gRPC
+    interceptor does for RPCs."""
+
+    @web.middleware
+    async def observe(request: web.Request, handler: Handler) -> web.StreamResponse:
+        started = time.monotonic()
+        response = await handler(request)
+        resource = request.match_info.route.resource
+        rpc = f"HTTP {request.method} {resource.canonical if resource else 'unmatched'}"
+        code = response.get(STATUS_NAME_KEY, "OK")
+        metrics.requests.labels(rpc, code).inc()
+        if log.isEnabledFor(logging.DEBUG):
+            ms = round((time.monotonic() - started) * 1000, 2)
+            log.debug("http", extra={"rpc": rpc, "code": code, "status": response.status, "ms": ms})
+        return response
+
+    return observe
 
 
 @web.middleware

@@ -18,6 +18,7 @@ from aiohttp import web
 
 from camserve.server import messages
 from camserve.server.errors import DeadlineExceeded, InvalidRequest, Overloaded
+from camserve.server.metrics import Metrics
 from camserve.server.servicer import Answer, ExplainServicer
 from camserve.server.settings import Settings
 from camserve.server.web import forms
@@ -66,7 +67,9 @@ class ApiRoutes:
         settings: Settings,
         pool: Executor,
         health: HealthReport,
+        metrics: Metrics,
     ) -> None:
+        self._metrics = metrics
         self._servicer = servicer
         self._pipeline = pipeline
         self._limits = settings.limits
@@ -96,6 +99,8 @@ class ApiRoutes:
                 request, request.match_info["model"], self._limits, self._max_bytes
             )
             answer = await self._answer(message, timeout)
+            if isinstance(answer, messages.EncodedResponse):
+                self._metrics.observe_timing(answer.timing)
             loop = asyncio.get_running_loop()
             body = await loop.run_in_executor(self._pool, answer_json, answer)
         finally:

@@ -14,6 +14,7 @@ from typing import TYPE_CHECKING
 from aiohttp import web
 from aiohttp.typedefs import Middleware
 
+from camserve.server.metrics import Metrics
 from camserve.server.settings import Settings, SettingsError
 from camserve.server.web import middleware
 from camserve.server.web.openapi import document
@@ -45,10 +46,10 @@ def tls_context(settings: Settings) -> ssl.SSLContext | None:
 
 
 def application(
-    settings: Settings, routes: ApiRoutes, token: str, static: StaticFiles
+    settings: Settings, routes: ApiRoutes, token: str, static: StaticFiles, metrics: Metrics
 ) -> web.Application:
     """The aiohttp application: middlewares outermost first, then the routes."""
-    middlewares: list[Middleware] = [middleware.security_headers]
+    middlewares: list[Middleware] = [middleware.observability(metrics), middleware.security_headers]
     if settings.cors_origins:
         middlewares.append(middleware.cors(settings.cors_origins))
     middlewares.append(middleware.json_errors)
@@ -78,11 +79,12 @@ class HttpServer:
         pool: Executor,
         token: str,
         health: HealthReport,
+        metrics: Metrics,
     ) -> None:
         self._settings = settings
-        routes = ApiRoutes(servicer, pipeline, settings, pool, health)
+        routes = ApiRoutes(servicer, pipeline, settings, pool, health, metrics)
         self._runner = web.AppRunner(
-            application(settings, routes, token, StaticFiles()),
+            application(settings, routes, token, StaticFiles(), metrics),
             access_log=None,
             handle_signals=False,
             shutdown_timeout=SHUTDOWN_TIMEOUT_S,
