@@ -295,6 +295,41 @@ async def test_unknown_form_fields_and_values_are_named(
             assert words in (await reply.json())["message"]
 
 
+@pytest.mark.parametrize(
+    ("content_type", "body", "words"),
+    [
+        ("multipart/form-data", b"abc", "boundary missed"),
+        ("multipart/form-data; boundary=XX", b"abc", "Could not find starting boundary"),
+    ],
+)
+async def test_forms_that_do_not_parse_are_400(
+    camserve_server: ServerThread,
+    http: aiohttp.ClientSession,
+    content_type: str,
+    body: bytes,
+    words: str,
+) -> None:
+    url = http_url(camserve_server, "/v1/models/efficientnet-lite0:explain")
+    async with http.post(url, data=body, headers={"Content-Type": content_type}) as reply:
+        assert reply.status == 400
+        message = (await reply.json())["message"]
+    assert message.startswith("request body: not a readable multipart form")
+    assert words in message
+
+
+async def test_a_long_option_field_is_refused_by_name(
+    camserve_server: ServerThread, http: aiohttp.ClientSession
+) -> None:
+    form = aiohttp.FormData()
+    form.add_field("image", SMALL, filename="small.png", content_type="image/png")
+    form.add_field("layer", "x" * 70_000)
+    url = http_url(camserve_server, "/v1/models/efficientnet-lite0:explain")
+    async with http.post(url, data=form) as reply:
+        assert reply.status == 400
+        error = await reply.json()
+    assert error["message"] == "form field 'layer': over 65536 bytes; option fields are short text"
+
+
 async def test_not_found_and_wrong_method(
     camserve_server: ServerThread, http: aiohttp.ClientSession
 ) -> None:

@@ -11,9 +11,11 @@ prefix in any case (`layercam`, `input`, `deletion_auc`).
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+import functools
+from collections.abc import Callable, Mapping
 from typing import cast
 
+import aiohttp
 from aiohttp import BodyPartReader, web
 from google.protobuf import json_format
 from google.protobuf.descriptor import Descriptor, EnumDescriptor, FieldDescriptor
@@ -46,6 +48,11 @@ def check_length(request: web.Request, max_bytes: int) -> None:
     """Refuses a body whose declared length is over the limit before any of it is read."""
     if request.content_length is not None and request.content_length > max_bytes:
         raise too_large(request.content_length, max_bytes)
+
+
+def _over_limit(used: int, max_bytes: int, size: int) -> BodyTooLarge:
+    """The refusal of a part of `size` bytes read after `used` bytes of the body."""
+    return too_large(used + size, max_bytes)
 
 
 def too_large(size: int, max_bytes: int) -> BodyTooLarge:
@@ -98,17 +105,50 @@ def _from_json(body: bytes) -> pb.ExplainRequest:
         ) from None
 
 
-async def _read_part(part: BodyPartReader, budget: int, max_bytes: int) -> bytes:
-    """A part's bytes, refused as soon as they pass `budget` (what is left of the limit)."""
+async def _read_part(
+    part: BodyPartReader, limit: int, refusal: Callable[[int], InvalidRequest]
+) -> bytes:
+    """A part's bytes, refused with `refusal(bytes read)` as soon as they pass `limit`."""
     data = bytearray()
     while chunk := await part.read_chunk(CHUNK):
         data += chunk
-        if len(data) > budget:
-            raise too_large(max_bytes - budget + len(data), max_bytes)
+        if len(data) > limit:
+            raise refusal(len(data))
     return bytes(data)
 
 
+async def _read_field(part: BodyPartReader, budget: int, max_bytes: int) -> str:
+    """An option field's text: at most MAX_FIELD_BYTES, and within what is left of the body's
+    limit (`budget`)."""
+    name = part.name or ""
+
+    def refusal(size: int) -> InvalidRequest:
+        if size > MAX_FIELD_BYTES:
+            return InvalidRequest(
+                f"form field {name!r}: over {MAX_FIELD_BYTES} bytes; option fields are short text"
+            )
+        return _over_limit(max_bytes - budget, max_bytes, size)
+
+    data = await _read_part(part, min(budget, MAX_FIELD_BYTES), refusal)
+    try:
+        return data.decode()
+    except UnicodeDecodeError:
+        raise InvalidRequest(f"form field {name!r}: not UTF-8 text") from None
+
+
 async def _from_form(
+    request: web.Request, limits: LimitsSettings, max_bytes: int
+) -> pb.ExplainRequest:
+    try:
+        return await _read_form(request, limits, max_bytes)
+    except (ValueError, KeyError, aiohttp.ClientPayloadError) as exc:
+        raise InvalidRequest(
+            f"request body: not a readable multipart form ({type(exc).__name__}: {exc}); send "
+            "multipart/form-data with a boundary, as curl -F or a browser's FormData do"
+        ) from None
+
+
+async def _read_form(
     request: web.Request, limits: LimitsSettings, max_bytes: int
 ) -> pb.ExplainRequest:
     images: list[bytes] = []
@@ -124,20 +164,14 @@ async def _from_form(
                     f"images: more than the limit of {limits.max_images_per_request} per "
                     "request; split the images over several requests"
                 )
-            images.append(await _read_part(part, budget, max_bytes))
+            refusal = functools.partial(_over_limit, max_bytes - budget, max_bytes)
+            images.append(await _read_part(part, budget, refusal))
             budget -= len(images[-1])
         else:
-            text = await _read_part(part, min(budget, MAX_FIELD_BYTES), max_bytes)
-            budget -= len(text)
-            fields.setdefault(name, []).append(_text(name, text))
+            text = await _read_field(part, budget, max_bytes)
+            budget -= len(text.encode())
+            fields.setdefault(name, []).append(text)
     return form_request(images, fields)
-
-
-def _text(name: str, data: bytes) -> str:
-    try:
-        return data.decode()
-    except UnicodeDecodeError:
-        raise InvalidRequest(f"form field {name!r}: not UTF-8 text") from None
 
 
 def form_request(images: list[bytes], fields: Mapping[str, list[str]]) -> pb.ExplainRequest:
