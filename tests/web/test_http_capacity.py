@@ -10,9 +10,10 @@ import aiohttp
 import pytest
 from google.protobuf import json_format
 
+from camserve.server.settings import LimitsSettings
 from camserve.v1 import explain_pb2 as pb
 from tests._support import gated_model
-from tests._support.servers import ServerThread, png_bytes, seeded_images
+from tests._support.servers import ServerThread, gated_settings, png_bytes, seeded_images
 from tests._support.traffic import wait_until
 
 pytestmark = pytest.mark.timeout(120)
@@ -50,9 +51,6 @@ async def test_a_started_request_is_answered_while_the_server_drains(
 async def test_requests_past_the_concurrency_limit_are_refused_429(
     server_factory: Callable[..., ServerThread],
 ) -> None:
-    from camserve.server.settings import LimitsSettings
-    from tests._support.servers import gated_settings
-
     gated_model.GATE.set()
     limits = LimitsSettings(max_images_per_request=2, max_concurrent_rpcs=1)
     server = server_factory(models=(gated_settings(),), limits=limits, metrics_port=-1)
