@@ -79,7 +79,7 @@ USER camserve:camserve
 WORKDIR /home/camserve
 
 # 50051: gRPC (Explain, health, reflection); 9090: Prometheus /metrics over HTTP.
-EXPOSE 50051 9090
+EXPOSE 50051 9090 8080
 
 # SIGTERM makes the server report NOT_SERVING, refuse new calls, finish accepted ones and exit
 # within its grace period (20 s by default); give the container runtime a longer stop timeout.

@@ -21,8 +21,8 @@ install: $(VENV)/.installed
 demo: install
 	$(PY) examples/demo.py --out $(OUT) examples/chelsea.jpg examples/coffee.jpg
 
-# Tools the deployment and interop tests drive (nginx, docker-compose, Node.js); installed from
-# Debian when missing.
+# Tools the tests drive (nginx, docker-compose, Node.js, chromium, chromium-driver); installed
+# from Debian when missing.
 system-deps:
 	@bash .ci/system-deps
 

@@ -10,8 +10,9 @@ measures exactly that part: a `camserve.server` subprocess serves `tiny_model.ti
   `uint8` (the cat as a uint8 HxWx3 tensor), `float32` (a normalised 3x224x224 tensor);
 * output: `default` (float32 heatmap at the original size), `uint8` (uint8 at the model input
   size), `overlay` (the default heatmap plus an overlay PNG);
-* transport: `unary` (Explain calls) and `stream` (one ExplainStream with that many requests in
-  flight).
+* transport: `unary` (Explain calls), `stream` (one ExplainStream with that many requests in
+  flight) and `http` (POST /v1/models/tiny:explain with the ExplainRequest in protobuf's JSON
+  mapping, the image base64-encoded, answered as JSON with base64 tensors).
 
 Each case reports images/s and the server's CPU milliseconds per image: the server process's
 CPU time (all threads, from /proc) over the images answered in the measured window, and that
@@ -49,7 +50,7 @@ LARGE_SIZE = (4000, 3000)  # width, height
 CROP = 224
 INPUTS = ("cat", "large", "uint8", "float32")
 OUTPUTS = ("default", "uint8", "overlay")
-TRANSPORTS = ("unary", "stream")
+TRANSPORTS = ("unary", "stream", "http")
 EXPLAIN = "/camserve.v1.ExplainService/Explain"
 EXPLAIN_STREAM = "/camserve.v1.ExplainService/ExplainStream"
 CALL_TIMEOUT_S = 300.0
@@ -86,6 +87,18 @@ def input_images(workdir: Path) -> dict[str, Any]:
         "uint8": np.asarray(cat),
         "float32": np.ascontiguousarray(normalised),
     }
+
+
+def json_body(request: bytes) -> bytes:
+    """The same ExplainRequest in protobuf's JSON mapping: what an HTTP/JSON caller posts."""
+    from google.protobuf import json_format
+
+    from camserve.v1 import explain_pb2 as pb
+
+    message = pb.ExplainRequest.FromString(request)
+    return json_format.MessageToJson(
+        message, indent=None, preserving_proto_field_name=True
+    ).encode()
 
 
 def request_bytes(image: Any, output: str) -> bytes:
@@ -228,9 +241,14 @@ def stage_cpu_s(metrics_port: int) -> dict[str, float]:
 
 def check_answer(data: bytes) -> None:
     """Refuses to count a run whose answers are errors or lack a heatmap."""
+    from google.protobuf import json_format
+
     from camserve.v1 import explain_pb2 as pb
 
-    response = pb.ExplainResponse.FromString(data)
+    if data.startswith(b"{"):  # an HTTP/JSON answer
+        response = json_format.Parse(data, pb.ExplainResponse())
+    else:
+        response = pb.ExplainResponse.FromString(data)
     if response.HasField("error"):
         raise RuntimeError(f"the server answered an error: {response.error.message}")
     if not response.results or not response.results[0].heatmaps:
@@ -269,8 +287,29 @@ def _summed(readings: list[dict[str, float]]) -> dict[str, float]:
     return total
 
 
+async def _http(urls: list[str], body: bytes, concurrency: int, window: Window) -> None:
+    """`concurrency` HTTP callers, each posting the JSON body again as soon as it is answered."""
+    import aiohttp
+
+    headers = {"Content-Type": "application/json"}
+    timeout = aiohttp.ClientTimeout(total=CALL_TIMEOUT_S)
+    connector = aiohttp.TCPConnector(limit=concurrency)
+    async with aiohttp.ClientSession(connector=connector, timeout=timeout) as session:
+
+        async def caller(url: str) -> None:
+            while not window.stop:
+                async with session.post(url, data=body, headers=headers) as reply:
+                    data = await reply.read()
+                    if reply.status != 200:
+                        raise RuntimeError(f"HTTP {reply.status}: {data[:500]!r}")
+                window.answer(data)
+
+        await asyncio.gather(*(caller(urls[i % len(urls)]) for i in range(concurrency)))
+
+
 async def drive(
     addresses: list[str],
+    http_urls: list[str],
     body: bytes,
     transport: str,
     concurrency: int,
@@ -286,7 +325,9 @@ async def drive(
     ]
     channels = [grpc.aio.insecure_channel(address, options=options) for address in addresses]
     try:
-        if transport == "unary":
+        if transport == "http":
+            tasks = [asyncio.create_task(_http(http_urls, body, concurrency, window))]
+        elif transport == "unary":
 
             async def caller(channel: Any) -> None:
                 call = channel.unary_unary(EXPLAIN)
@@ -350,6 +391,7 @@ def client_main(spec_path: str) -> int:
     result = asyncio.run(
         drive(
             spec["addresses"],
+            spec["http_urls"],
             body,
             spec["transport"],
             spec["concurrency"],
@@ -371,6 +413,9 @@ def run_client(
     body_path.write_bytes(body)
     spec = {
         "addresses": [f"127.0.0.1:{ready['port']}" for ready in servers],
+        "http_urls": [
+            f"http://127.0.0.1:{ready.get('http_port')}/v1/models/tiny:explain" for ready in servers
+        ],
         "pids": [ready["pid"] for ready in servers],
         "metrics_ports": [ready.get("metrics_port", 0) for ready in servers],
         "body": str(body_path),
@@ -433,7 +478,20 @@ def render(result: dict[str, Any]) -> str:
             ratio = after / before if before and after else None
             line += f" {row['baseline_ips']:>10.1f} {_fmt(before):>8} {_fmt(ratio):>8}"
         lines.append(line)
-    return "\n".join(lines)
+    return "\n".join(lines + http_ratios(result["ceiling"]))
+
+
+def http_ratios(rows: list[dict[str, Any]]) -> list[str]:
+    """Per input and output: server CPU per image over HTTP/JSON over that of unary gRPC."""
+    cpu = {(r["input"], r["output"], r["transport"]): r["server_cpu_ms_per_image"] for r in rows}
+    lines = []
+    for (image, output, transport), http in cpu.items():
+        grpc_cpu = cpu.get((image, output, "unary"))
+        if transport == "http" and http and grpc_cpu:
+            lines.append(
+                f"HTTP/JSON vs gRPC unary, {image} -> {output}: {http / grpc_cpu:.2f}x CPU"
+            )
+    return ["", *lines] if lines else []
 
 
 def _fmt(value: float | None) -> str:
@@ -496,6 +554,7 @@ def measure_all(args: argparse.Namespace, workdir: Path) -> list[dict[str, Any]]
 
     images = input_images(workdir)
     bodies = {(i, o): request_bytes(images[i], o) for i in args.inputs for o in args.outputs}
+    json_bodies = {key: json_body(body) for key, body in bodies.items()}
     timing = {
         "concurrency": args.concurrency,
         "warmup_s": args.warmup,
@@ -516,10 +575,10 @@ def measure_all(args: argparse.Namespace, workdir: Path) -> list[dict[str, Any]]
             started.append(start_camserve(baseline_dir, args, args.baseline))
             baseline = [started[-1][1]]
         for image, output, transport in cases(args):
-            body = bodies[(image, output)]
+            body = (json_bodies if transport == "http" else bodies)[(image, output)]
             log(f"{image} -> {output} over {transport}")
             row: dict[str, Any] = {"input": image, "output": output, "transport": transport}
-            if baseline:  # measured just before, so both see the same machine
+            if baseline and transport != "http":  # just before, so both see the same machine
                 before = run_client(workdir, baseline, body, transport=transport, **timing)
                 row["baseline_ips"] = before["ips"]
                 row["baseline_cpu_ms_per_image"] = before["server_cpu_ms_per_image"]
@@ -532,7 +591,7 @@ def measure_all(args: argparse.Namespace, workdir: Path) -> list[dict[str, Any]]
     finally:
         for process, _ in started:
             stop_server(process)
-    for row in rows if args.bare else []:
+    for row in [r for r in rows if r["transport"] != "http"] if args.bare else []:
         bare_process, bare_ready = start_bare(workdir, answers[(row["input"], row["output"])])
         try:
             body = bodies[(row["input"], row["output"])]

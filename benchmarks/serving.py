@@ -216,6 +216,8 @@ def start_server(
             "0",
             "--metrics-port",
             "0",
+            "--http-port",
+            "0",
             "--ready-file",
             str(ready),
         ],

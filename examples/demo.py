@@ -1,8 +1,9 @@
-"""End-to-end demo: start camserve with its built-in model, explain photos, stop the server.
+"""End-to-end demo: start camserve with its built-in model, explain photos, open the web page.
 
-Runs `camserve-server` as a real process on a free local port, waits until it reports SERVING,
+Runs `camserve-server` as a real process on free local ports, waits until it reports SERVING,
 explains each image with the `camserve explain` command (printing the top predictions and writing
-an overlay PNG per image), then stops the server with SIGTERM as an operator would.
+an overlay PNG per image), prints the web page's URL and keeps serving it until Ctrl-C (or right
+away with --no-page), then stops the server with SIGTERM as an operator would.
 
     python examples/demo.py --out out examples/chelsea.jpg examples/coffee.jpg
 """
@@ -23,8 +24,8 @@ from camserve.client import cli
 START_TIMEOUT_S = 180
 
 
-def start_server(ready_file: Path) -> tuple[subprocess.Popen[bytes], int]:
-    """Starts the server on a free port; returns the process and its port once it serves."""
+def start_server(ready_file: Path) -> tuple[subprocess.Popen[bytes], dict[str, int]]:
+    """Starts the server on free ports; returns the process and its ready file once it serves."""
     process = subprocess.Popen(
         [
             sys.executable,
@@ -34,6 +35,8 @@ def start_server(ready_file: Path) -> tuple[subprocess.Popen[bytes], int]:
             "0",
             "--metrics-port",
             "-1",
+            "--http-port",
+            "0",
             "--ready-file",
             str(ready_file),
         ],
@@ -43,7 +46,7 @@ def start_server(ready_file: Path) -> tuple[subprocess.Popen[bytes], int]:
         if process.poll() is not None:
             raise SystemExit(f"camserve-server exited with code {process.returncode}")
         if ready_file.exists() and ready_file.stat().st_size:
-            return process, int(json.loads(ready_file.read_text())["port"])
+            return process, json.loads(ready_file.read_text())
         time.sleep(0.2)
     process.kill()
     raise SystemExit(f"camserve-server did not become ready within {START_TIMEOUT_S} s")
@@ -53,19 +56,33 @@ def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("images", nargs="+", help="photos to explain")
     parser.add_argument("--out", default="out", help="folder for the overlay PNGs")
+    parser.add_argument(
+        "--no-page", action="store_true", help="stop after explaining instead of serving the page"
+    )
     args = parser.parse_args()
     with tempfile.TemporaryDirectory() as scratch:
-        process, port = start_server(Path(scratch) / "ready.json")
+        process, ready = start_server(Path(scratch) / "ready.json")
         try:
-            code = cli.main(
-                ["explain", *args.images, "--server", f"127.0.0.1:{port}", "--out", args.out]
-            )
+            server = f"127.0.0.1:{ready['port']}"
+            code = cli.main(["explain", *args.images, "--server", server, "--out", args.out])
+            if code == 0:
+                print(f"overlays written to {args.out}/")
+            if code == 0 and not args.no_page:
+                serve_page(ready["http_port"])
         finally:
             process.send_signal(signal.SIGTERM)
             process.wait(timeout=60)
-    if code == 0:
-        print(f"overlays written to {args.out}/")
     return code or process.returncode
+
+
+def serve_page(http_port: int) -> None:
+    """Prints the page's URL and waits for Ctrl-C (or SIGTERM) while the server serves it."""
+    print(f"\nweb page: http://127.0.0.1:{http_port}/  (drop a photo there; Ctrl-C stops)")
+    signal.signal(signal.SIGTERM, signal.default_int_handler)
+    try:
+        signal.pause()
+    except KeyboardInterrupt:
+        print("stopping the server")
 
 
 if __name__ == "__main__":

@@ -63,6 +63,7 @@ def test_settings(resnet18_weights: Path) -> Callable[..., Any]:
             "host": "127.0.0.1",
             "port": 0,
             "metrics_port": 0,
+            "http_port": 0,
             "grace_period_s": 5.0,
         }
         base.update(changes)

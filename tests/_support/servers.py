@@ -154,6 +154,8 @@ def start_server_process(
             "0",
             "--metrics-port",
             "-1",
+            "--http-port",
+            "0",
             "--ready-file",
             str(ready),
         ],

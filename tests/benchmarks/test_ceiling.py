@@ -39,8 +39,10 @@ def test_ceiling_json_reports_each_case_with_its_server_cpu() -> None:
     assert [(r["input"], r["output"], r["transport"]) for r in rows] == [
         ("cat", "uint8", "unary"),
         ("cat", "uint8", "stream"),
+        ("cat", "uint8", "http"),
         ("float32", "uint8", "unary"),
         ("float32", "uint8", "stream"),
+        ("float32", "uint8", "http"),
     ]
     for row in rows:
         assert row["ips"] > 0

@@ -206,6 +206,8 @@ def replicas(server_config: Path, tmp_path: Path) -> Iterator[list[Replica]]:
                         "0",
                         "--metrics-port",
                         "0",
+                        "--http-port",
+                        "0",
                         "--ready-file",
                         str(ready),
                     ],

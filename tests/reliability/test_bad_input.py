@@ -441,6 +441,7 @@ def server(resnet18_weights: Path) -> Iterator[ServerThread]:
         Settings(
             port=0,
             metrics_port=-1,
+            http_port=0,
             max_message_mb=1,
             limits=LimitsSettings(max_images_per_request=MAX_IMAGES),
             models=(small_resnet(resnet18_weights), tiny_model()),

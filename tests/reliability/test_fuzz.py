@@ -63,6 +63,7 @@ def server(resnet18_weights: Path) -> Iterator[ServerThread]:
         Settings(
             port=0,
             metrics_port=-1,
+            http_port=0,
             models=(small_resnet(resnet18_weights), tiny_model()),
         )
     )

@@ -53,7 +53,9 @@ def server(resnet18_weights: Path) -> Iterator[ServerThread]:
     # deployed server): refusals measure admission control, not a starved event loop.
     torch.set_num_threads(1)
     limits = LimitsSettings(max_images_per_request=MAX_QUEUE)
-    running = ServerThread(Settings(port=0, metrics_port=-1, limits=limits, models=(model,)))
+    running = ServerThread(
+        Settings(port=0, metrics_port=-1, http_port=0, limits=limits, models=(model,))
+    )
     yield running
     running.stop(grace=1.0)
     torch.set_num_threads(threads)

@@ -107,7 +107,7 @@ def test_weights_that_would_run_code_are_refused_unread(
 
     model = ModelSettings(name="evil", source="torchvision:resnet18", weights=str(weights))
     with pytest.raises(ModelLoadError) as startup:
-        ServerThread(Settings(port=0, metrics_port=-1, models=(model,)))
+        ServerThread(Settings(port=0, metrics_port=-1, http_port=0, models=(model,)))
     assert str(weights) in str(startup.value)
     assert not marker.exists(), "loading the weights ran code from the file"
 

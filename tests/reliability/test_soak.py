@@ -66,7 +66,12 @@ class Tally:
 @pytest.fixture(scope="module")
 def server(resnet18_weights: Path) -> Iterator[ServerThread]:
     running = ServerThread(
-        Settings(port=0, metrics_port=-1, models=(small_resnet(resnet18_weights, crop=CROP),))
+        Settings(
+            port=0,
+            metrics_port=-1,
+            http_port=0,
+            models=(small_resnet(resnet18_weights, crop=CROP),),
+        )
     )
     yield running
     running.stop(grace=1.0)

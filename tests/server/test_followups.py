@@ -46,7 +46,7 @@ def server(resnet18_weights: Path) -> Iterator[ServerThread]:
     """resnet18 at 64x64: layer4 has 512 channels, so ScoreCAM there is 64 batches of 8 rows."""
     busy = small_resnet(resnet18_weights, max_batch_size=BATCH, max_queue=1200)
     small = small_resnet(resnet18_weights, name="small-queue", max_batch_size=BATCH, max_queue=64)
-    running = ServerThread(Settings(port=0, metrics_port=-1, models=(busy, small)))
+    running = ServerThread(Settings(port=0, metrics_port=-1, http_port=0, models=(busy, small)))
     yield running
     running.stop(grace=1.0)
 

@@ -133,7 +133,7 @@ async def test_health_is_not_serving_until_models_are_loaded() -> None:
     gated_model.GATE.clear()
     gated_model.ENTERED.clear()
     model = ModelSettings(name="gated", source=gated_model.SOURCE, labels="")
-    server = CamServer(Settings(port=0, metrics_port=-1, models=(model,)))
+    server = CamServer(Settings(port=0, metrics_port=-1, http_port=0, models=(model,)))
     starting = asyncio.create_task(server.start())
     try:
         await asyncio.to_thread(gated_model.ENTERED.wait, 30)

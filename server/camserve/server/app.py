@@ -1,4 +1,5 @@
-"""Assembles and runs the server: gRPC, health, reflection, metrics, models, graceful shutdown.
+"""Assembles and runs the server: gRPC, the HTTP API and page, health, reflection, metrics,
+models, graceful shutdown.
 
 `start_server(settings)` returns a running `CamServer` (tests bind port 0 and read `.port`);
 `main()` is the `camserve-server` command: it serves until SIGTERM or SIGINT, then turns health
@@ -33,7 +34,14 @@ from camserve.server.metrics import Metrics
 from camserve.server.pipeline import ExplainPipeline
 from camserve.server.registry import ModelRegistry
 from camserve.server.servicer import ExplainServicer
-from camserve.server.settings import METRICS_DISABLED, Settings, SettingsError, load_settings
+from camserve.server.settings import (
+    HTTP_DISABLED,
+    METRICS_DISABLED,
+    Settings,
+    SettingsError,
+    load_settings,
+)
+from camserve.server.web.server import HttpServer
 from camserve.v1 import explain_pb2, explain_pb2_grpc
 
 log = logging.getLogger("camserve.app")
@@ -142,8 +150,27 @@ class CamServer:
         )
         self.metrics_port: int | None = None
         self._metrics_server: WSGIServer | None = None
+        self.http: HttpServer | None = None
+        if settings.http_port != HTTP_DISABLED:
+            self.http = HttpServer(
+                settings,
+                self.servicer,
+                self.pipeline,
+                self._pool,
+                _token(settings),
+                self.serving,
+                self.metrics,
+            )
+        self.http_port: int | None = None
         self._stopped = asyncio.Event()
         self._health_updates: set[asyncio.Task[None]] = set()
+
+    def serving(self) -> tuple[bool, dict[str, bool]]:
+        """Whether the server serves (some model does), and each model: loaded, not failing,
+        and the server not shutting down. The HTTP API's health; gRPC's follows the same rule."""
+        running = not self._stopped.is_set()
+        models = {r.spec.name: running and r.ready and r.healthy for r in self.registry}
+        return any(models.values()), models
 
     async def _set_health(self, status: health_pb2.HealthCheckResponse.ServingStatus) -> None:
         for service in ("", SERVICE_NAME, *(model_health_name(r.spec.name) for r in self.registry)):
@@ -173,6 +200,8 @@ class CamServer:
         """Starts answering (health NOT_SERVING), loads every model, then turns SERVING."""
         await self._set_health(health_pb2.HealthCheckResponse.NOT_SERVING)
         await self.server.start()
+        if self.http is not None:
+            self.http_port = await self.http.start()
         if self.settings.metrics_port != METRICS_DISABLED:
             self._metrics_server = self.metrics.serve(
                 self.settings.host, self.settings.metrics_port
@@ -184,13 +213,19 @@ class CamServer:
             self.metrics.watch_cuda_memory()
         await self._set_health(health_pb2.HealthCheckResponse.SERVING)
         if self.settings.ready_file:
-            ready = {"port": self.port, "metrics_port": self.metrics_port, "pid": os.getpid()}
+            ready = {
+                "port": self.port,
+                "metrics_port": self.metrics_port,
+                "http_port": self.http_port,
+                "pid": os.getpid(),
+            }
             _write_atomically(Path(self.settings.ready_file), json.dumps(ready))
         log.info(
             "serving",
             extra={
                 "port": self.port,
                 "metrics_port": self.metrics_port,
+                "http_port": self.http_port,
                 "models": ",".join(r.spec.name for r in self.registry),
             },
         )
@@ -214,6 +249,8 @@ class CamServer:
         except TimeoutError:
             log.warning("grace period over with requests still running")
         await asyncio.sleep(min(DRAIN_SETTLE_S, max(0.0, deadline - time.monotonic())))
+        if self.http is not None and self.http_port is not None:
+            await self.http.stop()
         await self.server.stop(max(0.0, deadline - time.monotonic()))
         await self.registry.close_all()
         self._pool.shutdown(wait=True)

@@ -94,9 +94,10 @@ class ExplainServicer(pb_grpc.ExplainServiceServicer):
         """Waits until every started request has been answered."""
         await self._idle.wait()
 
-    async def _answer(self, request: pb.ExplainRequest, time_remaining: float | None) -> Answer:
+    async def answer(self, request: pb.ExplainRequest, time_remaining: float | None) -> Answer:
         """One request's response, serialised on a worker thread, counted so that shutdown can
-        wait for it."""
+        wait for it. The RPCs and the HTTP API (`camserve.server.web`) both answer through it,
+        so every front end validates, drains and refuses alike; raises a ServiceError."""
         if self._draining:
             raise Unavailable(
                 "server is shutting down and starts no new work; retry on another replica"
@@ -128,7 +129,7 @@ class ExplainServicer(pb_grpc.ExplainServiceServicer):
         self, request: pb.ExplainRequest, context: grpc.aio.ServicerContext
     ) -> Answer:
         try:
-            return await self._answer(request, context.time_remaining())
+            return await self.answer(request, context.time_remaining())
         except ServiceError as error:
             code = status_code(error)
             trailers = messages.retry_trailers(code.value[0], error.message, error.retry_after_s)
@@ -140,7 +141,7 @@ class ExplainServicer(pb_grpc.ExplainServiceServicer):
     ) -> AsyncIterator[Answer]:
 
         async def answer(request: pb.ExplainRequest) -> Answer:
-            return await self._answer(request, context.time_remaining())
+            return await self.answer(request, context.time_remaining())
 
         def fail(request: pb.ExplainRequest, exc: Exception) -> Answer:
             error = exc if isinstance(exc, ServiceError) else server_fault(exc)

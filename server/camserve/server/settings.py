@@ -20,6 +20,7 @@ BUILTIN_MODEL = "efficientnet-lite0"
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
 METRICS_DISABLED = -1
+HTTP_DISABLED = -1
 MIN_IMAGE_SIDE = 8  # pixels; smaller images are refused
 LOG_LEVELS = ("debug", "info", "warning", "error", "critical")
 # The input recipe of builtin, torchvision and factory sources; timm sources bring their own.
@@ -196,6 +197,11 @@ class Settings:
     host: str = "127.0.0.1"
     port: int = 50051
     metrics_port: int = 9090  # 0 = ephemeral, -1 = disabled
+    # The HTTP/JSON API and the web page (camserve.server.web); 0 = ephemeral, -1 = disabled.
+    http_port: int = 8080
+    # Origins (comma-separated, e.g. "https://a.example,https://b.example") whose pages may call
+    # the HTTP API from a browser; empty: CORS off, only the page served here may.
+    http_cors_origins: str = ""
     grace_period_s: float = 20.0
     max_message_mb: int = 64
     log_level: str = "info"
@@ -261,6 +267,23 @@ class Settings:
                 f"port and metrics_port are both {self.port}: the gRPC and metrics servers "
                 "cannot share a port; change one, or set metrics_port = -1"
             )
+        if not HTTP_DISABLED <= self.http_port <= 65535:
+            raise SettingsError(
+                f"http_port={self.http_port}: use 0..65535 (0 picks a free port) or -1 to "
+                "disable the HTTP API and web page"
+            )
+        for other in ("port", "metrics_port"):
+            if self.http_port > 0 and self.http_port == getattr(self, other):
+                raise SettingsError(
+                    f"http_port and {other} are both {self.http_port}: each server needs its "
+                    "own port; change one, or set http_port = -1"
+                )
+        for origin in self.cors_origins:
+            if origin != "*" and "://" not in origin:
+                raise SettingsError(
+                    f"http_cors_origins: {origin!r} is not an origin; write scheme://host[:port] "
+                    "such as https://dashboard.example, or * for any origin"
+                )
 
     def _check_model_fits_limits(self, model: ModelSettings) -> None:
         """Refuses a model no request could use as configured, with the keys to change."""
@@ -303,6 +326,11 @@ class Settings:
         return max(1, min(4, cores or 1))
 
     @property
+    def cors_origins(self) -> tuple[str, ...]:
+        """The origins of `http_cors_origins`, without blanks."""
+        return tuple(o.strip().rstrip("/") for o in self.http_cors_origins.split(",") if o.strip())
+
+    @property
     def max_message_bytes(self) -> int:
         return self.max_message_mb * 1024 * 1024
 
@@ -312,6 +340,8 @@ _ENV_KEYS: dict[str, type] = {
     "host": str,
     "port": int,
     "metrics_port": int,
+    "http_port": int,
+    "http_cors_origins": str,
     "grace_period_s": float,
     "max_message_mb": int,
     "log_level": str,
@@ -388,6 +418,9 @@ def _parser() -> argparse.ArgumentParser:
     parser.add_argument(
         "--metrics-port", type=int, help="Prometheus HTTP port; 0 picks one, -1 disables"
     )
+    parser.add_argument(
+        "--http-port", type=int, help="HTTP/JSON API and web page port; 0 picks one, -1 disables"
+    )
     parser.add_argument("--log-level", help="debug|info|warning|error")
     parser.add_argument("--grace-period", dest="grace_period_s", type=float, help="seconds")
     parser.add_argument("--ready-file", help="write the bound ports here as JSON once serving")
@@ -420,6 +453,7 @@ def load_settings(
         "host",
         "port",
         "metrics_port",
+        "http_port",
         "log_level",
         "grace_period_s",
         "ready_file",
