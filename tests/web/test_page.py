@@ -156,6 +156,28 @@ def test_the_cat_is_explained_on_the_page(page: Any, tmp_path: Path) -> None:
     print(f"screenshot: {shot}")
 
 
+def test_the_kernels_panel_draws_a_conv_layer(page: Any) -> None:
+    from selenium.webdriver.common.by import By
+    from selenium.webdriver.support.ui import Select
+
+    layers = Select(page.find_element(By.ID, "conv-layer"))
+    assert layers.options[0].get_attribute("value") == "stem.0"
+    layers.select_by_value("blocks.1._depthwise_conv")
+    page.find_element(By.ID, "show-kernels").click()
+    _wait(
+        page,
+        "const i = document.querySelector('#kernels-grid');return i.complete && i.naturalWidth > 0",
+    )
+    _idle(page)
+    assert not _error_text(page)
+    caption = page.find_element(By.ID, "kernels-caption").text
+    assert caption.startswith("blocks.1._depthwise_conv: page 1 of 1, filters 0 to 95")
+    size = page.execute_script(
+        "const i = document.querySelector('#kernels-grid');return [i.naturalWidth, i.naturalHeight]"
+    )
+    assert size == [1 + 10 * 31, 1 + 10 * 31]  # 96 depthwise filters, 10 x 10, 3x3 at 10 px
+
+
 def test_a_text_file_shows_the_servers_message(page: Any, tmp_path: Path) -> None:
     from selenium.webdriver.common.by import By
 

@@ -173,18 +173,23 @@ class ExplainServicer(pb_grpc.ExplainServiceServicer):
             await context.abort(grpc.StatusCode.NOT_FOUND, error.message)
             raise
 
+    async def kernels(self, request: pb.GetKernelsRequest) -> pb.GetKernelsResponse:
+        """A conv layer's weights and grid page (the GetKernels RPC, and HTTP's kernels
+        endpoint); raises a ServiceError when refused."""
+        try:
+            meta = self._pipeline.model(request.model)
+            query = kernel_query(request, meta, self._limits, self._max_message_bytes)
+            return messages.kernels_response(await self._pipeline.kernels(query))
+        except ServiceError:
+            raise
+        except Exception as exc:  # noqa: BLE001 - a bug must still get a precise status
+            raise server_fault(exc, request.model) from exc
+
     async def GetKernels(  # noqa: N802 - gRPC method name
         self, request: pb.GetKernelsRequest, context: grpc.aio.ServicerContext
     ) -> pb.GetKernelsResponse:
         try:
-            try:
-                meta = self._pipeline.model(request.model)
-                query = kernel_query(request, meta, self._limits, self._max_message_bytes)
-                return messages.kernels_response(await self._pipeline.kernels(query))
-            except ServiceError:
-                raise
-            except Exception as exc:  # noqa: BLE001 - a bug must still get a precise status
-                raise server_fault(exc, request.model) from exc
+            return await self.kernels(request)
         except ServiceError as error:
             await context.abort(status_code(error), error.message)
             raise  # unreachable: abort raises

@@ -275,3 +275,28 @@ def _enum_name(enum: EnumDescriptor, path: str, text: str) -> str:
             return value.name
     names = [v.name.removeprefix(prefix).lower() for v in enum.values[1:]]
     raise InvalidRequest(f"form field {path!r}={text!r}: use one of {', '.join(names)}")
+
+
+KERNEL_QUERY_EXTRA = ("format",)  # the answer's form (json or png), not a request field
+
+
+def kernels_request(model: str, query: Mapping[str, str]) -> pb.GetKernelsRequest:
+    """The GetKernelsRequest of a kernels URL: each query parameter is one of its fields."""
+    descriptor = cast("Descriptor", pb.GetKernelsRequest.DESCRIPTOR)
+    values: dict[str, object] = {"model": model}
+    for name, text in query.items():
+        if name in KERNEL_QUERY_EXTRA:
+            continue
+        field = descriptor.fields_by_name.get(name)
+        if field is None or name == "model":
+            allowed = [f.name for f in descriptor.fields if f.name != "model"]
+            raise InvalidRequest(
+                f"query parameter {name!r} is not one of {', '.join(allowed)} or format=json|png"
+            )
+        values[name] = _convert(field, name, text)
+    if query.get("format", "json") not in ("json", "png"):
+        raise InvalidRequest(f"format={query['format']!r}: use json (default) or png")
+    try:
+        return json_format.ParseDict(values, pb.GetKernelsRequest())
+    except json_format.ParseError as exc:
+        raise InvalidRequest(f"query parameters: {exc}") from None

@@ -112,10 +112,42 @@ def _explain_operation() -> dict[str, Any]:
     }
 
 
+def _kernels_operation() -> dict[str, Any]:
+    fields = cast("Descriptor", pb.GetKernelsRequest.DESCRIPTOR).fields
+    parameters = [
+        {"name": f.name, "in": "query", "schema": _scalar(f)} for f in fields if f.name != "model"
+    ]
+    parameters.append(
+        {
+            "name": "format",
+            "in": "query",
+            "description": "json (default): the GetKernelsResponse; png: the grid page itself",
+            "schema": {"type": "string", "enum": ["json", "png"]},
+        }
+    )
+    answers = _answers("GetKernelsResponse", "the layer's weights and one page of their grid")
+    answers["200"]["content"]["image/png"] = {"schema": {"type": "string", "format": "binary"}}
+    return {
+        "summary": "A conv layer's weights and their grid (GetKernels)",
+        "parameters": [_MODEL_PARAMETER, *parameters],
+        "responses": answers,
+    }
+
+
+def _scalar(field: FieldDescriptor) -> dict[str, Any]:
+    return {"type": "boolean"} if field.type == FieldDescriptor.TYPE_BOOL else {"type": "integer"}
+
+
 def document() -> dict[str, Any]:
     """The OpenAPI document served at /openapi.json."""
     schemas: dict[str, Any] = {}
-    for message in (pb.ExplainRequest, pb.ExplainResponse, pb.ListModelsResponse, pb.ModelInfo):
+    for message in (
+        pb.ExplainRequest,
+        pb.ExplainResponse,
+        pb.ListModelsResponse,
+        pb.ModelInfo,
+        pb.GetKernelsResponse,
+    ):
         _collect(cast("Descriptor", message.DESCRIPTOR), schemas)
     schemas["HttpError"] = ERROR_SCHEMA
     schemas["Health"] = {
@@ -137,6 +169,7 @@ def document() -> dict[str, Any]:
                     **_responses("ModelInfo"),
                 }
             },
+            "/v1/models/{model}/kernels": {"get": _kernels_operation()},
             "/v1/models/{model}:explain": {"post": _explain_operation()},
             "/v1/health": {"get": {"summary": "Serving status", **_responses("Health")}},
         },

@@ -83,6 +83,7 @@ class ApiRoutes:
         app.router.add_post("/v1/models/{model:[^/:]+}:explain", self.explain)
         app.router.add_get("/v1/models", self.list_models)
         app.router.add_get("/v1/models/{model:[^/:]+}", self.get_model)
+        app.router.add_get("/v1/models/{model:[^/:]+}/kernels", self.kernels)
         app.router.add_get("/v1/health", self.health)
 
     async def explain(self, request: web.Request) -> web.Response:
@@ -127,6 +128,19 @@ class ApiRoutes:
     async def get_model(self, request: web.Request) -> web.Response:
         status = self._pipeline.status(request.match_info["model"])
         return web.Response(body=to_json(messages.model_info(status)), content_type=JSON)
+
+    async def kernels(self, request: web.Request) -> web.Response:
+        """GetKernels over HTTP: query parameters as the request's fields; `format=png` answers
+        the grid page itself (for an <img>), else the GetKernelsResponse as JSON."""
+        query = request.query
+        as_png = query.get("format", "json") == "png"
+        message = forms.kernels_request(request.match_info["model"], query)
+        if as_png:
+            message.skip_weights = True
+        answer = await self._servicer.kernels(message)
+        if as_png:
+            return web.Response(body=answer.grid_png, content_type="image/png")
+        return web.Response(body=to_json(answer), content_type=JSON)
 
     async def health(self, request: web.Request) -> web.Response:
         serving, models = self._health()

@@ -3,6 +3,7 @@
 // only in the Authorization header, never in a URL.
 
 import { methodName, renderComparison, renderViews, SCORES } from "./views.js";
+import { download, tensorNpyBlob } from "./heatmaps.js";
 
 const $ = (id) => document.getElementById(id);
 const TOKEN_KEY = "camserve-token";
@@ -69,6 +70,11 @@ async function loadModel(name) {
   );
   $("layer").value = info.default_layer || "";
   $("labels").replaceChildren(...(info.labels || []).map((label) => option(label, label)));
+  const convs = info.conv_layers || [];
+  $("conv-layer").replaceChildren(
+    ...convs.map((conv) => option(conv.name, `${conv.name} (${conv.weight_shape.join("x")})`)),
+  );
+  $("kernels-choice").hidden = !convs.length;
   const methods = (info.methods || []).map(methodName);
   $("methods").replaceChildren(
     ...methods.map((method) => {
@@ -169,6 +175,22 @@ async function compare() {
   $("results").hidden = false;
 }
 
+// A conv layer's kernels: one page of the grid, and its weights for download.
+async function showKernels() {
+  const model = encodeURIComponent($("model").value);
+  const page = Math.max(0, Number($("kernel-page").value) - 1);
+  const query = new URLSearchParams({ layer: $("conv-layer").value, page: String(page) });
+  const answer = await api(`/v1/models/${model}/kernels?${query}`);
+  $("kernels-grid").src = `data:image/png;base64,${answer.grid_png}`;
+  const kind = answer.colour ? "colour filters" : "one grayscale tile per filter and input channel";
+  $("kernels-caption").textContent =
+    `${answer.layer}: page ${(answer.page || 0) + 1} of ${answer.pages}, filters ` +
+    `${answer.first_filter || 0} to ${answer.end_filter - 1}, ${kind}`;
+  const npy = $("kernels-npy");
+  npy.onclick = () => download(tensorNpyBlob(answer.weights), `${answer.layer}-kernels.npy`);
+  $("kernels").hidden = false;
+}
+
 function choose(file) {
   if (!file) return;
   chosenFile = file;
@@ -193,6 +215,7 @@ function wire() {
   $("model").addEventListener("change", () => busy(() => loadModel($("model").value)));
   $("request").addEventListener("submit", (event) => { event.preventDefault(); busy(explain); });
   $("compare").addEventListener("click", () => busy(compare));
+  $("show-kernels").addEventListener("click", () => busy(showKernels));
   $("opacity").addEventListener("input", () => refresh(display()));
   $("raw").addEventListener("change", () => refresh(display()));
   $("token-form").addEventListener("submit", (event) => {

@@ -92,15 +92,26 @@ export function drawOverlay(target, photo, coloured, opacity, raw) {
 
 // The map as a NumPy .npy file (format 1.0) of its dtype, ready to np.load.
 export function npyBlob(map) {
-  const descr = DTYPES[map.dtype].npy;
-  let header = `{'descr': '${descr}', 'fortran_order': False, 'shape': (${map.height}, ${map.width}), }`;
+  return npyOf(map.dtype, [map.height, map.width], map.bytes);
+}
+
+// Any tensor of the API (a conv layer's weights, say) as a .npy file, whatever its rank.
+export function tensorNpyBlob(tensor) {
+  const shape = (tensor.shape || []).map(Number);
+  return npyOf(tensor.dtype || "DTYPE_UNSPECIFIED", shape, base64Bytes(tensor.data));
+}
+
+function npyOf(dtype, shape, bytes) {
+  const descr = DTYPES[dtype].npy;
+  const dims = shape.length === 1 ? `${shape[0]},` : shape.join(", ");
+  let header = `{'descr': '${descr}', 'fortran_order': False, 'shape': (${dims}), }`;
   const unpadded = 10 + header.length + 1;
   header += " ".repeat((64 - (unpadded % 64)) % 64) + "\n";
   const preamble = new Uint8Array(10);
   preamble.set([0x93, 0x4e, 0x55, 0x4d, 0x50, 0x59, 1, 0]); // \x93NUMPY v1.0
   preamble[8] = header.length & 0xff;
   preamble[9] = header.length >> 8;
-  return new Blob([preamble, new TextEncoder().encode(header), map.bytes], {
+  return new Blob([preamble, new TextEncoder().encode(header), bytes], {
     type: "application/octet-stream",
   });
 }
