@@ -9,12 +9,12 @@ import pytest
 import torch
 from torch import nn
 
-from camserve.server.engine import METHODS, CamEngine, RowRequest, RowResult
+from camserve.server.engine import PASS_METHODS, CamEngine, RowRequest, RowResult
 
 MIXED_ROWS = [
     RowRequest("layer4", ("gradcam",), classes=(1,)),
     RowRequest("layer3", ("gradcampp", "hirescam"), top_k=3),
-    RowRequest("layer4.0", METHODS, classes=(7, 2)),
+    RowRequest("layer4.0", PASS_METHODS, classes=(7, 2)),
     RowRequest("layer4", ("layercam", "xgradcam")),
 ]
 
@@ -120,14 +120,17 @@ def test_falls_back_to_one_backward_per_class_when_vmap_fails(
 ) -> None:
     engine = CamEngine(_UnbatchableHead())
     batch = random_images(2, (16, 16), seed=1)
-    rows = [RowRequest("conv", METHODS, top_k=3), RowRequest("conv", METHODS, classes=(5, 0))]
+    rows = [
+        RowRequest("conv", PASS_METHODS, top_k=3),
+        RowRequest("conv", PASS_METHODS, classes=(5, 0)),
+    ]
     together = engine.explain_batch(batch, rows)
     for i, row in enumerate(together):
         for class_index in row.classes:
             alone = engine.explain_batch(
-                batch[i : i + 1], [RowRequest("conv", METHODS, (class_index,))]
+                batch[i : i + 1], [RowRequest("conv", PASS_METHODS, (class_index,))]
             )
-            for method in METHODS:
+            for method in PASS_METHODS:
                 torch.testing.assert_close(
                     row.maps[(method, class_index)], alone[0].maps[(method, class_index)]
                 )
@@ -141,11 +144,11 @@ def test_works_inside_the_callers_no_grad_or_inference_mode(
     resnet_engine: CamEngine, random_images: Callable[..., torch.Tensor], context: str
 ) -> None:
     batch = random_images(1, (128, 128), seed=6)
-    expected = resnet_engine.explain_batch(batch, [RowRequest("layer4", METHODS)])[0]
+    expected = resnet_engine.explain_batch(batch, [RowRequest("layer4", PASS_METHODS)])[0]
     manager = torch.no_grad() if context == "no_grad" else torch.inference_mode()
     with manager:
         inner = batch.clone()  # an inference tensor under inference_mode
-        got = resnet_engine.explain_batch(inner, [RowRequest("layer4", METHODS)])[0]
+        got = resnet_engine.explain_batch(inner, [RowRequest("layer4", PASS_METHODS)])[0]
     assert_same_row(got, expected)
 
 

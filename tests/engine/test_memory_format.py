@@ -8,7 +8,7 @@ import pytest
 import torch
 from torch import nn
 
-from camserve.server.engine import METHODS, CamEngine, RowRequest
+from camserve.server.engine import PASS_METHODS, CamEngine, RowRequest
 
 
 class _ViewsFeatureMaps(nn.Module):
@@ -40,7 +40,7 @@ def test_cpu_default_is_channels_last_with_equal_maps(
     assert fast.channels_last
     assert not plain.channels_last
     batch = random_images(2, (128, 128), seed=9)
-    rows = [RowRequest("layer3", METHODS, top_k=2), RowRequest("layer4", METHODS)]
+    rows = [RowRequest("layer3", PASS_METHODS, top_k=2), RowRequest("layer4", PASS_METHODS)]
     for a, b in zip(fast.explain_batch(batch, rows), plain.explain_batch(batch, rows), strict=True):
         assert a.classes == b.classes
         for key, cam in b.maps.items():

@@ -22,7 +22,6 @@ import torch
 
 from camserve.server.batcher import Reservation
 from camserve.server.engine import (
-    GRADIENT_FREE_METHODS,
     FollowUp,
     MapScores,
     RowResult,
@@ -31,6 +30,7 @@ from camserve.server.engine import (
 )
 from camserve.server.engine.costs import explain_rows
 from camserve.server.engine.gradient_free import follow_ups, merge, pieces
+from camserve.server.engine.registry import needing_rows
 from camserve.server.engine.scoring import ScorePlan
 from camserve.server.runtime import ModelRuntime
 from camserve.server.validation import ExplainPlan
@@ -53,8 +53,10 @@ def request_cost(
     rows, gradient-free pieces (AblationCAM's at the tail's share) and score rows."""
     copies = explain_rows(plan.aug_smooth)
     pieces_cost = sum(tail_cost(size, tail_fraction) for size in _chunk_sizes(channels, chunk))
-    follow_up = {"ablationcam": pieces_cost, "scorecam": channels}  # per explained copy
-    per_image = copies * (1 + sum(follow_up.get(method, 0) for method in plan.methods))
+    per_copy = sum(  # rows after the layer cost the tail's share, rows of the model one each
+        pieces_cost if entry.runs_tail else channels for entry in needing_rows(plan.methods)
+    )
+    per_image = copies * (1 + per_copy)
     total = per_image * len(plan.targets)
     maps = sum((len(t.classes) or t.top_k) * len(plan.methods) for t in plan.targets)
     if plan.scores:
@@ -69,11 +71,9 @@ def gradient_free_jobs(
     work: Work = []
     jobs: list[ForwardJob] = []
     for index, result in enumerate(results):
-        for method in plan.methods:
-            if method not in GRADIENT_FREE_METHODS:
-                continue
-            group = follow_ups(result, method, eigen_smooth=plan.eigen_smooth)
-            work.append((index, method, group))
+        for entry in needing_rows(plan.methods):
+            group = follow_ups(result, entry.name, eigen_smooth=plan.eigen_smooth)
+            work.append((index, entry.name, group))
             for piece in (p for follow_up in group for p in pieces(follow_up, chunk)):
                 jobs.append(_piece_job(piece.follow_up, piece.start, piece.stop, tail_fraction))
     return work, jobs
@@ -82,9 +82,9 @@ def gradient_free_jobs(
 def _piece_job(follow_up: FollowUp, start: int, stop: int, tail_fraction: float) -> ForwardJob:
     rows = stop - start
     image = follow_up.retained.image
-    ablation = follow_up.method == "ablationcam"
+    ablation = follow_up.entry.runs_tail
     return ForwardJob(
-        # ScoreCAM's masked images are model inputs like any other forward rows of that size.
+        # Rows of the whole model are model inputs like any other forward rows of that size.
         key=follow_up.key if ablation else ("inputs", tuple(image.shape[-2:])),
         rows=rows,
         cost=tail_cost(rows, tail_fraction) if ablation else rows,

@@ -25,13 +25,13 @@ from camserve.server import batcher, followups
 from camserve.server.batcher import Reservation
 from camserve.server.device_jpeg import is_jpeg, prepare_jpegs
 from camserve.server.engine import (
-    GRADIENT_FREE_METHODS,
     EngineError,
     MapScores,
     RowRequest,
     RowResult,
 )
 from camserve.server.engine.costs import explain_rows
+from camserve.server.engine.registry import needing_rows, pass_methods
 from camserve.server.engine.shaping import output_bytes
 from camserve.server.errors import (
     DeadlineExceeded,
@@ -130,8 +130,8 @@ def service_error(exc: BaseException, model: str) -> ServiceError:
         return exc
     if isinstance(exc, batcher.QueueFull) and exc.never:
         return Overloaded(
-            f"this request costs {exc.wanted} forward passes of model {model!r} (each channel "
-            "of the layer is a row for AblationCAM and ScoreCAM, each step of a curve a row), "
+            f"this request costs {exc.wanted} forward passes of model {model!r} (a row per "
+            "channel of the layer for methods that score channels, a row per step of a curve), "
             f"more than its whole queue of {exc.capacity}; it can never be admitted as it is. "
             "Explain fewer images or classes per request, choose a layer with fewer channels, a "
             "single-pass method or fewer score steps, or raise the model's max_queue",
@@ -165,12 +165,12 @@ def service_error(exc: BaseException, model: str) -> ServiceError:
 
 
 def _gradient_free(plan: ExplainPlan) -> bool:
-    return any(method in GRADIENT_FREE_METHODS for method in plan.methods)
+    return bool(needing_rows(plan.methods))
 
 
 async def _tail_fraction(runtime: ModelRuntime, plan: ExplainPlan) -> float:
-    """What an AblationCAM row costs; only AblationCAM runs the tail, so only it measures one."""
-    if "ablationcam" not in plan.methods:
+    """What a row after the layer costs; only methods running the tail measure one."""
+    if not any(entry.runs_tail for entry in needing_rows(plan.methods)):
         return 1.0
     return await runtime.tail_fraction(plan.layer)
 
@@ -374,7 +374,7 @@ class ExplainPipeline:
                 pixels=item.pixels,
                 row=RowRequest(
                     layer=plan.layer,
-                    methods=tuple(m for m in plan.methods if m not in GRADIENT_FREE_METHODS),
+                    methods=pass_methods(plan.methods),
                     classes=target.classes,
                     top_k=target.top_k,
                     eigen_smooth=plan.eigen_smooth,

@@ -25,7 +25,8 @@ import torch
 
 from camserve.server.batcher import BatchInfo, DynamicBatcher, Reservation
 from camserve.server.engine import (
-    METHODS,
+    BY_NAME,
+    PASS_METHODS,
     CamEngine,
     EngineError,
     RowRequest,
@@ -39,7 +40,7 @@ from camserve.server.models.loading import (
     input_recipe,
     layout_hints,
 )
-from camserve.server.records import InputRecipe, MethodCostInfo, ModelMeta
+from camserve.server.records import InputRecipe, MethodInfo, ModelMeta
 from camserve.server.settings import ModelSettings
 from camserve.server.staging import InputStager
 from camserve.server.work import ForwardJob, ImageJob, WorkItem, item_cost, run_forward
@@ -122,7 +123,7 @@ class ModelRuntime:
         meta = _read_meta(spec, engine, str(device), recipe)
         if warmup:
             batch = spec.max_batch_size if device.type == "cuda" else 1
-            rows = [RowRequest(layer=meta.default_layer, methods=METHODS)] * batch
+            rows = [RowRequest(layer=meta.default_layer, methods=PASS_METHODS)] * batch
             size = meta.recipe.crop
             engine.explain_batch(torch.zeros(batch, 3, size, size), rows)
         self._stager = InputStager(device, recipe.mean, recipe.std)
@@ -303,8 +304,9 @@ def _read_meta(
         default_layer=default_layer,
         layers=layers,
         recipe=recipe,
-        method_costs=tuple(
-            MethodCostInfo(method, cost.rows, cost.forward_passes) for method, cost in costs.items()
+        methods=tuple(
+            MethodInfo(method, cost.rows, cost.forward_passes, BY_NAME[method].layouts)
+            for method, cost in costs.items()
         ),
         max_batch_size=spec.max_batch_size,
     )

@@ -15,7 +15,7 @@ from camserve.server.errors import InvalidRequest
 from camserve.server.records import ArrayImage, EncodedImage, ImageSource, ModelMeta
 from camserve.server.settings import LimitsSettings
 from camserve.v1 import explain_pb2 as pb
-from camserve.v1.methods import METHOD_BY_NAME, NAME_BY_METHOD
+from camserve.v1.methods import DEFAULT_METHOD, METHOD_BY_NAME, NAME_BY_METHOD
 from camserve.v1.scores import (
     CURVE_SCORES,
     DEFAULT_SCORE_STEPS,
@@ -100,11 +100,34 @@ def _distinct(
     return tuple(names)
 
 
-def _methods(request: pb.ExplainRequest) -> tuple[str, ...]:
+def _methods(request: pb.ExplainRequest, meta: ModelMeta) -> tuple[str, ...]:
     methods = _distinct(
         request.methods, "methods", "method", NAME_BY_METHOD, METHOD_BY_NAME, pb.Method.Name
     )
-    return methods or ("gradcam",)
+    for name in methods:
+        if name not in meta.method_info:
+            raise RequestError(
+                f"methods: model {meta.name!r} does not offer {name}; it offers "
+                f"{', '.join(meta.method_info)} (listed by GetModel)"
+            )
+    return methods or (DEFAULT_METHOD,)
+
+
+def _check_layer_fits(methods: tuple[str, ...], layer: str, meta: ModelMeta) -> None:
+    """Refuses a method that cannot explain the layer's layout, naming layers it can."""
+    layout = next(spec.layout for spec in meta.layers if spec.name == layer)
+    for name in methods:
+        accepted = meta.method_info[name].layouts
+        if layout in accepted:
+            continue
+        fitting = meta.layers_for(name)
+        shown = ", ".join(fitting[-8:]) if fitting else "none in this model"
+        raise RequestError(
+            f"methods: {name} cannot explain layer {layer!r} of model {meta.name!r}, whose "
+            f"output is laid out {layout}; it takes {'/'.join(sorted(accepted))} layers. Choose "
+            f"another method, or a layer it works at: {shown}"
+            + (f" ({len(fitting)} in all, listed by GetModel)" if len(fitting) > 8 else "")
+        )
 
 
 def _output(options: pb.OutputOptions, limits: LimitsSettings) -> OutputPlan:
@@ -312,7 +335,8 @@ def validate(request: pb.ExplainRequest, meta: ModelMeta, limits: LimitsSettings
     for i, image in enumerate(request.images):
         if image.WhichOneof("source") is None:
             raise RequestError(f"images[{i}]: set `encoded` (file bytes) or `tensor`")
-    methods = _methods(request)
+    methods = _methods(request, meta)
+    _check_layer_fits(methods, layer, meta)
     output = _output(request.output, limits)
     scores = _scores(request.output, meta, limits)
     _check_smoothing(request)

@@ -64,7 +64,8 @@ from camserve.server.engine.layers import (
     unusable_layer,
 )
 from camserve.server.engine.layouts import NCHW, Layout, LayoutHints, declared_hints
-from camserve.server.engine.methods import PendingMaps, finish, start, uses_gradients
+from camserve.server.engine.methods import PendingMaps, finish, start
+from camserve.server.engine.registry import BY_NAME, NAMES
 from camserve.server.engine.rows import (
     ClassPlan,
     check_activations,
@@ -80,7 +81,6 @@ from camserve.server.engine.rows import (
 from camserve.server.engine.tail import Tail, Tails
 from camserve.server.engine.tracing import MODEL_CALLS
 from camserve.server.engine.types import (
-    ALL_METHODS,
     EngineError,
     LayerError,
     LayerSpec,
@@ -330,7 +330,7 @@ class CamEngine:
             method: method_cost(
                 method, channels=channels, tail_fraction=fraction, aug_smooth=aug_smooth
             )
-            for method in ALL_METHODS
+            for method in NAMES
         }
 
     # -------------------------------------------------------------------------------- internals
@@ -374,7 +374,7 @@ class CamEngine:
         scores = logits.detach().float()
         classes = pick_classes(plan, scores)
         gradients: list[torch.Tensor | None] = [None] * len(layer_names)
-        if any(uses_gradients(method) for row in rows for method in row.methods):
+        if any(BY_NAME[method].needs_gradients for row in rows for method in row.methods):
             one_hot = self._grad_outputs(logits, classes, plan)
             gradients = self._gradients(logits, activations, one_hot)
             for name, gradient in zip(layer_names, gradients, strict=True):
@@ -392,11 +392,13 @@ class CamEngine:
             ]
             for position, group in enumerate(groups):
                 a, g = maps_in[layer_names.index(group.layer)]
-                g = g if uses_gradients(group.method) else None
+                entry = BY_NAME[group.method]
+                g = g if entry.needs_gradients else None
                 if position in picked:
                     a = a[picked[position]]
                     g = None if g is None else g[:, picked[position]]
-                pending.append(start(group.method, a, g, eigen_smooth=group.eigen_smooth))
+                assert entry.kernel is not None, "check_row admits only methods made by the pass"
+                pending.append(start(entry.kernel, a, g, eigen_smooth=group.eigen_smooth))
 
         host_scores, host_classes, *host_maps = transfer.to_host(
             [scores, classes, *(p.tensor for p in pending)]
@@ -460,7 +462,7 @@ class CamEngine:
                     image=inputs[position],
                     activation=activation,
                     logits=scores[i],
-                    feeds_tail=layout.kind == NCHW,
+                    layout=layout.kind,
                 ),
             )
         return kept

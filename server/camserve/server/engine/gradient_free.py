@@ -30,13 +30,10 @@ from typing import TYPE_CHECKING
 
 import torch
 
-from camserve.server.engine.ablation import ablated_rows, ablation_cam
 from camserve.server.engine.augment import smooth_maps
-from camserve.server.engine.scorecam import masked_inputs, score_cam
+from camserve.server.engine.registry import NAMES, ROW_METHODS, ChannelRows, Method
+from camserve.server.engine.registry import method as registered
 from camserve.server.engine.types import (
-    ALL_METHODS,
-    GRADIENT_FREE_METHODS,
-    METHODS,
     EngineError,
     LayerError,
     Retained,
@@ -62,17 +59,19 @@ class FollowUp:
     scores: torch.Tensor = field(init=False, repr=False)  # (K, C) logits; NaN until scored
 
     def __post_init__(self) -> None:
-        if self.method not in GRADIENT_FREE_METHODS:
+        entry = registered(self.method)
+        if entry.rows is None:
             raise EngineError(
-                f"method {self.method!r} is not gradient-free; use one of {GRADIENT_FREE_METHODS}"
+                f"method {self.method!r} is made by the explain pass, not by rows after it; "
+                f"use one of {ROW_METHODS}"
             )
-        if self.method == "ablationcam" and not self.retained.feeds_tail:
+        if not entry.accepts(self.retained.layout):
             raise LayerError(
-                f"ablationcam runs the layers after {self.layer!r} on ablated copies of its "
-                "output, which needs a layer with NCHW feature maps; this one is a transformer's "
-                "token or channels-last layer: use scorecam or a gradient method there, or "
-                "choose an NCHW layer"
+                f"{self.method} cannot explain layer {self.layer!r}, whose output is laid out "
+                f"{self.retained.layout!r}; it takes layers laid out {sorted(entry.layouts)}"
             )
+        self.entry: Method = entry
+        self.work: ChannelRows = entry.rows
         self.scores = torch.full((len(self.classes), self.channels), math.nan)
 
     @property
@@ -82,9 +81,10 @@ class FollowUp:
     @property
     def key(self) -> tuple[object, ...]:
         """Pieces with equal keys can share one model call: same method and input size and,
-        for the tail, same layer (ScoreCAM rows are plain inputs, whatever the layer)."""
+        for the tail, same layer (rows of the whole model are plain inputs, whatever the
+        layer)."""
         size = tuple(self.retained.image.shape[-2:])
-        if self.method == "ablationcam":
+        if self.entry.runs_tail:
             return (self.method, size, self.layer)
         return (self.method, size)
 
@@ -94,9 +94,7 @@ class FollowUp:
 
     def rows(self, start: int, stop: int) -> torch.Tensor:
         """The model rows for channels [start, stop), on the engine's device."""
-        if self.method == "ablationcam":
-            return ablated_rows(self.retained.activation, start, stop)
-        return masked_inputs(self.retained.image, self.retained.activation, start, stop)
+        return self.work.build(self.retained.image, self.retained.activation, start, stop)
 
     def record(self, start: int, stop: int, logits: torch.Tensor) -> None:
         """Keeps the explained classes' logits (stop - start, num_classes) of those rows."""
@@ -110,12 +108,9 @@ class FollowUp:
         if not self.done:
             missing = int(torch.isnan(self.scores).any(dim=0).sum())
             raise EngineError(f"{self.method}: {missing} channels are not scored yet; run them")
+        original = self.retained.logits[list(self.classes)]
         activation = self.retained.activation
-        if self.method == "ablationcam":
-            original = self.retained.logits[list(self.classes)]
-            maps = ablation_cam(activation, original, self.scores, eigen_smooth=self.eigen_smooth)
-        else:
-            maps = score_cam(activation, self.scores, eigen_smooth=self.eigen_smooth)
+        maps = self.work.maps(activation, original, self.scores, self.eigen_smooth)
         return maps.float().cpu()
 
 
@@ -195,7 +190,7 @@ def run_pieces(engine: CamEngine, batch: Sequence[Piece]) -> None:
         raise EngineError(f"a batch of pieces must share one key, got {sorted(map(str, keys))}")
     rows = torch.cat([piece.follow_up.rows(piece.start, piece.stop) for piece in batch])
     first = batch[0].follow_up
-    if first.method == "ablationcam":
+    if first.entry.runs_tail:
         images, image_index = distinct_images(
             [(piece.follow_up.retained.image, piece.rows) for piece in batch]
         )
@@ -230,15 +225,15 @@ def merge(
 
 def _split_methods(index: int, row: RowRequest) -> tuple[tuple[str, ...], tuple[str, ...]]:
     methods = tuple(row.methods)
-    for method in methods:
-        if method not in ALL_METHODS:
+    for name in methods:
+        if name not in NAMES:
             raise EngineError(
-                f"rows[{index}].methods: unknown method {method!r}; choose from {ALL_METHODS}"
+                f"rows[{index}].methods: unknown method {name!r}; choose from {NAMES}"
             )
     if len(set(methods)) != len(methods):
         raise EngineError(f"rows[{index}].methods lists a method twice: {methods!r}")
-    single = tuple(m for m in methods if m in METHODS)
-    free = tuple(m for m in methods if m in GRADIENT_FREE_METHODS)
+    single = tuple(m for m in methods if registered(m).produces.from_pass)
+    free = tuple(m for m in methods if not registered(m).produces.from_pass)
     return single, free
 
 
@@ -263,8 +258,8 @@ def explain_all(
     input_hw = (int(batch.shape[-2]), int(batch.shape[-1]))
     work: list[tuple[int, str, list[FollowUp]]] = []
     for i, (row, (_, free)) in enumerate(zip(rows, split, strict=True)):
-        for method in free:
-            work.append((i, method, follow_ups(results[i], method, eigen_smooth=row.eigen_smooth)))
+        for name in free:
+            work.append((i, name, follow_ups(results[i], name, eigen_smooth=row.eigen_smooth)))
     every_piece = [piece for _, _, group in work for f in group for piece in pieces(f, chunk_rows)]
     for chunk in pack(every_piece, chunk_rows):
         run_pieces(engine, chunk)

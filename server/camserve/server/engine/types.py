@@ -1,4 +1,4 @@
-"""The engine's vocabulary: method names, requests, results and errors.
+"""The engine's vocabulary: requests, results and errors (methods: `registry`).
 
 No model logic lives here; results hold torch tensors, so importing this module imports torch.
 The protocol side reads the torch-free records of `camserve.server.records` instead.
@@ -10,21 +10,7 @@ from dataclasses import dataclass
 
 import torch
 
-# Methods computed from the explain pass itself (one forward, one backward for the whole batch).
-METHODS: tuple[str, ...] = (
-    "gradcam",
-    "gradcampp",
-    "xgradcam",
-    "hirescam",
-    "layercam",
-    "gradcamelementwise",
-    "eigencam",
-    "eigengradcam",
-)
-# Methods that need forward-only rows after the explain pass, one per channel of the layer
-# (`camserve.server.engine.gradient_free`); the explain pass hands them the layer's activations.
-GRADIENT_FREE_METHODS: tuple[str, ...] = ("ablationcam", "scorecam")
-ALL_METHODS: tuple[str, ...] = METHODS + GRADIENT_FREE_METHODS
+from camserve.v1.methods import DEFAULT_METHOD
 
 
 class EngineError(ValueError):
@@ -51,7 +37,7 @@ class RowRequest:
     """
 
     layer: str
-    methods: tuple[str, ...] = ("gradcam",)
+    methods: tuple[str, ...] = (DEFAULT_METHOD,)
     classes: tuple[int, ...] = ()
     top_k: int = 1
     eigen_smooth: bool = False
@@ -80,7 +66,7 @@ class Retained:
     activation: torch.Tensor  # (C, h, w) the target layer's output as a map, detached
     logits: torch.Tensor  # (num_classes,) float32 on the CPU, this copy's own logits
     augmentation: Augmentation | None = None
-    feeds_tail: bool = True  # False: the layer is NHWC or tokens, so the map is not its output
+    layout: str = "nchw"  # the layer's layout (`layouts`): only an NCHW map is its output too
 
 
 @dataclass(frozen=True)
