@@ -96,6 +96,22 @@ def test_ablated_rows_change_one_channel_each_and_keep_the_layout() -> None:
         ablated_rows(activation, 4, 9)
 
 
+def test_building_a_piece_never_reads_a_tensor_on_the_host(monkeypatch) -> None:
+    # Reading a device tensor's value on the host waits for the device: once per piece, before.
+    activation = torch.rand(6, 3, 4) - 0.5
+
+    def refuse(*args: object) -> None:
+        raise AssertionError("a tensor was read on the host")
+
+    with monkeypatch.context() as patched:
+        for name in ("item", "tolist", "__float__", "__int__", "__bool__"):
+            patched.setattr(torch.Tensor, name, refuse)
+        rows = ablated_rows(activation, 1, 4)
+    low = float(activation.min()) - ABLATION_OFFSET
+    for i, channel in enumerate(range(1, 4)):
+        assert bool((rows[i, channel] == torch.tensor(low)).all())
+
+
 def test_steps_for_a_runtime_and_their_errors(
     seeded_tiny: nn.Module,
     make_engine: Callable[..., CamEngine],
@@ -125,7 +141,10 @@ def test_steps_for_a_runtime_and_their_errors(
     assert all(f.done for f in work)
     assert work[0].maps().shape == (2, 8, 8)
     assert work[0].maps().device.type == "cpu"
-    with pytest.raises(EngineError, match="gradient-free and needs forward-only rows"):
+    with pytest.raises(
+        EngineError,
+        match="needs forward-only rows of the modules after the layer",
+    ):
         engine.explain_batch(batch[:1], [RowRequest("act", ("ablationcam",))])
 
 

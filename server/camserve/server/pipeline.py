@@ -128,14 +128,15 @@ def service_error(exc: BaseException, model: str) -> ServiceError:
     """The domain error for a failure met while computing a request of `model`."""
     if isinstance(exc, ServiceError):
         return exc
-    if isinstance(exc, batcher.QueueFull) and exc.never:
+    if isinstance(exc, batcher.QueueFull) and exc.oversized:
         return Overloaded(
             f"this request costs {exc.wanted} forward passes of model {model!r} (a row per "
             "channel of the layer for methods that score channels, a row per step of a curve), "
-            f"more than its whole queue of {exc.capacity}; it can never be admitted as it is. "
-            "Explain fewer images or classes per request, choose a layer with fewer channels, a "
-            "single-pass method or fewer score steps, or raise the model's max_queue",
-            retry_after_s=0.0,
+            f"more than its whole queue of {exc.capacity}: it is served in waves once the model "
+            f"is idle, and the queue holds {exc.depth} now. Retry after {exc.retry_after_s:.2f}s, "
+            "or explain fewer images or classes per request, choose a layer with fewer "
+            "channels, a single-pass method or fewer score steps",
+            retry_after_s=exc.retry_after_s,
         )
     if isinstance(exc, batcher.QueueFull):
         return Overloaded(

@@ -75,7 +75,7 @@ def check_row(index: int, row: RowRequest) -> None:
             )
         if not entry.produces.from_pass:
             raise EngineError(
-                f"{where}.methods: {method!r} needs {entry.produces.value} after the explain "
+                f"{where}.methods: {method!r} needs {entry.produces.value}, run after the explain "
                 "pass; ask explain for keep_activations=True and run it with "
                 "camserve.server.engine.gradient_free (explain_all does both)"
             )

@@ -143,8 +143,13 @@ def recorded_output(module: nn.Module) -> Iterator[list[torch.Tensor]]:
 
 
 def count_flops(fn: Callable[[], object]) -> int:
-    """The matmul and convolution FLOPs `fn` runs (torch's own counter)."""
-    with FlopCounterMode(display=False) as counter:
+    """The matmul and convolution FLOPs `fn` runs (torch's own counter).
+
+    The counter installs module hooks for the whole process while it runs, so it counts alone,
+    like a trace (`tracing.MODEL_CALLS`): another thread's model call would otherwise be counted
+    here, or run with the counter's hooks.
+    """
+    with MODEL_CALLS.tracing(), FlopCounterMode(display=False) as counter:
         fn()
     return int(counter.get_total_flops())
 
