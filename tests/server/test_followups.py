@@ -9,6 +9,7 @@ sent while a ScoreCAM request runs is answered within a few batch times, not aft
 from __future__ import annotations
 
 import asyncio
+import io
 import time
 from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
@@ -241,3 +242,28 @@ def test_a_stream_mixing_requests_with_and_without_scores_returns_each_its_own(
                         expected.confidence_change, abs=1e-5
                     )
                     assert heatmap.deletion_auc == pytest.approx(expected.deletion_auc, abs=1e-5)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_scores_of_a_request_mixing_device_decoded_jpegs_and_pngs_on_cuda(
+    resnet18_weights: Path,
+) -> None:
+    from PIL import Image
+
+    from tests._support.servers import CAT_BYTES, png_bytes
+
+    cat = np.asarray(Image.open(io.BytesIO(CAT_BYTES)).convert("RGB"))
+    spec = small_resnet(resnet18_weights, device="cuda")
+    running = ServerThread(Settings(port=0, metrics_port=-1, models=(spec,)))
+    try:
+        request = pb.ExplainRequest(
+            model="resnet18",
+            images=[pb.Image(encoded=CAT_BYTES), pb.Image(encoded=png_bytes(cat))],
+            output=pb.OutputOptions(scores=[pb.SCORE_CONFIDENCE_CHANGE]),
+        )
+        with grpc.insecure_channel(running.address) as channel:
+            reply = pb_grpc.ExplainServiceStub(channel).Explain(request, timeout=60)
+    finally:
+        running.stop(grace=1.0)
+    assert [len(result.heatmaps) for result in reply.results] == [1, 1]
+    assert all(r.heatmaps[0].HasField("confidence_change") for r in reply.results)

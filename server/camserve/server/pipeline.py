@@ -235,7 +235,7 @@ class ExplainPipeline:
             )
             follow_up_started = time.monotonic()
             results, scores = await self._follow_up(
-                runtime, meta, plan, prepared, [c.result for c in computed], deadline, reservation
+                runtime, meta, plan, [c.result for c in computed], deadline, reservation
             )
             follow_up_s = time.monotonic() - follow_up_started
         times = StageTimes(
@@ -290,38 +290,37 @@ class ExplainPipeline:
         runtime: ModelRuntime,
         meta: ModelMeta,
         plan: ExplainPlan,
-        prepared: list[PreparedImage],
         results: list[RowResult],
         deadline: float | None,
         reservation: Reservation,
     ) -> tuple[list[RowResult], list[dict[tuple[str, int], MapScores]]]:
-        """Runs the request's forward-only work: gradient-free maps, then the scores of all
-        its maps. Every step that builds or reads tensors runs on the CPU pool."""
-        loop = asyncio.get_running_loop()
+        """Runs the request's forward-only work: the maps of methods made by rows after the
+        pass, then the scores of all its maps. Plans are built and finished on the model's
+        worker thread, where the tensors the explain pass left on the device live."""
         chunk = meta.max_batch_size
         no_scores: list[dict[tuple[str, int], MapScores]] = [{} for _ in results]
         try:
+            inputs = followups.staged_inputs(results) if plan.scores else []
             if _gradient_free(plan):
                 fraction = await _tail_fraction(runtime, plan)
-                work, jobs = followups.gradient_free_jobs(results, plan, chunk, fraction)
-                await followups.submit_in_waves(runtime, jobs, deadline, reservation, chunk)
                 input_hw = (meta.recipe.crop, meta.recipe.crop)
-                results = await loop.run_in_executor(
-                    self._pool, followups.merged, results, work, input_hw
+                channels = await runtime.on_worker(
+                    followups.channel_plan, results, plan, chunk, fraction, input_hw
                 )
+                await followups.submit_in_waves(
+                    runtime, channels.jobs(), deadline, reservation, chunk
+                )
+                results = await runtime.on_worker(channels.finish)
             if not plan.scores:
                 return results, no_scores
-            inputs = [item.tensor for item in prepared]
-            score_plan, keys, jobs = await loop.run_in_executor(
-                self._pool, followups.score_jobs, inputs, results, plan, chunk
+            scored, keys = await runtime.on_worker(
+                followups.score_plan, inputs, results, plan, chunk
             )
-            await followups.submit_in_waves(runtime, jobs, deadline, reservation, chunk)
-            scores = await loop.run_in_executor(
-                self._pool, followups.scores_by_image, score_plan, keys, len(results)
-            )
+            await followups.submit_in_waves(runtime, scored.jobs(), deadline, reservation, chunk)
+            scores = await runtime.on_worker(followups.scores_by_image, scored, keys, len(results))
         except Exception as exc:  # noqa: BLE001 - every failure leaves as a domain error
             raise service_error(exc, runtime.spec.name) from None
-        return results, scores
+        return [dataclasses.replace(r, retained=()) for r in results], scores
 
     async def _prepare(
         self,
@@ -380,7 +379,8 @@ class ExplainPipeline:
                     top_k=target.top_k,
                     eigen_smooth=plan.eigen_smooth,
                     aug_smooth=plan.aug_smooth,
-                    keep_activations=_gradient_free(plan),
+                    # Rows after the pass need the activations; scores, the staged input.
+                    keep_activations=_gradient_free(plan) or bool(plan.scores),
                 ),
             )
             for item, target in zip(prepared, plan.targets, strict=True)

@@ -15,11 +15,13 @@ again calls `on_health(True)`.
 from __future__ import annotations
 
 import asyncio
+import functools
 import logging
 import time
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
+from typing import TypeVar
 
 import torch
 
@@ -32,6 +34,7 @@ from camserve.server.engine import (
     RowRequest,
     RowResult,
 )
+from camserve.server.engine.jobs import ForwardJob, run_forward
 from camserve.server.metrics import Metrics
 from camserve.server.models.labels import load_labels
 from camserve.server.models.loading import (
@@ -43,9 +46,10 @@ from camserve.server.models.loading import (
 from camserve.server.records import InputRecipe, MethodInfo, ModelMeta
 from camserve.server.settings import ModelSettings
 from camserve.server.staging import InputStager
-from camserve.server.work import ForwardJob, ImageJob, WorkItem, item_cost, run_forward
+from camserve.server.work import ImageJob, WorkItem, item_cost
 
 log = logging.getLogger("camserve.runtime")
+T = TypeVar("T")
 FAILING_AFTER = 3  # whole batches failed in a row before the model reports NOT_SERVING
 # Per item: its engine result (None for a forward job, which records its own) and the seconds
 # its batch took, or its failure.
@@ -168,6 +172,12 @@ class ModelRuntime:
                 self._executor, self._engine.tail_fraction, layer, size
             )
         return self._tail_fractions[layer]
+
+    async def on_worker(self, fn: Callable[..., T], *args: object) -> T:
+        """`fn(*args)` run on the model's engine worker thread, between its batches: follow-up
+        plans are built and finished there, so the device tensors they hold stay on it."""
+        loop = asyncio.get_running_loop()
+        return await loop.run_in_executor(self._executor, functools.partial(fn, *args))
 
     async def submit(
         self, jobs: list[ImageJob], deadline: float | None, reservation: Reservation | None = None

@@ -37,7 +37,8 @@ forward-only rows planned by `ScorePlan`; definitions in `camserve.server.engine
 from camserve.server.engine.core import PRECISIONS, CamEngine
 from camserve.server.engine.costs import MethodCost, method_cost
 from camserve.server.engine.faithfulness import DEFAULT_STEPS, MAX_STEPS, SCORES
-from camserve.server.engine.gradient_free import FollowUp, Piece, explain_all
+from camserve.server.engine.gradient_free import ChannelPlan, FollowUp, explain_all
+from camserve.server.engine.jobs import FollowUpPlan, ForwardJob, run_forward, run_plan
 from camserve.server.engine.layouts import LayoutHints
 from camserve.server.engine.registry import (
     BY_NAME,
@@ -87,6 +88,7 @@ __all__ = [
     "SCORES",
     "Augmentation",
     "CamEngine",
+    "ChannelPlan",
     "Curve",
     "EngineError",
     "FollowUp",
@@ -97,13 +99,16 @@ __all__ = [
     "MapScores",
     "Method",
     "MethodCost",
-    "Piece",
+    "FollowUpPlan",
+    "ForwardJob",
     "Produces",
     "Retained",
     "RowRequest",
     "RowResult",
     "ScorePlan",
     "explain_all",
+    "run_forward",
+    "run_plan",
     "forward_rows",
     "method_cost",
     "normalise",
