@@ -16,6 +16,7 @@ from camserve.server.settings import LimitsSettings
 from camserve.server.validation import (
     RESPONSE_OVERHEAD,
     ExplainPlan,
+    RequestBudget,
     RequestError,
     check_response_size,
     validate,
@@ -26,7 +27,9 @@ from camserve.v1.methods import METHOD_BY_NAME
 LIMITS = LimitsSettings()
 
 
-METHOD_INFO = tuple(MethodInfo(m.name, 1, 1.0, m.layouts) for m in REGISTRY)
+METHOD_INFO = tuple(
+    MethodInfo(m.name, 1, 1.0, m.layouts, not m.produces.from_pass, m.runs_tail) for m in REGISTRY
+)
 
 
 def meta(crop: int = 32, layers: tuple[LayerSpec, ...] | None = None) -> ModelMeta:
@@ -220,3 +223,23 @@ def test_a_method_the_model_does_not_offer_is_refused() -> None:
     message = pb.ExplainRequest(images=[pb.Image(encoded=b"x")], methods=[pb.METHOD_LAYERCAM])
     with pytest.raises(RequestError, match="methods: model 'tiny' does not offer layercam"):
         validate(message, offered, LIMITS)
+
+
+def test_the_budget_is_counted_once_and_priced_by_admission() -> None:
+    from camserve.server.followups import request_cost
+
+    message = pb.ExplainRequest(
+        images=[pb.Image(encoded=b"x", target=pb.Target(top_k=2)), pb.Image(encoded=b"x")],
+        methods=[pb.METHOD_GRADCAM, pb.METHOD_ABLATIONCAM, pb.METHOD_SCORECAM],
+        output=pb.OutputOptions(scores=[pb.SCORE_CONFIDENCE_CHANGE]),
+    )
+    plan = plan_of(message)
+    assert plan.budget == RequestBudget((6, 3), channels=16, tail_methods=1, model_methods=1)
+    assert plan.budget.maps == 9
+    assert plan.budget.rows_per_copy == 1 + 16 + 16
+    # Per image: the explain row, AblationCAM's two jobs of 8 rows at a quarter of a pass
+    # each (2 + 2), ScoreCAM's 16 rows; then one confidence row per map.
+    assert request_cost(plan, tail_fraction=0.25, chunk=8) == 2 * (1 + 4 + 16) + 9
+    single = plan_of(pb.ExplainRequest(images=[pb.Image(encoded=b"x")]))
+    assert single.budget == RequestBudget((1,), channels=16)
+    assert not single.budget.rows_after_pass

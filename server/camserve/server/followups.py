@@ -25,24 +25,21 @@ from camserve.server.engine.augment import IDENTITY_INDEX
 from camserve.server.engine.costs import explain_rows
 from camserve.server.engine.gradient_free import ChannelPlan
 from camserve.server.engine.jobs import ForwardJob, chunk_sizes, tail_cost, waves
-from camserve.server.engine.registry import needing_rows
 from camserve.server.engine.scoring import ScorePlan
 from camserve.server.runtime import ModelRuntime
 from camserve.server.validation import ExplainPlan
 
 
-def request_cost(plan: ExplainPlan, channels: int, tail_fraction: float, chunk: int) -> int:
-    """The whole request's cost in forward passes, counted the way its plans' jobs will be:
-    explain rows, rows after the pass (those through the tail at its share) and score rows."""
-    copies = explain_rows(plan.aug_smooth)
-    tail_rows = sum(tail_cost(size, tail_fraction) for size in chunk_sizes(channels, chunk))
-    per_copy = sum(  # rows after the layer cost the tail's share, rows of the model one each
-        tail_rows if entry.runs_tail else channels for entry in needing_rows(plan.methods)
-    )
-    total = copies * (1 + per_copy) * len(plan.targets)
-    maps = sum((len(t.classes) or t.top_k) * len(plan.methods) for t in plan.targets)
+def request_cost(plan: ExplainPlan, tail_fraction: float, chunk: int) -> int:
+    """The whole request's cost in forward passes, priced from its budget the way its plans'
+    jobs will count it: explain rows, rows after the pass (those through the tail at its share,
+    per job of at most `chunk` rows) and score rows."""
+    budget = plan.budget
+    tail_jobs = sum(tail_cost(rows, tail_fraction) for rows in chunk_sizes(budget.channels, chunk))
+    per_copy = 1 + budget.tail_methods * tail_jobs + budget.model_methods * budget.channels
+    total = explain_rows(plan.aug_smooth) * per_copy * len(plan.targets)
     if plan.scores:
-        total += forward_rows(plan.scores, maps, plan.score_steps)
+        total += forward_rows(plan.scores, budget.maps, plan.score_steps)
     return total
 
 

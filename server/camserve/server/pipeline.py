@@ -17,6 +17,7 @@ import logging
 import time
 from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
 from typing import TypeVar
 
 import torch
@@ -31,7 +32,7 @@ from camserve.server.engine import (
     RowResult,
 )
 from camserve.server.engine.costs import explain_rows
-from camserve.server.engine.registry import needing_rows, pass_methods
+from camserve.server.engine.registry import pass_methods
 from camserve.server.engine.shaping import output_bytes
 from camserve.server.errors import (
     DeadlineExceeded,
@@ -106,13 +107,13 @@ def check_allocation(
     _, feature_h, feature_w = meta.layer_shapes[plan.layer]
     output = plan.output
     total = 0
-    for target, item in zip(plan.targets, prepared, strict=True):
+    for maps, item in zip(plan.budget.maps_per_image, prepared, strict=True):
         total += output_bytes(
             item.geometry,
             RESOLUTION_NAMES[output.resolution],
             output.size,
             dtype_name(output.dtype),
-            (len(target.classes) or target.top_k) * len(plan.methods),
+            maps,
             (feature_h, feature_w),
             overlay=output.overlay,
         )
@@ -166,14 +167,66 @@ def service_error(exc: BaseException, model: str) -> ServiceError:
 
 
 def _gradient_free(plan: ExplainPlan) -> bool:
-    return bool(needing_rows(plan.methods))
+    return plan.budget.rows_after_pass
 
 
 async def _tail_fraction(runtime: ModelRuntime, plan: ExplainPlan) -> float:
     """What a row after the layer costs; only methods running the tail measure one."""
-    if not any(entry.runs_tail for entry in needing_rows(plan.methods)):
+    if not plan.budget.tail_methods:
         return 1.0
     return await runtime.tail_fraction(plan.layer)
+
+
+@dataclass(frozen=True)
+class _Answer:
+    """A computed request's images, shaped and built into its answer on CPU threads."""
+
+    meta: ModelMeta
+    plan: ExplainPlan
+    prepared: list[PreparedImage]
+    results: list[RowResult]
+    scores: list[dict[tuple[str, int], MapScores]]
+    times: StageTimes
+    arrived: float
+    timed: StageClock
+
+    def shape(self, index: int) -> ImageExplanation:
+        return explain_image(
+            self.results[index],
+            self.prepared[index],
+            self.plan,
+            self.meta,
+            self.scores[index],
+            timed=self.timed,
+        )
+
+    def finish(
+        self, images: Sequence[ImageExplanation], batch_size: int, respond: Callable[..., R]
+    ) -> R:
+        outcome = ExplainOutcome(
+            model=self.meta.name,
+            model_version=self.meta.version,
+            images=tuple(images),
+            times=dataclasses.replace(self.times, total_s=time.monotonic() - self.arrived),
+            batch_size=batch_size,
+        )
+        with self.timed("respond"):
+            return respond(outcome)
+
+    async def send(
+        self, pool: ThreadPoolExecutor, batch_size: int, respond: Callable[[ExplainOutcome], R]
+    ) -> R:
+        """`respond(outcome)` on a worker thread: one hop for a one-image request."""
+        loop = asyncio.get_running_loop()
+        if len(self.prepared) == 1:
+            return await loop.run_in_executor(
+                pool, lambda: self.finish([self.shape(0)], batch_size, respond)
+            )
+        count = len(self.prepared)
+        shaped = await asyncio.gather(
+            *(loop.run_in_executor(pool, self.shape, index) for index in range(count))
+        )
+        return await loop.run_in_executor(pool, self.finish, shaped, batch_size, respond)
 
 
 class ExplainPipeline:
@@ -244,30 +297,9 @@ class ExplainPipeline:
             compute_s=max(c.compute_s for c in computed) + follow_up_s,
             total_s=0.0,  # set when the answer is built
         )
-
-        def shape(index: int) -> ImageExplanation:
-            return explain_image(
-                results[index], prepared[index], plan, meta, scores[index], timed=timed
-            )
-
-        def finish(images: Sequence[ImageExplanation]) -> R:
-            outcome = ExplainOutcome(
-                model=meta.name,
-                model_version=meta.version,
-                images=tuple(images),
-                times=dataclasses.replace(times, total_s=time.monotonic() - arrived),
-                batch_size=max(c.batch.size for c in computed),
-            )
-            with timed("respond"):
-                return respond(outcome)
-
-        loop = asyncio.get_running_loop()
-        if len(prepared) == 1:  # one hop to a worker thread for the whole answer
-            return await loop.run_in_executor(self._pool, lambda: finish([shape(0)]))
-        shaped = await asyncio.gather(
-            *(loop.run_in_executor(self._pool, shape, index) for index in range(len(prepared)))
-        )
-        return await loop.run_in_executor(self._pool, finish, shaped)
+        answer = _Answer(meta, plan, prepared, results, scores, times, arrived, timed)
+        batch_size = max(c.batch.size for c in computed)
+        return await answer.send(self._pool, batch_size, respond)
 
     async def _cost(self, runtime: ModelRuntime, meta: ModelMeta, plan: ExplainPlan) -> int:
         """The request's cost in forward passes: its images, plus the rows of gradient-free
@@ -278,12 +310,7 @@ class ExplainPipeline:
             fraction = await _tail_fraction(runtime, plan)
         except Exception as exc:  # noqa: BLE001 - e.g. a layer the tail cannot be measured at
             raise service_error(exc, meta.name) from None
-        return followups.request_cost(
-            plan,
-            channels=meta.layer_shapes[plan.layer][0],
-            tail_fraction=fraction,
-            chunk=meta.max_batch_size,
-        )
+        return followups.request_cost(plan, tail_fraction=fraction, chunk=meta.max_batch_size)
 
     async def _follow_up(
         self,

@@ -57,6 +57,8 @@ class MethodInfo:
     rows: int  # rows it puts through the model: the explain row plus forward-only rows
     forward_passes: float  # the same work in forward passes of the whole model
     layouts: frozenset[str]  # the layer layouts it accepts (`LayerSpec.layout`)
+    channel_rows: bool = False  # whether it adds a row per channel of the layer after the pass
+    through_tail: bool = False  # whether those rows run only the modules after the layer
 
 
 @dataclass(frozen=True)

@@ -315,7 +315,14 @@ def _read_meta(
         layers=layers,
         recipe=recipe,
         methods=tuple(
-            MethodInfo(method, cost.rows, cost.forward_passes, BY_NAME[method].layouts)
+            MethodInfo(
+                method,
+                cost.rows,
+                cost.forward_passes,
+                BY_NAME[method].layouts,
+                channel_rows=not BY_NAME[method].produces.from_pass,
+                through_tail=BY_NAME[method].runs_tail,
+            )
             for method, cost in costs.items()
         ),
         max_batch_size=spec.max_batch_size,
