@@ -10,6 +10,8 @@ it, and one transfer to the host.
   backward (`facts`) takes one backward per class; so does a batch whose batched backward fails.
 - Which maps a row gets is what its methods' registry entries produce; layers that are not NCHW
   maps are read through their `layouts.Layout` as (N, C, h, w) maps before the methods see them.
+- A row may ask for more than maps (`RowRequest.outputs`): each kind the pass can send back is
+  declared in `OUTPUTS`, as the row's tensor on the device, and joins the same transfer.
 
 One synchronisation per batch: the classes to explain are planned on the host
 (`rows.plan_classes`) and uploaded without waiting; top-k classes are picked on the device, the
@@ -19,6 +21,7 @@ one `transfer.to_host` moves them with the logits and the class indices.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
@@ -39,7 +42,14 @@ from camserve.server.engine.rows import (
     pick_classes,
     plan_classes,
 )
-from camserve.server.engine.types import LayerError, Retained, RowRequest, RowResult
+from camserve.server.engine.types import (
+    ACTIVATIONS,
+    EngineError,
+    LayerError,
+    Retained,
+    RowRequest,
+    RowResult,
+)
 
 Maps = dict[tuple[str, int], torch.Tensor]
 
@@ -65,6 +75,28 @@ class _Layer:
     gradients: torch.Tensor | None  # (K, N, C, h, w) float32, loss scale divided out
 
 
+def _activations(layer: _Layer, row: int) -> torch.Tensor:
+    """The row's target-layer output as a (C, h, w) float32 map."""
+    return layer.maps[row]
+
+
+# The outputs a row can ask for besides its maps: kind -> its tensor on the device, from the
+# row's target layer read as maps. A new kind (the gradient at the input) is one entry here.
+OUTPUTS: dict[str, Callable[[_Layer, int], torch.Tensor]] = {ACTIVATIONS: _activations}
+
+
+def check_outputs(rows: list[RowRequest]) -> None:
+    """Refuses an output kind the pass does not make, or one asked for twice."""
+    for index, row in enumerate(rows):
+        asked = tuple(row.outputs)
+        unknown = [kind for kind in asked if kind not in OUTPUTS]
+        if unknown or len(set(asked)) != len(asked) or isinstance(row.outputs, str):
+            raise EngineError(
+                f"rows[{index}].outputs must list distinct output kinds from {list(OUTPUTS)}, "
+                f"got {row.outputs!r}"
+            )
+
+
 class ExplainPass:
     """Runs the explain pass for one engine; the engine holds its lock around `run`."""
 
@@ -84,9 +116,18 @@ class ExplainPass:
         layers = self._read_layers(staged, logits, classes, captures, input_hw)
         with torch.no_grad():
             pending = [self._start(staged, i, layers) for i in range(len(staged.groups))]
-        host_scores, host_classes, *host_maps = transfer.to_host(
-            [scores, classes, *(p.tensor for p in pending)]
+            extras = [
+                (i, kind, OUTPUTS[kind](layers[row.layer], i))
+                for i, row in enumerate(staged.rows)
+                for kind in row.outputs
+            ]
+        host_scores, host_classes, *host = transfer.to_host(
+            [scores, classes, *(p.tensor for p in pending), *(t for _, _, t in extras)]
         )
+        host_maps, host_extras = host[: len(pending)], host[len(pending) :]
+        outputs: list[dict[str, torch.Tensor]] = [{} for _ in staged.rows]
+        for (i, kind, _), tensor in zip(extras, host_extras, strict=True):
+            outputs[i][kind] = tensor.clone()  # own memory, not a view of the buffer
         host_scores = host_scores.clone()  # not a view of the buffer: see `methods.finish`
         columns = host_classes.T.tolist()
         chosen = [tuple(columns[i][:count]) for i, count in enumerate(staged.plan.counts)]
@@ -101,12 +142,14 @@ class ExplainPass:
                 layer=row.layer,
                 maps=maps[i],
                 retained=retained[i],
+                outputs=outputs[i],
             )
             for i, row in enumerate(staged.rows)
         ]
 
     def _stage(self, expansion: augment.Expansion) -> _Staged:
         rows, batch_size = expansion.rows, int(expansion.images.shape[0])
+        check_outputs(rows)
         layers = list(dict.fromkeys(row.layer for row in rows))
         plan = plan_classes(rows, expansion.class_source)
         groups = map_groups(rows, layers)

@@ -6,11 +6,16 @@ The protocol side reads the torch-free records of `camserve.server.records` inst
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from collections.abc import Mapping
+from dataclasses import dataclass, field
 
 import torch
 
 from camserve.v1.methods import DEFAULT_METHOD
+
+# What a row may ask the explain pass to send back besides its maps (`RowRequest.outputs`); the
+# pass declares how it makes each (`explain_pass.OUTPUTS`).
+ACTIVATIONS = "activations"  # the target layer's output as a (C, h, w) map, float32
 
 
 class EngineError(ValueError):
@@ -33,7 +38,8 @@ class RowRequest:
     augmented copies of the image in the same pass and averages their maps (see
     `camserve.server.engine.augment`); the maps then come back at input resolution.
     `keep_activations` hands back what gradient-free methods need (`RowResult.retained`); such a
-    row may leave `methods` empty.
+    row may leave `methods` empty. `outputs` names what else the pass should send back for the
+    row, by kind (`ACTIVATIONS`), in `RowResult.outputs`.
     """
 
     layer: str
@@ -43,6 +49,7 @@ class RowRequest:
     eigen_smooth: bool = False
     aug_smooth: bool = False
     keep_activations: bool = False
+    outputs: tuple[str, ...] = ()
 
 
 @dataclass(frozen=True)
@@ -88,6 +95,9 @@ class RowResult:
     layer: str
     maps: dict[tuple[str, int], torch.Tensor]  # (method, class) -> (h, w)
     retained: tuple[Retained, ...] = ()
+    # What the row asked for besides its maps, by kind (`RowRequest.outputs`), on the CPU; with
+    # aug_smooth, the unaugmented copy's.
+    outputs: Mapping[str, torch.Tensor] = field(default_factory=dict)
 
 
 @dataclass(frozen=True)
