@@ -112,13 +112,15 @@ def test_ablationcam_at_a_token_layer_is_refused_before_any_trace(vit_server, mo
         Client(address=vit_server.address, timeout=120) as client,
         pytest.raises(InvalidArgument) as refused,
     ):
-        # Not the default layer: the model measured that one's tail when it loaded.
-        client.explain(CAT_JPEG, layer="blocks.5.norm1", methods=["gradcam", "ablationcam"])
+        client.explain(CAT_JPEG, methods=["gradcam", "ablationcam"])  # at the default layer
     message = str(refused.value)
     assert (
-        "methods: ablationcam cannot explain layer 'blocks.5.norm1' of model 'deit', whose "
+        f"methods: ablationcam cannot explain layer {DEFAULT_LAYER!r} of model 'deit', whose "
         "output is laid out tokens; it takes nchw layers"
     ) in message
     assert "a layer it works at: " in message
     assert "blocks.11.attn.k_norm (25 in all, listed by GetModel)" in message
-    assert traced == []  # refused in validation: no admission, no fx trace, no explain pass
+    # Refused in validation: no admission (which would trace the model to price the rows after
+    # the layer: the model did not at load, its default layer taking no such method), no fx
+    # trace, no explain pass.
+    assert traced == []

@@ -34,7 +34,7 @@ from camserve.server.engine.facts import ModelFacts, check_logits
 from camserve.server.engine.layers import probe_input
 from camserve.server.engine.layouts import LayoutHints, declared_hints
 from camserve.server.engine.placement import GRAD_SCALES, PRECISIONS, Placement
-from camserve.server.engine.registry import NAMES
+from camserve.server.engine.registry import NAMES, REGISTRY
 from camserve.server.engine.rows import (
     check_activations,
     check_batch,
@@ -218,11 +218,17 @@ class CamEngine:
     def method_costs(
         self, layer: str, input_size: tuple[int, int], *, aug_smooth: bool = False
     ) -> dict[str, MethodCost]:
-        """Every method's cost per image at `layer` (`camserve.server.engine.costs`)."""
+        """Every method's cost per image at `layer` (`camserve.server.engine.costs`).
+
+        The tail is measured (a trace and a FLOP count) only when a method that runs it can
+        explain the layer's layout; otherwise its rows are priced as whole forward passes.
+        """
         input_hw = _check_input_size(input_size)
         with self._lock, MODEL_CALLS.running():
-            channels = self._facts.spec(layer, input_hw).shape[0]
-        fraction = self.tail_fraction(layer, input_size)
+            spec = self._facts.spec(layer, input_hw)
+        runs_tail = any(m.runs_tail and m.accepts(spec.layout) for m in REGISTRY)
+        fraction = self.tail_fraction(layer, input_size) if runs_tail else 1.0
+        channels = spec.shape[0]
         return {
             method: method_cost(
                 method, channels=channels, tail_fraction=fraction, aug_smooth=aug_smooth
