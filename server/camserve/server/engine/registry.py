@@ -31,7 +31,6 @@ from camserve.server.engine.methods import CamMethod
 from camserve.server.engine.scorecam import masked_inputs, score_cam
 from camserve.server.engine.types import EngineError
 from camserve.v1 import explain_pb2 as pb
-from camserve.v1.methods import DEFAULT_METHOD
 
 
 class Produces(enum.Enum):
@@ -169,7 +168,6 @@ NAMES: tuple[str, ...] = tuple(BY_NAME)
 # The methods made by the explain pass itself, and those made by rows after it.
 PASS_METHODS: tuple[str, ...] = tuple(m.name for m in REGISTRY if m.produces.from_pass)
 ROW_METHODS: tuple[str, ...] = tuple(m.name for m in REGISTRY if not m.produces.from_pass)
-DEFAULT: Method = BY_NAME[DEFAULT_METHOD]
 
 
 def method(name: str) -> Method:
