@@ -29,14 +29,15 @@ def test_committed_stubs_match_a_fresh_generation(tmp_path: Path) -> None:
         assert fresh == committed, f"{name} is stale: run `make protos` and commit the result"
 
 
-def test_every_wire_method_has_a_name_and_the_engine_knows_it() -> None:
-    from camserve.server.engine import ALL_METHODS
+def test_every_wire_method_has_a_name_and_the_engine_registry_agrees() -> None:
+    from camserve.server.engine import REGISTRY
     from camserve.v1 import explain_pb2 as pb
     from camserve.v1.methods import METHOD_BY_NAME, NAME_BY_METHOD
 
     named = {value for value in pb.Method.values() if value != pb.METHOD_UNSPECIFIED}
     assert set(METHOD_BY_NAME.values()) == named
-    assert tuple(METHOD_BY_NAME) == ALL_METHODS
+    # The registry states each method's wire value; the protocol's table says the same, in order.
+    assert [(m.name, m.wire) for m in REGISTRY] == list(METHOD_BY_NAME.items())
     assert NAME_BY_METHOD[pb.METHOD_UNSPECIFIED] == "gradcam"
     assert all(NAME_BY_METHOD[value] == name for name, value in METHOD_BY_NAME.items())
 

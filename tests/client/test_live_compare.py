@@ -1,8 +1,9 @@
 """`camserve explain --score` and `camserve compare` against a real server hosting two copies of
 the tiny ten-class network: `tiny` with room for any request, and `tight`, whose queue of 20
 forward passes holds a scored Grad-CAM request (1 explain row + 1 masked row + 2 x 4 curve rows
-+ 1 baseline row = 11 at 5 steps) but never ScoreCAM's 16 extra rows, which the server therefore
-refuses with RESOURCE_EXHAUSTED."""
++ 1 baseline row = 11 at 5 steps), and whose `features.1` is declared channels-last, so
+AblationCAM (NCHW layers only) is refused there with INVALID_ARGUMENT while ScoreCAM's 8 rows
+there are served."""
 
 from __future__ import annotations
 
@@ -27,7 +28,10 @@ def server(test_settings) -> Iterator[ServerThread]:
     from camserve.server.settings import LimitsSettings
 
     settings = test_settings(
-        models=(tiny_model("tiny"), tiny_model("tight", max_queue=20)),
+        models=(
+            tiny_model("tiny"),
+            tiny_model("tight", max_queue=20, layer_layouts=(("features.1", "nhwc"),)),
+        ),
         metrics_port=-1,
         limits=LimitsSettings(max_images_per_request=4),
     )
@@ -130,8 +134,10 @@ def test_a_refused_method_is_reported_with_the_servers_message(server, tmp_path,
         str(CAT_JPEG),
         "--model",
         "tight",
+        "--layer",
+        "features.1",
         "--methods",
-        "gradcam,scorecam,ablationcam",
+        "gradcam,ablationcam,scorecam",
         "--score-steps",
         "5",
         "--out",
@@ -140,18 +146,18 @@ def test_a_refused_method_is_reported_with_the_servers_message(server, tmp_path,
     captured = capsys.readouterr()
     assert code == 0  # some methods succeeded
     rows = table_rows(captured.out)
-    assert list(rows) == ["gradcam", "scorecam", "ablationcam"]
-    assert rows["scorecam"].split()[1:3] == ["refused:", "RESOURCE_EXHAUSTED:"]
-    assert "tight" in rows["scorecam"]  # the server's message names the model
-    for method in ("gradcam", "ablationcam"):
+    assert list(rows) == ["gradcam", "ablationcam", "scorecam"]
+    assert rows["ablationcam"].split()[1:3] == ["refused:", "INVALID_ARGUMENT:"]
+    assert "tight" in rows["ablationcam"]  # the server's message names the model
+    for method in ("gradcam", "scorecam"):
         assert re.fullmatch(rf"{method}(\s+{NUMBER}){{3}}\s+\d+\.\d{{3}}", rows[method])
     best = [line for line in captured.out.splitlines() if line.startswith("best")]
     assert len(best) == 3
-    assert not any("scorecam" in line for line in best)
+    assert not any("ablationcam" in line for line in best)
     with Image.open(out_file) as panel:
         assert panel.size == compare.panel_size(images=1, methods=3, scores=3)
         pixels = np.asarray(panel.convert("RGB"))
-    left = compare.MARGIN + 2 * (compare.CELL + compare.MARGIN)  # ScoreCAM's cell: grey
+    left = compare.MARGIN + 2 * (compare.CELL + compare.MARGIN)  # AblationCAM's cell: grey
     box = pixels[compare.MARGIN : compare.MARGIN + compare.CELL, left : left + compare.CELL]
     assert (box == 211).all()  # PIL's "lightgrey"
 
@@ -159,7 +165,7 @@ def test_a_refused_method_is_reported_with_the_servers_message(server, tmp_path,
 @pytest.mark.parametrize(
     ("argv", "code_name"),
     [
-        (["--model", "tight", "--methods", "scorecam", "--score", "insertion"], "RESOURCE_"),
+        (["--model", "tight", "--layer", "features.1", "--methods", "ablationcam"], "INVALID_"),
         (["--model", "tiny", "--methods", "gradcam,eigencam", "--layer", "no.such"], "INVALID_"),
     ],
 )

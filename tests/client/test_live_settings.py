@@ -1,6 +1,6 @@
 """Client behaviour against a real server that needs its own settings: retries riding out a full
 queue, a bearer token, TLS, and NOT_SERVING health (the refusals themselves are tested in
-tests/server/test_admission.py).
+tests/reliability/test_deadlines.py).
 
 The model is the test suite's gated net (`tests._support.gated_model`): while its gate is
 closed a batch blocks inside the engine, so the queue fills exactly when the test says.

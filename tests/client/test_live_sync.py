@@ -186,3 +186,21 @@ def test_nothing_listening_is_unavailable_after_retries() -> None:
         assert down.value.message
         with pytest.raises(Unavailable):
             client.health()
+
+
+def test_scorecam_on_the_builtin_model_with_default_settings_is_served_when_idle(client) -> None:
+    info = client.model("efficientnet-lite0")
+    cost = info.cost("scorecam")
+    assert cost.forward_passes > 256  # more than the model's whole default queue
+    explanation = client.explain(
+        CAT_JPEG,
+        model="efficientnet-lite0",
+        methods="scorecam",
+        resolution="feature",
+        raw=True,
+        timeout=300,  # 1,321 forward passes on the CPU
+    )
+    heatmap = explanation.heatmap("scorecam")
+    assert heatmap.shape == (7, 7)
+    assert float(heatmap.max()) > 0
+    assert explanation.top.index in CAT_CLASSES

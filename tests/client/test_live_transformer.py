@@ -95,3 +95,32 @@ def test_token_layers_are_listed_and_explained(vit_server) -> None:
         message = str(refused.value)
         assert "'blocks.11': its patch tokens receive no gradient from the logits" in message
         assert f"{DEFAULT_LAYER!r} (the default)" in message
+
+
+def test_ablationcam_at_a_token_layer_is_refused_before_any_trace(vit_server, monkeypatch) -> None:
+    from camserve.server.engine import tail
+
+    traced: list[str] = []
+    split_after = tail.split_after
+
+    def recorded(model, layer):
+        traced.append(layer)
+        return split_after(model, layer)
+
+    monkeypatch.setattr(tail, "split_after", recorded)
+    with (
+        Client(address=vit_server.address, timeout=120) as client,
+        pytest.raises(InvalidArgument) as refused,
+    ):
+        client.explain(CAT_JPEG, methods=["gradcam", "ablationcam"])  # at the default layer
+    message = str(refused.value)
+    assert (
+        f"methods: ablationcam cannot explain layer {DEFAULT_LAYER!r} of model 'deit', whose "
+        "output is laid out tokens; it takes nchw layers"
+    ) in message
+    assert "a layer it works at: " in message
+    assert "blocks.11.attn.k_norm (25 in all, listed by GetModel)" in message
+    # Refused in validation: no admission (which would trace the model to price the rows after
+    # the layer: the model did not at load, its default layer taking no such method), no fx
+    # trace, no explain pass.
+    assert traced == []

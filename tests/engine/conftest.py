@@ -21,35 +21,9 @@ from threadpoolctl import threadpool_limits
 from torch import nn
 
 from camserve.server.engine import CamEngine
+from camserve.server.models.builtin import LITE_MEAN, LITE_STD, EfficientNetLite0
 
 EXAMPLES = Path(__file__).resolve().parents[2] / "examples"
-# EfficientNet-Lite was trained on pixels normalised as (x - 127) / 128.
-LITE_MEAN = 127.0 / 255.0
-LITE_STD = 128.0 / 255.0
-
-
-class EfficientNetLite0(nn.Module):
-    """The packaged EfficientNet-Lite0 regrouped so the head activation is its own module.
-
-    The original reuses one `_swish` module at the stem and the head, so it cannot be a target;
-    the model registry wraps it the same way.
-    """
-
-    def __init__(self, net: nn.Module) -> None:
-        super().__init__()
-        self.stem = nn.Sequential(net._conv_stem, net._bn0, nn.ReLU6())
-        self.blocks = net._blocks
-        self.head = nn.Sequential(net._conv_head, net._bn1, nn.ReLU6())
-        self.pool = net._avg_pooling
-        self.dropout = net._dropout
-        self.fc = net._fc
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        x = self.stem(x)
-        for block in self.blocks:
-            x = block(x)
-        x = torch.flatten(self.pool(self.head(x)), 1)
-        return self.fc(self.dropout(x))
 
 
 @pytest.fixture(scope="session")
@@ -66,7 +40,8 @@ def lite0_original() -> nn.Module:
 
 @pytest.fixture(scope="session")
 def lite0(lite0_original: nn.Module) -> nn.Module:
-    """The pretrained EfficientNet-Lite0, wrapped (shares the original's modules and weights)."""
+    """The pretrained EfficientNet-Lite0 in the wrapper the server ships (`models.builtin`),
+    sharing the original's modules and weights."""
     return EfficientNetLite0(lite0_original).eval()
 
 
@@ -286,7 +261,8 @@ def _load_rgb(name: str, size_hw: tuple[int, int]) -> torch.Tensor:
 
 def _side_by_side(left: str, right: str) -> torch.Tensor:
     pair = torch.cat([_load_rgb(left, (224, 224)), _load_rgb(right, (224, 224))], dim=2)
-    return ((pair - LITE_MEAN) / LITE_STD)[None]
+    mean, std = torch.tensor(LITE_MEAN)[:, None, None], torch.tensor(LITE_STD)[:, None, None]
+    return ((pair - mean) / std)[None]
 
 
 @pytest.fixture

@@ -10,7 +10,8 @@ from torch import nn
 
 from camserve.server.engine import CamEngine, EngineError, RowRequest, explain_all
 from camserve.server.engine.ablation import ABLATION_OFFSET, ablated_rows, ablation_value
-from camserve.server.engine.gradient_free import follow_ups, pack, pieces, run_pieces
+from camserve.server.engine.gradient_free import ChannelPlan, follow_ups
+from camserve.server.engine.jobs import run_forward, waves
 from tests._support.cams import (
     GRADIENT_FREE_REFERENCES,
     assert_maps_match_reference,
@@ -96,12 +97,28 @@ def test_ablated_rows_change_one_channel_each_and_keep_the_layout() -> None:
         ablated_rows(activation, 4, 9)
 
 
+def test_building_a_piece_never_reads_a_tensor_on_the_host(monkeypatch) -> None:
+    # Reading a device tensor's value on the host waits for the device: once per piece, before.
+    activation = torch.rand(6, 3, 4) - 0.5
+
+    def refuse(*args: object) -> None:
+        raise AssertionError("a tensor was read on the host")
+
+    with monkeypatch.context() as patched:
+        for name in ("item", "tolist", "__float__", "__int__", "__bool__"):
+            patched.setattr(torch.Tensor, name, refuse)
+        rows = ablated_rows(activation, 1, 4)
+    low = float(activation.min()) - ABLATION_OFFSET
+    for i, channel in enumerate(range(1, 4)):
+        assert bool((rows[i, channel] == torch.tensor(low)).all())
+
+
 def test_steps_for_a_runtime_and_their_errors(
     seeded_tiny: nn.Module,
     make_engine: Callable[..., CamEngine],
     random_images: Callable[..., torch.Tensor],
 ) -> None:
-    """The runtime's order: explain with keep_activations, follow-ups, pieces, run, maps."""
+    """The runtime's order: explain with keep_activations, a plan, its jobs, run, finish."""
     batch = random_images(2, (32, 32), seed=3)
     engine = make_engine(seeded_tiny)
     plain = engine.explain_batch(batch[:1], [RowRequest("act", ("gradcam",), classes=(1,))])
@@ -115,17 +132,30 @@ def test_steps_for_a_runtime_and_their_errors(
     assert retained.activation.shape == (24, 8, 8)
     assert retained.image.shape == (3, 32, 32)
     assert retained.activation.device == engine.device
-    work = [f for r in results for f in follow_ups(r, "ablationcam")]
+    work = follow_ups(results[0], "ablationcam")
     with pytest.raises(EngineError, match="24 channels are not scored yet"):
         work[0].maps()
-    batches = pack([p for f in work for p in pieces(f, 16)], max_rows=20)
-    assert [sum(p.rows for p in b) for b in batches] == [16, 8, 16, 8]
-    for chunk in batches:
-        run_pieces(engine, chunk)
-    assert all(f.done for f in work)
-    assert work[0].maps().shape == (2, 8, 8)
-    assert work[0].maps().device.type == "cpu"
-    with pytest.raises(EngineError, match="gradient-free and needs forward-only rows"):
+    plan = ChannelPlan(
+        results,
+        [("gradcam", "ablationcam")] * 2,  # the pass's own methods are not the plan's
+        eigen_smooth=[False, False],
+        input_hw=(32, 32),
+        chunk=16,
+        tail_fraction=0.25,
+    )
+    jobs = plan.jobs()
+    assert [job.rows for job in jobs] == [16, 8, 16, 8]
+    assert plan.cost() == sum(job.cost for job in jobs) == 4 + 2 + 4 + 2
+    for wave in waves(jobs, 20, size=lambda job: job.rows):
+        run_forward(engine, wave)
+    done = plan.finish()
+    assert [tuple(r.maps) for r in done] == [(("ablationcam", 1), ("ablationcam", 4))] * 2
+    assert done[0].maps[("ablationcam", 1)].shape == (8, 8)
+    assert done[0].maps[("ablationcam", 1)].device.type == "cpu"
+    with pytest.raises(
+        EngineError,
+        match="needs forward-only rows of the modules after the layer",
+    ):
         engine.explain_batch(batch[:1], [RowRequest("act", ("ablationcam",))])
 
 

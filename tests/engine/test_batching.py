@@ -9,12 +9,12 @@ import pytest
 import torch
 from torch import nn
 
-from camserve.server.engine import METHODS, CamEngine, RowRequest, RowResult
+from camserve.server.engine import PASS_METHODS, CamEngine, RowRequest, RowResult
 
 MIXED_ROWS = [
     RowRequest("layer4", ("gradcam",), classes=(1,)),
     RowRequest("layer3", ("gradcampp", "hirescam"), top_k=3),
-    RowRequest("layer4.0", METHODS, classes=(7, 2)),
+    RowRequest("layer4.0", PASS_METHODS, classes=(7, 2)),
     RowRequest("layer4", ("layercam", "xgradcam")),
 ]
 
@@ -120,18 +120,21 @@ def test_falls_back_to_one_backward_per_class_when_vmap_fails(
 ) -> None:
     engine = CamEngine(_UnbatchableHead())
     batch = random_images(2, (16, 16), seed=1)
-    rows = [RowRequest("conv", METHODS, top_k=3), RowRequest("conv", METHODS, classes=(5, 0))]
+    rows = [
+        RowRequest("conv", PASS_METHODS, top_k=3),
+        RowRequest("conv", PASS_METHODS, classes=(5, 0)),
+    ]
     together = engine.explain_batch(batch, rows)
     for i, row in enumerate(together):
         for class_index in row.classes:
             alone = engine.explain_batch(
-                batch[i : i + 1], [RowRequest("conv", METHODS, (class_index,))]
+                batch[i : i + 1], [RowRequest("conv", PASS_METHODS, (class_index,))]
             )
-            for method in METHODS:
+            for method in PASS_METHODS:
                 torch.testing.assert_close(
                     row.maps[(method, class_index)], alone[0].maps[(method, class_index)]
                 )
-    assert not engine._batched_grads  # the batched form was tried, failed and is not retried
+    assert engine.batched_grads is False  # the probe at load found vmap cannot batch it
     again = engine.explain_batch(batch, rows)
     assert_same_row(again[0], together[0])
 
@@ -141,11 +144,11 @@ def test_works_inside_the_callers_no_grad_or_inference_mode(
     resnet_engine: CamEngine, random_images: Callable[..., torch.Tensor], context: str
 ) -> None:
     batch = random_images(1, (128, 128), seed=6)
-    expected = resnet_engine.explain_batch(batch, [RowRequest("layer4", METHODS)])[0]
+    expected = resnet_engine.explain_batch(batch, [RowRequest("layer4", PASS_METHODS)])[0]
     manager = torch.no_grad() if context == "no_grad" else torch.inference_mode()
     with manager:
         inner = batch.clone()  # an inference tensor under inference_mode
-        got = resnet_engine.explain_batch(inner, [RowRequest("layer4", METHODS)])[0]
+        got = resnet_engine.explain_batch(inner, [RowRequest("layer4", PASS_METHODS)])[0]
     assert_same_row(got, expected)
 
 
@@ -158,3 +161,49 @@ def test_accepts_float64_and_non_contiguous_batches(
     got = resnet_engine.explain_batch(flipped, [RowRequest("layer4")] * 2)
     for a, b in zip(got, expected, strict=True):
         assert_same_row(a, b)
+
+
+class _FailsBatchedOnce(torch.autograd.Function):
+    """The identity, whose backward fails once when armed: a transient error in a backward."""
+
+    armed = False
+
+    @staticmethod
+    def forward(ctx: torch.autograd.function.FunctionCtx, x: torch.Tensor) -> torch.Tensor:
+        return x.clone()
+
+    @staticmethod
+    def backward(ctx: torch.autograd.function.FunctionCtx, grad: torch.Tensor) -> torch.Tensor:
+        if _FailsBatchedOnce.armed:
+            _FailsBatchedOnce.armed = False
+            raise RuntimeError("a transient backward failure")
+        return grad
+
+
+class _TransientHead(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        torch.manual_seed(3)
+        self.conv = nn.Conv2d(3, 8, 3)
+        self.fc = nn.Linear(8, 6)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = _FailsBatchedOnce.apply(torch.relu(self.conv(x)))
+        return self.fc(x.mean(dim=(2, 3)))
+
+
+def test_a_transient_failure_of_the_batched_backward_keeps_it_for_later_batches(
+    random_images: Callable[..., torch.Tensor],
+) -> None:
+    engine = CamEngine(_TransientHead())
+    batch = random_images(2, (16, 16), seed=4)
+    rows = [RowRequest("conv", PASS_METHODS, top_k=3)] * 2
+    assert engine.layers((16, 16))
+    assert engine.batched_grads is True  # probed once, at load
+    expected = engine.explain_batch(batch, rows)
+    _FailsBatchedOnce.armed = True
+    survived = engine.explain_batch(batch, rows)  # this batch takes one backward per class
+    assert not _FailsBatchedOnce.armed
+    assert engine.batched_grads is True
+    for got, want in zip(survived, expected, strict=True):
+        assert_same_row(got, want)

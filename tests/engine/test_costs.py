@@ -7,7 +7,7 @@ from collections.abc import Callable
 import pytest
 from torch import nn
 
-from camserve.server.engine import ALL_METHODS, METHODS, CamEngine, EngineError, method_cost
+from camserve.server.engine import NAMES, PASS_METHODS, CamEngine, EngineError, method_cost
 from camserve.server.engine.costs import MethodCost
 
 
@@ -31,8 +31,8 @@ def test_engine_reports_costs_at_a_layer(
 ) -> None:
     engine = make_engine(seeded_resnet18)
     costs = engine.method_costs("layer4", (64, 64))
-    assert tuple(costs) == ALL_METHODS
-    assert all(costs[m].forward_passes == 1.0 for m in METHODS)
+    assert tuple(costs) == NAMES
+    assert all(costs[m].forward_passes == 1.0 for m in PASS_METHODS)
     # After layer4 only the pooling and the classifier run: a tiny share of a forward pass.
     assert costs["ablationcam"].follow_up_rows == 512
     assert 1.0 < costs["ablationcam"].forward_passes < 0.01 * 512 + 1

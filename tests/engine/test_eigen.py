@@ -11,7 +11,7 @@ import torch
 from pytorch_grad_cam.utils.svd_on_activations import get_2d_projection
 from torch import nn
 
-from camserve.server.engine import METHODS, CamEngine, RowRequest, normalise, to_input
+from camserve.server.engine import PASS_METHODS, CamEngine, RowRequest, normalise, to_input
 from camserve.server.engine.eigen import first_component
 from tests._support.cams import SINGLE_PASS_REFERENCES, assert_maps_match_reference, reference_cam
 
@@ -27,7 +27,7 @@ def _ours(maps: torch.Tensor) -> np.ndarray:
 
 
 def test_reference_table_covers_every_single_pass_method() -> None:
-    assert tuple(SINGLE_PASS_REFERENCES) == METHODS
+    assert tuple(SINGLE_PASS_REFERENCES) == PASS_METHODS
 
 
 @pytest.mark.parametrize(
@@ -83,7 +83,7 @@ def _reference(
 
 EXACT_CASES = [
     pytest.param("seeded_resnet18", "layer3", (64, 64), NEW_METHODS, False, id="resnet18-plain"),
-    pytest.param("seeded_resnet18", "layer3", (64, 64), METHODS, True, id="resnet18-eigen"),
+    pytest.param("seeded_resnet18", "layer3", (64, 64), PASS_METHODS, True, id="resnet18-eigen"),
     pytest.param("seeded_tiny", "head", (32, 32), NEW_METHODS, False, id="tiny-plain"),
 ]
 
@@ -131,25 +131,25 @@ def test_rank_deficient_maps_match_up_to_the_sign_of_each_projection(
     size = (32, 32)
     batch = random_images(4, size, seed=11)
     results = make_engine(seeded_tiny, channels_last=channels_last).explain_batch(
-        batch, [RowRequest("head", METHODS, classes=(5,), eigen_smooth=True)] * 4
+        batch, [RowRequest("head", PASS_METHODS, classes=(5,), eigen_smooth=True)] * 4
     )
-    expected = {m: _reference(m, seeded_tiny, "head", batch, 5, True) for m in METHODS}
+    expected = {m: _reference(m, seeded_tiny, "head", batch, 5, True) for m in PASS_METHODS}
     import pytorch_grad_cam
 
     for name in PROJECTING_MODULES:
         module = getattr(pytorch_grad_cam, name)
         original = module.get_2d_projection
         monkeypatch.setattr(module, "get_2d_projection", lambda x, f=original: -f(x))
-    flipped = {m: _reference(m, seeded_tiny, "head", batch, 5, True) for m in METHODS}
+    flipped = {m: _reference(m, seeded_tiny, "head", batch, 5, True) for m in PASS_METHODS}
     same = 0
-    for method in METHODS:
+    for method in PASS_METHODS:
         for i, result in enumerate(results):
             ours = normalise(to_input(result.maps[(method, 5)], size)).numpy()
             if np.abs(ours - expected[method][i]).max() <= 1e-4:
                 same += 1
             else:
                 np.testing.assert_allclose(ours, flipped[method][i], atol=1e-4, err_msg=method)
-    assert same >= 0.75 * len(METHODS) * len(results)
+    assert same >= 0.75 * len(PASS_METHODS) * len(results)
 
 
 def test_eigencam_needs_no_gradient_and_is_the_same_for_every_class(

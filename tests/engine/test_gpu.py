@@ -11,7 +11,7 @@ import torch
 from torch import nn
 
 from camserve.server.engine import (
-    METHODS,
+    PASS_METHODS,
     CamEngine,
     RowRequest,
     explain_all,
@@ -25,7 +25,7 @@ pytestmark = pytest.mark.gpu
 # The eigen methods are left out of the CPU comparison: TF32 and bfloat16 rounding may flip the
 # arbitrary sign of a projection (see camserve.server.engine.eigen); test_cuda_new_methods
 # covers them on the device.
-SUMS = tuple(m for m in METHODS if not m.startswith("eigen"))
+SUMS = tuple(m for m in PASS_METHODS if not m.startswith("eigen"))
 ROWS = [
     RowRequest("layer4", SUMS, top_k=3),
     RowRequest("layer3", ("gradcam", "layercam"), classes=(5,)),
@@ -100,7 +100,7 @@ def test_cuda_peak_memory_stays_near_a_forward_pass(
     forward_peak = torch.cuda.max_memory_allocated() - base
     torch.cuda.reset_peak_memory_stats()
     base = torch.cuda.memory_allocated()
-    engine.explain_batch(batch, [RowRequest("layer4", METHODS)] * 32)
+    engine.explain_batch(batch, [RowRequest("layer4", PASS_METHODS)] * 32)
     explain_peak = torch.cuda.max_memory_allocated() - base
     assert explain_peak <= 1.5 * forward_peak, (explain_peak, forward_peak)
 
@@ -139,7 +139,7 @@ def test_cuda_new_methods(
 
 
 SYNC_ROWS = [
-    RowRequest("layer4", METHODS, classes=(5, 2)),
+    RowRequest("layer4", PASS_METHODS, classes=(5, 2)),
     RowRequest("layer3", ("gradcam", "eigencam", "layercam"), top_k=3, eigen_smooth=True),
     RowRequest("layer4", ("eigengradcam", "gradcampp"), top_k=2, keep_activations=True),
     RowRequest("layer3", (), classes=(1,), keep_activations=True),

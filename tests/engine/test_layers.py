@@ -111,9 +111,10 @@ def test_probe_runs_once_per_input_size(
     engine.layers((64, 64))
     engine.default_layer((64, 64))
     engine.num_classes((64, 64))
-    assert len(calls) == 1
+    assert len(calls) == 2  # the probe, and once per engine the batched-backward check
+    assert engine.batched_grads is True
     engine.layers((96, 96))
-    assert len(calls) == 2
+    assert len(calls) == 3
     assert isinstance(engine.layers((64, 64))[0].shape[0], int)
     del calls[:]
     engine.predict(torch.zeros(1, 3, 64, 64))

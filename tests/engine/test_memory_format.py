@@ -8,7 +8,7 @@ import pytest
 import torch
 from torch import nn
 
-from camserve.server.engine import METHODS, CamEngine, RowRequest
+from camserve.server.engine import PASS_METHODS, CamEngine, RowRequest
 
 
 class _ViewsFeatureMaps(nn.Module):
@@ -40,7 +40,7 @@ def test_cpu_default_is_channels_last_with_equal_maps(
     assert fast.channels_last
     assert not plain.channels_last
     batch = random_images(2, (128, 128), seed=9)
-    rows = [RowRequest("layer3", METHODS, top_k=2), RowRequest("layer4", METHODS)]
+    rows = [RowRequest("layer3", PASS_METHODS, top_k=2), RowRequest("layer4", PASS_METHODS)]
     for a, b in zip(fast.explain_batch(batch, rows), plain.explain_batch(batch, rows), strict=True):
         assert a.classes == b.classes
         for key, cam in b.maps.items():
@@ -74,3 +74,45 @@ def test_a_failure_unrelated_to_the_format_keeps_channels_last(
     with pytest.raises(RuntimeError, match="nothing to do with memory format"):
         engine.predict(random_images(1, (8, 8)))
     assert engine.channels_last
+
+
+class _FailsOnDemand(nn.Module):
+    """A convolution that raises what it is told to on its next calls with channels_last input."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        torch.manual_seed(5)
+        self.conv = nn.Conv2d(3, 6, 3, padding=1)
+        self.fc = nn.Linear(6, 4)
+        self.failures: list[Exception] = []
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.failures and x.is_contiguous(memory_format=torch.channels_last):
+            raise self.failures.pop(0)
+        return self.fc(self.conv(x).mean(dim=(2, 3)))
+
+
+def test_running_out_of_memory_never_switches_the_memory_format(
+    random_images: Callable[..., torch.Tensor],
+) -> None:
+    model = _FailsOnDemand()
+    engine = CamEngine(model)
+    batch = random_images(1, (8, 8))
+    model.failures.append(torch.OutOfMemoryError("out of memory (raised by the test)"))
+    with pytest.raises(torch.OutOfMemoryError):
+        engine.predict(batch)  # the first call: out of memory says nothing about the format
+    assert engine.channels_last
+    assert engine.predict(batch).shape == (1, 4)  # the format is decided by this call
+    assert engine.channels_last
+
+
+def test_the_format_is_decided_by_the_first_call_and_later_failures_are_raised(
+    random_images: Callable[..., torch.Tensor],
+) -> None:
+    model = _FailsOnDemand()
+    engine = CamEngine(model)
+    assert engine.layers((8, 8))  # the probe at load: channels_last works
+    model.failures.append(RuntimeError("a transient failure"))
+    with pytest.raises(RuntimeError, match="a transient failure"):
+        engine.explain_batch(random_images(1, (8, 8)), [RowRequest("conv")])
+    assert engine.channels_last  # not switched to contiguous by a later failure

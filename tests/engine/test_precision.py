@@ -17,7 +17,7 @@ import torch
 from torch import nn
 
 from camserve.server.engine import (
-    METHODS,
+    PASS_METHODS,
     CamEngine,
     EngineError,
     RowRequest,
@@ -30,9 +30,9 @@ from camserve.server.engine.eigen import first_component
 SIZE = (96, 96)
 # The eigen methods are compared in test_eigen_maps_agree_up_to_sign: rounding may flip the
 # arbitrary sign of a projection (see camserve.server.engine.eigen).
-SUMS = tuple(m for m in METHODS if not m.startswith("eigen"))
+SUMS = tuple(m for m in PASS_METHODS if not m.startswith("eigen"))
 ROWS = [
-    RowRequest("layer4", METHODS, top_k=2),
+    RowRequest("layer4", PASS_METHODS, top_k=2),
     RowRequest("layer3", SUMS, classes=(3,)),
     RowRequest("layer4", ("gradcam", "hirescam"), classes=(7, 9), eigen_smooth=True),
 ]

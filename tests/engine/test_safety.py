@@ -10,7 +10,7 @@ import torch
 from torch import nn
 
 from camserve.server.engine import (
-    METHODS,
+    PASS_METHODS,
     CamEngine,
     EngineError,
     LayerError,
@@ -98,7 +98,7 @@ def test_no_hooks_or_parameter_grads_left_after_success(
     batch = random_images(2, (128, 128))
     resnet_engine.layers((128, 128))
     resnet_engine.explain_batch(
-        batch, [RowRequest("layer3", METHODS, top_k=2), RowRequest("layer4")]
+        batch, [RowRequest("layer3", PASS_METHODS, top_k=2), RowRequest("layer4")]
     )
     resnet_engine.predict(batch)
     assert_no_hooks(resnet_engine.model)
@@ -147,7 +147,7 @@ def test_nothing_before_the_target_layer_is_recorded(seeded_resnet18: nn.Module)
 
 def test_inplace_relu_after_the_target_layer(random_images: Callable[..., torch.Tensor]) -> None:
     batch = random_images(2, (12, 12), seed=2)
-    rows = [RowRequest("conv2", METHODS, top_k=2), RowRequest("conv1", METHODS)]
+    rows = [RowRequest("conv2", PASS_METHODS, top_k=2), RowRequest("conv1", PASS_METHODS)]
     inplace = CamEngine(_SmallNet(inplace=True)).explain_batch(batch, rows)
     plain = CamEngine(_SmallNet(inplace=False)).explain_batch(batch, rows)
     for a, b in zip(inplace, plain, strict=True):
@@ -281,7 +281,11 @@ def test_two_engines_in_two_threads(
         (make_engine(seeded_mobilenet), random_images(3, (96, 96), seed=12), "features"),
     ]
     rows = {
-        name: [RowRequest(name, METHODS, top_k=2), RowRequest(name), RowRequest(name, classes=(4,))]
+        name: [
+            RowRequest(name, PASS_METHODS, top_k=2),
+            RowRequest(name),
+            RowRequest(name, classes=(4,)),
+        ]
         for _, _, name in jobs
     }
     expected = [engine.explain_batch(batch, rows[name]) for engine, batch, name in jobs]

@@ -9,7 +9,8 @@ import torch
 from torch import nn
 
 from camserve.server.engine import CamEngine, EngineError, RowRequest, explain_all
-from camserve.server.engine.gradient_free import follow_ups, pack, pieces, run_pieces
+from camserve.server.engine.gradient_free import ChannelPlan
+from camserve.server.engine.jobs import run_forward
 from camserve.server.engine.scorecam import masked_inputs, score_cam
 from tests._support.cams import assert_method_matches_reference
 
@@ -104,10 +105,18 @@ def test_pieces_of_different_input_sizes_or_layers_never_share_a_call(
     for size, layer in (((32, 32), "act"), ((48, 48), "act"), ((32, 32), "block")):
         row = RowRequest(layer, (), classes=(0,), keep_activations=True)
         kept.append(engine.explain_batch(random_images(1, size), [row])[0])
-    work = [f for r in kept for m in ("scorecam", "ablationcam") for f in follow_ups(r, m)]
-    batches = pack([p for f in work for p in pieces(f, 100)], max_rows=1000)
+    methods = [("scorecam", "ablationcam")] * len(kept)
+    plan = ChannelPlan(kept, methods, eigen_smooth=[False] * 3, input_hw=(32, 32), chunk=100)
+    jobs = plan.jobs()
+    keys = [job.key for job in jobs]
     # ScoreCAM: the two 32x32 rows share a call whatever their layer; AblationCAM: none share.
-    assert sorted(len(b) for b in batches) == [1, 1, 1, 1, 2]
-    for batch in batches:
-        run_pieces(engine, batch)
-    assert all(f.done for f in work)
+    assert sorted(keys.count(key) for key in set(keys)) == [1, 1, 1, 1, 2]
+    calls = []
+    for name in ("predict", "predict_tail"):
+        method = getattr(engine, name)
+        setattr(engine, name, lambda *a, _m=method, **k: calls.append(1) or _m(*a, **k))
+    run_forward(engine, jobs)
+    assert len(calls) == 5
+    done = plan.finish()
+    assert all(set(r.maps) == {("scorecam", 0), ("ablationcam", 0)} for r in done)
+    assert all(not r.retained for r in done)

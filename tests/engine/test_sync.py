@@ -25,7 +25,7 @@ from pytorch_grad_cam import GradCAM
 from torch import nn
 from torch.overrides import TorchFunctionMode
 
-from camserve.server.engine import METHODS, CamEngine, RowRequest, RowResult, transfer
+from camserve.server.engine import PASS_METHODS, CamEngine, RowRequest, RowResult, transfer
 from camserve.server.engine.transfer import _pack, _unpack
 from tests._support.cams import assert_maps_match_reference, reference_cam
 
@@ -164,7 +164,7 @@ def test_a_plain_batch_transfers_once(
 
 
 MIXED = [
-    RowRequest("layer4", METHODS, classes=(5, 2)),
+    RowRequest("layer4", PASS_METHODS, classes=(5, 2)),
     RowRequest("layer3", ("gradcam", "eigencam", "layercam"), top_k=3, eigen_smooth=True),
     RowRequest("layer4", ("eigengradcam", "gradcampp"), top_k=2, keep_activations=True),
     RowRequest("layer3", (), classes=(1,), keep_activations=True),

@@ -4,7 +4,6 @@ for the whole process): two hosted models, one splitting its network while the o
 from __future__ import annotations
 
 import threading
-import time
 from collections.abc import Callable
 
 import torch
@@ -36,7 +35,8 @@ def test_a_trace_waits_for_model_calls_and_holds_new_ones_back() -> None:
 
     tracer = threading.Thread(target=trace)
     tracer.start()
-    time.sleep(0.05)
+    with guard.condition:
+        assert guard.condition.wait_for(lambda: guard.waiting_traces == 1, timeout=5)
     assert events == []  # the trace waits for the call in progress
     release.set()
     caller.join(5)
@@ -78,3 +78,20 @@ def test_a_model_serving_while_another_is_split_never_fails(
         done.set()
         server.join(30)
     assert not failures, failures[:1]
+
+
+def test_counting_flops_holds_model_calls_back_like_a_trace(monkeypatch) -> None:
+    from camserve.server.engine import tail
+    from camserve.server.engine.tracing import MODEL_CALLS
+
+    seen: list[bool] = []
+
+    class Recording(tail.FlopCounterMode):
+        def __enter__(self):  # type: ignore[no-untyped-def]
+            seen.append(MODEL_CALLS._tracing)  # the counter's hooks go in under the guard
+            return super().__enter__()
+
+    monkeypatch.setattr(tail, "FlopCounterMode", Recording)
+    layer = torch.nn.Linear(4, 4)
+    assert tail.count_flops(lambda: layer(torch.zeros(2, 4))) == 2 * 2 * 4 * 4
+    assert seen == [True]

@@ -18,7 +18,7 @@ from pytorch_grad_cam.utils.model_targets import ClassifierOutputTarget
 from torch import nn
 
 from camserve.server.engine import (
-    METHODS,
+    PASS_METHODS,
     CamEngine,
     EngineError,
     LayerError,
@@ -161,11 +161,11 @@ def test_every_method_matches_pytorch_grad_cam(
     assert (engine.default_layer(size) == spec.name) is is_default
     batch = random_images(2, size, seed=7)
     classes = [3, 1]
-    rows = [RowRequest(spec.name, METHODS, classes=(c,)) for c in classes]
+    rows = [RowRequest(spec.name, PASS_METHODS, classes=(c,)) for c in classes]
     results = engine.explain_batch(batch, rows)
 
     expected = reference_maps(model, spec.name, transform, batch, classes)
-    for method in METHODS:
+    for method in PASS_METHODS:
         maps = [r.maps[(method, c)] for r, c in zip(results, classes, strict=True)]
         assert all(m.shape == spec.shape[1:] and float(m.max()) > 0 for m in maps), method
         assert_maps_match_reference(results, method, classes, size, expected[method])
@@ -179,7 +179,7 @@ def test_a_mixed_batch_of_token_and_map_layers_equals_each_row_alone(
     engine = make_engine(seeded_deit_distilled)
     batch = random_images(3, (224, 224), seed=3)
     rows = [
-        RowRequest("blocks.11.norm1", METHODS, classes=(3,)),
+        RowRequest("blocks.11.norm1", PASS_METHODS, classes=(3,)),
         RowRequest("patch_embed.proj", ("gradcam", "layercam"), top_k=2),  # NCHW convolution
         RowRequest("blocks.5.norm1", ("hirescam",), classes=(1,)),
     ]
@@ -288,9 +288,9 @@ def test_sequences_without_a_grid_are_refused_until_configured(
     configured = make_engine(model, layouts=LayoutHints(token_grid=(7, 14), prefix_tokens=0))
     assert LayerSpec("mix", (16, 7, 14), "tokens") in configured.layers((28, 56))
     assert configured.default_layer((28, 56)) == "mix"
-    results = configured.explain_batch(batch, [RowRequest("mix", METHODS, classes=(2,))] * 2)
+    results = configured.explain_batch(batch, [RowRequest("mix", PASS_METHODS, classes=(2,))] * 2)
     expected = reference_maps(model, "mix", vit_reshape(0, 7, 14), batch, [2, 2])
-    for method in METHODS:
+    for method in PASS_METHODS:
         assert_maps_match_reference(results, method, 2, (28, 56), expected[method])
 
 
@@ -318,9 +318,9 @@ def test_an_ambiguous_channels_last_layer_follows_the_override(
     engine = make_engine(model, layouts=LayoutHints(layers={"norm": "nhwc"}))
     assert LayerSpec("norm", (8, 8, 8), "nhwc") in engine.layers((32, 32))
     batch = random_images(2, (32, 32))
-    results = engine.explain_batch(batch, [RowRequest("norm", METHODS, classes=(1,))] * 2)
+    results = engine.explain_batch(batch, [RowRequest("norm", PASS_METHODS, classes=(1,))] * 2)
     expected = reference_maps(model, "norm", swin_reshape(8, 8), batch, [1, 1])
-    for method in METHODS:
+    for method in PASS_METHODS:
         assert_maps_match_reference(results, method, 1, (32, 32), expected[method])
 
 

@@ -1,7 +1,9 @@
-"""Deadlines and cancellation through the client SDK, several calls at once.
+"""Admission, deadlines and cancellation through the real server and both SDK clients, several
+calls at once.
 
 The served model waits on a gate (`tests._support.gated_model`), so a call's time in the queue
-is decided by the test, not by the machine's speed. What must hold: a call whose deadline passes
+is decided by the test, not by the machine's speed. What must hold: a call that finds the queue
+full is refused at once with RESOURCE_EXHAUSTED and a retry hint; a call whose deadline passes
 while it waits fails with DEADLINE_EXCEEDED and its image is never computed; a call that goes
 away (its deadline passed, or the caller cancelled it, or its stream ended) frees its queue
 slots at once, so new calls are admitted.
@@ -14,9 +16,13 @@ import time
 from collections.abc import Callable
 from typing import Any
 
+import grpc
 import pytest
+from google.rpc import error_details_pb2, status_pb2
 
-from camserve.client import AsyncClient, DeadlineExceeded, Explanation, Overloaded
+from camserve.client import AsyncClient, Client, DeadlineExceeded, Explanation, Overloaded
+from camserve.v1 import explain_pb2 as pb
+from camserve.v1 import explain_pb2_grpc as pb_grpc
 from tests._support import gated_model
 from tests._support.servers import ServerThread, png_bytes, seeded_images
 from tests._support.traffic import wait_until
@@ -52,6 +58,48 @@ async def block_the_engine(client: AsyncClient) -> asyncio.Task[Explanation]:
     running = asyncio.create_task(client.explain(IMAGE, timeout=60))
     assert await asyncio.to_thread(gated_model.ENTERED.wait, 10)
     return running
+
+
+def retry_delay(error: grpc.aio.AioRpcError) -> float:
+    """The google.rpc.RetryInfo hint carried in the rich status details."""
+    for key, value in error.trailing_metadata() or ():
+        if key == "grpc-status-details-bin":
+            status = status_pb2.Status.FromString(value)
+            for detail in status.details:
+                info = error_details_pb2.RetryInfo()
+                if detail.Unpack(info):
+                    return info.retry_delay.seconds + info.retry_delay.nanos / 1e9
+    raise AssertionError("no RetryInfo detail")
+
+
+async def test_a_full_queue_refuses_at_once_with_a_retry_hint(server: ServerThread) -> None:
+    full = f"queue holds {MAX_QUEUE} of {MAX_QUEUE}"
+    request = pb.ExplainRequest(model="gated", images=[pb.Image(encoded=IMAGE)])
+    async with AsyncClient(address=server.address, retry=None) as client:
+        running = await block_the_engine(client)
+        waiting = [asyncio.create_task(client.explain(IMAGE, timeout=60)) for _ in range(MAX_QUEUE)]
+        await wait_for_depth(server, MAX_QUEUE)
+        async with grpc.aio.insecure_channel(server.address) as channel:
+            started = time.monotonic()
+            with pytest.raises(grpc.aio.AioRpcError) as refused:
+                await pb_grpc.ExplainServiceStub(channel).Explain(request, timeout=10)
+        assert time.monotonic() - started < 1.0
+        assert refused.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
+        assert full in (refused.value.details() or "")
+        assert retry_delay(refused.value) > 0
+        # Both SDK clients turn the same refusal into Overloaded carrying the server's hint.
+        with pytest.raises(Overloaded, match=full) as overloaded:
+            await client.explain(IMAGE, timeout=10)
+        with (
+            Client(address=server.address, retry=None) as sync_client,
+            pytest.raises(Overloaded, match=full) as overloaded_sync,
+        ):
+            await asyncio.to_thread(sync_client.explain, IMAGE, timeout=10)
+        assert overloaded.value.retry_after
+        assert overloaded_sync.value.retry_after
+        gated_model.GATE.set()
+        answers = await asyncio.gather(running, *waiting)
+    assert len(answers) == MAX_QUEUE + 1
 
 
 async def test_calls_whose_deadline_passes_in_the_queue_fail_and_are_never_computed(

@@ -209,15 +209,46 @@ async def test_costly_items_fill_batches_and_the_queue_by_their_cost() -> None:
     assert batcher.depth == 14
     with pytest.raises(QueueFull) as refused:
         await batcher.submit([3])  # 14 + 3 > 16
-    assert not refused.value.never
+    assert not refused.value.oversized
     assert refused.value.wanted == 3
     with pytest.raises(QueueFull) as never:
         await batcher.submit([17])
-    assert never.value.never
+    assert never.value.oversized  # only a reservation may take it, into an idle queue
     recorder.gate.set()
     await asyncio.gather(first, *waiting)
     # Batches hold at most 8 cost units, in arrival order, at least one item each.
     assert recorder.batches == [[1], [5], [4, 3], [2]]
+    assert batcher.depth == 0
+    await batcher.close()
+
+
+async def test_a_request_larger_than_the_queue_runs_in_waves_when_the_queue_is_idle() -> None:
+    recorder = Recorder()
+    batcher = costed(recorder, max_batch_size=4, max_queue=8)
+    with batcher.reserve(20) as reservation:  # 20 > 8: admitted, the queue being idle
+        assert (reservation.count, reservation.pending, batcher.depth) == (8, 12, 8)
+        with pytest.raises(QueueFull) as refused:
+            batcher.reserve(1)  # others wait meanwhile, with a hint
+        assert refused.value.retry_after_s > 0
+        for _ in range(5):  # waves of 4: each wave's room comes back as it starts
+            await batcher.submit([2, 2], reservation=reservation)
+            assert batcher.depth <= 8
+        assert reservation.pending == 0
+    assert batcher.depth == 0
+    assert sum(map(sum, recorder.batches)) == 20
+    await batcher.close()
+
+
+async def test_a_request_larger_than_the_queue_is_refused_under_load_with_a_hint() -> None:
+    recorder = Recorder()
+    batcher = costed(recorder, max_batch_size=4, max_queue=8)
+    with batcher.reserve(1):
+        with pytest.raises(QueueFull) as refused:
+            batcher.reserve(20)
+        assert refused.value.oversized
+        assert refused.value.retry_after_s > 0
+    with batcher.reserve(20):  # idle again: admitted
+        pass
     assert batcher.depth == 0
     await batcher.close()
 

@@ -66,7 +66,7 @@ def test_faults_become_internal_without_blaming_the_request() -> None:
 
 def test_forward_rows_with_non_finite_logits_fail_their_own_job_alone() -> None:
     from camserve.server.engine import CamEngine
-    from camserve.server.work import ForwardJob, run_forward
+    from camserve.server.engine.jobs import ForwardJob, run_forward
     from tests._support.faulty_model import FAULT, faulty_net
 
     engine = CamEngine(faulty_net())

@@ -67,3 +67,18 @@ def test_no_server_module_imports_the_client() -> None:
         for path in SERVER.rglob("*.py")
     }
     assert not {path: names for path, names in offenders.items() if names}
+
+
+def test_no_function_of_the_server_or_the_client_is_over_50_lines() -> None:
+    roots = (SERVER, SERVER.parents[1] / "client" / "camserve" / "client")
+    long = [
+        f"{path.name}:{node.name} ({node.end_lineno - node.lineno + 1} lines)"
+        for root in roots
+        for path in sorted(root.rglob("*.py"))
+        for node in ast.walk(ast.parse(path.read_text()))
+        if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef))
+        and node.end_lineno is not None
+        and node.end_lineno - node.lineno + 1 > 50
+    ]
+    assert not long
+    assert len((SERVER / "engine" / "core.py").read_text().splitlines()) <= 350

@@ -13,7 +13,7 @@ from camserve.server.records import (
     HeatmapResult,
     ImageExplanation,
     InputRecipe,
-    MethodCostInfo,
+    MethodInfo,
     ModelMeta,
     ModelStatus,
     Prediction,
@@ -79,7 +79,7 @@ def test_only_the_computed_scores_are_set() -> None:
     assert not second.deletion_curve
 
 
-def meta(costs: tuple[MethodCostInfo, ...]) -> ModelMeta:
+def meta(costs: tuple[MethodInfo, ...]) -> ModelMeta:
     return ModelMeta(
         name="tiny",
         version="1",
@@ -90,13 +90,13 @@ def meta(costs: tuple[MethodCostInfo, ...]) -> ModelMeta:
         layers=(LayerSpec("features", (16, 8, 8)),),
         recipe=InputRecipe(resize=0, crop=32, mean=(0.5,) * 3, std=(0.5,) * 3),
         max_batch_size=8,
-        method_costs=costs,
+        methods=costs,
     )
 
 
 def test_model_info_lists_every_method_with_its_cost() -> None:
     costs = tuple(
-        MethodCostInfo(name, rows, passes)
+        MethodInfo(name, rows, passes, frozenset({"nchw"}))
         for name, rows, passes in (
             *((name, 1, 1.0) for name in list(METHOD_BY_NAME)[:8]),
             ("ablationcam", 17, 1.25),

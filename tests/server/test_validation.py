@@ -7,14 +7,16 @@ from typing import Any
 
 import pytest
 
+from camserve.server.engine.registry import REGISTRY
 from camserve.server.engine.shaping import Geometry
 from camserve.server.engine.types import LayerSpec
 from camserve.server.errors import InvalidRequest
-from camserve.server.records import InputRecipe, ModelMeta
+from camserve.server.records import InputRecipe, MethodInfo, ModelMeta
 from camserve.server.settings import LimitsSettings
 from camserve.server.validation import (
     RESPONSE_OVERHEAD,
     ExplainPlan,
+    RequestBudget,
     RequestError,
     check_response_size,
     validate,
@@ -25,7 +27,12 @@ from camserve.v1.methods import METHOD_BY_NAME
 LIMITS = LimitsSettings()
 
 
-def meta(crop: int = 32) -> ModelMeta:
+METHOD_INFO = tuple(
+    MethodInfo(m.name, 1, 1.0, m.layouts, not m.produces.from_pass, m.runs_tail) for m in REGISTRY
+)
+
+
+def meta(crop: int = 32, layers: tuple[LayerSpec, ...] | None = None) -> ModelMeta:
     return ModelMeta(
         name="tiny",
         version="1",
@@ -33,9 +40,10 @@ def meta(crop: int = 32) -> ModelMeta:
         num_classes=10,
         labels=tuple(f"class_{i}" for i in range(10)),
         default_layer="features",
-        layers=(LayerSpec("features", (16, 8, 8)),),
+        layers=layers or (LayerSpec("features", (16, 8, 8)),),
         recipe=InputRecipe(resize=0, crop=crop, mean=(0.5,) * 3, std=(0.5,) * 3),
         max_batch_size=8,
+        methods=METHOD_INFO,
     )
 
 
@@ -176,3 +184,62 @@ def test_the_response_size_counts_curve_floats() -> None:
     # Without curves the same scores weigh a double each.
     plain = _plan(scores=("deletion_auc", "insertion_auc"), score_steps=100)
     check_response_size(plain, geometry, meta(), RESPONSE_OVERHEAD + heatmap + 2 * 9)
+
+
+TRANSFORMER_LAYERS = (
+    LayerSpec("patch_embed.proj", (16, 4, 4)),
+    LayerSpec("blocks.0.norm1", (16, 4, 4), "tokens"),
+    LayerSpec("stage.permute", (16, 4, 4), "nhwc"),
+    LayerSpec("features", (16, 4, 4), "tokens"),
+)
+
+
+def test_a_method_that_cannot_explain_the_layer_is_refused_naming_layers_it_can() -> None:
+    message = pb.ExplainRequest(
+        images=[pb.Image(encoded=b"x")], methods=[pb.METHOD_GRADCAM, pb.METHOD_ABLATIONCAM]
+    )
+    with pytest.raises(RequestError) as refused:
+        validate(message, meta(layers=TRANSFORMER_LAYERS), LIMITS)
+    text = str(refused.value)
+    assert text.startswith("methods: ablationcam cannot explain layer 'features'")
+    assert "laid out tokens; it takes nchw layers" in text
+    assert text.endswith("a layer it works at: patch_embed.proj")
+    message.layer = "stage.permute"
+    with pytest.raises(RequestError, match="laid out nhwc"):
+        validate(message, meta(layers=TRANSFORMER_LAYERS), LIMITS)
+    message.layer = "patch_embed.proj"
+    assert validate(message, meta(layers=TRANSFORMER_LAYERS), LIMITS).methods == (
+        "gradcam",
+        "ablationcam",
+    )
+    # Methods made by the pass, and ScoreCAM's rows of the whole model, take any layout.
+    message.layer = "features"
+    message.methods[:] = [pb.METHOD_SCORECAM, pb.METHOD_EIGENCAM]
+    assert validate(message, meta(layers=TRANSFORMER_LAYERS), LIMITS).layer == "features"
+
+
+def test_a_method_the_model_does_not_offer_is_refused() -> None:
+    offered = ModelMeta(**{**meta().__dict__, "methods": METHOD_INFO[:1]})
+    message = pb.ExplainRequest(images=[pb.Image(encoded=b"x")], methods=[pb.METHOD_LAYERCAM])
+    with pytest.raises(RequestError, match="methods: model 'tiny' does not offer layercam"):
+        validate(message, offered, LIMITS)
+
+
+def test_the_budget_is_counted_once_and_priced_by_admission() -> None:
+    from camserve.server.followups import request_cost
+
+    message = pb.ExplainRequest(
+        images=[pb.Image(encoded=b"x", target=pb.Target(top_k=2)), pb.Image(encoded=b"x")],
+        methods=[pb.METHOD_GRADCAM, pb.METHOD_ABLATIONCAM, pb.METHOD_SCORECAM],
+        output=pb.OutputOptions(scores=[pb.SCORE_CONFIDENCE_CHANGE]),
+    )
+    plan = plan_of(message)
+    assert plan.budget == RequestBudget((6, 3), channels=16, tail_methods=1, model_methods=1)
+    assert plan.budget.maps == 9
+    assert plan.budget.rows_per_copy == 1 + 16 + 16
+    # Per image: the explain row, AblationCAM's two jobs of 8 rows at a quarter of a pass
+    # each (2 + 2), ScoreCAM's 16 rows; then one confidence row per map.
+    assert request_cost(plan, tail_fraction=0.25, chunk=8) == 2 * (1 + 4 + 16) + 9
+    single = plan_of(pb.ExplainRequest(images=[pb.Image(encoded=b"x")]))
+    assert single.budget == RequestBudget((1,), channels=16)
+    assert not single.budget.rows_after_pass

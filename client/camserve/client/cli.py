@@ -30,6 +30,7 @@ from camserve.client.requests import METHODS, SCORE_ALIASES
 from camserve.client.results import Explanation, ModelInfo
 from camserve.client.retry import DEFAULT_RETRY, NO_RETRY
 from camserve.client.sync import Client
+from camserve.v1.methods import DEFAULT_METHOD
 from camserve.v1.scores import CURVE_SCORES
 
 ENV_SERVER = "CAMSERVE_SERVER"
@@ -265,7 +266,7 @@ def _explain(client: Client, args: argparse.Namespace) -> int:
         model=args.model,
         target=args.target or None,
         top_k=args.top_k,
-        methods=args.method or "gradcam",
+        methods=args.method or DEFAULT_METHOD,
         layer=args.layer,
         top_predictions=args.predictions,
         eigen_smooth=args.eigen_smooth,

@@ -12,7 +12,7 @@ from typing import TypedDict, cast
 
 from camserve.client.images import ImageInput, to_wire
 from camserve.v1 import explain_pb2 as pb
-from camserve.v1.methods import METHOD_BY_NAME
+from camserve.v1.methods import DEFAULT_METHOD, METHOD_BY_NAME
 from camserve.v1.scores import CURVE_SCORES, SCORE_BY_NAME
 
 Target = int | str | Sequence[int | str] | None
@@ -87,7 +87,7 @@ class ExplainOptions:
     model: str | None = None
     target: Target = None
     top_k: int | None = None
-    methods: Methods = "gradcam"
+    methods: Methods = DEFAULT_METHOD
     layer: str | None = None
     resolution: Resolution = "original"
     dtype: str = "float32"

@@ -26,3 +26,5 @@ NAME_BY_METHOD: dict[int, str] = {
     pb.METHOD_UNSPECIFIED: "gradcam",
     **{value: name for name, value in METHOD_BY_NAME.items()},
 }
+# The method explained when a request names none.
+DEFAULT_METHOD: str = NAME_BY_METHOD[pb.METHOD_UNSPECIFIED]

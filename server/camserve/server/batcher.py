@@ -37,7 +37,8 @@ ProcessFn = Callable[[list[T]], Awaitable[Sequence["R | BaseException"]]]
 class QueueFull(Exception):
     """The queue cannot take these items now; `retry_after_s` estimates when it could.
 
-    `wanted` is the cost asked for; above `capacity` it could never be admitted (`never`).
+    `wanted` is the cost asked for; above `capacity` (`oversized`) it is admitted only into an
+    idle queue, and served in waves (`DynamicBatcher.reserve`).
     """
 
     def __init__(self, depth: int, capacity: int, retry_after_s: float, wanted: int = 1) -> None:
@@ -48,7 +49,7 @@ class QueueFull(Exception):
         self.wanted = wanted
 
     @property
-    def never(self) -> bool:
+    def oversized(self) -> bool:
         return self.wanted > self.capacity
 
 
@@ -61,15 +62,29 @@ class BatcherClosed(Exception):
 
 
 class Reservation:
-    """Queue room held for items not made yet; `submit` uses it, `release` gives it back."""
+    """Queue room held for items not made yet; `submit` uses it, `release` gives it back.
 
-    def __init__(self, owner: DynamicBatcher[Any, Any], count: int) -> None:
+    `pending` is the cost the holder still needs beyond the room it holds: as its items leave
+    the queue for a batch, their room comes back to the reservation until none is pending, so
+    a request larger than the queue runs in waves without being refused halfway.
+    """
+
+    def __init__(self, owner: DynamicBatcher[Any, Any], count: int, pending: int = 0) -> None:
         self._owner = owner
         self.count = count
+        self.pending = pending
 
     def release(self) -> None:
         """Gives the room back (again: a no-op), e.g. when making the items failed."""
+        self.pending = 0
         self.take(self.count)
+
+    def refill(self, cost: int) -> None:
+        """Keeps `cost` of the room an item of this reservation just left, while any is pending."""
+        back = min(cost, self.pending)
+        self.pending -= back
+        self.count += back
+        self._owner._reserved += back
 
     def take(self, cost: int) -> int:
         """Hands up to `cost` of the held room to items being submitted; returns how much."""
@@ -92,6 +107,7 @@ class _Entry(Generic[T, R]):
     enqueued_at: float
     future: asyncio.Future[R]
     cost: int = 1
+    reservation: Reservation | None = None  # whose room the entry's goes back to
     started_at: float = field(default=0.0)
     batch_size: int = field(default=0)
 
@@ -183,7 +199,16 @@ class DynamicBatcher(Generic[T, R]):
             raise QueueFull(self.depth, self._max_queue, self.retry_after_s(), count)
 
     def reserve(self, count: int) -> Reservation:
-        """Holds room for `count` items before they exist; QueueFull when there is none."""
+        """Holds room for `count` items before they exist; QueueFull when there is none.
+
+        A cost above the whole queue is admitted when the queue is idle: the reservation holds
+        the whole queue and gets its items' room back as they start (`Reservation.pending`);
+        under load it is refused with a retry hint like any other.
+        """
+        if count > self._max_queue and self.depth == 0 and not self._closed:
+            self._admit(self._max_queue)
+            self._reserved += self._max_queue
+            return Reservation(self, self._max_queue, pending=count - self._max_queue)
         self._admit(count)
         self._reserved += count
         return Reservation(self, count)
@@ -203,7 +228,9 @@ class DynamicBatcher(Generic[T, R]):
         loop = asyncio.get_running_loop()
         now = time.monotonic()
         entries = [
-            _Entry[T, R](item, deadline, now, loop.create_future(), cost=max(1, self._cost(item)))
+            _Entry[T, R](
+                item, deadline, now, loop.create_future(), max(1, self._cost(item)), reservation
+            )
             for item in items
         ]
         cost = sum(entry.cost for entry in entries)
@@ -258,6 +285,8 @@ class DynamicBatcher(Generic[T, R]):
             self._queued_cost -= entry.cost
             if entry.future.done():
                 continue  # cancelled by its caller
+            if entry.reservation is not None:
+                entry.reservation.refill(entry.cost)
             if entry.deadline is not None and entry.deadline <= now:
                 entry.future.set_exception(DeadlineExpired("deadline passed while queued"))
                 expired += 1

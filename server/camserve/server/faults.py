@@ -86,14 +86,15 @@ def service_error(exc: BaseException, model: str) -> ServiceError:
 
 
 def _overloaded(exc: batcher.QueueFull, model: str) -> Overloaded:
-    if exc.never:
+    if exc.oversized:
         return Overloaded(
-            f"this request costs {exc.wanted} forward passes of model {model!r} (each channel "
-            "of the layer is a row for AblationCAM and ScoreCAM, each step of a curve a row), "
-            f"more than its whole queue of {exc.capacity}; it can never be admitted as it is. "
-            "Explain fewer images or classes per request, choose a layer with fewer channels, a "
-            "single-pass method or fewer score steps, or raise the model's max_queue",
-            retry_after_s=0.0,
+            f"this request costs {exc.wanted} forward passes of model {model!r} (a row per "
+            "channel of the layer for methods that score channels, a row per step of a curve), "
+            f"more than its whole queue of {exc.capacity}: it is served in waves once the model "
+            f"is idle, and the queue holds {exc.depth} now. Retry after {exc.retry_after_s:.2f}s, "
+            "or explain fewer images or classes per request, choose a layer with fewer "
+            "channels, a single-pass method or fewer score steps",
+            retry_after_s=exc.retry_after_s,
         )
     return Overloaded(
         f"model {model!r} is overloaded: its queue holds {exc.depth} of {exc.capacity} "

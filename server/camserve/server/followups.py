@@ -1,137 +1,89 @@
-"""A request's forward-only work after its explain pass: gradient-free maps and faithfulness
-scores, run as `ForwardJob`s through the model's batcher.
+"""A request's forward-only work after its explain pass, as follow-up plans run through the
+model's batcher (`engine.jobs.FollowUpPlan`).
 
-- AblationCAM and ScoreCAM: each explained image (each augmented copy, with aug_smooth) needs one
-  row per channel of the target layer (`engine.gradient_free`). Its channels are cut into pieces
-  of at most `max_batch_size` rows; AblationCAM pieces run only the layers after the target.
-- Scores: a `ScorePlan` over every map of the request (after the gradient-free maps are merged),
-  cut into chunks of at most `max_batch_size` rows.
+- Methods made by rows after the pass (AblationCAM, ScoreCAM): a `ChannelPlan` over the
+  request's results, one row per channel of the target layer per explained copy, in jobs of at
+  most `max_batch_size` rows; rows after the layer run only the modules that follow it.
+- Scores: a `ScorePlan` over every map of the request (after the rows-after-the-pass maps are
+  merged), built from the model inputs the explain pass staged on the device.
 
-The jobs go to the batcher in waves of about one batch (`submit_in_waves`), so other requests'
-work joins the queue between two waves of a large request instead of waiting behind all of it;
-all of it was admitted up front (`request_cost`), so no wave is ever refused halfway.
+Plans are built and finished on the model's worker thread (`ModelRuntime.on_worker`). Their jobs
+go to the batcher in waves of about one batch (`submit_in_waves`), so other requests' work joins
+the queue between two waves of a large request instead of waiting behind all of it; all of it
+was admitted up front (`request_cost`), so no wave is ever refused halfway.
 """
 
 from __future__ import annotations
 
-import dataclasses
-import functools
 from collections.abc import Sequence
 
 import torch
 
 from camserve.server.batcher import Reservation
-from camserve.server.engine import (
-    GRADIENT_FREE_METHODS,
-    FollowUp,
-    MapScores,
-    RowResult,
-    forward_rows,
-    plan_from_results,
-)
+from camserve.server.engine import MapScores, RowResult, forward_rows, plan_from_results
+from camserve.server.engine.augment import IDENTITY_INDEX
 from camserve.server.engine.costs import explain_rows
-from camserve.server.engine.gradient_free import follow_ups, merge, pieces
+from camserve.server.engine.gradient_free import ChannelPlan
+from camserve.server.engine.jobs import ForwardJob, chunk_sizes, tail_cost, waves
 from camserve.server.engine.scoring import ScorePlan
 from camserve.server.runtime import ModelRuntime
 from camserve.server.validation import ExplainPlan
-from camserve.server.work import ForwardJob, tail_cost
-
-Work = list[tuple[int, str, list[FollowUp]]]  # (image, method, its follow-ups)
 
 
-def _chunk_sizes(rows: int, chunk: int) -> list[int]:
-    return [min(chunk, rows - start) for start in range(0, rows, chunk)]
-
-
-def request_cost(
-    plan: ExplainPlan,
-    channels: int,
-    tail_fraction: float,
-    chunk: int,
-) -> int:
-    """The whole request's cost in forward passes, counted the way its jobs will be: explain
-    rows, gradient-free pieces (AblationCAM's at the tail's share) and score rows."""
-    copies = explain_rows(plan.aug_smooth)
-    pieces_cost = sum(tail_cost(size, tail_fraction) for size in _chunk_sizes(channels, chunk))
-    follow_up = {"ablationcam": pieces_cost, "scorecam": channels}  # per explained copy
-    per_image = copies * (1 + sum(follow_up.get(method, 0) for method in plan.methods))
-    total = per_image * len(plan.targets)
-    maps = sum((len(t.classes) or t.top_k) * len(plan.methods) for t in plan.targets)
+def request_cost(plan: ExplainPlan, tail_fraction: float, chunk: int) -> int:
+    """The whole request's cost in forward passes, priced from its budget the way its plans'
+    jobs will count it: explain rows, rows after the pass (those through the tail at its share,
+    per job of at most `chunk` rows) and score rows."""
+    budget = plan.budget
+    tail_jobs = sum(tail_cost(rows, tail_fraction) for rows in chunk_sizes(budget.channels, chunk))
+    per_copy = 1 + budget.tail_methods * tail_jobs + budget.model_methods * budget.channels
+    total = explain_rows(plan.aug_smooth) * per_copy * len(plan.targets)
     if plan.scores:
-        total += forward_rows(plan.scores, maps, plan.score_steps)
+        total += forward_rows(plan.scores, budget.maps, plan.score_steps)
     return total
 
 
-def gradient_free_jobs(
-    results: Sequence[RowResult], plan: ExplainPlan, chunk: int, tail_fraction: float
-) -> tuple[Work, list[ForwardJob]]:
-    """The follow-ups of every gradient-free method the plan asks for, and their jobs."""
-    work: Work = []
-    jobs: list[ForwardJob] = []
-    for index, result in enumerate(results):
-        for method in plan.methods:
-            if method not in GRADIENT_FREE_METHODS:
-                continue
-            group = follow_ups(result, method, eigen_smooth=plan.eigen_smooth)
-            work.append((index, method, group))
-            for piece in (p for follow_up in group for p in pieces(follow_up, chunk)):
-                jobs.append(_piece_job(piece.follow_up, piece.start, piece.stop, tail_fraction))
-    return work, jobs
-
-
-def _piece_job(follow_up: FollowUp, start: int, stop: int, tail_fraction: float) -> ForwardJob:
-    rows = stop - start
-    image = follow_up.retained.image
-    ablation = follow_up.method == "ablationcam"
-    return ForwardJob(
-        # ScoreCAM's masked images are model inputs like any other forward rows of that size.
-        key=follow_up.key if ablation else ("inputs", tuple(image.shape[-2:])),
-        rows=rows,
-        cost=tail_cost(rows, tail_fraction) if ablation else rows,
-        build=functools.partial(follow_up.rows, start, stop),
-        record=functools.partial(follow_up.record, start, stop),
-        tail_layer=follow_up.layer if ablation else "",
-        image=image if ablation else None,
+def channel_plan(
+    results: Sequence[RowResult],
+    plan: ExplainPlan,
+    chunk: int,
+    tail_fraction: float,
+    input_hw: tuple[int, int],
+) -> ChannelPlan:
+    """The plan of every method the request asks for that rows after the pass make."""
+    return ChannelPlan(
+        results,
+        [plan.methods] * len(results),
+        eigen_smooth=[plan.eigen_smooth] * len(results),
+        input_hw=input_hw,
+        chunk=chunk,
+        tail_fraction=tail_fraction,
     )
 
 
-def merged(results: Sequence[RowResult], work: Work, input_hw: tuple[int, int]) -> list[RowResult]:
-    """The results with every gradient-free map added and the retained tensors let go."""
-    maps = [dict(result.maps) for result in results]
-    for index, method, group in work:
-        maps[index].update(merge(results[index], method, group, input_hw))
+def staged_inputs(results: Sequence[RowResult]) -> list[torch.Tensor]:
+    """Each image's model input as the engine staged it (its unaugmented copy's)."""
     return [
-        dataclasses.replace(result, maps=maps[i], retained=()) for i, result in enumerate(results)
+        result.retained[IDENTITY_INDEX if len(result.retained) > 1 else 0].image
+        for result in results
     ]
 
 
-def score_jobs(
+def score_plan(
     inputs: Sequence[torch.Tensor], results: Sequence[RowResult], plan: ExplainPlan, chunk: int
-) -> tuple[ScorePlan, list[tuple[int, str, int]], list[ForwardJob]]:
-    """A plan scoring every map of the request (its images' model inputs `inputs`), its map
-    keys, and its chunks as jobs."""
+) -> tuple[ScorePlan, list[tuple[int, str, int]]]:
+    """A plan scoring every map of the request, from its images' staged model inputs, and its
+    map keys."""
     images = torch.stack(list(inputs))
-    score_plan, keys = plan_from_results(images, results, plan.scores, steps=plan.score_steps)
-    size = tuple(images.shape[-2:])
-    jobs = [
-        ForwardJob(
-            key=("inputs", size),
-            rows=len(rows),
-            cost=len(rows),
-            build=functools.partial(score_plan.build, rows),
-            record=functools.partial(score_plan.record, rows),
-        )
-        for rows in score_plan.chunks(chunk)
-    ]
-    return score_plan, keys, jobs
+    return plan_from_results(images, results, plan.scores, steps=plan.score_steps, chunk=chunk)
 
 
 def scores_by_image(
-    score_plan: ScorePlan, keys: list[tuple[int, str, int]], images: int
+    scored: ScorePlan, keys: list[tuple[int, str, int]], images: int
 ) -> list[dict[tuple[str, int], MapScores]]:
     """Each image's map scores, keyed (method, class) like its maps."""
     found: list[dict[tuple[str, int], MapScores]] = [{} for _ in range(images)]
-    for (index, method, class_index), value in zip(keys, score_plan.results(), strict=True):
+    for (index, method, class_index), value in zip(keys, scored.finish(), strict=True):
         found[index][(method, class_index)] = value
     return found
 
@@ -145,12 +97,6 @@ async def submit_in_waves(
 ) -> float:
     """Runs `jobs` a wave of about `wave_cost` at a time; returns the compute seconds spent."""
     seconds = 0.0
-    wave: list[ForwardJob] = []
-    for job in jobs:
-        if wave and sum(j.cost for j in wave) + job.cost > wave_cost:
-            seconds += await runtime.run(wave, deadline, reservation)
-            wave = []
-        wave.append(job)
-    if wave:
+    for wave in waves(jobs, wave_cost):
         seconds += await runtime.run(wave, deadline, reservation)
     return seconds

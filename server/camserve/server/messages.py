@@ -19,7 +19,7 @@ from camserve.server.records import (
     ExplainOutcome,
     HeatmapResult,
     ImageExplanation,
-    MethodCostInfo,
+    MethodInfo,
     ModelStatus,
 )
 from camserve.server.wire import HeatmapPart, ImagePart
@@ -158,25 +158,22 @@ def model_info(status: ModelStatus) -> pb.ModelInfo:
     info.layers.extend(
         pb.LayerInfo(name=layer.name, output_shape=layer.shape) for layer in meta.layers
     )
-    info.methods.extend(cast("list[pb.Method]", list(METHOD_BY_NAME.values())))
-    info.method_costs.extend(_method_cost(cost) for cost in meta.method_costs)
+    info.methods.extend(cast("pb.Method", METHOD_BY_NAME[m.method]) for m in meta.methods)
+    info.method_costs.extend(_method_cost(cost) for cost in meta.methods)
     info.conv_layers.extend(
         pb.ConvLayerInfo(name=conv.name, weight_shape=conv.weight_shape, groups=conv.groups)
         for conv in meta.conv_layers
     )
     info.gates.extend(
         pb.GateInfo(
-            name=gate.name,
-            kind=GATE_KINDS[gate.kind],
-            shape=gate.shape,
-            module=gate.module,
+            name=gate.name, kind=GATE_KINDS[gate.kind], shape=gate.shape, module=gate.module
         )
         for gate in meta.gates
     )
     return info
 
 
-def _method_cost(cost: MethodCostInfo) -> pb.MethodCost:
+def _method_cost(cost: MethodInfo) -> pb.MethodCost:
     return pb.MethodCost(
         method=cast("pb.Method", METHOD_BY_NAME[cost.method]),
         rows_per_image=cost.rows,

@@ -18,6 +18,7 @@ import logging
 import time
 from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
 from typing import TypeVar
 
 import torch
@@ -26,12 +27,12 @@ from camserve.server import followups
 from camserve.server.batcher import Reservation
 from camserve.server.device_jpeg import is_jpeg, prepare_jpegs
 from camserve.server.engine import (
-    GRADIENT_FREE_METHODS,
     MapScores,
     RowRequest,
     RowResult,
 )
 from camserve.server.engine.costs import explain_rows
+from camserve.server.engine.registry import pass_methods
 from camserve.server.engine.shaping import output_bytes
 from camserve.server.errors import InvalidRequest, ModelNotFound, Unavailable
 from camserve.server.faults import service_error
@@ -99,13 +100,13 @@ def check_allocation(
     _, feature_h, feature_w = meta.layer_shapes[plan.layer]
     output = plan.output
     total = 0
-    for target, item in zip(plan.targets, prepared, strict=True):
+    for maps, item in zip(plan.budget.maps_per_image, prepared, strict=True):
         total += output_bytes(
             item.geometry,
             RESOLUTION_NAMES[output.resolution],
             output.size,
             dtype_name(output.dtype),
-            (len(target.classes) or target.top_k) * len(plan.methods),
+            maps,
             (feature_h, feature_w),
             overlay=output.overlay,
         )
@@ -118,14 +119,66 @@ def check_allocation(
 
 
 def _gradient_free(plan: ExplainPlan) -> bool:
-    return any(method in GRADIENT_FREE_METHODS for method in plan.methods)
+    return plan.budget.rows_after_pass
 
 
 async def _tail_fraction(runtime: ModelRuntime, plan: ExplainPlan) -> float:
-    """What an AblationCAM row costs; only AblationCAM runs the tail, so only it measures one."""
-    if "ablationcam" not in plan.methods:
+    """What a row after the layer costs; only methods running the tail measure one."""
+    if not plan.budget.tail_methods:
         return 1.0
     return await runtime.tail_fraction(plan.layer)
+
+
+@dataclass(frozen=True)
+class _Answer:
+    """A computed request's images, shaped and built into its answer on CPU threads."""
+
+    meta: ModelMeta
+    plan: ExplainPlan
+    prepared: list[PreparedImage]
+    results: list[RowResult]
+    scores: list[dict[tuple[str, int], MapScores]]
+    times: StageTimes
+    arrived: float
+    timed: StageClock
+
+    def shape(self, index: int) -> ImageExplanation:
+        return explain_image(
+            self.results[index],
+            self.prepared[index],
+            self.plan,
+            self.meta,
+            self.scores[index],
+            timed=self.timed,
+        )
+
+    def finish(
+        self, images: Sequence[ImageExplanation], batch_size: int, respond: Callable[..., R]
+    ) -> R:
+        outcome = ExplainOutcome(
+            model=self.meta.name,
+            model_version=self.meta.version,
+            images=tuple(images),
+            times=dataclasses.replace(self.times, total_s=time.monotonic() - self.arrived),
+            batch_size=batch_size,
+        )
+        with self.timed("respond"):
+            return respond(outcome)
+
+    async def send(
+        self, pool: ThreadPoolExecutor, batch_size: int, respond: Callable[[ExplainOutcome], R]
+    ) -> R:
+        """`respond(outcome)` on a worker thread: one hop for a one-image request."""
+        loop = asyncio.get_running_loop()
+        if len(self.prepared) == 1:
+            return await loop.run_in_executor(
+                pool, lambda: self.finish([self.shape(0)], batch_size, respond)
+            )
+        count = len(self.prepared)
+        shaped = await asyncio.gather(
+            *(loop.run_in_executor(pool, self.shape, index) for index in range(count))
+        )
+        return await loop.run_in_executor(pool, self.finish, shaped, batch_size, respond)
 
 
 class ExplainPipeline:
@@ -195,7 +248,7 @@ class ExplainPipeline:
             )
             follow_up_started = time.monotonic()
             results, scores = await self._follow_up(
-                runtime, meta, plan, prepared, [c.result for c in computed], deadline, reservation
+                runtime, meta, plan, [c.result for c in computed], deadline, reservation
             )
             follow_up_s = time.monotonic() - follow_up_started
         times = StageTimes(
@@ -204,30 +257,9 @@ class ExplainPipeline:
             compute_s=max(c.compute_s for c in computed) + follow_up_s,
             total_s=0.0,  # set when the answer is built
         )
-
-        def shape(index: int) -> ImageExplanation:
-            return explain_image(
-                results[index], prepared[index], plan, meta, scores[index], timed=timed
-            )
-
-        def finish(images: Sequence[ImageExplanation]) -> R:
-            outcome = ExplainOutcome(
-                model=meta.name,
-                model_version=meta.version,
-                images=tuple(images),
-                times=dataclasses.replace(times, total_s=time.monotonic() - arrived),
-                batch_size=max(c.batch.size for c in computed),
-            )
-            with timed("respond"):
-                return respond(outcome)
-
-        loop = asyncio.get_running_loop()
-        if len(prepared) == 1:  # one hop to a worker thread for the whole answer
-            return await loop.run_in_executor(self._pool, lambda: finish([shape(0)]))
-        shaped = await asyncio.gather(
-            *(loop.run_in_executor(self._pool, shape, index) for index in range(len(prepared)))
-        )
-        return await loop.run_in_executor(self._pool, finish, shaped)
+        answer = _Answer(meta, plan, prepared, results, scores, times, arrived, timed)
+        batch_size = max(c.batch.size for c in computed)
+        return await answer.send(self._pool, batch_size, respond)
 
     async def _cost(self, runtime: ModelRuntime, meta: ModelMeta, plan: ExplainPlan) -> int:
         """The request's cost in forward passes: its images, plus the rows of gradient-free
@@ -238,50 +270,44 @@ class ExplainPipeline:
             fraction = await _tail_fraction(runtime, plan)
         except Exception as exc:  # noqa: BLE001 - e.g. a layer the tail cannot be measured at
             raise service_error(exc, meta.name) from None
-        return followups.request_cost(
-            plan,
-            channels=meta.layer_shapes[plan.layer][0],
-            tail_fraction=fraction,
-            chunk=meta.max_batch_size,
-        )
+        return followups.request_cost(plan, tail_fraction=fraction, chunk=meta.max_batch_size)
 
     async def _follow_up(
         self,
         runtime: ModelRuntime,
         meta: ModelMeta,
         plan: ExplainPlan,
-        prepared: list[PreparedImage],
         results: list[RowResult],
         deadline: float | None,
         reservation: Reservation,
     ) -> tuple[list[RowResult], list[dict[tuple[str, int], MapScores]]]:
-        """Runs the request's forward-only work: gradient-free maps, then the scores of all
-        its maps. Every step that builds or reads tensors runs on the CPU pool."""
-        loop = asyncio.get_running_loop()
+        """Runs the request's forward-only work: the maps of methods made by rows after the
+        pass, then the scores of all its maps. Plans are built and finished on the model's
+        worker thread, where the tensors the explain pass left on the device live."""
         chunk = meta.max_batch_size
         no_scores: list[dict[tuple[str, int], MapScores]] = [{} for _ in results]
         try:
+            inputs = followups.staged_inputs(results) if plan.scores else []
             if _gradient_free(plan):
                 fraction = await _tail_fraction(runtime, plan)
-                work, jobs = followups.gradient_free_jobs(results, plan, chunk, fraction)
-                await followups.submit_in_waves(runtime, jobs, deadline, reservation, chunk)
                 input_hw = (meta.recipe.crop, meta.recipe.crop)
-                results = await loop.run_in_executor(
-                    self._pool, followups.merged, results, work, input_hw
+                channels = await runtime.on_worker(
+                    followups.channel_plan, results, plan, chunk, fraction, input_hw
                 )
+                await followups.submit_in_waves(
+                    runtime, channels.jobs(), deadline, reservation, chunk
+                )
+                results = await runtime.on_worker(channels.finish)
             if not plan.scores:
                 return results, no_scores
-            inputs = [item.tensor for item in prepared]
-            score_plan, keys, jobs = await loop.run_in_executor(
-                self._pool, followups.score_jobs, inputs, results, plan, chunk
+            scored, keys = await runtime.on_worker(
+                followups.score_plan, inputs, results, plan, chunk
             )
-            await followups.submit_in_waves(runtime, jobs, deadline, reservation, chunk)
-            scores = await loop.run_in_executor(
-                self._pool, followups.scores_by_image, score_plan, keys, len(results)
-            )
+            await followups.submit_in_waves(runtime, scored.jobs(), deadline, reservation, chunk)
+            scores = await runtime.on_worker(followups.scores_by_image, scored, keys, len(results))
         except Exception as exc:  # noqa: BLE001 - every failure leaves as a domain error
             raise service_error(exc, runtime.spec.name) from None
-        return results, scores
+        return [dataclasses.replace(r, retained=()) for r in results], scores
 
     async def _prepare(
         self,
@@ -335,12 +361,13 @@ class ExplainPipeline:
                 pixels=item.pixels,
                 row=RowRequest(
                     layer=plan.layer,
-                    methods=tuple(m for m in plan.methods if m not in GRADIENT_FREE_METHODS),
+                    methods=pass_methods(plan.methods),
                     classes=target.classes,
                     top_k=target.top_k,
                     eigen_smooth=plan.eigen_smooth,
                     aug_smooth=plan.aug_smooth,
-                    keep_activations=_gradient_free(plan),
+                    # Rows after the pass need the activations; scores, the staged input.
+                    keep_activations=_gradient_free(plan) or bool(plan.scores),
                 ),
             )
             for item, target in zip(prepared, plan.targets, strict=True)

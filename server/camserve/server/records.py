@@ -48,12 +48,17 @@ ImageSource = EncodedImage | ArrayImage
 
 
 @dataclass(frozen=True)
-class MethodCostInfo:
-    """What one method costs per image at the model's default layer (GetModel, admission)."""
+class MethodInfo:
+    """One method as a loaded model offers it, from the engine's method registry: what it costs
+    per image at the model's default layer (GetModel) and which layers it can explain
+    (request validation)."""
 
     method: str
     rows: int  # rows it puts through the model: the explain row plus forward-only rows
     forward_passes: float  # the same work in forward passes of the whole model
+    layouts: frozenset[str]  # the layer layouts it accepts (`LayerSpec.layout`)
+    channel_rows: bool = False  # whether it adds a row per channel of the layer after the pass
+    through_tail: bool = False  # whether those rows run only the modules after the layer
 
 
 @dataclass(frozen=True)
@@ -89,7 +94,7 @@ class ModelMeta:
     layers: tuple[LayerSpec, ...]
     recipe: InputRecipe
     max_batch_size: int
-    method_costs: tuple[MethodCostInfo, ...] = ()  # every method, in METHOD_BY_NAME order
+    methods: tuple[MethodInfo, ...] = ()  # every method of the registry, in wire order
     conv_layers: tuple[ConvLayer, ...] = ()  # every Conv2d, in module order (kernels)
     gates: tuple[GateSpec, ...] = ()  # attention gates, in the order they run
 
@@ -101,6 +106,16 @@ class ModelMeta:
     def layer_shapes(self) -> dict[str, tuple[int, int, int]]:
         """Layer name to its (C, h, w) output for one image, built once per model."""
         return {layer.name: layer.shape for layer in self.layers}
+
+    @functools.cached_property
+    def method_info(self) -> dict[str, MethodInfo]:
+        """Method name to what the model offers of it."""
+        return {info.method: info for info in self.methods}
+
+    def layers_for(self, method: str) -> list[str]:
+        """The target layers `method` can explain, in forward order."""
+        layouts = self.method_info[method].layouts
+        return [layer.name for layer in self.layers if layer.layout in layouts]
 
     @functools.cached_property
     def label_index(self) -> dict[str, int]:

@@ -16,18 +16,28 @@ finite fails alone, as a fault (`camserve.server.faults`).
 from __future__ import annotations
 
 import asyncio
+import functools
 import logging
 import time
 from collections.abc import Callable
 from concurrent.futures import Executor, ThreadPoolExecutor
 from dataclasses import dataclass
+from typing import TypeVar
 
 import numpy as np
 import torch
 
 from camserve.server.batcher import BatchInfo, DynamicBatcher, Reservation
-from camserve.server.engine import METHODS, CamEngine, ModelFault, RowRequest, RowResult
+from camserve.server.engine import (
+    BY_NAME,
+    PASS_METHODS,
+    CamEngine,
+    ModelFault,
+    RowRequest,
+    RowResult,
+)
 from camserve.server.engine.gates import find_gates
+from camserve.server.engine.jobs import ForwardJob, run_forward
 from camserve.server.engine.kernels import conv_layers, conv_weights
 from camserve.server.faults import checked_row
 from camserve.server.health import HealthTracker
@@ -39,12 +49,13 @@ from camserve.server.models.loading import (
     input_recipe,
     layout_hints,
 )
-from camserve.server.records import InputRecipe, MethodCostInfo, ModelMeta
+from camserve.server.records import InputRecipe, MethodInfo, ModelMeta
 from camserve.server.settings import ModelSettings
 from camserve.server.staging import InputStager
-from camserve.server.work import ForwardJob, ImageJob, WorkItem, item_cost, run_forward
+from camserve.server.work import ImageJob, WorkItem, item_cost
 
 log = logging.getLogger("camserve.runtime")
+T = TypeVar("T")
 # Per item: its engine result (None for a forward job, which records its own) and the seconds
 # its batch took, or its failure.
 Outcome = tuple[RowResult | None, float] | BaseException
@@ -126,7 +137,7 @@ class ModelRuntime:
         meta = _read_meta(spec, engine, str(device), recipe)
         if warmup:
             batch = spec.max_batch_size if device.type == "cuda" else 1
-            rows = [RowRequest(layer=meta.default_layer, methods=METHODS)] * batch
+            rows = [RowRequest(layer=meta.default_layer, methods=PASS_METHODS)] * batch
             size = meta.recipe.crop
             engine.explain_batch(torch.zeros(batch, 3, size, size), rows)
         self._stager = InputStager(device, recipe.mean, recipe.std)
@@ -179,6 +190,12 @@ class ModelRuntime:
                 self._executor, self._engine.tail_fraction, layer, size
             )
         return self._tail_fractions[layer]
+
+    async def on_worker(self, fn: Callable[..., T], *args: object) -> T:
+        """`fn(*args)` run on the model's engine worker thread, between its batches: follow-up
+        plans are built and finished there, so the device tensors they hold stay on it."""
+        loop = asyncio.get_running_loop()
+        return await loop.run_in_executor(self._executor, functools.partial(fn, *args))
 
     async def submit(
         self, jobs: list[ImageJob], deadline: float | None, reservation: Reservation | None = None
@@ -350,8 +367,16 @@ def _read_meta(
         default_layer=default_layer,
         layers=layers,
         recipe=recipe,
-        method_costs=tuple(
-            MethodCostInfo(method, cost.rows, cost.forward_passes) for method, cost in costs.items()
+        methods=tuple(
+            MethodInfo(
+                method,
+                cost.rows,
+                cost.forward_passes,
+                BY_NAME[method].layouts,
+                channel_rows=not BY_NAME[method].produces.from_pass,
+                through_tail=BY_NAME[method].runs_tail,
+            )
+            for method, cost in costs.items()
         ),
         max_batch_size=spec.max_batch_size,
         conv_layers=conv_layers(engine.model),

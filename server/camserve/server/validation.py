@@ -15,7 +15,7 @@ from camserve.server.errors import InvalidRequest
 from camserve.server.records import ArrayImage, EncodedImage, ImageSource, ModelMeta
 from camserve.server.settings import LimitsSettings
 from camserve.v1 import explain_pb2 as pb
-from camserve.v1.methods import METHOD_BY_NAME, NAME_BY_METHOD
+from camserve.v1.methods import DEFAULT_METHOD, METHOD_BY_NAME, NAME_BY_METHOD
 from camserve.v1.scores import (
     CURVE_SCORES,
     DEFAULT_SCORE_STEPS,
@@ -57,6 +57,44 @@ class ImageTarget:
 
 
 @dataclass(frozen=True)
+class RequestBudget:
+    """What a validated request will make, counted once, here: each image's maps, and per
+    explained copy of an image its rows (the explain row, then a row per channel of the layer
+    for each method made by rows after the pass). Admission prices it
+    (`followups.request_cost`); the response-size and shaping checks read its maps."""
+
+    maps_per_image: tuple[int, ...]
+    channels: int = 0  # of the target layer
+    tail_methods: int = 0  # methods whose rows run only the modules after the layer
+    model_methods: int = 0  # methods whose rows run the whole model
+
+    @property
+    def maps(self) -> int:
+        return sum(self.maps_per_image)
+
+    @property
+    def rows_per_copy(self) -> int:
+        return 1 + self.channels * (self.tail_methods + self.model_methods)
+
+    @property
+    def rows_after_pass(self) -> bool:
+        return bool(self.tail_methods or self.model_methods)
+
+
+def budget_of(
+    targets: Sequence[ImageTarget], methods: tuple[str, ...], layer: str, meta: ModelMeta
+) -> RequestBudget:
+    """The budget of explaining `targets` with `methods` at `layer` of the model."""
+    offered = [meta.method_info[name] for name in methods]
+    return RequestBudget(
+        maps_per_image=tuple((len(t.classes) or t.top_k) * len(methods) for t in targets),
+        channels=meta.layer_shapes[layer][0],
+        tail_methods=sum(m.channel_rows and m.through_tail for m in offered),
+        model_methods=sum(m.channel_rows and not m.through_tail for m in offered),
+    )
+
+
+@dataclass(frozen=True)
 class ExplainPlan:
     """A validated request, ready for decoding and batching."""
 
@@ -72,6 +110,7 @@ class ExplainPlan:
     scores: tuple[str, ...] = ()
     score_steps: int = DEFAULT_SCORE_STEPS
     score_curves: bool = False
+    budget: RequestBudget = RequestBudget(())  # set by `validate`
 
 
 def _choices(values: object) -> str:
@@ -100,11 +139,34 @@ def _distinct(
     return tuple(names)
 
 
-def _methods(request: pb.ExplainRequest) -> tuple[str, ...]:
+def _methods(request: pb.ExplainRequest, meta: ModelMeta) -> tuple[str, ...]:
     methods = _distinct(
         request.methods, "methods", "method", NAME_BY_METHOD, METHOD_BY_NAME, pb.Method.Name
     )
-    return methods or ("gradcam",)
+    for name in methods:
+        if name not in meta.method_info:
+            raise RequestError(
+                f"methods: model {meta.name!r} does not offer {name}; it offers "
+                f"{', '.join(meta.method_info)} (listed by GetModel)"
+            )
+    return methods or (DEFAULT_METHOD,)
+
+
+def _check_layer_fits(methods: tuple[str, ...], layer: str, meta: ModelMeta) -> None:
+    """Refuses a method that cannot explain the layer's layout, naming layers it can."""
+    layout = next(spec.layout for spec in meta.layers if spec.name == layer)
+    for name in methods:
+        accepted = meta.method_info[name].layouts
+        if layout in accepted:
+            continue
+        fitting = meta.layers_for(name)
+        shown = ", ".join(fitting[-8:]) if fitting else "none in this model"
+        raise RequestError(
+            f"methods: {name} cannot explain layer {layer!r} of model {meta.name!r}, whose "
+            f"output is laid out {layout}; it takes {'/'.join(sorted(accepted))} layers. Choose "
+            f"another method, or a layer it works at: {shown}"
+            + (f" ({len(fitting)} in all, listed by GetModel)" if len(fitting) > 8 else "")
+        )
 
 
 def _output(options: pb.OutputOptions, limits: LimitsSettings) -> OutputPlan:
@@ -264,8 +326,7 @@ def check_response_size(
     itemsize = _DTYPE_BYTES[plan.output.dtype]
     per_map_extra = _score_bytes(plan)
     total = RESPONSE_OVERHEAD
-    for target, geometry in zip(plan.targets, geometries, strict=True):
-        maps = (len(target.classes) or target.top_k) * len(plan.methods)
+    for maps, geometry in zip(plan.budget.maps_per_image, geometries, strict=True):
         total += maps * (_heatmap_pixels(plan, geometry, meta) * itemsize + per_map_extra)
         if plan.output.overlay:
             total += geometry.original_hw[0] * geometry.original_hw[1] * 3  # PNG, worst case
@@ -278,6 +339,28 @@ def check_response_size(
         )
 
 
+def _layer(request: pb.ExplainRequest, meta: ModelMeta) -> str:
+    layer = request.layer or meta.default_layer
+    if layer not in meta.layer_names:
+        names = [spec.name for spec in meta.layers]
+        shown = ", ".join(names[-12:])
+        raise RequestError(
+            f"layer: {request.layer!r} is not a target layer of model {meta.name!r}; the last "
+            f"ones are {shown} ({len(names)} in all, listed by GetModel)"
+        )
+    return layer
+
+
+def _top_predictions(request: pb.ExplainRequest, meta: ModelMeta) -> int:
+    if not request.HasField("top_predictions"):
+        return min(DEFAULT_TOP_PREDICTIONS, meta.num_classes)
+    if not 1 <= request.top_predictions <= meta.num_classes:
+        raise RequestError(
+            f"top_predictions: {request.top_predictions} is outside 1..{meta.num_classes}"
+        )
+    return int(request.top_predictions)
+
+
 def validate(request: pb.ExplainRequest, meta: ModelMeta, limits: LimitsSettings) -> ExplainPlan:
     """The request as a plan, or RequestError naming the first bad field."""
     count = len(request.images)
@@ -288,23 +371,8 @@ def validate(request: pb.ExplainRequest, meta: ModelMeta, limits: LimitsSettings
             f"images: {count} images is over the limit of {limits.max_images_per_request} per "
             "request; split it, or use ExplainStream"
         )
-    layer = request.layer or meta.default_layer
-    if layer not in meta.layer_names:
-        names = [spec.name for spec in meta.layers]
-        shown = ", ".join(names[-12:])
-        raise RequestError(
-            f"layer: {request.layer!r} is not a target layer of model {meta.name!r}; the last "
-            f"ones are {shown} ({len(names)} in all, listed by GetModel)"
-        )
-    if request.HasField("top_predictions") and not 1 <= request.top_predictions <= meta.num_classes:
-        raise RequestError(
-            f"top_predictions: {request.top_predictions} is outside 1..{meta.num_classes}"
-        )
-    top_predictions = (
-        request.top_predictions
-        if request.HasField("top_predictions")
-        else min(DEFAULT_TOP_PREDICTIONS, meta.num_classes)
-    )
+    layer = _layer(request, meta)
+    top_predictions = _top_predictions(request, meta)
     targets = tuple(
         _target(image.target, f"images[{i}].target", meta, limits)
         for i, image in enumerate(request.images)
@@ -312,7 +380,8 @@ def validate(request: pb.ExplainRequest, meta: ModelMeta, limits: LimitsSettings
     for i, image in enumerate(request.images):
         if image.WhichOneof("source") is None:
             raise RequestError(f"images[{i}]: set `encoded` (file bytes) or `tensor`")
-    methods = _methods(request)
+    methods = _methods(request, meta)
+    _check_layer_fits(methods, layer, meta)
     output = _output(request.output, limits)
     scores = _scores(request.output, meta, limits)
     _check_smoothing(request)
@@ -327,6 +396,7 @@ def validate(request: pb.ExplainRequest, meta: ModelMeta, limits: LimitsSettings
         scores=scores.names,
         score_steps=scores.steps,
         score_curves=scores.curves,
+        budget=budget_of(targets, methods, layer, meta),
     )
 
 

@@ -1,12 +1,15 @@
 """The CAM engine: Grad-CAM and its relatives for whole batches.
 
-`CamEngine.explain_batch` runs the model once forward and once backward and returns raw maps at
-feature resolution for the single-pass methods (`METHODS`: Grad-CAM, Grad-CAM++, XGrad-CAM,
-HiResCAM, LayerCAM, Grad-CAM element-wise, EigenCAM, EigenGradCAM), with `eigen_smooth` and
-`aug_smooth` options per row; `shaping` turns maps into pixels over the model input or the
-original image, and into [0, 1] (`shape_heatmaps`, one normalisation rule at every resolution).
-The gradient-free methods (`GRADIENT_FREE_METHODS`: AblationCAM, ScoreCAM) add forward-only rows
-after that pass: see `gradient_free`. `costs` says what each method weighs.
+Every method is one entry of `registry` (`REGISTRY`, by name `BY_NAME`): its wire value, what
+the explain pass must produce for it, the layer layouts it accepts, its cost, and the work it
+needs after the pass. `CamEngine.explain_batch` runs the model once forward and once backward
+and returns raw maps at feature resolution for the methods made by that pass (`PASS_METHODS`:
+Grad-CAM, Grad-CAM++, XGrad-CAM, HiResCAM, LayerCAM, Grad-CAM element-wise, EigenCAM,
+EigenGradCAM), with `eigen_smooth` and `aug_smooth` options per row; `shaping` turns maps into
+pixels over the model input or the original image, and into [0, 1] (`shape_heatmaps`, one
+normalisation rule at every resolution). The methods made by forward-only rows after that pass
+(`ROW_METHODS`: AblationCAM, ScoreCAM) are run by `gradient_free`. `costs` says what each method
+weighs.
 
 Target layers (`CamEngine.layers`) are the modules that run exactly once per forward pass and
 output one map per image: an NCHW or NHWC feature map, or a vision transformer's token sequence
@@ -34,8 +37,18 @@ forward-only rows planned by `ScorePlan`; definitions in `camserve.server.engine
 from camserve.server.engine.core import PRECISIONS, CamEngine
 from camserve.server.engine.costs import MethodCost, method_cost
 from camserve.server.engine.faithfulness import DEFAULT_STEPS, MAX_STEPS, SCORES
-from camserve.server.engine.gradient_free import FollowUp, Piece, explain_all
+from camserve.server.engine.gradient_free import ChannelPlan, FollowUp, explain_all
+from camserve.server.engine.jobs import FollowUpPlan, ForwardJob, run_forward, run_plan
 from camserve.server.engine.layouts import LayoutHints
+from camserve.server.engine.registry import (
+    BY_NAME,
+    NAMES,
+    PASS_METHODS,
+    REGISTRY,
+    ROW_METHODS,
+    Method,
+    Produces,
+)
 from camserve.server.engine.scoring import (
     Curve,
     MapScores,
@@ -54,9 +67,6 @@ from camserve.server.engine.shaping import (
     to_size,
 )
 from camserve.server.engine.types import (
-    ALL_METHODS,
-    GRADIENT_FREE_METHODS,
-    METHODS,
     Augmentation,
     EngineError,
     LayerError,
@@ -68,15 +78,18 @@ from camserve.server.engine.types import (
 )
 
 __all__ = [
-    "ALL_METHODS",
-    "Augmentation",
+    "BY_NAME",
     "DEFAULT_STEPS",
-    "GRADIENT_FREE_METHODS",
     "MAX_STEPS",
-    "METHODS",
+    "NAMES",
+    "PASS_METHODS",
     "PRECISIONS",
+    "REGISTRY",
+    "ROW_METHODS",
     "SCORES",
+    "Augmentation",
     "CamEngine",
+    "ChannelPlan",
     "Curve",
     "EngineError",
     "FollowUp",
@@ -85,14 +98,19 @@ __all__ = [
     "LayerSpec",
     "LayoutHints",
     "MapScores",
+    "Method",
     "MethodCost",
     "ModelFault",
-    "Piece",
+    "FollowUpPlan",
+    "ForwardJob",
+    "Produces",
     "Retained",
     "RowRequest",
     "RowResult",
     "ScorePlan",
     "explain_all",
+    "run_forward",
+    "run_plan",
     "forward_rows",
     "method_cost",
     "normalise",

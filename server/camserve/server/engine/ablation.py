@@ -34,10 +34,14 @@ def check_range(channels: int, start: int, stop: int) -> None:
         )
 
 
-def ablation_value(activation: torch.Tensor) -> float:
-    """The value an ablated channel takes: 0 if the activation's minimum is 0, else far below."""
-    minimum = float(activation.min())
-    return 0.0 if minimum == 0 else minimum - ABLATION_OFFSET
+def ablation_value(activation: torch.Tensor) -> torch.Tensor:
+    """The value an ablated channel takes: 0 if the activation's minimum is 0, else far below.
+
+    A 0-d tensor on the activation's device: reading the minimum on the host would make every
+    piece of the follow-up wait for the device.
+    """
+    minimum = activation.min()
+    return torch.where(minimum == 0, torch.zeros_like(minimum), minimum - ABLATION_OFFSET)
 
 
 def ablated_rows(activation: torch.Tensor, start: int, stop: int) -> torch.Tensor:

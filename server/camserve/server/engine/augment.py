@@ -101,8 +101,10 @@ def expand(images: torch.Tensor, rows: Sequence[RowRequest]) -> Expansion:
         start = len(out_rows)
         if row.aug_smooth:
             parts.append(augment_images(images[index]))
-            plain = dataclasses.replace(row, aug_smooth=False)
-            out_rows += [plain] * len(AUGMENTATIONS)
+            plain = dataclasses.replace(row, aug_smooth=False, outputs=())
+            copies = [plain] * len(AUGMENTATIONS)
+            copies[IDENTITY_INDEX] = dataclasses.replace(row, aug_smooth=False)  # its outputs
+            out_rows += copies
             origin += [index] * len(AUGMENTATIONS)
             source += [start + IDENTITY_INDEX] * len(AUGMENTATIONS)
             augmentation += list(AUGMENTATIONS)

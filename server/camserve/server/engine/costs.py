@@ -3,7 +3,8 @@
 The explain pass (forward plus one backward from the target layer) counts as one forward pass;
 it measured 1.00-1.07x a plain forward pass. Every single-pass method rides on it, so asking for
 several costs no more than one (the eigen methods add a small SVD per map on the CPU). The
-gradient-free methods add one forward-only row per channel C of the target layer:
+gradient-free methods add one forward-only row per channel C of the target layer (what each
+method needs is stated by its `registry` entry):
 
 - AblationCAM: rows that run only the modules after the layer, each costing `tail_fraction` of a
   forward pass (`CamEngine.tail_fraction`; 1.0 when the model cannot be split there);
@@ -17,7 +18,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from camserve.server.engine.augment import AUGMENTATIONS
-from camserve.server.engine.types import GRADIENT_FREE_METHODS, METHODS, EngineError
+from camserve.server.engine.registry import method
+from camserve.server.engine.types import EngineError
 
 
 @dataclass(frozen=True)
@@ -40,19 +42,16 @@ def explain_rows(aug_smooth: bool) -> int:
 
 
 def method_cost(
-    method: str, *, channels: int, tail_fraction: float, aug_smooth: bool = False
+    name: str, *, channels: int, tail_fraction: float, aug_smooth: bool = False
 ) -> MethodCost:
-    """The cost of `method` per image at a layer with `channels` channels."""
+    """The cost of method `name` per image at a layer with `channels` channels."""
     if channels < 1:
         raise EngineError(f"channels must be >= 1, got {channels}")
     if not 0.0 <= tail_fraction <= 1.0:
         raise EngineError(f"tail_fraction must be in [0, 1], got {tail_fraction}")
     copies = explain_rows(aug_smooth)
-    if method in METHODS:
-        return MethodCost(copies, 0, float(copies))
-    if method not in GRADIENT_FREE_METHODS:
-        raise EngineError(
-            f"unknown method {method!r}; choose from {METHODS + GRADIENT_FREE_METHODS}"
-        )
-    per_row = tail_fraction if method == "ablationcam" else 1.0
-    return MethodCost(copies, copies * channels, copies * (1.0 + channels * per_row))
+    entry = method(name)
+    rows = entry.rows_per_copy(channels)
+    return MethodCost(
+        copies, copies * (rows - 1), copies * entry.cost_per_copy(channels, tail_fraction)
+    )

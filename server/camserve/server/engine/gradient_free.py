@@ -1,21 +1,19 @@
-"""AblationCAM and ScoreCAM as forward-only rows after the explain pass, in chunks.
+"""The methods made by forward-only rows after the explain pass (AblationCAM, ScoreCAM), as a
+`jobs.FollowUpPlan`.
 
-Both need one extra model row per channel of the target layer, so a runtime must be able to
-spread them over many batches, interleave them with other work and stop between chunks. The
-steps, in the order a runtime calls them:
+Each needs one extra model row per channel of the target layer, so a runtime must be able to
+spread them over many batches, interleave them with other work and stop between chunks:
 
-1. `CamEngine.explain_batch` with `RowRequest(keep_activations=True)` (and the row's other methods):
-   predictions, classes, maps of the single-pass methods, and `RowResult.retained`, the
-   image and layer output of each explained copy (six with aug_smooth), on the engine's device.
-2. `follow_ups(result, method)`: one `FollowUp` per retained copy; it holds the (K, C) score
-   table to fill. `pieces(follow_up, chunk_rows)` cuts its channels into ranges.
-3. `run_pieces(engine, batch)` for batches of pieces that share `FollowUp.key` (`pack` groups
-   them; pieces of different images and requests may share a batch): builds the rows
-   (`FollowUp.rows`), runs them (`CamEngine.predict_tail` for AblationCAM,
-   `CamEngine.predict` for ScoreCAM) and records their scores. This is the only step that runs
-   the model; it belongs on the engine's worker thread.
-4. `merge(result, method, follow_ups, input_hw)` once every piece has run: the maps,
-   (method, class) -> map, smoothed over the copies when the row asked for aug_smooth.
+1. `CamEngine.explain_batch` with `RowRequest(keep_activations=True)` (and the row's other
+   methods): predictions, classes, maps of the pass methods, and `RowResult.retained`, the image
+   and layer output of each explained copy (six with aug_smooth), on the engine's device.
+2. `ChannelPlan(results, methods, ...)`: one `FollowUp` per method and retained copy, holding
+   the (K, C) score table to fill; its `jobs` cut the channels into chunks whose rows the
+   method's registry entry builds (`ChannelRows`), through the tail or the whole model.
+3. The jobs run (`jobs.run_forward`, from the server's batcher or `jobs.run_plan`), each
+   recording its logits.
+4. `ChannelPlan.finish`: the results with the maps added, (method, class) -> map, smoothed over
+   the copies when the row asked for aug_smooth, and the retained tensors let go.
 
 `explain_all` does all four synchronously, for tests, benchmarks and scripts.
 """
@@ -23,6 +21,7 @@ steps, in the order a runtime calls them:
 from __future__ import annotations
 
 import dataclasses
+import functools
 import math
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -30,13 +29,11 @@ from typing import TYPE_CHECKING
 
 import torch
 
-from camserve.server.engine.ablation import ablated_rows, ablation_cam
 from camserve.server.engine.augment import smooth_maps
-from camserve.server.engine.scorecam import masked_inputs, score_cam
+from camserve.server.engine.jobs import ForwardJob, run_plan, tail_cost
+from camserve.server.engine.registry import NAMES, ROW_METHODS, ChannelRows, Method, needing_rows
+from camserve.server.engine.registry import method as registered
 from camserve.server.engine.types import (
-    ALL_METHODS,
-    GRADIENT_FREE_METHODS,
-    METHODS,
     EngineError,
     LayerError,
     Retained,
@@ -62,17 +59,19 @@ class FollowUp:
     scores: torch.Tensor = field(init=False, repr=False)  # (K, C) logits; NaN until scored
 
     def __post_init__(self) -> None:
-        if self.method not in GRADIENT_FREE_METHODS:
+        entry = registered(self.method)
+        if entry.rows is None:
             raise EngineError(
-                f"method {self.method!r} is not gradient-free; use one of {GRADIENT_FREE_METHODS}"
+                f"method {self.method!r} is made by the explain pass, not by rows after it; "
+                f"use one of {ROW_METHODS}"
             )
-        if self.method == "ablationcam" and not self.retained.feeds_tail:
+        if not entry.accepts(self.retained.layout):
             raise LayerError(
-                f"ablationcam runs the layers after {self.layer!r} on ablated copies of its "
-                "output, which needs a layer with NCHW feature maps; this one is a transformer's "
-                "token or channels-last layer: use scorecam or a gradient method there, or "
-                "choose an NCHW layer"
+                f"{self.method} cannot explain layer {self.layer!r}, whose output is laid out "
+                f"{self.retained.layout!r}; it takes layers laid out {sorted(entry.layouts)}"
             )
+        self.entry: Method = entry
+        self.work: ChannelRows = entry.rows
         self.scores = torch.full((len(self.classes), self.channels), math.nan)
 
     @property
@@ -82,9 +81,10 @@ class FollowUp:
     @property
     def key(self) -> tuple[object, ...]:
         """Pieces with equal keys can share one model call: same method and input size and,
-        for the tail, same layer (ScoreCAM rows are plain inputs, whatever the layer)."""
+        for the tail, same layer (rows of the whole model are plain inputs, whatever the
+        layer)."""
         size = tuple(self.retained.image.shape[-2:])
-        if self.method == "ablationcam":
+        if self.entry.runs_tail:
             return (self.method, size, self.layer)
         return (self.method, size)
 
@@ -94,9 +94,7 @@ class FollowUp:
 
     def rows(self, start: int, stop: int) -> torch.Tensor:
         """The model rows for channels [start, stop), on the engine's device."""
-        if self.method == "ablationcam":
-            return ablated_rows(self.retained.activation, start, stop)
-        return masked_inputs(self.retained.image, self.retained.activation, start, stop)
+        return self.work.build(self.retained.image, self.retained.activation, start, stop)
 
     def record(self, start: int, stop: int, logits: torch.Tensor) -> None:
         """Keeps the explained classes' logits (stop - start, num_classes) of those rows."""
@@ -110,26 +108,10 @@ class FollowUp:
         if not self.done:
             missing = int(torch.isnan(self.scores).any(dim=0).sum())
             raise EngineError(f"{self.method}: {missing} channels are not scored yet; run them")
+        original = self.retained.logits[list(self.classes)]
         activation = self.retained.activation
-        if self.method == "ablationcam":
-            original = self.retained.logits[list(self.classes)]
-            maps = ablation_cam(activation, original, self.scores, eigen_smooth=self.eigen_smooth)
-        else:
-            maps = score_cam(activation, self.scores, eigen_smooth=self.eigen_smooth)
+        maps = self.work.maps(activation, original, self.scores, self.eigen_smooth)
         return maps.float().cpu()
-
-
-@dataclass(frozen=True)
-class Piece:
-    """Channels [start, stop) of one follow-up: stop - start model rows."""
-
-    follow_up: FollowUp
-    start: int
-    stop: int
-
-    @property
-    def rows(self) -> int:
-        return self.stop - self.start
 
 
 def follow_ups(result: RowResult, method: str, *, eigen_smooth: bool = False) -> list[FollowUp]:
@@ -142,70 +124,6 @@ def follow_ups(result: RowResult, method: str, *, eigen_smooth: bool = False) ->
         FollowUp(method, result.layer, retained, result.classes, eigen_smooth)
         for retained in result.retained
     ]
-
-
-def pieces(follow_up: FollowUp, chunk_rows: int) -> list[Piece]:
-    """The follow-up's channels cut into ranges of at most `chunk_rows`."""
-    if chunk_rows < 1:
-        raise EngineError(f"chunk_rows must be >= 1, got {chunk_rows}")
-    return [
-        Piece(follow_up, start, min(start + chunk_rows, follow_up.channels))
-        for start in range(0, follow_up.channels, chunk_rows)
-    ]
-
-
-def pack(all_pieces: Sequence[Piece], max_rows: int) -> list[list[Piece]]:
-    """Batches of at most `max_rows` rows, each of pieces with one key, in the given order
-    within each key. A piece larger than `max_rows` gets a batch of its own."""
-    batches: list[list[Piece]] = []
-    open_batches: dict[tuple[object, ...], list[Piece]] = {}
-    for piece in all_pieces:
-        key = piece.follow_up.key
-        current = open_batches.get(key)
-        if current is not None and sum(p.rows for p in current) + piece.rows > max_rows:
-            current = None
-        if current is None:
-            current = []
-            batches.append(current)
-            open_batches[key] = current
-        current.append(piece)
-    return batches
-
-
-def distinct_images(sources: Sequence[tuple[torch.Tensor, int]]) -> tuple[torch.Tensor, list[int]]:
-    """For groups of rows given as (their input image, how many rows): the distinct images
-    stacked once, and each row's index into them, as `CamEngine.predict_tail` takes them."""
-    slots: dict[int, int] = {}
-    images: list[torch.Tensor] = []
-    index: list[int] = []
-    for image, rows in sources:
-        if id(image) not in slots:
-            slots[id(image)] = len(images)
-            images.append(image)
-        index += [slots[id(image)]] * rows
-    return torch.stack(images), index
-
-
-def run_pieces(engine: CamEngine, batch: Sequence[Piece]) -> None:
-    """Runs one batch of pieces through the model and records their scores."""
-    if not batch:
-        return
-    keys = {piece.follow_up.key for piece in batch}
-    if len(keys) != 1:
-        raise EngineError(f"a batch of pieces must share one key, got {sorted(map(str, keys))}")
-    rows = torch.cat([piece.follow_up.rows(piece.start, piece.stop) for piece in batch])
-    first = batch[0].follow_up
-    if first.method == "ablationcam":
-        images, image_index = distinct_images(
-            [(piece.follow_up.retained.image, piece.rows) for piece in batch]
-        )
-        logits = engine.predict_tail(first.layer, rows, images, image_index)
-    else:
-        logits = engine.predict(rows)
-    offset = 0
-    for piece in batch:
-        piece.follow_up.record(piece.start, piece.stop, logits[offset : offset + piece.rows])
-        offset += piece.rows
 
 
 def merge(
@@ -230,16 +148,85 @@ def merge(
 
 def _split_methods(index: int, row: RowRequest) -> tuple[tuple[str, ...], tuple[str, ...]]:
     methods = tuple(row.methods)
-    for method in methods:
-        if method not in ALL_METHODS:
+    for name in methods:
+        if name not in NAMES:
             raise EngineError(
-                f"rows[{index}].methods: unknown method {method!r}; choose from {ALL_METHODS}"
+                f"rows[{index}].methods: unknown method {name!r}; choose from {NAMES}"
             )
     if len(set(methods)) != len(methods):
         raise EngineError(f"rows[{index}].methods lists a method twice: {methods!r}")
-    single = tuple(m for m in methods if m in METHODS)
-    free = tuple(m for m in methods if m in GRADIENT_FREE_METHODS)
+    single = tuple(m for m in methods if registered(m).produces.from_pass)
+    free = tuple(m for m in methods if not registered(m).produces.from_pass)
     return single, free
+
+
+def _jobs(follow_up: FollowUp, chunk: int, tail_fraction: float) -> list[ForwardJob]:
+    """The follow-up's channels in chunks of at most `chunk` rows, as jobs."""
+    image = follow_up.retained.image
+    found = []
+    for start in range(0, follow_up.channels, chunk):
+        stop = min(start + chunk, follow_up.channels)
+        tail = follow_up.entry.runs_tail
+        found.append(
+            ForwardJob(
+                # Rows of the whole model are model inputs like any other rows of that size.
+                key=follow_up.key if tail else ("inputs", tuple(image.shape[-2:])),
+                rows=stop - start,
+                cost=tail_cost(stop - start, tail_fraction) if tail else stop - start,
+                build=functools.partial(follow_up.rows, start, stop),
+                record=functools.partial(follow_up.record, start, stop),
+                tail_layer=follow_up.layer if tail else "",
+                image=image if tail else None,
+            )
+        )
+    return found
+
+
+class ChannelPlan:
+    """The rows-after-the-pass methods of a batch's results, as one `FollowUpPlan`.
+
+    `methods[i]` are the methods made by rows that result i needs (the others are ignored);
+    `chunk` bounds a job's rows, `tail_fraction` prices a row through the tail.
+    """
+
+    def __init__(
+        self,
+        results: Sequence[RowResult],
+        methods: Sequence[Sequence[str]],
+        *,
+        eigen_smooth: Sequence[bool],
+        input_hw: tuple[int, int],
+        chunk: int = DEFAULT_CHUNK_ROWS,
+        tail_fraction: float = 1.0,
+    ) -> None:
+        if chunk < 1:
+            raise EngineError(f"chunk must be >= 1, got {chunk}")
+        self._results = list(results)
+        self._input_hw = input_hw
+        self._work: list[tuple[int, str, list[FollowUp]]] = []
+        self._jobs: list[ForwardJob] = []
+        for i, (result, names) in enumerate(zip(self._results, methods, strict=True)):
+            for entry in needing_rows(tuple(names)):
+                group = follow_ups(result, entry.name, eigen_smooth=eigen_smooth[i])
+                self._work.append((i, entry.name, group))
+                for follow_up in group:
+                    self._jobs += _jobs(follow_up, chunk, tail_fraction)
+
+    def cost(self) -> int:
+        return sum(job.cost for job in self._jobs)
+
+    def jobs(self) -> list[ForwardJob]:
+        return list(self._jobs)
+
+    def finish(self) -> list[RowResult]:
+        """The results with every method's maps added and the retained tensors let go."""
+        maps = [dict(result.maps) for result in self._results]
+        for i, name, group in self._work:
+            maps[i].update(merge(self._results[i], name, group, self._input_hw))
+        return [
+            dataclasses.replace(result, maps=maps[i], retained=())
+            for i, result in enumerate(self._results)
+        ]
 
 
 def explain_all(
@@ -249,9 +236,9 @@ def explain_all(
     *,
     chunk_rows: int = DEFAULT_CHUNK_ROWS,
 ) -> list[RowResult]:
-    """`CamEngine.explain_batch` for rows whose methods may include the gradient-free ones, run
-    to the end synchronously: follow-up rows in batches of at most `chunk_rows`, packed across
-    images."""
+    """`CamEngine.explain_batch` for rows whose methods may include those made by rows after
+    the pass, run to the end synchronously: their jobs in batches of at most `chunk_rows` rows,
+    through `jobs.run_plan` as the server runs them."""
     split = [_split_methods(i, row) for i, row in enumerate(rows)]
     asked = [
         dataclasses.replace(
@@ -260,20 +247,15 @@ def explain_all(
         for row, (single, free) in zip(rows, split, strict=True)
     ]
     results = engine.explain_batch(batch, asked)
-    input_hw = (int(batch.shape[-2]), int(batch.shape[-1]))
-    work: list[tuple[int, str, list[FollowUp]]] = []
-    for i, (row, (_, free)) in enumerate(zip(rows, split, strict=True)):
-        for method in free:
-            work.append((i, method, follow_ups(results[i], method, eigen_smooth=row.eigen_smooth)))
-    every_piece = [piece for _, _, group in work for f in group for piece in pieces(f, chunk_rows)]
-    for chunk in pack(every_piece, chunk_rows):
-        run_pieces(engine, chunk)
-    maps: list[dict[tuple[str, int], torch.Tensor]] = [dict(r.maps) for r in results]
-    for i, method, group in work:
-        maps[i].update(merge(results[i], method, group, input_hw))
+    plan = ChannelPlan(  # run by rows here, so the tail's price does not matter
+        results,
+        [free for _, free in split],
+        eigen_smooth=[row.eigen_smooth for row in rows],
+        input_hw=(int(batch.shape[-2]), int(batch.shape[-1])),
+        chunk=chunk_rows,
+    )
+    done = run_plan(engine, plan, chunk_rows)
     return [
-        dataclasses.replace(
-            result, maps=maps[i], retained=result.retained if row.keep_activations else ()
-        )
-        for i, (row, result) in enumerate(zip(rows, results, strict=True))
+        dataclasses.replace(done[i], retained=results[i].retained if row.keep_activations else ())
+        for i, row in enumerate(rows)
     ]

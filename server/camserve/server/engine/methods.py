@@ -122,11 +122,11 @@ def _weighted_terms_of(weights: CamFn) -> CamFn:
 
 @dataclass(frozen=True)
 class CamMethod:
-    """One method: its per-channel terms and, when it has one, a fast path for their sum."""
+    """One method's arithmetic: its per-channel terms and, when it has one, a fast path for
+    their sum. Which method uses which is stated by `camserve.server.engine.registry`."""
 
     terms: TermsFn  # (R, S, C) activations, (K, R, S, C) gradients -> (K or 1, R, S, C)
     fast: CamFn | None  # the ReLU'd channel sum; None: always the principal component
-    uses_gradients: bool = True
 
 
 def _weighting(weights: CamFn) -> CamMethod:
@@ -137,21 +137,14 @@ def _summing(terms: CamFn) -> CamMethod:
     return CamMethod(_needing_gradients(terms), _channel_sum(terms))
 
 
-CAM_METHODS: dict[str, CamMethod] = {
-    "gradcam": _weighting(gradcam_weights),
-    "gradcampp": _weighting(gradcampp_weights),
-    "xgradcam": _weighting(xgradcam_weights),
-    "hirescam": _summing(_hirescam_terms),
-    "layercam": _summing(_layercam_terms),
-    "gradcamelementwise": _summing(_elementwise_terms),
-    "eigencam": CamMethod(_eigencam_terms, None, uses_gradients=False),
-    "eigengradcam": CamMethod(_needing_gradients(_hirescam_terms), None),
-}
-
-
-def uses_gradients(method: str) -> bool:
-    """Whether `method` needs dY/dA (EigenCAM does not)."""
-    return CAM_METHODS[method].uses_gradients
+GRADCAM = _weighting(gradcam_weights)
+GRADCAMPP = _weighting(gradcampp_weights)
+XGRADCAM = _weighting(xgradcam_weights)
+HIRESCAM = _summing(_hirescam_terms)
+LAYERCAM = _summing(_layercam_terms)
+GRADCAM_ELEMENTWISE = _summing(_elementwise_terms)
+EIGENCAM = CamMethod(_eigencam_terms, None)
+EIGENGRADCAM = CamMethod(_needing_gradients(_hirescam_terms), None)
 
 
 def flat_channels_last(feature_maps: torch.Tensor) -> torch.Tensor:
@@ -176,29 +169,26 @@ class PendingMaps:
 
 
 def start(
-    method: str,
+    kernel: CamMethod,
     activations: torch.Tensor,
     gradients: torch.Tensor | None,
     *,
     eigen_smooth: bool = False,
 ) -> PendingMaps:
-    """`method`'s maps from (R, C, h, w) activations and (K, R, C, h, w) gradients, as far as
+    """`kernel`'s maps from (R, C, h, w) activations and (K, R, C, h, w) gradients, as far as
     the device takes them: all of them, or the matrices to project. No synchronisation.
 
     `gradients` may be None for a method that does not use them; the maps are then (1, R, h, w).
     Both are read as float32, whatever precision the forward pass ran in.
     """
-    spec = CAM_METHODS[method]
     height, width = (int(side) for side in activations.shape[-2:])
     a = flat_channels_last(activations)
     g = None if gradients is None else flat_channels_last(gradients)
-    if spec.uses_gradients and g is None:
-        raise ValueError(f"method {method!r} needs gradients")
     depth = 1 if g is None else int(g.shape[0])
-    if spec.fast is not None and g is not None and not eigen_smooth:
-        cams = spec.fast(a, g).unflatten(-1, (height, width))
+    if kernel.fast is not None and g is not None and not eigen_smooth:
+        cams = kernel.fast(a, g).unflatten(-1, (height, width))
         return PendingMaps(cams, projected=False, depth=depth, hw=(height, width))
-    matrices = prepare(spec.terms(a, g))
+    matrices = prepare(kernel.terms(a, g))
     return PendingMaps(matrices, projected=True, depth=depth, hw=(height, width))
 
 

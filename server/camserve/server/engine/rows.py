@@ -16,12 +16,8 @@ from dataclasses import dataclass
 
 import torch
 
-from camserve.server.engine.types import (
-    GRADIENT_FREE_METHODS,
-    METHODS,
-    EngineError,
-    RowRequest,
-)
+from camserve.server.engine.registry import BY_NAME, PASS_METHODS
+from camserve.server.engine.types import EngineError, RowRequest
 
 
 def check_images(batch: object) -> torch.Tensor:
@@ -68,18 +64,21 @@ def check_row(index: int, row: RowRequest) -> None:
             raise EngineError(f"{where}.{flag} must be True or False, got {getattr(row, flag)!r}")
     if isinstance(row.methods, str) or not (row.methods or row.keep_activations):
         raise EngineError(
-            f"{where}.methods must be a non-empty tuple of method names from {METHODS} (empty "
+            f"{where}.methods must be a non-empty tuple of method names from {PASS_METHODS} (empty "
             f"only with keep_activations=True), got {row.methods!r}"
         )
     for method in row.methods:
-        if method in GRADIENT_FREE_METHODS:
+        entry = BY_NAME.get(method) if isinstance(method, str) else None
+        if entry is None:
             raise EngineError(
-                f"{where}.methods: {method!r} is gradient-free and needs forward-only rows after "
-                "the explain pass; ask explain for keep_activations=True and run it with "
+                f"{where}.methods: unknown method {method!r}; choose from {PASS_METHODS}"
+            )
+        if not entry.produces.from_pass:
+            raise EngineError(
+                f"{where}.methods: {method!r} needs {entry.produces.value}, run after the explain "
+                "pass; ask explain for keep_activations=True and run it with "
                 "camserve.server.engine.gradient_free (explain_all does both)"
             )
-        if method not in METHODS:
-            raise EngineError(f"{where}.methods: unknown method {method!r}; choose from {METHODS}")
     if len(set(row.methods)) != len(row.methods):
         raise EngineError(f"{where}.methods lists a method twice: {row.methods!r}; list each once")
     if isinstance(row.classes, (str, bytes)) or not all(_is_int(c) for c in row.classes):

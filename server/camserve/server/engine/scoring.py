@@ -22,6 +22,7 @@ steps, its S - 1 interior insertion steps.
 
 from __future__ import annotations
 
+import functools
 import threading
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -41,6 +42,7 @@ from camserve.server.engine.faithfulness import (
     step_counts,
     step_fractions,
 )
+from camserve.server.engine.jobs import ForwardJob
 from camserve.server.engine.shaping import normalise, to_input
 from camserve.server.engine.types import EngineError, ModelFault, RowResult
 
@@ -48,6 +50,7 @@ from camserve.server.engine.types import EngineError, ModelFault, RowResult
 _BASELINE, _MASKED, _DELETION, _INSERTION = 0, 1, 2, 3
 
 MapKey = tuple[int, str, int]  # (image index, method, class) of a map from CamEngine.explain
+DEFAULT_CHUNK_ROWS = 32  # rows per job when the plan is not told otherwise
 
 
 @dataclass(frozen=True)
@@ -165,8 +168,10 @@ class ScorePlan:
         scores: Sequence[str],
         steps: int = DEFAULT_STEPS,
         device: torch.device | str | None = None,
+        chunk: int = DEFAULT_CHUNK_ROWS,
     ) -> None:
         self._scores = check_scores(scores)
+        self._chunk = chunk
         images = _check_images(images)
         count, _, height, width = (int(side) for side in images.shape)
         self._input_hw = (height, width)
@@ -241,6 +246,29 @@ class ScorePlan:
         if not isinstance(max_rows, int) or isinstance(max_rows, bool) or max_rows < 1:
             raise EngineError(f"max_rows must be an int >= 1, got {max_rows!r}")
         return [range(s, min(s + max_rows, self.rows)) for s in range(0, self.rows, max_rows)]
+
+    # --------------------------------------------------------------- the FollowUpPlan protocol
+
+    def cost(self) -> int:
+        """Forward passes: one per row, the rows being model inputs."""
+        return self.rows
+
+    def jobs(self, max_rows: int | None = None) -> list[ForwardJob]:
+        """The rows in chunks of at most `max_rows` (default: the plan's `chunk`), as jobs."""
+        size = self._input_hw
+        return [
+            ForwardJob(
+                key=("inputs", size),
+                rows=len(rows),
+                cost=len(rows),
+                build=functools.partial(self.build, rows),
+                record=functools.partial(self.record, rows),
+            )
+            for rows in self.chunks(max_rows or self._chunk)
+        ]
+
+    def finish(self) -> list[MapScores]:
+        return self.results()
 
     # ------------------------------------------------------------------------ build, record
 
@@ -418,10 +446,11 @@ class ScorePlan:
 def run_scores(
     plan: ScorePlan, forward: Callable[[torch.Tensor], torch.Tensor], max_rows: int = 32
 ) -> list[MapScores]:
-    """Runs every chunk of `plan` through `forward` (images -> logits, e.g. CamEngine.predict)."""
-    for chunk in plan.chunks(max_rows):
-        plan.record(chunk, forward(plan.build(chunk)))
-    return plan.results()
+    """Runs every job of `plan`, in chunks of `max_rows`, through `forward` (images -> logits,
+    e.g. CamEngine.predict): the jobs the server runs (`jobs.run_forward`)."""
+    for job in plan.jobs(max_rows):
+        job.record(forward(job.build()))
+    return plan.finish()
 
 
 def plan_from_results(
@@ -431,6 +460,7 @@ def plan_from_results(
     *,
     steps: int = DEFAULT_STEPS,
     device: torch.device | str | None = None,
+    chunk: int = DEFAULT_CHUNK_ROWS,
 ) -> tuple[ScorePlan, list[MapKey]]:
     """A plan scoring every map of `CamEngine.explain_batch(images, ...)`'s results, and each map's
     (image, method, class) key in plan order. Maps are upsampled and normalised on `device`."""
@@ -462,5 +492,6 @@ def plan_from_results(
         scores=scores,
         steps=steps,
         device=target,
+        chunk=chunk,
     )
     return plan, keys

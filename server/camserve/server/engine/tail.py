@@ -55,20 +55,9 @@ def _first_line(exc: BaseException) -> str:
     return f"{type(exc).__name__}: {text[0] if text else ''}"
 
 
-def split_after(model: nn.Module, layer: str) -> fx.GraphModule:
-    """The graph of everything after `layer`: activations (N, C, h, w) -> the model's output.
-
-    The returned module shares its submodules and parameters with `model`.
-    """
-    try:
-        with MODEL_CALLS.tracing():  # the trace patches every module's __call__ meanwhile
-            graph = _LayerAsLeaf(layer).trace(model)
-    except Exception as exc:  # noqa: BLE001 - any tracing failure means "use the fallback"
-        raise TailUnavailable(f"torch.fx cannot trace the model ({_first_line(exc)})") from exc
-    calls = [n for n in graph.nodes if n.op == "call_module" and n.target == layer]
-    if len(calls) != 1:
-        raise TailUnavailable(f"the traced graph calls {layer!r} {len(calls)} times, not once")
-    target = calls[0]
+def _downstream_only(graph: fx.Graph, target: fx.Node, layer: str) -> set[fx.Node]:
+    """The nodes that depend on `target`, once checked that the output is among them and that
+    none also reads a value computed before the layer."""
     after: set[fx.Node] = {target}  # depends on the layer's output
     before: set[fx.Node] = set()  # depends on the input by a path that avoids the layer
     output: fx.Node | None = None
@@ -93,7 +82,24 @@ def split_after(model: nn.Module, layer: str) -> fx.GraphModule:
             f"what follows {layer!r} also reads values computed before it (at {mixed[0]!r}: a "
             "skip connection around the layer), so it is not a function of the layer's output"
         )
+    return after
 
+
+def split_after(model: nn.Module, layer: str) -> fx.GraphModule:
+    """The graph of everything after `layer`: activations (N, C, h, w) -> the model's output.
+
+    The returned module shares its submodules and parameters with `model`.
+    """
+    try:
+        with MODEL_CALLS.tracing():  # the trace patches every module's __call__ meanwhile
+            graph = _LayerAsLeaf(layer).trace(model)
+    except Exception as exc:  # noqa: BLE001 - any tracing failure means "use the fallback"
+        raise TailUnavailable(f"torch.fx cannot trace the model ({_first_line(exc)})") from exc
+    calls = [n for n in graph.nodes if n.op == "call_module" and n.target == layer]
+    if len(calls) != 1:
+        raise TailUnavailable(f"the traced graph calls {layer!r} {len(calls)} times, not once")
+    target = calls[0]
+    after = _downstream_only(graph, target, layer)
     tail = fx.Graph()
     env: dict[fx.Node, fx.Node] = {target: tail.placeholder("activations")}
 
@@ -143,8 +149,13 @@ def recorded_output(module: nn.Module) -> Iterator[list[torch.Tensor]]:
 
 
 def count_flops(fn: Callable[[], object]) -> int:
-    """The matmul and convolution FLOPs `fn` runs (torch's own counter)."""
-    with FlopCounterMode(display=False) as counter:
+    """The matmul and convolution FLOPs `fn` runs (torch's own counter).
+
+    The counter installs module hooks for the whole process while it runs, so it counts alone,
+    like a trace (`tracing.MODEL_CALLS`): another thread's model call would otherwise be counted
+    here, or run with the counter's hooks.
+    """
+    with MODEL_CALLS.tracing(), FlopCounterMode(display=False) as counter:
         fn()
     return int(counter.get_total_flops())
 

@@ -26,6 +26,15 @@ class ModelCallGuard:
         self._waiting = 0  # traces waiting for the model calls to end
         self._mine = threading.local()
 
+    @property
+    def waiting_traces(self) -> int:
+        """Traces waiting for model calls to end (read under `condition` to wait for a value)."""
+        return self._waiting
+
+    @property
+    def condition(self) -> threading.Condition:
+        return self._condition
+
     def _own(self) -> int:
         return int(getattr(self._mine, "count", 0))
 
@@ -53,6 +62,7 @@ class ModelCallGuard:
             own = self._own()
             self._running -= own  # this thread's own calls are paused while it traces
             self._waiting += 1
+            self._condition.notify_all()  # observers of `waiting_traces`
             while self._tracing or self._running:
                 self._condition.wait()
             self._waiting -= 1

@@ -1,4 +1,4 @@
-"""The engine's vocabulary: method names, requests, results and errors.
+"""The engine's vocabulary: requests, results and errors (methods: `registry`).
 
 No model logic lives here; results hold torch tensors, so importing this module imports torch.
 The protocol side reads the torch-free records of `camserve.server.records` instead.
@@ -6,25 +6,16 @@ The protocol side reads the torch-free records of `camserve.server.records` inst
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from collections.abc import Mapping
+from dataclasses import dataclass, field
 
 import torch
 
-# Methods computed from the explain pass itself (one forward, one backward for the whole batch).
-METHODS: tuple[str, ...] = (
-    "gradcam",
-    "gradcampp",
-    "xgradcam",
-    "hirescam",
-    "layercam",
-    "gradcamelementwise",
-    "eigencam",
-    "eigengradcam",
-)
-# Methods that need forward-only rows after the explain pass, one per channel of the layer
-# (`camserve.server.engine.gradient_free`); the explain pass hands them the layer's activations.
-GRADIENT_FREE_METHODS: tuple[str, ...] = ("ablationcam", "scorecam")
-ALL_METHODS: tuple[str, ...] = METHODS + GRADIENT_FREE_METHODS
+from camserve.v1.methods import DEFAULT_METHOD
+
+# What a row may ask the explain pass to send back besides its maps (`RowRequest.outputs`); the
+# pass declares how it makes each (`explain_pass.OUTPUTS`).
+ACTIVATIONS = "activations"  # the target layer's output as a (C, h, w) map, float32
 
 
 class EngineError(ValueError):
@@ -55,16 +46,18 @@ class RowRequest:
     augmented copies of the image in the same pass and averages their maps (see
     `camserve.server.engine.augment`); the maps then come back at input resolution.
     `keep_activations` hands back what gradient-free methods need (`RowResult.retained`); such a
-    row may leave `methods` empty.
+    row may leave `methods` empty. `outputs` names what else the pass should send back for the
+    row, by kind (`ACTIVATIONS`), in `RowResult.outputs`.
     """
 
     layer: str
-    methods: tuple[str, ...] = ("gradcam",)
+    methods: tuple[str, ...] = (DEFAULT_METHOD,)
     classes: tuple[int, ...] = ()
     top_k: int = 1
     eigen_smooth: bool = False
     aug_smooth: bool = False
     keep_activations: bool = False
+    outputs: tuple[str, ...] = ()
 
 
 @dataclass(frozen=True)
@@ -88,7 +81,7 @@ class Retained:
     activation: torch.Tensor  # (C, h, w) the target layer's output as a map, detached
     logits: torch.Tensor  # (num_classes,) float32 on the CPU, this copy's own logits
     augmentation: Augmentation | None = None
-    feeds_tail: bool = True  # False: the layer is NHWC or tokens, so the map is not its output
+    layout: str = "nchw"  # the layer's layout (`layouts`): only an NCHW map is its output too
 
 
 @dataclass(frozen=True)
@@ -110,6 +103,9 @@ class RowResult:
     layer: str
     maps: dict[tuple[str, int], torch.Tensor]  # (method, class) -> (h, w)
     retained: tuple[Retained, ...] = ()
+    # What the row asked for besides its maps, by kind (`RowRequest.outputs`), on the CPU; with
+    # aug_smooth, the unaugmented copy's.
+    outputs: Mapping[str, torch.Tensor] = field(default_factory=dict)
 
 
 @dataclass(frozen=True)

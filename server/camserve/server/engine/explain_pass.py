@@ -1,0 +1,332 @@
+"""The explain pass: one forward and one backward for a whole batch, every method's maps from
+it, and one transfer to the host.
+
+- Parameters are frozen, so autograd records nothing before the earliest target layer; a forward
+  hook on each target layer swaps its output for a differentiable copy (`hooks`), so the tape
+  starts there.
+- One `torch.autograd.grad` call gives every row's gradient at once (rows are independent in eval
+  mode); several classes per row use `is_grads_batched=True` with one-hot grad outputs, rows with
+  fewer classes padded with zero vectors. A model whose probe showed that vmap cannot batch its
+  backward (`facts`) takes one backward per class; so does a batch whose batched backward fails.
+- Which maps a row gets is what its methods' registry entries produce; layers that are not NCHW
+  maps are read through their `layouts.Layout` as (N, C, h, w) maps before the methods see them.
+- A row may ask for more than maps (`RowRequest.outputs`): each kind the pass can send back is
+  declared in `OUTPUTS`, as the row's tensor on the device, and joins the same transfer.
+
+One synchronisation per batch: the classes to explain are planned on the host
+(`rows.plan_classes`) and uploaded without waiting; top-k classes are picked on the device, the
+one-hot grad outputs are built there, and every method's maps stay there (`methods.start`) until
+one `transfer.to_host` moves them with the logits and the class indices.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from camserve.server.engine import augment, transfer
+from camserve.server.engine.facts import ModelFacts, check_logits
+from camserve.server.engine.hooks import Capture, capture_targets
+from camserve.server.engine.layouts import Layout
+from camserve.server.engine.methods import PendingMaps, finish, start
+from camserve.server.engine.placement import Placement
+from camserve.server.engine.registry import BY_NAME
+from camserve.server.engine.rows import (
+    ClassPlan,
+    MapGroup,
+    check_classes,
+    map_groups,
+    pick_classes,
+    plan_classes,
+)
+from camserve.server.engine.types import (
+    ACTIVATIONS,
+    EngineError,
+    LayerError,
+    Retained,
+    RowRequest,
+    RowResult,
+)
+
+Maps = dict[tuple[str, int], torch.Tensor]
+
+
+@dataclass
+class _Staged:
+    """A batch's plan, uploaded before the forward pass: classes, method groups, their rows."""
+
+    rows: list[RowRequest]
+    layers: list[str]
+    groups: list[MapGroup]
+    plan: ClassPlan
+    picked: dict[int, torch.Tensor]  # group position -> the rows it takes, when not all
+
+
+@dataclass
+class _Layer:
+    """One target layer's capture, read as maps: layout, activations and gradients."""
+
+    layout: Layout
+    activation: torch.Tensor  # as captured, in the layer's own layout
+    maps: torch.Tensor  # (N, C, h, w) float32
+    gradients: torch.Tensor | None  # (K, N, C, h, w) float32, loss scale divided out
+
+
+def _activations(layer: _Layer, row: int) -> torch.Tensor:
+    """The row's target-layer output as a (C, h, w) float32 map."""
+    return layer.maps[row]
+
+
+# The outputs a row can ask for besides its maps: kind -> its tensor on the device, from the
+# row's target layer read as maps. A new kind (the gradient at the input) is one entry here.
+OUTPUTS: dict[str, Callable[[_Layer, int], torch.Tensor]] = {ACTIVATIONS: _activations}
+
+
+def check_outputs(rows: list[RowRequest]) -> None:
+    """Refuses an output kind the pass does not make, or one asked for twice."""
+    for index, row in enumerate(rows):
+        asked = tuple(row.outputs)
+        unknown = [kind for kind in asked if kind not in OUTPUTS]
+        if unknown or len(set(asked)) != len(asked) or isinstance(row.outputs, str):
+            raise EngineError(
+                f"rows[{index}].outputs must list distinct output kinds from {list(OUTPUTS)}, "
+                f"got {row.outputs!r}"
+            )
+
+
+class ExplainPass:
+    """Runs the explain pass for one engine; the engine holds its lock around `run`."""
+
+    def __init__(self, model: nn.Module, placement: Placement, facts: ModelFacts) -> None:
+        self._model = model
+        self._placement = placement
+        self._facts = facts
+
+    def run(self, expansion: augment.Expansion, input_hw: tuple[int, int]) -> list[RowResult]:
+        """The batch's results; see the module docstring."""
+        staged = self._stage(expansion)
+        logits, captures, kept = self._forward(expansion.images, staged, input_hw)
+        for source in dict.fromkeys(expansion.class_source):
+            check_classes(expansion.origin[source], staged.rows[source], int(logits.shape[1]))
+        scores = logits.detach().float()
+        classes = pick_classes(staged.plan, scores)
+        layers = self._read_layers(staged, logits, classes, captures, input_hw)
+        with torch.no_grad():
+            pending = [self._start(staged, i, layers) for i in range(len(staged.groups))]
+            extras = [
+                (i, kind, OUTPUTS[kind](layers[row.layer], i))
+                for i, row in enumerate(staged.rows)
+                for kind in row.outputs
+            ]
+        host_scores, host_classes, *host = transfer.to_host(
+            [scores, classes, *(p.tensor for p in pending), *(t for _, _, t in extras)]
+        )
+        host_maps, host_extras = host[: len(pending)], host[len(pending) :]
+        outputs: list[dict[str, torch.Tensor]] = [{} for _ in staged.rows]
+        for (i, kind, _), tensor in zip(extras, host_extras, strict=True):
+            outputs[i][kind] = tensor.clone()  # own memory, not a view of the buffer
+        host_scores = host_scores.clone()  # not a view of the buffer: see `methods.finish`
+        columns = host_classes.T.tolist()
+        chosen = [tuple(columns[i][:count]) for i, count in enumerate(staged.plan.counts)]
+        maps = _collect(staged, pending, host_maps, chosen)
+        retained = _retained(staged, layers, kept, host_scores)
+        probabilities = torch.softmax(host_scores, dim=1)
+        return [
+            RowResult(
+                logits=host_scores[i],
+                probabilities=probabilities[i],
+                classes=chosen[i],
+                layer=row.layer,
+                maps=maps[i],
+                retained=retained[i],
+                outputs=outputs[i],
+            )
+            for i, row in enumerate(staged.rows)
+        ]
+
+    def _stage(self, expansion: augment.Expansion) -> _Staged:
+        rows, batch_size = expansion.rows, int(expansion.images.shape[0])
+        check_outputs(rows)
+        layers = list(dict.fromkeys(row.layer for row in rows))
+        plan = plan_classes(rows, expansion.class_source)
+        groups = map_groups(rows, layers)
+        subsets = [i for i, group in enumerate(groups) if len(group.rows) != batch_size]
+        uploaded = transfer.to_device(
+            [*plan.tensors(), *(torch.tensor(groups[i].rows) for i in subsets)],
+            self._placement.device,
+        )
+        picked = dict(zip(subsets, uploaded[4:], strict=True))
+        return _Staged(rows, layers, groups, plan.with_tensors(uploaded[:4]), picked)
+
+    def _forward(
+        self, images: torch.Tensor, staged: _Staged, input_hw: tuple[int, int]
+    ) -> tuple[torch.Tensor, dict[str, Capture], list[torch.Tensor]]:
+        """Logits, each target layer's capture, and the inputs of rows that keep activations."""
+        modules = {name: self._facts.module(name, input_hw) for name in staged.layers}
+        kept_rows = [i for i, row in enumerate(staged.rows) if row.keep_activations]
+        batch_size = int(images.shape[0])
+
+        def forward(x: torch.Tensor) -> tuple[torch.Tensor, dict[str, Capture], list[torch.Tensor]]:
+            # Inputs of rows that keep activations, copied before the model may change x.
+            kept = [x[i].to(torch.float32, copy=True) for i in kept_rows]
+            if x.is_inference():  # made under the caller's inference_mode: copy it for autograd
+                x = x.clone()
+            sequence_first = self._facts.sequence_first
+            with capture_targets(modules, batch_size, sequence_first=sequence_first) as captures:
+                return self._model(x), captures, kept
+
+        logits, captures, kept = self._placement.run(forward, images)
+        check_logits(logits, batch_size)
+        return logits, captures, kept
+
+    def _read_layers(
+        self,
+        staged: _Staged,
+        logits: torch.Tensor,
+        classes: torch.Tensor,
+        captures: dict[str, Capture],
+        input_hw: tuple[int, int],
+    ) -> dict[str, _Layer]:
+        """Each target layer as maps, with gradients when a row's method needs them."""
+        activations = [self._facts.activation(captures[name], input_hw) for name in staged.layers]
+        layouts = [
+            self._facts.layout(name, a, input_hw)
+            for name, a in zip(staged.layers, activations, strict=True)
+        ]
+        gradients: list[torch.Tensor | None] = [None] * len(staged.layers)
+        if any(BY_NAME[m].needs_gradients for row in staged.rows for m in row.methods):
+            one_hot = self._grad_outputs(logits, classes, staged.plan)
+            gradients = self._gradients(logits, activations, one_hot)
+            for name, gradient in zip(staged.layers, gradients, strict=True):
+                if gradient is None:
+                    raise LayerError(
+                        f"layer {name!r} does not influence the model's logits, so it has no "
+                        f"gradient to explain; {self._facts.probe(input_hw).listing()}"
+                    )
+        with torch.no_grad():
+            return {
+                name: self._as_maps(layout, activation, gradient)
+                for name, layout, activation, gradient in zip(
+                    staged.layers, layouts, activations, gradients, strict=True
+                )
+            }
+
+    def _as_maps(
+        self, layout: Layout, activation: torch.Tensor, gradient: torch.Tensor | None
+    ) -> _Layer:
+        """A layer's activations (N, C, h, w) and gradients (K, N, C, h, w) as float32 maps,
+        the gradients' loss scale divided out (exact: it is a power of two)."""
+        maps = layout.to_maps(activation.detach()).float()
+        if gradient is None:
+            return _Layer(layout, activation, maps, None)
+        g = layout.to_maps(gradient).float()
+        scale = self._placement.grad_scale
+        return _Layer(layout, activation, maps, g / scale if scale != 1.0 else g)
+
+    @staticmethod
+    def _start(staged: _Staged, position: int, layers: dict[str, _Layer]) -> PendingMaps:
+        """One method group's maps, started on the device."""
+        group = staged.groups[position]
+        entry = BY_NAME[group.method]
+        assert entry.kernel is not None, "check_row admits only methods made by the pass"
+        layer = layers[group.layer]
+        a, g = layer.maps, layer.gradients if entry.needs_gradients else None
+        if position in staged.picked:
+            a = a[staged.picked[position]]
+            g = None if g is None else g[:, staged.picked[position]]
+        return start(entry.kernel, a, g, eigen_smooth=group.eigen_smooth)
+
+    def _grad_outputs(
+        self, logits: torch.Tensor, classes: torch.Tensor, plan: ClassPlan
+    ) -> torch.Tensor:
+        """One-hot grad outputs (K, N, num_classes) built on the device from the (K, N) class
+        indices: `grad_scale` at each row's k-th class, zero vectors for padding positions."""
+        depth = int(classes.shape[0])
+        one_hot = torch.zeros((depth, *logits.shape), dtype=logits.dtype, device=logits.device)
+        values = plan.valid.to(logits.dtype) * self._placement.grad_scale
+        return one_hot.scatter_(2, classes[..., None], values[..., None])
+
+    def _gradients(
+        self, logits: torch.Tensor, activations: list[torch.Tensor], one_hot: torch.Tensor
+    ) -> list[torch.Tensor | None]:
+        """dY_c/dA for every layer as (K, N, *A's shape per image), from the (K, N,
+        num_classes) grad outputs: K = the most classes any row asks for."""
+        depth = int(one_hot.shape[0])
+        if depth == 1:
+            single = torch.autograd.grad(logits, activations, one_hot[0], allow_unused=True)
+            return [None if g is None else g[None] for g in single]
+        if self._facts.batched_grads:
+            try:
+                return list(
+                    torch.autograd.grad(
+                        logits,
+                        activations,
+                        one_hot,
+                        retain_graph=True,  # the per-class fallback below needs the graph
+                        allow_unused=True,
+                        is_grads_batched=True,
+                    )
+                )
+            except torch.OutOfMemoryError:
+                raise
+            except (RuntimeError, NotImplementedError):
+                pass  # this batch only: one backward per class below
+        return _per_class(logits, activations, one_hot)
+
+
+def _per_class(
+    logits: torch.Tensor, activations: list[torch.Tensor], one_hot: torch.Tensor
+) -> list[torch.Tensor | None]:
+    depth = int(one_hot.shape[0])
+    per_class = [
+        torch.autograd.grad(
+            logits, activations, one_hot[k], retain_graph=k < depth - 1, allow_unused=True
+        )
+        for k in range(depth)
+    ]
+    stacked: list[torch.Tensor | None] = []
+    for layer in range(len(activations)):
+        grads = [per_class[k][layer] for k in range(depth)]
+        present = [g for g in grads if g is not None]
+        stacked.append(torch.stack(present) if len(present) == depth else None)
+    return stacked
+
+
+def _collect(
+    staged: _Staged,
+    pending: list[PendingMaps],
+    host_maps: list[torch.Tensor],
+    chosen: list[tuple[int, ...]],
+) -> list[Maps]:
+    """Each row's maps, (method, class) -> (h, w), finished on the host."""
+    maps: list[Maps] = [{} for _ in staged.rows]
+    for group, waiting, host in zip(staged.groups, pending, host_maps, strict=True):
+        cams = finish(waiting, host)  # (K or 1, n, h, w)
+        for column, i in enumerate(group.rows):
+            for k, class_index in enumerate(chosen[i]):
+                maps[i][(group.method, class_index)] = cams[min(k, cams.shape[0] - 1), column]
+    return maps
+
+
+def _retained(
+    staged: _Staged, layers: dict[str, _Layer], inputs: list[torch.Tensor], scores: torch.Tensor
+) -> list[tuple[Retained, ...]]:
+    """For rows with keep_activations: their input (float32) and layer output as a (C, h, w)
+    map, copied on the device, with the layer's layout."""
+    kept: list[tuple[Retained, ...]] = [() for _ in staged.rows]
+    wanted = [i for i, row in enumerate(staged.rows) if row.keep_activations]
+    for position, i in enumerate(wanted):
+        layer = layers[staged.rows[i].layer]
+        activation = layer.layout.to_maps(layer.activation[i].detach()).clone()
+        kept[i] = (
+            Retained(
+                image=inputs[position],
+                activation=activation,
+                logits=scores[i],
+                layout=layer.layout.kind,
+            ),
+        )
+    return kept

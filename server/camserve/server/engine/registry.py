@@ -1,0 +1,188 @@
+"""The one table of CAM methods: what each is, what its pass must produce, what it costs.
+
+Every method camserve serves is one `Method` entry of `REGISTRY`, in wire order. An entry states
+- its name and its wire value (`camserve.v1.methods`, the protocol's table, is checked against
+  these entries by a test);
+- what the explain pass must produce for it (`Produces`): the target layer's activations, with
+  or without their gradients, or forward-only rows after the layer or of the whole model, one
+  per channel, built from that layer's activations;
+- the layer layouts it accepts (`camserve.server.engine.layouts`), checked by request
+  validation before anything is queued;
+- its rows and cost per image (`rows_per_copy`, `cost_per_copy`);
+- the extra work it needs after the pass (`ChannelRows`: how its rows are built and how its
+  maps are made from their scores).
+
+Request validation, admission, GetModel, the follow-up work and the engine read these entries;
+nothing else branches on a method's name. A new method is an entry here and its functions.
+"""
+
+from __future__ import annotations
+
+import enum
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+
+import torch
+
+from camserve.server.engine import methods as kernels
+from camserve.server.engine.ablation import ablated_rows, ablation_cam
+from camserve.server.engine.layouts import LAYOUTS, NCHW
+from camserve.server.engine.methods import CamMethod
+from camserve.server.engine.scorecam import masked_inputs, score_cam
+from camserve.server.engine.types import EngineError
+from camserve.v1 import explain_pb2 as pb
+
+
+class Produces(enum.Enum):
+    """What the explain pass must produce for a method."""
+
+    LAYER_ACTIVATIONS = "the target layer's activations"
+    LAYER_GRADIENTS = "the target layer's activations and their gradients"
+    ROWS_AFTER_LAYER = "forward-only rows of the modules after the layer, one per channel"
+    ROWS_OF_MODEL = "forward-only rows of the whole model, one per channel"
+
+    @property
+    def from_pass(self) -> bool:
+        """Whether the maps come from the explain pass itself (no rows after it)."""
+        return self in (Produces.LAYER_ACTIVATIONS, Produces.LAYER_GRADIENTS)
+
+
+# Rows (R, ...) for channels [start, stop) of one image's (C, h, w) activation; the image is its
+# (3, H, W) model input.
+BuildRows = Callable[[torch.Tensor, torch.Tensor, int, int], torch.Tensor]
+# Maps (K, h, w) from the activation (C, h, w), the K explained classes' own logits (K,), their
+# logits on every row (K, C), and eigen_smooth.
+MapsFromScores = Callable[[torch.Tensor, torch.Tensor, torch.Tensor, bool], torch.Tensor]
+
+
+@dataclass(frozen=True)
+class ChannelRows:
+    """The forward-only work after the pass: one row per channel of the target layer."""
+
+    build: BuildRows
+    maps: MapsFromScores
+
+
+@dataclass(frozen=True)
+class Method:
+    """One method: see the module docstring for what each field states."""
+
+    name: str
+    wire: int  # its camserve.v1.Method value
+    produces: Produces
+    layouts: frozenset[str]  # the layer layouts it can explain
+    kernel: CamMethod | None = None  # the maps from the pass itself, when `produces.from_pass`
+    rows: ChannelRows | None = None  # the work after the pass, otherwise
+
+    def __post_init__(self) -> None:
+        if self.produces.from_pass != (self.kernel is not None) or (self.rows is None) == (
+            self.kernel is None
+        ):
+            raise ValueError(
+                f"method {self.name!r}: a method made by the pass has a kernel, one made by "
+                "rows after it has ChannelRows, never both"
+            )
+
+    @property
+    def needs_gradients(self) -> bool:
+        return self.produces is Produces.LAYER_GRADIENTS
+
+    @property
+    def runs_tail(self) -> bool:
+        """Whether its rows run only the modules after the layer (and the tail is measured)."""
+        return self.produces is Produces.ROWS_AFTER_LAYER
+
+    def accepts(self, layout: str) -> bool:
+        return layout in self.layouts
+
+    def rows_per_copy(self, channels: int) -> int:
+        """Model rows per explained copy of an image: its pass row, plus one per channel."""
+        return 1 if self.produces.from_pass else 1 + channels
+
+    def cost_per_copy(self, channels: int, tail_fraction: float) -> float:
+        """Forward passes per explained copy; a row after the layer costs `tail_fraction`."""
+        if self.produces.from_pass:
+            return 1.0
+        per_row = tail_fraction if self.runs_tail else 1.0
+        return 1.0 + channels * per_row
+
+
+def _ablated(image: torch.Tensor, activation: torch.Tensor, start: int, stop: int) -> torch.Tensor:
+    return ablated_rows(activation, start, stop)
+
+
+def _masked(image: torch.Tensor, activation: torch.Tensor, start: int, stop: int) -> torch.Tensor:
+    return masked_inputs(image, activation, start, stop)
+
+
+def _ablation_maps(
+    activation: torch.Tensor, original: torch.Tensor, scores: torch.Tensor, eigen_smooth: bool
+) -> torch.Tensor:
+    return ablation_cam(activation, original, scores, eigen_smooth=eigen_smooth)
+
+
+def _score_maps(
+    activation: torch.Tensor, original: torch.Tensor, scores: torch.Tensor, eigen_smooth: bool
+) -> torch.Tensor:
+    return score_cam(activation, scores, eigen_smooth=eigen_smooth)
+
+
+ANY_LAYOUT = frozenset(LAYOUTS)
+_GRADIENTS = Produces.LAYER_GRADIENTS
+
+REGISTRY: tuple[Method, ...] = (
+    Method("gradcam", pb.METHOD_GRADCAM, _GRADIENTS, ANY_LAYOUT, kernels.GRADCAM),
+    Method("gradcampp", pb.METHOD_GRADCAMPP, _GRADIENTS, ANY_LAYOUT, kernels.GRADCAMPP),
+    Method("xgradcam", pb.METHOD_XGRADCAM, _GRADIENTS, ANY_LAYOUT, kernels.XGRADCAM),
+    Method("hirescam", pb.METHOD_HIRESCAM, _GRADIENTS, ANY_LAYOUT, kernels.HIRESCAM),
+    Method("layercam", pb.METHOD_LAYERCAM, _GRADIENTS, ANY_LAYOUT, kernels.LAYERCAM),
+    Method(
+        "gradcamelementwise",
+        pb.METHOD_GRADCAM_ELEMENTWISE,
+        _GRADIENTS,
+        ANY_LAYOUT,
+        kernels.GRADCAM_ELEMENTWISE,
+    ),
+    Method(
+        "eigencam", pb.METHOD_EIGENCAM, Produces.LAYER_ACTIVATIONS, ANY_LAYOUT, kernels.EIGENCAM
+    ),
+    Method("eigengradcam", pb.METHOD_EIGENGRADCAM, _GRADIENTS, ANY_LAYOUT, kernels.EIGENGRADCAM),
+    # Ablated copies of the layer's output feed the modules after it, which take NCHW maps only.
+    Method(
+        "ablationcam",
+        pb.METHOD_ABLATIONCAM,
+        Produces.ROWS_AFTER_LAYER,
+        frozenset({NCHW}),
+        rows=ChannelRows(_ablated, _ablation_maps),
+    ),
+    Method(
+        "scorecam",
+        pb.METHOD_SCORECAM,
+        Produces.ROWS_OF_MODEL,
+        ANY_LAYOUT,
+        rows=ChannelRows(_masked, _score_maps),
+    ),
+)
+BY_NAME: Mapping[str, Method] = {method.name: method for method in REGISTRY}
+NAMES: tuple[str, ...] = tuple(BY_NAME)
+# The methods made by the explain pass itself, and those made by rows after it.
+PASS_METHODS: tuple[str, ...] = tuple(m.name for m in REGISTRY if m.produces.from_pass)
+ROW_METHODS: tuple[str, ...] = tuple(m.name for m in REGISTRY if not m.produces.from_pass)
+
+
+def method(name: str) -> Method:
+    """The entry named `name`, or an EngineError listing the names there are."""
+    found = BY_NAME.get(name)
+    if found is None:
+        raise EngineError(f"unknown method {name!r}; choose from {NAMES}")
+    return found
+
+
+def needing_rows(names: tuple[str, ...]) -> tuple[Method, ...]:
+    """The entries of `names` that need forward-only rows after the pass, in order."""
+    return tuple(m for m in map(method, names) if not m.produces.from_pass)
+
+
+def pass_methods(names: tuple[str, ...]) -> tuple[str, ...]:
+    """The names among `names` whose maps the explain pass makes itself, in order."""
+    return tuple(name for name in names if method(name).produces.from_pass)
