@@ -68,7 +68,7 @@ def test_a_batch_without_gradient_methods_runs_no_backward(
     def refuse(*args: object, **kwargs: object) -> None:
         raise AssertionError("no backward expected")
 
-    monkeypatch.setattr(engine, "_gradients", refuse)
+    monkeypatch.setattr(engine._pass, "_gradients", refuse)
     results = engine.explain_batch(batch, rows)
     for key, value in with_gradients[0].maps.items():
         torch.testing.assert_close(results[0].maps[key], value, rtol=1e-4, atol=1e-5)
@@ -79,7 +79,7 @@ def test_a_batch_without_gradient_methods_runs_no_backward(
     ("row", "match"),
     [
         (RowRequest("layer4", ()), r"non-empty tuple .* \(empty only with keep_activations"),
-        (RowRequest("layer4", ("scorecam",)), "'scorecam' is gradient-free"),
+        (RowRequest("layer4", ("scorecam",)), "'scorecam' needs forward-only rows"),
         (RowRequest("layer4", eigen_smooth=1), r"eigen_smooth must be True or False"),  # type: ignore[arg-type]
         (RowRequest("layer4", aug_smooth="yes"), r"aug_smooth must be True or False"),  # type: ignore[arg-type]
     ],

@@ -168,7 +168,12 @@ def test_every_method_matches_pytorch_grad_cam(
     for method in PASS_METHODS:
         maps = [r.maps[(method, c)] for r, c in zip(results, classes, strict=True)]
         assert all(m.shape == spec.shape[1:] and float(m.max()) > 0 for m in maps), method
-        assert_maps_match_reference(results, method, classes, size, expected[method])
+        # XGrad-CAM divides by per-channel sums of LayerNorm outputs that can come close to zero
+        # (see `reference_maps`): the last bits in which two passes over a token layer differ
+        # come out a few 1e-4 apart on a fraction of a percent of the pixels.
+        ill_conditioned = method == "xgradcam" and spec.layout == "tokens"
+        atol = 5e-4 if ill_conditioned else 1e-4
+        assert_maps_match_reference(results, method, classes, size, expected[method], atol=atol)
 
 
 def test_a_mixed_batch_of_token_and_map_layers_equals_each_row_alone(

@@ -241,10 +241,12 @@ def test_a_stream_mixing_requests_with_and_without_scores_returns_each_its_own(
                     assert heatmap.confidence_change == pytest.approx(
                         expected.confidence_change, abs=1e-5
                     )
-                    assert heatmap.deletion_auc == pytest.approx(expected.deletion_auc, abs=1e-5)
+                    # Batched with other rows, a map may differ by ~1e-6, which can swap the rank
+                    # of two nearly equal pixels: the curve moves by a step's share of them.
+                    assert heatmap.deletion_auc == pytest.approx(expected.deletion_auc, abs=1e-4)
 
 
-@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+@pytest.mark.gpu
 def test_scores_of_a_request_mixing_device_decoded_jpegs_and_pngs_on_cuda(
     resnet18_weights: Path,
 ) -> None:

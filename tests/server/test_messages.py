@@ -119,7 +119,7 @@ def test_a_loading_model_has_no_methods_or_costs() -> None:
 
 
 def test_a_failing_model_is_described_in_full_but_not_ready() -> None:
-    loaded = meta(())
+    loaded = meta(tuple(MethodInfo(name, 1, 1.0, frozenset({"nchw"})) for name in METHOD_BY_NAME))
     serving = ModelStatus(name="tiny", version="1", max_batch_size=8, meta=loaded)
     failing = ModelStatus(name="tiny", version="1", max_batch_size=8, meta=loaded, serving=False)
     assert messages.model_info(serving).ready

@@ -180,6 +180,7 @@ async def test_openapi_document_describes_the_api_from_the_proto(
     assert set(document["paths"]) == {
         "/v1/models",
         "/v1/models/{model}",
+        "/v1/models/{model}/kernels",
         "/v1/models/{model}:explain",
         "/v1/health",
     }
