@@ -2,8 +2,9 @@
 
 Runs `camserve-server` as a real process on free local ports, waits until it reports SERVING,
 explains each image with the `camserve explain` command (printing the top predictions and writing
-an overlay PNG per image), prints the web page's URL and keeps serving it until Ctrl-C (or right
-away with --no-page), then stops the server with SIGTERM as an operator would.
+an overlay PNG per image), prints the web page's URL and keeps serving it until Ctrl-C (right away
+with --no-page, or when standard input is not a terminal, as in scripts and CI), then stops the
+server with SIGTERM as an operator would.
 
     python examples/demo.py --out out examples/chelsea.jpg examples/coffee.jpg
 """
@@ -67,8 +68,11 @@ def main() -> int:
             code = cli.main(["explain", *args.images, "--server", server, "--out", args.out])
             if code == 0:
                 print(f"overlays written to {args.out}/")
-            if code == 0 and not args.no_page:
+            if code == 0 and not args.no_page and sys.stdin.isatty():
                 serve_page(ready["http_port"])
+            elif code == 0:
+                print(f"web page (while a server runs): http://127.0.0.1:{ready['http_port']}/")
+                print("not a terminal: stopping the server instead of serving the page")
         finally:
             process.send_signal(signal.SIGTERM)
             process.wait(timeout=60)
