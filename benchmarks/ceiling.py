@@ -153,7 +153,8 @@ def start_camserve(
         paths += [str(source / "server"), str(source / "protos")]
     inherited = os.environ.get("PYTHONPATH", "")
     env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [*paths, inherited]))}
-    return start_server(config, workdir, env=env)
+    # Another checkout may predate the HTTP port; only this one's server is measured over HTTP.
+    return start_server(config, workdir, env=env, http=source is None)
 
 
 def bare_server_main(response_path: str, ready_path: str) -> int:

@@ -198,10 +198,11 @@ def server_config(
 
 
 def start_server(
-    config: Path, workdir: Path, env: dict[str, str] | None = None
+    config: Path, workdir: Path, env: dict[str, str] | None = None, http: bool = True
 ) -> tuple[subprocess.Popen[bytes], dict[str, Any]]:
     """Starts `python -m camserve.server` (in `env`, default this process's environment) and
-    waits for its ready file (ports, pid)."""
+    waits for its ready file (ports, pid); `http=False` for a server without the HTTP port
+    (another checkout's, older than it)."""
     ready = workdir / "ready.json"
     ready.unlink(missing_ok=True)
     log = (workdir / "server.log").open("wb")
@@ -216,8 +217,7 @@ def start_server(
             "0",
             "--metrics-port",
             "0",
-            "--http-port",
-            "0",
+            *(["--http-port", "0"] if http else []),
             "--ready-file",
             str(ready),
         ],
