@@ -79,6 +79,11 @@ class ServerThread:
         self.loop.close()
 
 
+def http_url(server: ServerThread, path: str, scheme: str = "http") -> str:
+    """`path` on a test server's HTTP port."""
+    return f"{scheme}://127.0.0.1:{server.server.http_port}{path}"
+
+
 def seeded_model(arch: str, seed: int = 0, **kwargs: Any) -> Any:
     """A torchvision architecture with deterministic random weights, in eval mode."""
     import torch

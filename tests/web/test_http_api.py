@@ -36,6 +36,7 @@ from tests._support.servers import (
     CAT_JPEG,
     ServerThread,
     gated_settings,
+    http_url,
     png_bytes,
     seeded_images,
 )
@@ -47,10 +48,6 @@ TOKEN = "s3cret-token"
 ORIGIN = "https://dashboard.example"
 SMALL = png_bytes(seeded_images(1, size=(32, 32), seed=5)[0])
 MIB = 2**20
-
-
-def http_url(server: ServerThread, path: str, scheme: str = "http") -> str:
-    return f"{scheme}://127.0.0.1:{server.server.http_port}{path}"
 
 
 def comparable(response: pb.ExplainResponse) -> pb.ExplainResponse:
@@ -69,12 +66,6 @@ async def grpc_error(server: ServerThread, request: pb.ExplainRequest) -> grpc.a
     with pytest.raises(grpc.aio.AioRpcError) as caught:
         await grpc_explain(server, request)
     return caught.value
-
-
-@pytest.fixture
-async def http() -> AsyncIterator[aiohttp.ClientSession]:
-    async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=180)) as session:
-        yield session
 
 
 # ------------------------------------------------------------------------- endpoints, answers

@@ -4,10 +4,8 @@ PNG for an <img>, and refusals with the RPC's messages."""
 from __future__ import annotations
 
 import io
-from collections.abc import AsyncIterator
 from typing import Any
 
-import aiohttp
 import grpc
 import pytest
 from google.protobuf import json_format
@@ -15,23 +13,14 @@ from PIL import Image
 
 from camserve.v1 import explain_pb2 as pb
 from camserve.v1 import explain_pb2_grpc as pb_grpc
+from tests._support.servers import http_url
 
 pytestmark = pytest.mark.timeout(240)
 
 
-def url(server: Any, path: str) -> str:
-    return f"http://127.0.0.1:{server.server.http_port}{path}"
-
-
-@pytest.fixture
-async def http() -> AsyncIterator[aiohttp.ClientSession]:
-    async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=120)) as session:
-        yield session
-
-
 async def test_kernels_json_equals_the_rpc(camserve_server: Any, http: Any) -> None:
     query = "?layer=layer1.0.conv1&page=1&tiles_per_page=512"
-    async with http.get(url(camserve_server, "/v1/models/resnet18/kernels" + query)) as answer:
+    async with http.get(http_url(camserve_server, "/v1/models/resnet18/kernels" + query)) as answer:
         assert answer.status == 200
         body = await answer.text()
     over_http = json_format.Parse(body, pb.GetKernelsResponse())
@@ -46,7 +35,7 @@ async def test_kernels_json_equals_the_rpc(camserve_server: Any, http: Any) -> N
 
 async def test_the_grid_comes_as_a_png(camserve_server: Any, http: Any) -> None:
     path = "/v1/models/efficientnet-lite0/kernels?format=png&tile_size=24"
-    async with http.get(url(camserve_server, path)) as answer:
+    async with http.get(http_url(camserve_server, path)) as answer:
         assert answer.status == 200
         assert answer.content_type == "image/png"
         picture = Image.open(io.BytesIO(await answer.read()))
@@ -68,14 +57,14 @@ async def test_the_grid_comes_as_a_png(camserve_server: Any, http: Any) -> None:
 async def test_bad_kernel_urls_are_refused_with_the_reason(
     camserve_server: Any, http: Any, path: str, status: int, message: str
 ) -> None:
-    async with http.get(url(camserve_server, path)) as answer:
+    async with http.get(http_url(camserve_server, path)) as answer:
         assert answer.status == status
         body = await answer.json()
     assert message in body["message"]
 
 
 async def test_openapi_describes_the_kernels_endpoint(camserve_server: Any, http: Any) -> None:
-    async with http.get(url(camserve_server, "/openapi.json")) as answer:
+    async with http.get(http_url(camserve_server, "/openapi.json")) as answer:
         document = await answer.json()
     operation = document["paths"]["/v1/models/{model}/kernels"]["get"]
     names = {parameter["name"] for parameter in operation["parameters"]}

@@ -48,16 +48,17 @@ class Kernels:
 
     def image(self) -> PILImage.Image:
         """The grid page as a PIL image."""
-        if not self.grid_png:
-            raise ValueError("this result has no grid: ask for it (grid=True)")
-        return PILImage.open(io.BytesIO(self.grid_png))
+        return PILImage.open(io.BytesIO(self._png()))
 
     def save(self, path: str | os.PathLike[str]) -> None:
         """Writes the grid page's PNG to `path`."""
+        with open(path, "wb") as out:
+            out.write(self._png())
+
+    def _png(self) -> bytes:
         if not self.grid_png:
             raise ValueError("this result has no grid: ask for it (grid=True)")
-        with open(path, "wb") as out:
-            out.write(self.grid_png)
+        return self.grid_png
 
 
 def kernels_request(

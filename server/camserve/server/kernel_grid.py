@@ -106,9 +106,10 @@ def render_page(weights: np.ndarray, grid: GridLayout, page: int, tile_size: int
     block, within = local // grid.block, local % grid.block
     rows = block * rows_per_block + within // grid.columns
     cols = within % grid.columns
+    row_count = int(rows.max()) + 1
     height, width = kh * scale + GAP, kw * scale + GAP
     canvas = np.full(
-        ((int(rows.max()) + 1) * height + GAP, grid.columns * width + GAP, *tiles.shape[3:]),
+        (row_count * height + GAP, grid.columns * width + GAP, *tiles.shape[3:]),
         BACKGROUND,
         dtype=np.uint8,
     )
@@ -124,6 +125,6 @@ def render_page(weights: np.ndarray, grid: GridLayout, page: int, tile_size: int
         first_filter=start // grid.per_filter,
         end_filter=(end - 1) // grid.per_filter + 1,
         columns=grid.columns,
-        rows=int(rows.max()) + 1,
+        rows=row_count,
         tiles=end - start,
     )
