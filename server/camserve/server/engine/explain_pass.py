@@ -24,8 +24,8 @@ one `transfer.to_host` moves them with the logits and the class indices.
 from __future__ import annotations
 
 from collections.abc import Callable
-from typing import Any
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 from torch import nn
@@ -111,8 +111,9 @@ class ExplainPass:
     def run(self, expansion: augment.Expansion, input_hw: tuple[int, int]) -> list[RowResult]:
         """The batch's results; see the module docstring."""
         if inspection.is_forward_only(expansion.rows):
+            model, placement, facts = self._model, self._placement, self._facts
             return inspection.forward_only(
-                self._model, self._placement, self._facts, expansion.images, expansion.rows, input_hw
+                model, placement, facts, expansion.images, expansion.rows, input_hw
             )
         staged = self._stage(expansion)
         logits, captures, kept, observed = self._forward(expansion.images, staged, input_hw)

@@ -17,7 +17,7 @@ Hooks copy what they see: a module's output may be changed in place by what foll
 from __future__ import annotations
 
 from collections.abc import Iterator, Mapping, Sequence
-from contextlib import contextmanager
+from contextlib import contextmanager, suppress
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -203,20 +203,23 @@ def feature_outputs(rows: Sequence[RowRequest], layers: Mapping[str, LayerMaps])
     return extras
 
 
+def _gates_of(row: RowRequest) -> tuple[str, ...]:
+    return row.inspection.gates if row.inspection is not None else ()
+
+
 def gate_outputs(rows: Sequence[RowRequest], observed: Observed) -> list[Extra]:
     """Each asking row's gate values: (C,) for a channel gate, (H, W) for a spatial one."""
     extras: list[Extra] = []
     for name, asking in observed.rows.items():
-        if not any(rows[i].inspection and name in rows[i].inspection.gates for i in asking):
+        gated = [i for i in asking if name in _gates_of(rows[i])]
+        if not gated:
             continue
         values = observed.seen(name).float()
         if values.dim() != 4:
             raise EngineError(f"gate {name!r} output {tuple(values.shape)}, not (N, C, H, W)")
         flat = values.flatten(1) if values.shape[2] * values.shape[3] == 1 else values[:, 0]
-        for position, i in enumerate(asking):
-            inspection = rows[i].inspection
-            if inspection is not None and name in inspection.gates:
-                extras.append((i, gate_key(name), flat[position]))
+        position = {row: p for p, row in enumerate(asking)}
+        extras += [(i, gate_key(name), flat[position[i]]) for i in gated]
     return extras
 
 
@@ -246,11 +249,12 @@ def forward_only(
     module has run; results carry no logits (empty tensors), classes or maps."""
     wanted = observed_modules(rows)
     batch = int(images.shape[0])
-    with torch.inference_mode(), observe(model, wanted, batch, stop=True) as observed:
-        try:
-            placement.run(model, images)
-        except _AllSeen:
-            pass
+    with (
+        torch.inference_mode(),
+        observe(model, wanted, batch, stop=True) as observed,
+        suppress(_AllSeen),
+    ):
+        placement.run(model, images)
     extras = feature_outputs(rows, observed_layers(rows, observed, facts, input_hw))
     extras += gate_outputs(rows, observed)
     host = transfer.to_host([tensor for _, _, tensor in extras])

@@ -61,9 +61,7 @@ class FeatureKeys:
 
 
 def feature_keys(layer: str) -> FeatureKeys:
-    return FeatureKeys(
-        f"features/{layer}", f"channels/{layer}", f"means/{layer}", f"maxes/{layer}"
-    )
+    return FeatureKeys(f"features/{layer}", f"channels/{layer}", f"means/{layer}", f"maxes/{layer}")
 
 
 def gate_key(name: str) -> str:
