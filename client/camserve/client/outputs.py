@@ -22,7 +22,7 @@ def check_folder(out: Path) -> None:
     """Refuses an `explain --out` that is not a folder nor could become one."""
     if out.exists() and not out.is_dir():
         raise OutputPathError(
-            f"--out {out}: is a file; explain writes one PNG per heatmap into a folder, so "
+            f"--out {out}: is a file; this command writes its PNGs into a folder, so "
             "give a folder's path (it is made when missing)"
         )
     _check_parents(out)
