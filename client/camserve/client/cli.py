@@ -76,8 +76,10 @@ def _check_args(parser: argparse.ArgumentParser, args: argparse.Namespace) -> No
     """Combinations argparse cannot check alone; a usage error (exit 2) names the options."""
     if args.command == "explain" and args.target and args.top_k is not None:
         parser.error("--target and --top-k cannot be combined")
-    if args.command in ("explain", "features", "attention"):
+    if args.command == "explain":
         outputs.check_folder(args.out)
+    if args.command in ("features", "attention"):
+        outputs.check_folder(args.out, f"{args.command} writes its figures")
     if args.command == "compare":
         args.out = outputs.panel_file(args.out)
     if args.command == "kernels":
