@@ -3,8 +3,9 @@
 `features` writes one grid per image and layer: the selected channels of the layer's output as
 grayscale tiles, each labelled with its channel number. `attention` writes, per image, a bar
 chart of every channel gate's weights (one chart per gate, stacked) and each spatial gate laid
-over the photo like a heatmap. Both ask the server for nothing else (`heatmaps=False`), so the
-model runs forward only, and only as deep as the deepest layer or gate asked for.
+over the photo like a heatmap (min-max stretched for display). Both ask the server for nothing
+else (`heatmaps=False`), so the model runs forward only, and only as deep as the deepest layer
+or gate asked for.
 """
 
 from __future__ import annotations
@@ -22,9 +23,11 @@ from camserve.client.figures import MARGIN, feature_grid, gate_bars
 from camserve.client.render import overlay
 from camserve.client.results import Explanation
 from camserve.client.sync import Client
+from camserve.v1.render import normalise
 
 CALL_TIMEOUT_S = 30.0
 SELECTIONS = ("first", "top_mean", "top_gradcam")
+BARS_WIDTH = 768  # pixels for a chart's bars: wide gates get thinner bars
 
 
 def add_inspect(commands: Any, common: argparse.ArgumentParser) -> None:
@@ -117,7 +120,11 @@ def _stack(figures: list[PILImage.Image]) -> PILImage.Image:
 def _write_attention(path: Path, outcome: Explanation, out: Path) -> list[Path]:
     written = []
     bars = [
-        gate_bars(gate.values, title=f"{name} ({len(gate.values)} channels)")
+        gate_bars(
+            gate.values,
+            title=f"{name} ({len(gate.values)} channels)",
+            bar_width=max(1, BARS_WIDTH // len(gate.values)),
+        )
         for name, gate in outcome.gates.items()
         if gate.kind == "channel"
     ]
@@ -127,7 +134,8 @@ def _write_attention(path: Path, outcome: Explanation, out: Path) -> list[Path]:
     for name, gate in outcome.gates.items():
         if gate.kind == "spatial":
             written.append(out / f"{path.stem}_{_safe(name)}.png")
-            overlay(path, gate.values).save(written[-1])
+            # Stretched to the colormap's range for display; the values are the gate's own.
+            overlay(path, normalise(gate.values)).save(written[-1])
     return written
 
 
