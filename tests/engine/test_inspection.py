@@ -243,3 +243,44 @@ def test_inspection_only_batches_stop_after_the_deepest_module_in_one_transfer(
     assert_no_hooks(engine.model)
     seen = reference(engine, batch, ["conv1", "layer2"])
     assert_first_channels(results[1], seen, ["conv1", "layer2"], row=1, count=9)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("methods", [("gradcam",), ()])
+def test_on_cuda_the_maps_equal_hooks_and_leave_in_one_transfer(
+    seeded_resnet18: nn.Module,
+    make_engine: Callable[..., CamEngine],
+    random_images: Images,
+    monkeypatch: pytest.MonkeyPatch,
+    methods: tuple[str, ...],
+) -> None:
+    engine = make_engine(seeded_resnet18, device="cuda")
+    engine.layers(SIZE)
+    batch = random_images(4, SIZE, seed=8)
+    transfers: list[int] = []
+    to_host = transfer.to_host
+
+    def counted(tensors):  # type: ignore[no-untyped-def]
+        transfers.append(len(tensors))
+        return to_host(tensors)
+
+    monkeypatch.setattr(transfer, "to_host", counted)
+    inspection = Inspection(
+        features=(FeatureAsk("bn1", count=8), FeatureAsk("layer2", TOP_MEAN, 8)),
+    )
+    results = engine.explain_batch(
+        batch, [RowRequest("layer4", methods, inspection=inspection)] * 4
+    )
+    assert len(transfers) == 1
+    seen = reference(engine, batch.cuda(), ["bn1", "layer2"])
+    for row, result in enumerate(results):
+        bn1 = result.outputs[feature_keys("bn1").maps]
+        assert bn1.device.type == "cpu"
+        torch.testing.assert_close(bn1, seen["bn1"][row, :8].cpu(), rtol=0, atol=1e-6)
+        chosen = result.outputs[feature_keys("layer2").channels]
+        torch.testing.assert_close(
+            result.outputs[feature_keys("layer2").maps],
+            seen["layer2"][row, chosen.cuda()].cpu(),
+            rtol=0,
+            atol=1e-6,
+        )
