@@ -63,6 +63,12 @@ resnet18 at batches 8 and 32 unless told otherwise, Grad-CAM of the top class, r
   collecting the curves adds to the forward passes they need.
 
     python benchmarks/engine.py --scores --json       # {"device": ..., "scores": [...]}
+
+`--inspection` measures feature maps in explain requests instead (`inspection_cases`): explain
+plus 3 layers x 16 channels over explain alone, and a feature-map-only request over a plain
+forward, resnet18 at batch 32 unless told otherwise.
+
+    python benchmarks/engine.py --inspection --json   # {"inspection": [{"case", "batch", "ratio"}]}
 """
 
 from __future__ import annotations
@@ -84,6 +90,7 @@ from typing import Any
 import torch
 import torch.nn.functional as F  # noqa: N812 - the conventional alias
 import torchvision
+from inspection_cases import run_inspection, table
 from torch import nn
 
 from camserve.server.engine import (
@@ -853,6 +860,9 @@ def main(argv: list[str] | None = None) -> None:
         help="images/s of explain vs predict per precision (see above)",
     )
     parser.add_argument("--throughput-case", help=argparse.SUPPRESS)
+    parser.add_argument(
+        "--inspection", action="store_true", help="what feature maps cost (see above)"
+    )
     parser.add_argument("--case", help=argparse.SUPPRESS)
     parser.add_argument("--scores-case", help=argparse.SUPPRESS)
     parser.add_argument("--memory-probe", help=argparse.SUPPRESS)
@@ -902,6 +912,9 @@ def main(argv: list[str] | None = None) -> None:
     if args.throughput:
         _run_throughput(args, device)
         return
+    if args.inspection:
+        _run_inspection(args)
+        return
     cuda = device.type == "cuda"
     batches = (
         [int(b) for b in args.batches.split(",")]
@@ -929,6 +942,16 @@ def main(argv: list[str] | None = None) -> None:
         print(_table(description, results))
         if not cuda:
             print(_target_report(results))
+
+
+def _run_inspection(args: argparse.Namespace) -> None:
+    batches = [int(b) for b in args.batches.split(",")] if args.batches else [32]
+    rows = []
+    for name in (args.models if args.models_given else "resnet18").split(","):
+        for batch in batches:
+            print(f"inspection {name} batch {batch} ...", file=sys.stderr, flush=True)
+            rows += run_inspection(name, batch, INPUT, args.repeats)
+    print(json.dumps({"inspection": rows}) if args.json else table(rows))
 
 
 def _gradient_free_main(args: argparse.Namespace, device: torch.device) -> None:

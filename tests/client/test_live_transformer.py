@@ -124,3 +124,28 @@ def test_ablationcam_at_a_token_layer_is_refused_before_any_trace(vit_server, mo
     # the layer: the model did not at load, its default layer taking no such method), no fx
     # trace, no explain pass.
     assert traced == []
+
+
+def test_a_token_layer_comes_back_as_channel_first_grids(vit_server, deit_weights) -> None:
+    import timm
+    import torch
+    from safetensors.torch import load_file
+
+    image = np.random.default_rng(5).standard_normal((3, 224, 224)).astype(np.float32)
+    with Client(address=vit_server.address) as client:
+        got = client.explain(
+            image, model=MODEL, feature_layers=["blocks.5"], channels=[0, 7, 191], feature_raw=True
+        )
+    model = timm.create_model("deit_tiny_distilled_patch16_224", pretrained=False).eval()
+    model.load_state_dict(load_file(str(deit_weights)))  # as a user loads a fine-tune
+    seen: list[torch.Tensor] = []
+    handle = model.blocks[5].register_forward_hook(lambda m, i, out: seen.append(out.detach()))
+    with torch.no_grad():
+        model(torch.from_numpy(image)[None])
+    handle.remove()
+    grid = seen[0][0, 2:].reshape(14, 14, 192).permute(2, 0, 1)  # class and distillation tokens
+    found = got.feature_maps["blocks.5"]
+    assert found.array.shape == (3, 14, 14)
+    assert found.channels == (0, 7, 191)
+    np.testing.assert_allclose(found.array, grid[[0, 7, 191]].numpy(), rtol=1e-5, atol=1e-5)
+    np.testing.assert_allclose(found.means, grid.mean((1, 2)).numpy(), rtol=1e-5, atol=1e-5)

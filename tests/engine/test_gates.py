@@ -94,3 +94,13 @@ def test_users_own_gates_are_found_and_shared_or_library_modules_are_not() -> No
 def test_models_without_gates_have_none() -> None:
     assert find_gates(seeded_model("resnet18"), (64, 64)) == ()
     assert find_gates(seeded_model("vgg11"), (64, 64)) == ()
+
+
+def test_the_attention_demo_model_has_one_channel_and_one_spatial_gate() -> None:
+    from examples.attention_demo import lite0_with_attention
+
+    gates = find_gates(lite0_with_attention(), (224, 224))
+    assert [(gate.name, gate.kind, gate.shape) for gate in gates] == [
+        ("attention.channel", "channel", (112,)),
+        ("attention.spatial", "spatial", (14, 14)),
+    ]

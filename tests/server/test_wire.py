@@ -7,6 +7,8 @@ import numpy as np
 from camserve.server import messages
 from camserve.server.records import (
     ExplainOutcome,
+    FeatureMapResult,
+    GateResult,
     HeatmapResult,
     ImageExplanation,
     Prediction,
@@ -25,6 +27,14 @@ ARRAYS = (
     RNG.random((600, 1100), dtype=np.float32),  # 2.6 MB: lengths take four varint bytes
 )
 
+FEATURE_MAPS = (
+    FeatureMapResult("conv1", ARRAYS[0][None], (3,), (0.5, -1.0, 2.0), (1.0, 0.0, 4.0)),
+    FeatureMapResult("layer1", ARRAYS[2][None], (0,), (0.25,), (0.75,)),
+)
+GATES = (
+    GateResult("se.scale", "channel", RNG.random(6, dtype=np.float32)),
+    GateResult("cbam.spatial", "spatial", RNG.random((4, 5), dtype=np.float32)),
+)
 SCORES = {"confidence_change": -0.5, "deletion_auc": 0.25, "insertion_auc": 0.75}
 CURVES = {"deletion_auc": (1.0, 0.5, 0.125), "insertion_auc": (0.0, 0.25, 1.0)}
 
@@ -49,6 +59,8 @@ def outcome() -> ExplainOutcome:
                 predictions=(Prediction(1, "class 1", 0.75, 2.5),),
                 heatmaps=heatmaps,
                 overlay_png=b"\x89PNG" * first,
+                feature_maps=FEATURE_MAPS[first:],
+                gates=GATES[first:],
             )
         )
     return ExplainOutcome("tiny", "2", tuple(images), StageTimes(0.001, 0.002, 0.003, 0.01), 4)
@@ -92,6 +104,22 @@ def built_by_protobuf(request_id: str, answer: ExplainOutcome) -> pb.ExplainResp
                     for h in image.heatmaps
                 ],
                 overlay_png=image.overlay_png,
+                feature_maps=[
+                    pb.FeatureMap(
+                        layer=f.layer,
+                        data=to_proto(f.data),
+                        channels=f.channels,
+                        channel_means=f.means,
+                        channel_maxes=f.maxes,
+                    )
+                    for f in image.feature_maps
+                ],
+                gates=[
+                    pb.GateValues(
+                        name=g.name, kind=messages.GATE_KINDS[g.kind], data=to_proto(g.data)
+                    )
+                    for g in image.gates
+                ],
             )
             for image in answer.images
         ],
@@ -134,7 +162,8 @@ def test_the_split_points_cover_every_field_of_the_spliced_messages() -> None:
         for message in (pb.ExplainResponse, pb.ImageResult, pb.Heatmap, pb.Tensor)
     }
     assert fields["ExplainResponse"][3] == "results"  # head: request_id, model, model_version
-    assert fields["ImageResult"] == ["predictions", "heatmaps", "overlay_png"]
+    # The tail after overlay_png is serialised by protobuf (wire.ImagePart.tail).
+    assert fields["ImageResult"][:3] == ["predictions", "heatmaps", "overlay_png"]
     assert fields["Heatmap"][4] == "data"  # head: method, class_index, class_label, layer
     assert fields["Tensor"] == ["dtype", "shape", "data"]
     for message in (pb.ExplainResponse, pb.ImageResult, pb.Heatmap, pb.Tensor):

@@ -23,7 +23,9 @@ from camserve.client.kernels import ConvLayerInfo, Kernels
 from camserve.client.render import colormap, overlay, panel
 from camserve.client.results import (
     Explanation,
+    FeatureMap,
     GateInfo,
+    GateValues,
     InputSpec,
     LayerInfo,
     MethodCost,
@@ -41,7 +43,9 @@ __all__ = [
     "ConvLayerInfo",
     "DeadlineExceeded",
     "Explanation",
+    "FeatureMap",
     "GateInfo",
+    "GateValues",
     "InputSpec",
     "InvalidArgument",
     "Kernels",

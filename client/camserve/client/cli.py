@@ -19,6 +19,7 @@ from pathlib import Path
 from typing import Any
 
 from camserve.client import compare, outputs
+from camserve.client.cli_inspect import add_inspect
 from camserve.client.cli_kernels import add_kernels
 from camserve.client.commandline import FAILED, INTERRUPTED, OK, USAGE, describe_os_error
 from camserve.client.connection import DEFAULT_ADDRESS, TLSConfig
@@ -77,6 +78,8 @@ def _check_args(parser: argparse.ArgumentParser, args: argparse.Namespace) -> No
         parser.error("--target and --top-k cannot be combined")
     if args.command == "explain":
         outputs.check_folder(args.out)
+    if args.command in ("features", "attention"):
+        outputs.check_folder(args.out, f"{args.command} writes its figures")
     if args.command == "compare":
         args.out = outputs.panel_file(args.out)
     if args.command == "kernels":
@@ -120,6 +123,7 @@ def build_parser(*, default_server: str = DEFAULT_ADDRESS) -> argparse.ArgumentP
     _add_explain(commands, common)
     _add_compare(commands, common)
     add_kernels(commands, common)
+    add_inspect(commands, common)
     models = commands.add_parser("models", parents=[common], help="list models and their layers")
     models.set_defaults(run=_models)
     health = commands.add_parser(

@@ -18,11 +18,12 @@ class OutputPathError(ValueError):
     """An `--out` path the command cannot write to; the message says what it takes."""
 
 
-def check_folder(out: Path) -> None:
-    """Refuses an `explain --out` that is not a folder nor could become one."""
+def check_folder(out: Path, writes: str = "explain writes one PNG per heatmap") -> None:
+    """Refuses an `--out` folder (explain, features, attention) that is not a folder nor could
+    become one; `writes` says what the command puts there."""
     if out.exists() and not out.is_dir():
         raise OutputPathError(
-            f"--out {out}: is a file; explain writes one PNG per heatmap into a folder, so "
+            f"--out {out}: is a file; {writes} into a folder, so "
             "give a folder's path (it is made when missing)"
         )
     _check_parents(out)

@@ -33,6 +33,16 @@ RESOLUTIONS: dict[str, pb.Resolution] = {
     "input": pb.RESOLUTION_INPUT,
     "feature": pb.RESOLUTION_FEATURE_MAP,
 }
+SELECTIONS: dict[str, pb.ChannelSelection] = {
+    "first": pb.CHANNEL_SELECTION_FIRST,
+    "top_mean": pb.CHANNEL_SELECTION_TOP_MEAN,
+    "top_gradcam": pb.CHANNEL_SELECTION_TOP_GRADCAM,
+}
+INSPECT_RESOLUTIONS: dict[str, pb.Resolution] = {
+    "feature": pb.RESOLUTION_FEATURE_MAP,
+    "input": pb.RESOLUTION_INPUT,
+    "original": pb.RESOLUTION_ORIGINAL,
+}
 DTYPES: dict[str, pb.DType] = {
     "float32": pb.DTYPE_FLOAT32,
     "float16": pb.DTYPE_FLOAT16,
@@ -57,6 +67,15 @@ class ExplainKwargs(TypedDict, total=False):
     "confidence", "deletion", "insertion"), read from `Explanation.scores`. `score_steps`: steps
     of the deletion and insertion curves (default the server's, 20). `score_curves`: also get
     those curves (`Explanation.curves`).
+    `feature_layers`: layers whose activations to return (`Explanation.feature_maps`);
+    `channels`: how many channels per layer (default 16), or a sequence of channel indices;
+    `channel_selection`: "first", "top_mean" or "top_gradcam" (by the explained class's Grad-CAM
+    weight); `feature_resolution`: "feature", "input" or "original"; `feature_dtype`;
+    `feature_raw`: activations as they are instead of each channel min-max normalised. `gates`:
+    True for every attention gate's values, or a sequence of gate names (`Explanation.gates`);
+    `gate_resolution`: where spatial gates are drawn ("feature", "input", "original").
+    `heatmaps`: False returns only feature maps and gates (no heatmaps, no predictions; the
+    server runs the model forward only, and only as deep as needed).
     Checked by `ExplainOptions`, whose fields are these keys with their defaults.
     """
 
@@ -75,6 +94,15 @@ class ExplainKwargs(TypedDict, total=False):
     scores: Scores
     score_steps: int | None
     score_curves: bool
+    feature_layers: Sequence[str]
+    channels: int | Sequence[int] | None
+    channel_selection: str
+    feature_resolution: str
+    feature_dtype: str
+    feature_raw: bool
+    gates: bool | Sequence[str]
+    gate_resolution: str
+    heatmaps: bool
 
 
 @dataclass(frozen=True)
@@ -99,6 +127,15 @@ class ExplainOptions:
     scores: Scores = ()
     score_steps: int | None = None
     score_curves: bool = False
+    feature_layers: Sequence[str] = ()
+    channels: int | Sequence[int] | None = None
+    channel_selection: str = "first"
+    feature_resolution: str = "feature"
+    feature_dtype: str = "float32"
+    feature_raw: bool = False
+    gates: bool | Sequence[str] = False
+    gate_resolution: str = "feature"
+    heatmaps: bool = True
 
     def __post_init__(self) -> None:
         if self.target is not None and self.top_k is not None:
@@ -116,6 +153,13 @@ class ExplainOptions:
         self.method_protos()
         self._check_scores()
         self.output_proto()
+        feature_options(self)
+        gate_options(self)
+        if not self.heatmaps and not (self.feature_layers or self.gates):
+            raise ValueError(
+                "heatmaps=False returns only feature maps and gates: ask for feature_layers or "
+                "gates too"
+            )
         if self.aug_smooth and self.resolution == "feature":
             raise ValueError(
                 "aug_smooth averages maps at the input resolution, so there is no "
@@ -210,6 +254,57 @@ class ExplainOptions:
         return output
 
 
+def _inspect_resolution(name: str, argument: str) -> pb.Resolution:
+    if name not in INSPECT_RESOLUTIONS:
+        raise ValueError(f"{argument}={name!r}: use one of {list(INSPECT_RESOLUTIONS)}")
+    return INSPECT_RESOLUTIONS[name]
+
+
+def feature_options(options: ExplainOptions) -> pb.FeatureMapOptions | None:
+    """The feature-map options of `options`, or None when it asks for no layers."""
+    layers = [options.feature_layers] if isinstance(options.feature_layers, str) else []
+    layers = layers or list(options.feature_layers)
+    if not layers:
+        return None
+    if options.feature_dtype not in DTYPES:
+        raise ValueError(f"feature_dtype={options.feature_dtype!r}: use one of {sorted(DTYPES)}")
+    message = pb.FeatureMapOptions(
+        layers=layers,
+        resolution=_inspect_resolution(options.feature_resolution, "feature_resolution"),
+        dtype=DTYPES[options.feature_dtype],
+        raw=options.feature_raw,
+    )
+    channels = options.channels
+    if channels is None or isinstance(channels, int):
+        if channels is not None and (isinstance(channels, bool) or channels < 1):
+            raise ValueError(
+                f"channels must be a positive int or channel indices; got {channels!r}"
+            )
+        if options.channel_selection not in SELECTIONS:
+            raise ValueError(
+                f"channel_selection={options.channel_selection!r}: use one of {list(SELECTIONS)}"
+            )
+        message.selection = SELECTIONS[options.channel_selection]
+        message.channels = channels or 0
+        return message
+    indices = list(channels)
+    if not indices or not all(isinstance(i, int) and i >= 0 for i in indices):
+        raise ValueError(f"channels as indices must be non-negative ints; got {channels!r}")
+    message.selection = pb.CHANNEL_SELECTION_INDICES
+    message.channel_indices.extend(indices)
+    return message
+
+
+def gate_options(options: ExplainOptions) -> pb.GateOptions | None:
+    """The gate options of `options`, or None when it asks for no gates."""
+    gates = options.gates
+    if gates is False or (not isinstance(gates, bool) and not gates):
+        return None
+    names = [] if gates is True else ([gates] if isinstance(gates, str) else list(gates))
+    resolution = _inspect_resolution(options.gate_resolution, "gate_resolution")
+    return pb.GateOptions(names=names, resolution=resolution)
+
+
 def build_request(
     images: Sequence[ImageInput], options: ExplainOptions, *, request_id: str | None = None
 ) -> pb.ExplainRequest:
@@ -222,14 +317,20 @@ def build_request(
         wire = to_wire(image)
         wire.target.CopyFrom(target)
         wire_images.append(wire)
-    return pb.ExplainRequest(
+    request = pb.ExplainRequest(
         model=options.model or "",
         images=wire_images,
         layer=options.layer or "",
-        methods=options.method_protos(),
+        methods=options.method_protos() if options.heatmaps else [],
         output=options.output_proto(),
-        top_predictions=options.top_predictions,
+        top_predictions=options.top_predictions if options.heatmaps else None,
         request_id=request_id or "",
         eigen_smooth=options.eigen_smooth,
         aug_smooth=options.aug_smooth,
+        no_heatmaps=not options.heatmaps,
     )
+    if (features := feature_options(options)) is not None:
+        request.feature_maps.CopyFrom(features)
+    if (gates := gate_options(options)) is not None:
+        request.gates.CopyFrom(gates)
+    return request

@@ -50,6 +50,37 @@ class Timing:
 
 
 @dataclass(frozen=True, eq=False)
+class FeatureMap:
+    """One layer's activations for one image: `array` (k, h, w), channels-first whatever the
+    layer's layout, holding the channels numbered `channels`; `means` and `maxes` give every
+    channel's (C values) raw spatial mean and maximum."""
+
+    layer: str
+    array: np.ndarray
+    channels: tuple[int, ...]
+    means: np.ndarray
+    maxes: np.ndarray
+
+
+@dataclass(frozen=True, eq=False)
+class GateValues:
+    """One attention gate's output for one image: `values` (C,) for kind "channel", (H, W) in
+    [0, 1] for kind "spatial" (at the resolution asked for, to lay over the image)."""
+
+    name: str
+    kind: str
+    values: np.ndarray
+
+
+def _no_features() -> Mapping[str, FeatureMap]:
+    return MappingProxyType({})
+
+
+def _no_gates() -> Mapping[str, GateValues]:
+    return MappingProxyType({})
+
+
+@dataclass(frozen=True, eq=False)
 class Explanation:
     """The explanation of one image.
 
@@ -63,6 +94,10 @@ class Explanation:
     unless the call asked for `scores`). `curves` maps them to the deletion and insertion curves
     by the same names: S + 1 class probabilities, from step 0 (nothing perturbed) to step S,
     when the call asked for `score_curves`.
+
+    `feature_maps` maps layer names to their `FeatureMap` and `gates` gate names to their
+    `GateValues`, for the layers and gates the call asked for. A call with `heatmaps=False`
+    gets neither heatmaps nor predictions.
     """
 
     predictions: tuple[Prediction, ...]
@@ -77,6 +112,8 @@ class Explanation:
     request_id: str
     scores: Mapping[HeatmapKey, Mapping[str, float]] = field(default_factory=_empty)
     curves: Mapping[HeatmapKey, Mapping[str, tuple[float, ...]]] = field(default_factory=_empty)
+    feature_maps: Mapping[str, FeatureMap] = field(default_factory=_no_features)
+    gates: Mapping[str, GateValues] = field(default_factory=_no_gates)
 
     def heatmap(self, method: str | None = None, class_index: int | None = None) -> np.ndarray:
         """The first heatmap matching `method` and `class_index` (either may be left out)."""
@@ -220,6 +257,36 @@ def _explanation(
         request_id=response.request_id,
         scores=MappingProxyType(scores),
         curves=MappingProxyType(curves),
+        feature_maps=_feature_maps(result),
+        gates=_gates(result),
+    )
+
+
+def _feature_maps(result: pb.ImageResult) -> Mapping[str, FeatureMap]:
+    return MappingProxyType(
+        {
+            found.layer: FeatureMap(
+                layer=found.layer,
+                array=from_proto(found.data, field=f"results.feature_maps[{i}].data"),
+                channels=tuple(found.channels),
+                means=np.array(found.channel_means, dtype=np.float32),
+                maxes=np.array(found.channel_maxes, dtype=np.float32),
+            )
+            for i, found in enumerate(result.feature_maps)
+        }
+    )
+
+
+def _gates(result: pb.ImageResult) -> Mapping[str, GateValues]:
+    return MappingProxyType(
+        {
+            gate.name: GateValues(
+                gate.name,
+                GATE_KIND_NAMES.get(gate.kind, "unknown"),
+                from_proto(gate.data, field=f"results.gates[{i}].data"),
+            )
+            for i, gate in enumerate(result.gates)
+        }
     )
 
 

@@ -43,6 +43,14 @@ class Resolution(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
     RESOLUTION_ORIGINAL: _ClassVar[Resolution]
     RESOLUTION_EXPLICIT: _ClassVar[Resolution]
 
+class ChannelSelection(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
+    __slots__ = ()
+    CHANNEL_SELECTION_UNSPECIFIED: _ClassVar[ChannelSelection]
+    CHANNEL_SELECTION_FIRST: _ClassVar[ChannelSelection]
+    CHANNEL_SELECTION_TOP_MEAN: _ClassVar[ChannelSelection]
+    CHANNEL_SELECTION_TOP_GRADCAM: _ClassVar[ChannelSelection]
+    CHANNEL_SELECTION_INDICES: _ClassVar[ChannelSelection]
+
 class GateKind(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
     __slots__ = ()
     GATE_KIND_UNSPECIFIED: _ClassVar[GateKind]
@@ -72,6 +80,11 @@ RESOLUTION_FEATURE_MAP: Resolution
 RESOLUTION_INPUT: Resolution
 RESOLUTION_ORIGINAL: Resolution
 RESOLUTION_EXPLICIT: Resolution
+CHANNEL_SELECTION_UNSPECIFIED: ChannelSelection
+CHANNEL_SELECTION_FIRST: ChannelSelection
+CHANNEL_SELECTION_TOP_MEAN: ChannelSelection
+CHANNEL_SELECTION_TOP_GRADCAM: ChannelSelection
+CHANNEL_SELECTION_INDICES: ChannelSelection
 GATE_KIND_UNSPECIFIED: GateKind
 GATE_KIND_CHANNEL: GateKind
 GATE_KIND_SPATIAL: GateKind
@@ -129,7 +142,7 @@ class OutputOptions(_message.Message):
     def __init__(self, resolution: _Optional[_Union[Resolution, str]] = ..., height: _Optional[int] = ..., width: _Optional[int] = ..., dtype: _Optional[_Union[DType, str]] = ..., raw: _Optional[bool] = ..., overlay: _Optional[bool] = ..., scores: _Optional[_Iterable[_Union[Score, str]]] = ..., score_steps: _Optional[int] = ..., score_curves: _Optional[bool] = ...) -> None: ...
 
 class ExplainRequest(_message.Message):
-    __slots__ = ("model", "images", "layer", "methods", "output", "top_predictions", "request_id", "eigen_smooth", "aug_smooth")
+    __slots__ = ("model", "images", "layer", "methods", "output", "top_predictions", "request_id", "eigen_smooth", "aug_smooth", "feature_maps", "gates", "no_heatmaps")
     MODEL_FIELD_NUMBER: _ClassVar[int]
     IMAGES_FIELD_NUMBER: _ClassVar[int]
     LAYER_FIELD_NUMBER: _ClassVar[int]
@@ -139,6 +152,9 @@ class ExplainRequest(_message.Message):
     REQUEST_ID_FIELD_NUMBER: _ClassVar[int]
     EIGEN_SMOOTH_FIELD_NUMBER: _ClassVar[int]
     AUG_SMOOTH_FIELD_NUMBER: _ClassVar[int]
+    FEATURE_MAPS_FIELD_NUMBER: _ClassVar[int]
+    GATES_FIELD_NUMBER: _ClassVar[int]
+    NO_HEATMAPS_FIELD_NUMBER: _ClassVar[int]
     model: str
     images: _containers.RepeatedCompositeFieldContainer[Image]
     layer: str
@@ -148,7 +164,60 @@ class ExplainRequest(_message.Message):
     request_id: str
     eigen_smooth: bool
     aug_smooth: bool
-    def __init__(self, model: _Optional[str] = ..., images: _Optional[_Iterable[_Union[Image, _Mapping]]] = ..., layer: _Optional[str] = ..., methods: _Optional[_Iterable[_Union[Method, str]]] = ..., output: _Optional[_Union[OutputOptions, _Mapping]] = ..., top_predictions: _Optional[int] = ..., request_id: _Optional[str] = ..., eigen_smooth: _Optional[bool] = ..., aug_smooth: _Optional[bool] = ...) -> None: ...
+    feature_maps: FeatureMapOptions
+    gates: GateOptions
+    no_heatmaps: bool
+    def __init__(self, model: _Optional[str] = ..., images: _Optional[_Iterable[_Union[Image, _Mapping]]] = ..., layer: _Optional[str] = ..., methods: _Optional[_Iterable[_Union[Method, str]]] = ..., output: _Optional[_Union[OutputOptions, _Mapping]] = ..., top_predictions: _Optional[int] = ..., request_id: _Optional[str] = ..., eigen_smooth: _Optional[bool] = ..., aug_smooth: _Optional[bool] = ..., feature_maps: _Optional[_Union[FeatureMapOptions, _Mapping]] = ..., gates: _Optional[_Union[GateOptions, _Mapping]] = ..., no_heatmaps: _Optional[bool] = ...) -> None: ...
+
+class FeatureMapOptions(_message.Message):
+    __slots__ = ("layers", "selection", "channels", "channel_indices", "resolution", "dtype", "raw")
+    LAYERS_FIELD_NUMBER: _ClassVar[int]
+    SELECTION_FIELD_NUMBER: _ClassVar[int]
+    CHANNELS_FIELD_NUMBER: _ClassVar[int]
+    CHANNEL_INDICES_FIELD_NUMBER: _ClassVar[int]
+    RESOLUTION_FIELD_NUMBER: _ClassVar[int]
+    DTYPE_FIELD_NUMBER: _ClassVar[int]
+    RAW_FIELD_NUMBER: _ClassVar[int]
+    layers: _containers.RepeatedScalarFieldContainer[str]
+    selection: ChannelSelection
+    channels: int
+    channel_indices: _containers.RepeatedScalarFieldContainer[int]
+    resolution: Resolution
+    dtype: DType
+    raw: bool
+    def __init__(self, layers: _Optional[_Iterable[str]] = ..., selection: _Optional[_Union[ChannelSelection, str]] = ..., channels: _Optional[int] = ..., channel_indices: _Optional[_Iterable[int]] = ..., resolution: _Optional[_Union[Resolution, str]] = ..., dtype: _Optional[_Union[DType, str]] = ..., raw: _Optional[bool] = ...) -> None: ...
+
+class GateOptions(_message.Message):
+    __slots__ = ("names", "resolution")
+    NAMES_FIELD_NUMBER: _ClassVar[int]
+    RESOLUTION_FIELD_NUMBER: _ClassVar[int]
+    names: _containers.RepeatedScalarFieldContainer[str]
+    resolution: Resolution
+    def __init__(self, names: _Optional[_Iterable[str]] = ..., resolution: _Optional[_Union[Resolution, str]] = ...) -> None: ...
+
+class FeatureMap(_message.Message):
+    __slots__ = ("layer", "data", "channels", "channel_means", "channel_maxes")
+    LAYER_FIELD_NUMBER: _ClassVar[int]
+    DATA_FIELD_NUMBER: _ClassVar[int]
+    CHANNELS_FIELD_NUMBER: _ClassVar[int]
+    CHANNEL_MEANS_FIELD_NUMBER: _ClassVar[int]
+    CHANNEL_MAXES_FIELD_NUMBER: _ClassVar[int]
+    layer: str
+    data: Tensor
+    channels: _containers.RepeatedScalarFieldContainer[int]
+    channel_means: _containers.RepeatedScalarFieldContainer[float]
+    channel_maxes: _containers.RepeatedScalarFieldContainer[float]
+    def __init__(self, layer: _Optional[str] = ..., data: _Optional[_Union[Tensor, _Mapping]] = ..., channels: _Optional[_Iterable[int]] = ..., channel_means: _Optional[_Iterable[float]] = ..., channel_maxes: _Optional[_Iterable[float]] = ...) -> None: ...
+
+class GateValues(_message.Message):
+    __slots__ = ("name", "kind", "data")
+    NAME_FIELD_NUMBER: _ClassVar[int]
+    KIND_FIELD_NUMBER: _ClassVar[int]
+    DATA_FIELD_NUMBER: _ClassVar[int]
+    name: str
+    kind: GateKind
+    data: Tensor
+    def __init__(self, name: _Optional[str] = ..., kind: _Optional[_Union[GateKind, str]] = ..., data: _Optional[_Union[Tensor, _Mapping]] = ...) -> None: ...
 
 class Prediction(_message.Message):
     __slots__ = ("index", "label", "probability", "logit")
@@ -187,14 +256,18 @@ class Heatmap(_message.Message):
     def __init__(self, method: _Optional[_Union[Method, str]] = ..., class_index: _Optional[int] = ..., class_label: _Optional[str] = ..., layer: _Optional[str] = ..., data: _Optional[_Union[Tensor, _Mapping]] = ..., confidence_change: _Optional[float] = ..., deletion_auc: _Optional[float] = ..., insertion_auc: _Optional[float] = ..., deletion_curve: _Optional[_Iterable[float]] = ..., insertion_curve: _Optional[_Iterable[float]] = ...) -> None: ...
 
 class ImageResult(_message.Message):
-    __slots__ = ("predictions", "heatmaps", "overlay_png")
+    __slots__ = ("predictions", "heatmaps", "overlay_png", "feature_maps", "gates")
     PREDICTIONS_FIELD_NUMBER: _ClassVar[int]
     HEATMAPS_FIELD_NUMBER: _ClassVar[int]
     OVERLAY_PNG_FIELD_NUMBER: _ClassVar[int]
+    FEATURE_MAPS_FIELD_NUMBER: _ClassVar[int]
+    GATES_FIELD_NUMBER: _ClassVar[int]
     predictions: _containers.RepeatedCompositeFieldContainer[Prediction]
     heatmaps: _containers.RepeatedCompositeFieldContainer[Heatmap]
     overlay_png: bytes
-    def __init__(self, predictions: _Optional[_Iterable[_Union[Prediction, _Mapping]]] = ..., heatmaps: _Optional[_Iterable[_Union[Heatmap, _Mapping]]] = ..., overlay_png: _Optional[bytes] = ...) -> None: ...
+    feature_maps: _containers.RepeatedCompositeFieldContainer[FeatureMap]
+    gates: _containers.RepeatedCompositeFieldContainer[GateValues]
+    def __init__(self, predictions: _Optional[_Iterable[_Union[Prediction, _Mapping]]] = ..., heatmaps: _Optional[_Iterable[_Union[Heatmap, _Mapping]]] = ..., overlay_png: _Optional[bytes] = ..., feature_maps: _Optional[_Iterable[_Union[FeatureMap, _Mapping]]] = ..., gates: _Optional[_Iterable[_Union[GateValues, _Mapping]]] = ...) -> None: ...
 
 class Timing(_message.Message):
     __slots__ = ("queue_ms", "preprocess_ms", "compute_ms", "total_ms")

@@ -59,6 +59,32 @@ def _heatmap(result: HeatmapResult) -> HeatmapPart:
     return HeatmapPart(head, tensor, payload, tail)
 
 
+def _inspection(image: ImageExplanation) -> pb.ImageResult | None:
+    """The image's feature maps and gate values: the fields after its overlay."""
+    if not image.feature_maps and not image.gates:
+        return None
+    return pb.ImageResult(
+        feature_maps=[
+            pb.FeatureMap(
+                layer=found.layer,
+                data=to_proto(found.data),
+                channels=found.channels,
+                channel_means=found.means,
+                channel_maxes=found.maxes,
+            )
+            for found in image.feature_maps
+        ],
+        gates=[
+            pb.GateValues(
+                name=gate.name,
+                kind=GATE_KINDS[gate.kind],
+                data=to_proto(gate.data),
+            )
+            for gate in image.gates
+        ],
+    )
+
+
 def _image(image: ImageExplanation) -> ImagePart:
     head = pb.ImageResult(
         predictions=[
@@ -66,7 +92,8 @@ def _image(image: ImageExplanation) -> ImagePart:
             for p in image.predictions
         ]
     )
-    return ImagePart(head, [_heatmap(heatmap) for heatmap in image.heatmaps], image.overlay_png)
+    heatmaps = [_heatmap(heatmap) for heatmap in image.heatmaps]
+    return ImagePart(head, heatmaps, image.overlay_png, _inspection(image))
 
 
 def encoded_response(request_id: str, outcome: ExplainOutcome) -> EncodedResponse:

@@ -14,6 +14,7 @@ import torch
 
 from camserve.server.engine import MapScores, RowResult
 from camserve.server.engine.shaping import shape_heatmaps
+from camserve.server.inspect_outputs import shape_inspection
 from camserve.server.metrics import StageClock, untimed
 from camserve.server.preprocess import PreparedImage
 from camserve.server.records import HeatmapResult, ImageExplanation, ModelMeta, Prediction
@@ -83,9 +84,14 @@ def explain_image(
     timed: StageClock = untimed,
 ) -> ImageExplanation:
     """One image's predictions and heatmaps, ordered by class (as explained), then method, each
-    with its faithfulness scores when the plan asked for them (`scores`, keyed like the maps)."""
+    with its faithfulness scores when the plan asked for them (`scores`, keyed like the maps),
+    and its feature maps and gate values (`inspect_outputs`). A plan without heatmaps has no
+    predictions either: its pass may have stopped before the logits."""
     scores = scores or {}
     with timed("shape"):
+        features, gates = shape_inspection(result, prepared.geometry, plan.inspect, meta)
+        if not plan.inspect.heatmaps:
+            return ImageExplanation((), (), b"", features, gates)
         keys = [(method, cls) for cls in result.classes for method in plan.methods]
         raw = torch.stack([result.maps[key] for key in keys]).float()
         heatmaps = tuple(
@@ -105,4 +111,10 @@ def explain_image(
     if plan.output.overlay:
         with timed("overlay"):
             overlay = _overlay_png(prepared, raw[0])
-    return ImageExplanation(predictions=predictions, heatmaps=heatmaps, overlay_png=overlay)
+    return ImageExplanation(
+        predictions=predictions,
+        heatmaps=heatmaps,
+        overlay_png=overlay,
+        feature_maps=features,
+        gates=gates,
+    )

@@ -36,6 +36,7 @@ from camserve.server.engine.registry import pass_methods
 from camserve.server.engine.shaping import output_bytes
 from camserve.server.errors import InvalidRequest, ModelNotFound, Unavailable
 from camserve.server.faults import service_error
+from camserve.server.inspect_outputs import row_inspection, shaping_bytes
 from camserve.server.kernels import KernelCatalogue, KernelQuery, KernelView
 from camserve.server.metrics import Metrics, StageClock, untimed
 from camserve.server.outputs import RESOLUTION_NAMES, explain_image
@@ -110,6 +111,7 @@ def check_allocation(
             (feature_h, feature_w),
             overlay=output.overlay,
         )
+        total += shaping_bytes(plan.inspect, item.geometry, meta)
     if total > limit:
         raise InvalidRequest(
             f"output: shaping these heatmaps would take about {total / 2**20:.0f} MiB, over the "
@@ -356,6 +358,7 @@ class ExplainPipeline:
 
     @staticmethod
     def _jobs(prepared: list[PreparedImage], plan: ExplainPlan) -> list[ImageJob]:
+        inspection = row_inspection(plan.inspect)
         return [
             ImageJob(
                 pixels=item.pixels,
@@ -368,6 +371,7 @@ class ExplainPipeline:
                     aug_smooth=plan.aug_smooth,
                     # Rows after the pass need the activations; scores, the staged input.
                     keep_activations=_gradient_free(plan) or bool(plan.scores),
+                    inspection=inspection,
                 ),
             )
             for item, target in zip(prepared, plan.targets, strict=True)

@@ -158,12 +158,36 @@ class HeatmapResult:
 
 
 @dataclass(frozen=True)
+class FeatureMapResult:
+    """One layer's selected channels (k, h, w) in the wire dtype, their indices, and every
+    channel's raw spatial mean and maximum."""
+
+    layer: str
+    data: np.ndarray
+    channels: tuple[int, ...]
+    means: tuple[float, ...]
+    maxes: tuple[float, ...]
+
+
+@dataclass(frozen=True)
+class GateResult:
+    """One gate's values for one image: (C,) for kind "channel", (H, W) for "spatial"."""
+
+    name: str
+    kind: str
+    data: np.ndarray
+
+
+@dataclass(frozen=True)
 class ImageExplanation:
-    """One image's predictions (most probable first), heatmaps and optional overlay PNG."""
+    """One image's predictions (most probable first), heatmaps and optional overlay PNG, and
+    the feature maps and gate values it asked for."""
 
     predictions: tuple[Prediction, ...]
     heatmaps: tuple[HeatmapResult, ...]
     overlay_png: bytes
+    feature_maps: tuple[FeatureMapResult, ...] = ()
+    gates: tuple[GateResult, ...] = ()
 
 
 @dataclass(frozen=True)

@@ -155,6 +155,9 @@ class LimitsSettings:
     max_score_steps: int = ENGINE_MAX_SCORE_STEPS
     max_kernel_tiles: int = 1024  # tiles on one page of a kernel grid (GetKernels)
     max_kernel_tile_size: int = 128  # pixels per side of one kernel tile
+    # Feature maps in an explain request: layers per request, and channels returned per layer.
+    max_feature_layers: int = 8
+    max_feature_channels: int = 64
     # Requests of one ExplainStream read and not yet answered: the server reads no further ahead,
     # and holds at most this many answers for a caller that stops reading.
     stream_window: int = 64
@@ -169,6 +172,8 @@ class LimitsSettings:
             "max_top_k",
             "max_kernel_tiles",
             "max_kernel_tile_size",
+            "max_feature_layers",
+            "max_feature_channels",
             "stream_window",
         ):
             if getattr(self, key) < 1:

@@ -12,6 +12,7 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 from camserve.server.errors import InvalidRequest
+from camserve.server.inspect_plan import InspectPlan, inspect_plan, wire_bytes
 from camserve.server.records import ArrayImage, EncodedImage, ImageSource, ModelMeta
 from camserve.server.settings import LimitsSettings
 from camserve.v1 import explain_pb2 as pb
@@ -111,6 +112,7 @@ class ExplainPlan:
     score_steps: int = DEFAULT_SCORE_STEPS
     score_curves: bool = False
     budget: RequestBudget = RequestBudget(())  # set by `validate`
+    inspect: InspectPlan = InspectPlan()  # feature maps and gate values (`inspect_plan`)
 
 
 def _choices(values: object) -> str:
@@ -328,6 +330,7 @@ def check_response_size(
     total = RESPONSE_OVERHEAD
     for maps, geometry in zip(plan.budget.maps_per_image, geometries, strict=True):
         total += maps * (_heatmap_pixels(plan, geometry, meta) * itemsize + per_map_extra)
+        total += wire_bytes(plan.inspect, geometry, meta)
         if plan.output.overlay:
             total += geometry.original_hw[0] * geometry.original_hw[1] * 3  # PNG, worst case
     if total > max_bytes:
@@ -336,6 +339,7 @@ def check_response_size(
             f"output: the response would be about {total / 2**20:.1f} MiB, over the server's "
             f"message limit of {max_bytes / 2**20:.0f} MiB; ask for fewer images, classes or "
             f"methods per request, a smaller resolution{curves}, or dtype float16/uint8"
+            + (", or fewer feature-map layers or channels" if plan.inspect.features else "")
         )
 
 
@@ -380,7 +384,8 @@ def validate(request: pb.ExplainRequest, meta: ModelMeta, limits: LimitsSettings
     for i, image in enumerate(request.images):
         if image.WhichOneof("source") is None:
             raise RequestError(f"images[{i}]: set `encoded` (file bytes) or `tensor`")
-    methods = _methods(request, meta)
+    inspect = inspect_plan(request, meta, limits)
+    methods = _methods(request, meta) if inspect.heatmaps else ()
     _check_layer_fits(methods, layer, meta)
     output = _output(request.output, limits)
     scores = _scores(request.output, meta, limits)
@@ -397,6 +402,7 @@ def validate(request: pb.ExplainRequest, meta: ModelMeta, limits: LimitsSettings
         score_steps=scores.steps,
         score_curves=scores.curves,
         budget=budget_of(targets, methods, layer, meta),
+        inspect=inspect,
     )
 
 

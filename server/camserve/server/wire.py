@@ -5,7 +5,8 @@ when it is assigned and again when the message is serialised. Here the answer is
 format directly: every small part (ids, predictions, a heatmap's method and scores, a tensor's
 dtype and shape) is serialised by protobuf itself, and this module writes only the framing (key
 and length) of the length-delimited fields that hold large bytes: `results`, `heatmaps`, a
-heatmap's `data` Tensor, that tensor's `data` bytes and `overlay_png`. The whole answer is then
+heatmap's `data` Tensor, that tensor's `data` bytes and `overlay_png`; an image's feature maps and
+gate values follow the overlay as protobuf serialises them. The whole answer is then
 joined once.
 
 Every message occurs exactly once and its fields come in field-number order, so the bytes equal
@@ -44,11 +45,14 @@ class HeatmapPart(NamedTuple):
 
 class ImagePart(NamedTuple):
     """An ImageResult in pieces: `head` holds only its predictions (the field numbered before
-    `heatmaps`); the heatmaps and the overlay PNG follow, in field order."""
+    `heatmaps`); the heatmaps and the overlay PNG follow, in field order, then `tail` with the
+    fields numbered after the overlay (feature maps and gate values, serialised by protobuf:
+    a few selected channels, far smaller than photo-sized heatmaps)."""
 
     head: pb.ImageResult
     heatmaps: Sequence[HeatmapPart]
     overlay_png: bytes
+    tail: pb.ImageResult | None = None
 
 
 def _varint(value: int) -> bytes:
@@ -86,6 +90,8 @@ def _image(part: ImagePart) -> list[Chunk]:
     for heatmap in part.heatmaps:
         inner += _heatmap(heatmap)
     inner += _bytes_field(_OVERLAY_PNG, part.overlay_png)
+    if part.tail is not None:
+        inner.append(part.tail.SerializeToString())
     return _field(_RESULTS, inner)
 
 

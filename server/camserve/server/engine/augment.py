@@ -101,7 +101,7 @@ def expand(images: torch.Tensor, rows: Sequence[RowRequest]) -> Expansion:
         start = len(out_rows)
         if row.aug_smooth:
             parts.append(augment_images(images[index]))
-            plain = dataclasses.replace(row, aug_smooth=False, outputs=())
+            plain = dataclasses.replace(row, aug_smooth=False, outputs=(), inspection=None)
             copies = [plain] * len(AUGMENTATIONS)
             copies[IDENTITY_INDEX] = dataclasses.replace(row, aug_smooth=False)  # its outputs
             out_rows += copies

@@ -11,7 +11,9 @@ it, and one transfer to the host.
 - Which maps a row gets is what its methods' registry entries produce; layers that are not NCHW
   maps are read through their `layouts.Layout` as (N, C, h, w) maps before the methods see them.
 - A row may ask for more than maps (`RowRequest.outputs`): each kind the pass can send back is
-  declared in `OUTPUTS`, as the row's tensor on the device, and joins the same transfer.
+  declared in `OUTPUTS`, as the row's tensor on the device, and joins the same transfer. So do
+  the layers' activations and gates' values of `RowRequest.inspection` (`inspection`); a batch
+  that asks for nothing else runs forward only there.
 
 One synchronisation per batch: the classes to explain are planned on the host
 (`rows.plan_classes`) and uploaded without waiting; top-k classes are picked on the device, the
@@ -23,11 +25,12 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 from torch import nn
 
-from camserve.server.engine import augment, transfer
+from camserve.server.engine import augment, inspection, transfer
 from camserve.server.engine.facts import ModelFacts, check_logits
 from camserve.server.engine.hooks import Capture, capture_targets
 from camserve.server.engine.layouts import Layout
@@ -107,8 +110,13 @@ class ExplainPass:
 
     def run(self, expansion: augment.Expansion, input_hw: tuple[int, int]) -> list[RowResult]:
         """The batch's results; see the module docstring."""
+        if inspection.is_forward_only(expansion.rows):
+            model, placement, facts = self._model, self._placement, self._facts
+            return inspection.forward_only(
+                model, placement, facts, expansion.images, expansion.rows, input_hw
+            )
         staged = self._stage(expansion)
-        logits, captures, kept = self._forward(expansion.images, staged, input_hw)
+        logits, captures, kept, observed = self._forward(expansion.images, staged, input_hw)
         for source in dict.fromkeys(expansion.class_source):
             check_classes(expansion.origin[source], staged.rows[source], int(logits.shape[1]))
         scores = logits.detach().float()
@@ -121,6 +129,7 @@ class ExplainPass:
                 for i, row in enumerate(staged.rows)
                 for kind in row.outputs
             ]
+            extras += self._inspect(staged, layers, observed, input_hw)
         host_scores, host_classes, *host = transfer.to_host(
             [scores, classes, *(p.tensor for p in pending), *(t for _, _, t in extras)]
         )
@@ -150,7 +159,7 @@ class ExplainPass:
     def _stage(self, expansion: augment.Expansion) -> _Staged:
         rows, batch_size = expansion.rows, int(expansion.images.shape[0])
         check_outputs(rows)
-        layers = list(dict.fromkeys(row.layer for row in rows))
+        layers = list(dict.fromkeys([*(r.layer for r in rows), *inspection.gradient_layers(rows)]))
         plan = plan_classes(rows, expansion.class_source)
         groups = map_groups(rows, layers)
         subsets = [i for i, group in enumerate(groups) if len(group.rows) != batch_size]
@@ -163,24 +172,47 @@ class ExplainPass:
 
     def _forward(
         self, images: torch.Tensor, staged: _Staged, input_hw: tuple[int, int]
-    ) -> tuple[torch.Tensor, dict[str, Capture], list[torch.Tensor]]:
-        """Logits, each target layer's capture, and the inputs of rows that keep activations."""
+    ) -> tuple[torch.Tensor, dict[str, Capture], list[torch.Tensor], inspection.Observed]:
+        """Logits, each target layer's capture, the inputs of rows that keep activations, and
+        what the inspection hooks saw."""
         modules = {name: self._facts.module(name, input_hw) for name in staged.layers}
         kept_rows = [i for i, row in enumerate(staged.rows) if row.keep_activations]
         batch_size = int(images.shape[0])
+        wanted = inspection.observed_modules(staged.rows, skip=staged.layers)
 
-        def forward(x: torch.Tensor) -> tuple[torch.Tensor, dict[str, Capture], list[torch.Tensor]]:
+        def forward(x: torch.Tensor) -> tuple[Any, ...]:
             # Inputs of rows that keep activations, copied before the model may change x.
             kept = [x[i].to(torch.float32, copy=True) for i in kept_rows]
             if x.is_inference():  # made under the caller's inference_mode: copy it for autograd
                 x = x.clone()
             sequence_first = self._facts.sequence_first
-            with capture_targets(modules, batch_size, sequence_first=sequence_first) as captures:
-                return self._model(x), captures, kept
+            with (
+                capture_targets(modules, batch_size, sequence_first=sequence_first) as captures,
+                inspection.observe(self._model, wanted, batch_size) as observed,
+            ):
+                return self._model(x), captures, kept, observed
 
-        logits, captures, kept = self._placement.run(forward, images)
+        logits, captures, kept, observed = self._placement.run(forward, images)
         check_logits(logits, batch_size)
-        return logits, captures, kept
+        return logits, captures, kept, observed
+
+    def _inspect(
+        self,
+        staged: _Staged,
+        layers: dict[str, _Layer],
+        observed: inspection.Observed,
+        input_hw: tuple[int, int],
+    ) -> list[inspection.Extra]:
+        """The rows' inspection outputs on the device: target layers from the pass's capture
+        (with their gradients), other layers and gates from the inspection hooks."""
+        if not any(row.inspection for row in staged.rows):
+            return []
+        everyone = {i: i for i in range(len(staged.rows))}
+        read = inspection.observed_layers(staged.rows, observed, self._facts, input_hw)
+        for name, layer in layers.items():
+            read.setdefault(name, inspection.LayerMaps(layer.maps, everyone, layer.gradients))
+        extras = inspection.feature_outputs(staged.rows, read)
+        return extras + inspection.gate_outputs(staged.rows, observed)
 
     def _read_layers(
         self,
@@ -197,7 +229,9 @@ class ExplainPass:
             for name, a in zip(staged.layers, activations, strict=True)
         ]
         gradients: list[torch.Tensor | None] = [None] * len(staged.layers)
-        if any(BY_NAME[m].needs_gradients for row in staged.rows for m in row.methods):
+        if any(BY_NAME[m].needs_gradients for row in staged.rows for m in row.methods) or any(
+            row.inspection is not None and row.inspection.needs_gradients for row in staged.rows
+        ):
             one_hot = self._grad_outputs(logits, classes, staged.plan)
             gradients = self._gradients(logits, activations, one_hot)
             for name, gradient in zip(staged.layers, gradients, strict=True):

@@ -62,10 +62,10 @@ def check_row(index: int, row: RowRequest) -> None:
     for flag in ("eigen_smooth", "aug_smooth", "keep_activations"):
         if not isinstance(getattr(row, flag), bool):
             raise EngineError(f"{where}.{flag} must be True or False, got {getattr(row, flag)!r}")
-    if isinstance(row.methods, str) or not (row.methods or row.keep_activations):
+    if isinstance(row.methods, str) or not (row.methods or row.keep_activations or row.inspection):
         raise EngineError(
             f"{where}.methods must be a non-empty tuple of method names from {PASS_METHODS} (empty "
-            f"only with keep_activations=True), got {row.methods!r}"
+            f"only with keep_activations=True or an inspection), got {row.methods!r}"
         )
     for method in row.methods:
         entry = BY_NAME.get(method) if isinstance(method, str) else None

@@ -16,6 +16,57 @@ from camserve.v1.methods import DEFAULT_METHOD
 # What a row may ask the explain pass to send back besides its maps (`RowRequest.outputs`); the
 # pass declares how it makes each (`explain_pass.OUTPUTS`).
 ACTIVATIONS = "activations"  # the target layer's output as a (C, h, w) map, float32
+# Channel selections of a feature map (`FeatureAsk.selection`).
+FIRST, TOP_MEAN, TOP_GRADCAM, INDICES = "first", "top_mean", "top_gradcam", "indices"
+SELECTIONS = (FIRST, TOP_MEAN, TOP_GRADCAM, INDICES)
+
+
+@dataclass(frozen=True)
+class FeatureAsk:
+    """One layer's activations a row asks for: which channels, `count` of them (or `indices`).
+
+    TOP_GRADCAM ranks channels by the Grad-CAM weight of the row's first explained class at this
+    layer, so it needs the layer's gradient; the other selections need only the forward pass.
+    """
+
+    layer: str
+    selection: str = FIRST
+    count: int = 16
+    indices: tuple[int, ...] = ()
+
+
+@dataclass(frozen=True)
+class Inspection:
+    """What a row asks to see inside the model: layers' activations and attention gates' values.
+
+    They come back in `RowResult.outputs` under the keys of `feature_keys` and `gate_key`.
+    """
+
+    features: tuple[FeatureAsk, ...] = ()
+    gates: tuple[str, ...] = ()
+
+    @property
+    def needs_gradients(self) -> bool:
+        return any(ask.selection == TOP_GRADCAM for ask in self.features)
+
+
+@dataclass(frozen=True)
+class FeatureKeys:
+    """Where one layer's results sit in `RowResult.outputs`."""
+
+    maps: str  # (k, h, w) float32, the selected channels at feature resolution
+    channels: str  # (k,) int64, their indices
+    means: str  # (C,) float32, every channel's spatial mean
+    maxes: str  # (C,) float32, every channel's spatial maximum
+
+
+def feature_keys(layer: str) -> FeatureKeys:
+    return FeatureKeys(f"features/{layer}", f"channels/{layer}", f"means/{layer}", f"maxes/{layer}")
+
+
+def gate_key(name: str) -> str:
+    """Where a gate's values sit in `RowResult.outputs`: (C,) or (H, W) float32."""
+    return f"gate/{name}"
 
 
 class EngineError(ValueError):
@@ -47,7 +98,9 @@ class RowRequest:
     `camserve.server.engine.augment`); the maps then come back at input resolution.
     `keep_activations` hands back what gradient-free methods need (`RowResult.retained`); such a
     row may leave `methods` empty. `outputs` names what else the pass should send back for the
-    row, by kind (`ACTIVATIONS`), in `RowResult.outputs`.
+    row, by kind (`ACTIVATIONS`), in `RowResult.outputs`. `inspection` asks for layers'
+    activations and gates' values (`Inspection`); a row with an inspection may leave `methods`
+    empty, and a batch of such rows alone runs forward only (`inspection`).
     """
 
     layer: str
@@ -58,6 +111,7 @@ class RowRequest:
     aug_smooth: bool = False
     keep_activations: bool = False
     outputs: tuple[str, ...] = ()
+    inspection: Inspection | None = None
 
 
 @dataclass(frozen=True)
