@@ -11,7 +11,11 @@ it, and one transfer to the host.
 - Which maps a row gets is what its methods' registry entries produce; layers that are not NCHW
   maps are read through their `layouts.Layout` as (N, C, h, w) maps before the methods see them.
 - A row may ask for more than maps (`RowRequest.outputs`): each kind the pass can send back is
-  declared in `OUTPUTS`, as the row's tensor on the device, and joins the same transfer.
+  declared in `OUTPUTS`, as the row's tensor on the device, and joins the same transfer; the
+  `ATTRIBUTIONS` kind sends the row's unreduced pixel attributions.
+- Pixel attributions (saliency, guided backprop, ...) differentiate the input too, in the same
+  backward or, for guided rows, in a second one from the same forward (`input_pass`); their
+  maps are made by `saliency` and reduced over colour channels by the row's reduction.
 
 One synchronisation per batch: the classes to explain are planned on the host
 (`rows.plan_classes`) and uploaded without waiting; top-k classes are picked on the device, the
@@ -28,12 +32,21 @@ import torch
 from torch import nn
 
 from camserve.server.engine import augment, transfer
+from camserve.server.engine.activations import Nonlinearities, classify, guiding
 from camserve.server.engine.facts import ModelFacts, check_logits
 from camserve.server.engine.hooks import Capture, capture_targets
+from camserve.server.engine.input_pass import (
+    InputNeeds,
+    InputTape,
+    input_needs,
+    make_leaf,
+    pixel_attributions,
+    run_backward,
+)
 from camserve.server.engine.layouts import Layout
 from camserve.server.engine.methods import PendingMaps, finish, start
 from camserve.server.engine.placement import Placement
-from camserve.server.engine.registry import BY_NAME
+from camserve.server.engine.registry import BY_NAME, GUIDED_METHODS
 from camserve.server.engine.rows import (
     ClassPlan,
     MapGroup,
@@ -42,13 +55,16 @@ from camserve.server.engine.rows import (
     pick_classes,
     plan_classes,
 )
+from camserve.server.engine.saliency import reduce_channels
 from camserve.server.engine.types import (
     ACTIVATIONS,
+    ATTRIBUTIONS,
     EngineError,
     LayerError,
     Retained,
     RowRequest,
     RowResult,
+    attribution_kind,
 )
 
 Maps = dict[tuple[str, int], torch.Tensor]
@@ -87,12 +103,13 @@ OUTPUTS: dict[str, Callable[[_Layer, int], torch.Tensor]] = {ACTIVATIONS: _activ
 
 def check_outputs(rows: list[RowRequest]) -> None:
     """Refuses an output kind the pass does not make, or one asked for twice."""
+    kinds = [*OUTPUTS, ATTRIBUTIONS]
     for index, row in enumerate(rows):
         asked = tuple(row.outputs)
-        unknown = [kind for kind in asked if kind not in OUTPUTS]
+        unknown = [kind for kind in asked if kind not in kinds]
         if unknown or len(set(asked)) != len(asked) or isinstance(row.outputs, str):
             raise EngineError(
-                f"rows[{index}].outputs must list distinct output kinds from {list(OUTPUTS)}, "
+                f"rows[{index}].outputs must list distinct output kinds from {kinds}, "
                 f"got {row.outputs!r}"
             )
 
@@ -104,23 +121,41 @@ class ExplainPass:
         self._model = model
         self._placement = placement
         self._facts = facts
+        self._nonlinearities: Nonlinearities | None = None
+
+    def nonlinearities(self, input_hw: tuple[int, int]) -> Nonlinearities:
+        """How the model writes its nonlinearities (`activations`), from one probe forward."""
+        if self._nonlinearities is None:
+            sample = torch.zeros(1, 3, *input_hw)
+            self._nonlinearities = classify(
+                self._model, lambda forward: self._placement.run(forward, sample)
+            )
+        return self._nonlinearities
 
     def run(self, expansion: augment.Expansion, input_hw: tuple[int, int]) -> list[RowResult]:
         """The batch's results; see the module docstring."""
         staged = self._stage(expansion)
-        logits, captures, kept = self._forward(expansion.images, staged, input_hw)
+        needs = input_needs(staged.rows)
+        if needs.guided:
+            self._check_guided(input_hw)
+        logits, captures, kept, tape = self._forward(expansion.images, staged, input_hw, needs)
         for source in dict.fromkeys(expansion.class_source):
             check_classes(expansion.origin[source], staged.rows[source], int(logits.shape[1]))
         scores = logits.detach().float()
         classes = pick_classes(staged.plan, scores)
-        layers = self._read_layers(staged, logits, classes, captures, input_hw)
+        layers = self._read_layers(staged, logits, classes, captures, input_hw, tape, needs)
         with torch.no_grad():
-            pending = [self._start(staged, i, layers) for i in range(len(staged.groups))]
+            attributions: dict[int, torch.Tensor] = {}
+            pending = [
+                self._start(staged, i, layers, tape, attributions)
+                for i in range(len(staged.groups))
+            ]
             extras = [
                 (i, kind, OUTPUTS[kind](layers[row.layer], i))
                 for i, row in enumerate(staged.rows)
                 for kind in row.outputs
-            ]
+                if kind in OUTPUTS
+            ] + _attribution_outputs(staged, attributions)
         host_scores, host_classes, *host = transfer.to_host(
             [scores, classes, *(p.tensor for p in pending), *(t for _, _, t in extras)]
         )
@@ -161,26 +196,42 @@ class ExplainPass:
         picked = dict(zip(subsets, uploaded[4:], strict=True))
         return _Staged(rows, layers, groups, plan.with_tensors(uploaded[:4]), picked)
 
+    def _check_guided(self, input_hw: tuple[int, int]) -> None:
+        """Refuses the guided methods on a model whose nonlinearities they do not control."""
+        refusal = self.nonlinearities(input_hw).refusal(GUIDED_METHODS[0])
+        if refusal is not None:
+            raise EngineError(refusal)
+
     def _forward(
-        self, images: torch.Tensor, staged: _Staged, input_hw: tuple[int, int]
-    ) -> tuple[torch.Tensor, dict[str, Capture], list[torch.Tensor]]:
-        """Logits, each target layer's capture, and the inputs of rows that keep activations."""
+        self, images: torch.Tensor, staged: _Staged, input_hw: tuple[int, int], needs: InputNeeds
+    ) -> tuple[torch.Tensor, dict[str, Capture], list[torch.Tensor], InputTape]:
+        """Logits, each target layer's capture, the inputs of rows that keep activations, and
+        the input leaf with its guide when a row asks for an input gradient."""
         modules = {name: self._facts.module(name, input_hw) for name in staged.layers}
         kept_rows = [i for i, row in enumerate(staged.rows) if row.keep_activations]
         batch_size = int(images.shape[0])
 
-        def forward(x: torch.Tensor) -> tuple[torch.Tensor, dict[str, Capture], list[torch.Tensor]]:
+        def forward(
+            x: torch.Tensor,
+        ) -> tuple[torch.Tensor, dict[str, Capture], list[torch.Tensor], InputTape]:
             # Inputs of rows that keep activations, copied before the model may change x.
             kept = [x[i].to(torch.float32, copy=True) for i in kept_rows]
             if x.is_inference():  # made under the caller's inference_mode: copy it for autograd
                 x = x.clone()
+            tape = InputTape()
+            if needs.any:
+                tape.leaf, x = make_leaf(x)
             sequence_first = self._facts.sequence_first
             with capture_targets(modules, batch_size, sequence_first=sequence_first) as captures:
-                return self._model(x), captures, kept
+                done = lambda: any(c.calls for c in captures.values())  # noqa: E731
+                with guiding(needs.guided, done) as guide:
+                    tape.guide = guide
+                    return self._model(x), captures, kept, tape
 
-        logits, captures, kept = self._placement.run(forward, images)
+        logits, captures, kept, tape = self._placement.run(forward, images)
         check_logits(logits, batch_size)
-        return logits, captures, kept
+        tape.check_guide()
+        return logits, captures, kept, tape
 
     def _read_layers(
         self,
@@ -189,18 +240,34 @@ class ExplainPass:
         classes: torch.Tensor,
         captures: dict[str, Capture],
         input_hw: tuple[int, int],
+        tape: InputTape,
+        needs: InputNeeds,
     ) -> dict[str, _Layer]:
-        """Each target layer as maps, with gradients when a row's method needs them."""
+        """Each target layer as maps, with gradients when a row's method needs them; the
+        input's gradients go to `tape`."""
         activations = [self._facts.activation(captures[name], input_hw) for name in staged.layers]
         layouts = [
             self._facts.layout(name, a, input_hw)
             for name, a in zip(staged.layers, activations, strict=True)
         ]
         gradients: list[torch.Tensor | None] = [None] * len(staged.layers)
-        if any(BY_NAME[m].needs_gradients for row in staged.rows for m in row.methods):
+        layer_gradients = any(
+            BY_NAME[m].needs_gradients for row in staged.rows for m in row.methods
+        )
+        if layer_gradients or needs.any:
             one_hot = self._grad_outputs(logits, classes, staged.plan)
-            gradients = self._gradients(logits, activations, one_hot)
-            for name, gradient in zip(staged.layers, gradients, strict=True):
+            found = run_backward(
+                self._gradients,
+                logits,
+                activations if layer_gradients else None,
+                tape,
+                needs,
+                one_hot,
+            )
+            self._unscale(tape)
+            gradients = found if found is not None else gradients
+            checked = gradients if layer_gradients else []
+            for name, gradient in zip(staged.layers, checked, strict=False):
                 if gradient is None:
                     raise LayerError(
                         f"layer {name!r} does not influence the model's logits, so it has no "
@@ -226,17 +293,39 @@ class ExplainPass:
         scale = self._placement.grad_scale
         return _Layer(layout, activation, maps, g / scale if scale != 1.0 else g)
 
+    def _unscale(self, tape: InputTape) -> None:
+        """The input gradients as float32 with the loss scale divided out (a power of two)."""
+        scale = self._placement.grad_scale
+        for name in ("plain", "guided"):
+            found = getattr(tape, name)
+            if found is not None:
+                found = found.float()
+                setattr(tape, name, found / scale if scale != 1.0 else found)
+
     @staticmethod
-    def _start(staged: _Staged, position: int, layers: dict[str, _Layer]) -> PendingMaps:
-        """One method group's maps, started on the device."""
+    def _start(
+        staged: _Staged,
+        position: int,
+        layers: dict[str, _Layer],
+        tape: InputTape,
+        attributions: dict[int, torch.Tensor],
+    ) -> PendingMaps:
+        """One method group's maps, started on the device; a pixel method's unreduced
+        attributions (K, n, 3, H, W) go to `attributions[position]`."""
         group = staged.groups[position]
         entry = BY_NAME[group.method]
-        assert entry.kernel is not None, "check_row admits only methods made by the pass"
         layer = layers[group.layer]
         a, g = layer.maps, layer.gradients if entry.needs_gradients else None
-        if position in staged.picked:
-            a = a[staged.picked[position]]
-            g = None if g is None else g[:, staged.picked[position]]
+        picked = staged.picked.get(position)
+        if picked is not None:
+            a = a[picked]
+            g = None if g is None else g[:, picked]
+        if entry.pixel is not None:
+            found = pixel_attributions(entry.pixel, tape, a, g, picked)
+            attributions[position] = found
+            maps = reduce_channels(found, group.reduction or entry.pixel.reduction)
+            return PendingMaps(maps, projected=False, depth=int(maps.shape[0]), hw=maps.shape[-2:])
+        assert entry.kernel is not None, "check_row admits only methods made by the pass"
         return start(entry.kernel, a, g, eigen_smooth=group.eigen_smooth)
 
     def _grad_outputs(
@@ -250,13 +339,20 @@ class ExplainPass:
         return one_hot.scatter_(2, classes[..., None], values[..., None])
 
     def _gradients(
-        self, logits: torch.Tensor, activations: list[torch.Tensor], one_hot: torch.Tensor
+        self,
+        logits: torch.Tensor,
+        activations: list[torch.Tensor],
+        one_hot: torch.Tensor,
+        retain: bool = False,
     ) -> list[torch.Tensor | None]:
         """dY_c/dA for every layer as (K, N, *A's shape per image), from the (K, N,
-        num_classes) grad outputs: K = the most classes any row asks for."""
+        num_classes) grad outputs: K = the most classes any row asks for. `retain` keeps the
+        graph for another backward."""
         depth = int(one_hot.shape[0])
         if depth == 1:
-            single = torch.autograd.grad(logits, activations, one_hot[0], allow_unused=True)
+            single = torch.autograd.grad(
+                logits, activations, one_hot[0], retain_graph=retain, allow_unused=True
+            )
             return [None if g is None else g[None] for g in single]
         if self._facts.batched_grads:
             try:
@@ -274,16 +370,20 @@ class ExplainPass:
                 raise
             except (RuntimeError, NotImplementedError):
                 pass  # this batch only: one backward per class below
-        return _per_class(logits, activations, one_hot)
+        return _per_class(logits, activations, one_hot, retain)
 
 
 def _per_class(
-    logits: torch.Tensor, activations: list[torch.Tensor], one_hot: torch.Tensor
+    logits: torch.Tensor, activations: list[torch.Tensor], one_hot: torch.Tensor, retain: bool
 ) -> list[torch.Tensor | None]:
     depth = int(one_hot.shape[0])
     per_class = [
         torch.autograd.grad(
-            logits, activations, one_hot[k], retain_graph=k < depth - 1, allow_unused=True
+            logits,
+            activations,
+            one_hot[k],
+            retain_graph=retain or k < depth - 1,
+            allow_unused=True,
         )
         for k in range(depth)
     ]
@@ -330,3 +430,18 @@ def _retained(
             ),
         )
     return kept
+
+
+def _attribution_outputs(
+    staged: _Staged, attributions: dict[int, torch.Tensor]
+) -> list[tuple[int, str, torch.Tensor]]:
+    """(row, kind, tensor) for rows asking for ATTRIBUTIONS: each pixel method's unreduced
+    attributions (classes, 3, H, W) under `attribution_kind(method)`."""
+    found = []
+    for position, tensor in attributions.items():
+        group = staged.groups[position]
+        for column, i in enumerate(group.rows):
+            if ATTRIBUTIONS in staged.rows[i].outputs:
+                count = staged.plan.counts[i]
+                found.append((i, attribution_kind(group.method), tensor[:count, column]))
+    return found

@@ -17,6 +17,7 @@ from dataclasses import dataclass
 import torch
 
 from camserve.server.engine.registry import BY_NAME, PASS_METHODS
+from camserve.server.engine.saliency import REDUCTIONS
 from camserve.server.engine.types import EngineError, RowRequest
 
 
@@ -79,6 +80,15 @@ def check_row(index: int, row: RowRequest) -> None:
                 "pass; ask explain for keep_activations=True and run it with "
                 "camserve.server.engine.gradient_free (explain_all does both)"
             )
+    if row.reduction and row.reduction not in REDUCTIONS:
+        raise EngineError(
+            f"{where}.reduction must be one of {REDUCTIONS} or empty, got {row.reduction!r}"
+        )
+    if row.aug_smooth and any(BY_NAME[m].pixel is not None for m in row.methods):
+        raise EngineError(
+            f"{where}: aug_smooth averages layer maps; pixel attributions take no aug_smooth "
+            "(smoothgrad is their smoothing)"
+        )
     if len(set(row.methods)) != len(row.methods):
         raise EngineError(f"{where}.methods lists a method twice: {row.methods!r}; list each once")
     if isinstance(row.classes, (str, bytes)) or not all(_is_int(c) for c in row.classes):
@@ -193,21 +203,28 @@ class MapGroup:
     method: str
     eigen_smooth: bool
     rows: tuple[int, ...]
+    reduction: str = ""  # pixel methods: the rows' channel reduction (empty: the method's own)
+
+
+def _options(row: RowRequest, method: str) -> tuple[bool, str]:
+    """What besides the method splits rows into groups: eigen_smooth, a pixel reduction."""
+    return row.eigen_smooth, row.reduction if BY_NAME[method].pixel is not None else ""
 
 
 def map_groups(rows: Sequence[RowRequest], layers: Sequence[str]) -> list[MapGroup]:
-    """Every (layer, method, eigen_smooth) some row asks for, with the rows that ask for it."""
+    """Every (layer, method, eigen_smooth, reduction) some row asks for, with its rows."""
     groups: list[MapGroup] = []
     for layer in layers:
         on_layer = [i for i, row in enumerate(rows) if row.layer == layer]
-        asked = dict.fromkeys((m, rows[i].eigen_smooth) for i in on_layer for m in rows[i].methods)
-        for method, eigen_smooth in asked:
+        asked = dict.fromkeys((m, *_options(rows[i], m)) for i in on_layer for m in rows[i].methods)
+        for method, eigen_smooth, reduction in asked:
             wanted = tuple(
                 i
                 for i in on_layer
-                if method in rows[i].methods and rows[i].eigen_smooth == eigen_smooth
+                if method in rows[i].methods
+                and _options(rows[i], method) == (eigen_smooth, reduction)
             )
-            groups.append(MapGroup(layer, method, eigen_smooth, wanted))
+            groups.append(MapGroup(layer, method, eigen_smooth, wanted, reduction))
     return groups
 
 

@@ -16,6 +16,14 @@ from camserve.v1.methods import DEFAULT_METHOD
 # What a row may ask the explain pass to send back besides its maps (`RowRequest.outputs`); the
 # pass declares how it makes each (`explain_pass.OUTPUTS`).
 ACTIVATIONS = "activations"  # the target layer's output as a (C, h, w) map, float32
+# Each pixel method's unreduced attributions (classes, 3, H, W), float32, under
+# `attribution_kind(method)` in `RowResult.outputs`.
+ATTRIBUTIONS = "attributions"
+
+
+def attribution_kind(method: str) -> str:
+    """The `RowResult.outputs` key of a pixel method's unreduced attributions."""
+    return f"{ATTRIBUTIONS}.{method}"
 
 
 class EngineError(ValueError):
@@ -47,7 +55,8 @@ class RowRequest:
     `camserve.server.engine.augment`); the maps then come back at input resolution.
     `keep_activations` hands back what gradient-free methods need (`RowResult.retained`); such a
     row may leave `methods` empty. `outputs` names what else the pass should send back for the
-    row, by kind (`ACTIVATIONS`), in `RowResult.outputs`.
+    row, by kind (`ACTIVATIONS`, `ATTRIBUTIONS`), in `RowResult.outputs`. `reduction` names how
+    pixel attributions become maps (`saliency.REDUCTIONS`; empty: each method's own).
     """
 
     layer: str
@@ -58,6 +67,7 @@ class RowRequest:
     aug_smooth: bool = False
     keep_activations: bool = False
     outputs: tuple[str, ...] = ()
+    reduction: str = ""
 
 
 @dataclass(frozen=True)
