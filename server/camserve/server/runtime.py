@@ -30,15 +30,16 @@ import torch
 from camserve.server.batcher import BatchInfo, DynamicBatcher, Reservation
 from camserve.server.engine import (
     BY_NAME,
-    PASS_METHODS,
     CamEngine,
     ModelFault,
     RowRequest,
     RowResult,
 )
 from camserve.server.engine.gates import find_gates
+from camserve.server.engine.gradient_rows import GradientJob, run_gradient_jobs
 from camserve.server.engine.jobs import ForwardJob, run_forward
 from camserve.server.engine.kernels import conv_layers, conv_weights
+from camserve.server.engine.registry import GUIDED_METHODS, LAYER_METHODS
 from camserve.server.faults import checked_row
 from camserve.server.health import HealthTracker
 from camserve.server.metrics import Metrics
@@ -52,7 +53,7 @@ from camserve.server.models.loading import (
 from camserve.server.records import InputRecipe, MethodInfo, ModelMeta
 from camserve.server.settings import ModelSettings
 from camserve.server.staging import InputStager
-from camserve.server.work import ImageJob, WorkItem, item_cost
+from camserve.server.work import ImageJob, WorkItem, item_cost, passes
 
 log = logging.getLogger("camserve.runtime")
 T = TypeVar("T")
@@ -137,7 +138,7 @@ class ModelRuntime:
         meta = _read_meta(spec, engine, str(device), recipe)
         if warmup:
             batch = spec.max_batch_size if device.type == "cuda" else 1
-            rows = [RowRequest(layer=meta.default_layer, methods=PASS_METHODS)] * batch
+            rows = [RowRequest(layer=meta.default_layer, methods=LAYER_METHODS)] * batch
             size = meta.recipe.crop
             engine.explain_batch(torch.zeros(batch, 3, size, size), rows)
         self._stager = InputStager(device, recipe.mean, recipe.std)
@@ -299,10 +300,14 @@ class ModelRuntime:
         started = time.monotonic()
         images = [job for job in jobs if isinstance(job, ImageJob)]
         forward = [job for job in jobs if isinstance(job, ForwardJob)]
+        gradients = [job for job in jobs if isinstance(job, GradientJob)]
         try:
             with self._metrics.cpu_time(self.spec.name, "compute"):
                 explained = iter(self._explain(images))
-                faulted = run_forward(self._engine, forward)
+                faulted: dict[ForwardJob | GradientJob, ModelFault] = {}
+                faulted.update(run_forward(self._engine, forward))
+                limit = self.spec.max_gradient_rows
+                faulted.update(run_gradient_jobs(self._engine, gradients, limit))
         except Exception as exc:  # noqa: BLE001 - isolated by the caller, reported per item
             return _detached(exc)
         seconds = time.monotonic() - started
@@ -319,7 +324,17 @@ class ModelRuntime:
         return outcomes
 
     def _explain(self, jobs: list[ImageJob]) -> list[RowResult | ModelFault]:
-        """Each job's result, or the fault of a row whose outputs are not finite."""
+        """Each job's result, or the fault of a row whose outputs are not finite. Rows taking
+        their gradient at the input run apart, in passes of at most `max_gradient_rows`."""
+        found: dict[int, RowResult | ModelFault] = {}
+        for part in passes(jobs, self.spec.max_gradient_rows):
+            for index, result in zip(
+                part, self._explain_pass([jobs[i] for i in part]), strict=True
+            ):
+                found[index] = result
+        return [found[i] for i in range(len(jobs))]
+
+    def _explain_pass(self, jobs: list[ImageJob]) -> list[RowResult | ModelFault]:
         if not jobs:
             return []
         assert self._engine is not None
@@ -340,6 +355,19 @@ def _detached(exc: BaseException) -> BaseException:
     return exc
 
 
+def _pixel_info(method: str) -> dict[str, object]:
+    """What request validation needs to know of a pixel method (none for the others)."""
+    pixel = BY_NAME[method].pixel
+    if pixel is None:
+        return {}
+    entry = BY_NAME[method]
+    return {
+        "pixel": True,
+        "input_gradient": bool(entry.input_gradient),
+        "gradient_rows": pixel.path,
+    }
+
+
 def _read_meta(
     spec: ModelSettings, engine: CamEngine, device: str, recipe: InputRecipe
 ) -> ModelMeta:
@@ -358,6 +386,8 @@ def _read_meta(
     except ValueError as exc:
         raise ModelLoadError(f"model {spec.name!r}: {exc}") from None
     costs = engine.method_costs(default_layer, size)
+    nonlinearities = engine.nonlinearities(size)
+    refused = {m: nonlinearities.refusal(m) for m in GUIDED_METHODS}
     return ModelMeta(
         name=spec.name,
         version=spec.version,
@@ -373,11 +403,14 @@ def _read_meta(
                 cost.rows,
                 cost.forward_passes,
                 BY_NAME[method].layouts,
-                channel_rows=not BY_NAME[method].produces.from_pass,
+                channel_rows=BY_NAME[method].rows is not None,
                 through_tail=BY_NAME[method].runs_tail,
+                **_pixel_info(method),
             )
             for method, cost in costs.items()
+            if refused.get(method) is None
         ),
+        refused={m: reason for m, reason in refused.items() if reason is not None},
         max_batch_size=spec.max_batch_size,
         conv_layers=conv_layers(engine.model),
         gates=find_gates(engine.model, size),
