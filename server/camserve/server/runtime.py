@@ -210,7 +210,10 @@ class ModelRuntime:
         return computed
 
     async def run(
-        self, jobs: list[ForwardJob], deadline: float | None, reservation: Reservation | None
+        self,
+        jobs: list[ForwardJob | GradientJob],
+        deadline: float | None,
+        reservation: Reservation | None,
     ) -> float:
         """Queues forward-only jobs together and waits until each has recorded its logits;
         returns the compute seconds of the slowest batch they ran in."""
@@ -305,9 +308,11 @@ class ModelRuntime:
             with self._metrics.cpu_time(self.spec.name, "compute"):
                 explained = iter(self._explain(images))
                 faulted: dict[ForwardJob | GradientJob, ModelFault] = {}
-                faulted.update(run_forward(self._engine, forward))
-                limit = self.spec.max_gradient_rows
-                faulted.update(run_gradient_jobs(self._engine, gradients, limit))
+                for ran in (
+                    run_forward(self._engine, forward),
+                    run_gradient_jobs(self._engine, gradients, self.spec.max_gradient_rows),
+                ):
+                    faulted.update(ran.items())
         except Exception as exc:  # noqa: BLE001 - isolated by the caller, reported per item
             return _detached(exc)
         seconds = time.monotonic() - started
@@ -355,17 +360,10 @@ def _detached(exc: BaseException) -> BaseException:
     return exc
 
 
-def _pixel_info(method: str) -> dict[str, object]:
-    """What request validation needs to know of a pixel method (none for the others)."""
+def _gradient_path(method: str) -> str:
+    """ "noise" or "path" for a method made by gradient rows after the pass, else ""."""
     pixel = BY_NAME[method].pixel
-    if pixel is None:
-        return {}
-    entry = BY_NAME[method]
-    return {
-        "pixel": True,
-        "input_gradient": bool(entry.input_gradient),
-        "gradient_rows": pixel.path,
-    }
+    return pixel.path if pixel is not None else ""
 
 
 def _read_meta(
@@ -405,7 +403,9 @@ def _read_meta(
                 BY_NAME[method].layouts,
                 channel_rows=BY_NAME[method].rows is not None,
                 through_tail=BY_NAME[method].runs_tail,
-                **_pixel_info(method),
+                pixel=BY_NAME[method].pixel is not None,
+                input_gradient=bool(BY_NAME[method].input_gradient),
+                gradient_rows=_gradient_path(method),
             )
             for method, cost in costs.items()
             if refused.get(method) is None

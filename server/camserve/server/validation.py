@@ -89,6 +89,10 @@ class RequestBudget:
         return 1 + self.channels * (self.tail_methods + self.model_methods)
 
     @property
+    def pixel_maps(self) -> int:
+        return sum(self.pixel_maps_per_image)
+
+    @property
     def rows_after_pass(self) -> bool:
         return bool(self.tail_methods or self.model_methods)
 

@@ -324,7 +324,12 @@ class ExplainPass:
             found = pixel_attributions(entry.pixel, tape, a, g, picked)
             attributions[position] = found
             maps = reduce_channels(found, group.reduction or entry.pixel.reduction)
-            return PendingMaps(maps, projected=False, depth=int(maps.shape[0]), hw=maps.shape[-2:])
+            return PendingMaps(
+                maps,
+                projected=False,
+                depth=int(maps.shape[0]),
+                hw=(int(maps.shape[-2]), int(maps.shape[-1])),
+            )
         assert entry.kernel is not None, "check_row admits only methods made by the pass"
         return start(entry.kernel, a, g, eigen_smooth=group.eigen_smooth)
 

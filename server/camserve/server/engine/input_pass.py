@@ -94,9 +94,8 @@ def run_backward(
     if not needs.guided or shared:
         tape.guide.on = needs.guided
         found = backward(logits, [*scale_free, leaf], one_hot, False)
-        *layer_grads, input_grad = found
-        setattr(tape, "guided" if needs.guided else "plain", input_grad)
-        return layer_grads if layers is not None else None
+        setattr(tape, "guided" if needs.guided else "plain", found[-1])
+        return found[:-1] if layers is not None else None
     layer_grads: list[torch.Tensor | None] | None = None
     first = [*scale_free, *([leaf] if needs.plain else [])]
     if first:
