@@ -303,6 +303,10 @@ class ExplainPipeline:
         no_scores: list[dict[tuple[str, int], MapScores]] = [{} for _ in results]
         try:
             inputs = followups.staged_inputs(results) if plan.scores else []
+            if plan.budget.gradient_rows:
+                results = await self._gradient_rows(
+                    runtime, meta, plan, results, deadline, reservation
+                )
             if _gradient_free(plan):
                 fraction = await _tail_fraction(runtime, plan)
                 input_hw = (meta.recipe.crop, meta.recipe.crop)
@@ -313,12 +317,8 @@ class ExplainPipeline:
                     runtime, channels.jobs(), deadline, reservation, chunk
                 )
                 results = await runtime.on_worker(channels.finish)
-            if plan.budget.gradient_rows:
-                results = await self._gradient_rows(
-                    runtime, meta, plan, results, deadline, reservation
-                )
             if not plan.scores:
-                return results, no_scores
+                return [dataclasses.replace(r, retained=()) for r in results], no_scores
             scored, keys = await runtime.on_worker(
                 followups.score_plan, inputs, results, plan, chunk
             )

@@ -206,7 +206,8 @@ class GradientPlan:
         return list(self._jobs)
 
     def finish(self) -> list[RowResult]:
-        """The results with every method's maps and outputs added, the staged inputs let go."""
+        """The results with every method's maps and outputs added (`retained` kept: later
+        plans of the request may need it)."""
         maps = [dict(result.maps) for result in self._results]
         outputs = [dict(result.outputs) for result in self._results]
         for i, work in self._work:
@@ -215,7 +216,7 @@ class GradientPlan:
                 maps[i][(work.method.name, class_index)] = found[k]
             outputs[i].update(extra)
         return [
-            dataclasses.replace(result, maps=maps[i], outputs=outputs[i], retained=())
+            dataclasses.replace(result, maps=maps[i], outputs=outputs[i])
             for i, result in enumerate(self._results)
         ]
 
