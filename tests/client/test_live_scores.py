@@ -155,7 +155,7 @@ def test_the_server_refuses_steps_over_its_limit(client) -> None:
             {"aug_smooth": True},
             "aug_smooth: cannot be combined with output.resolution",
         ),
-        (pb.OutputOptions(), {"methods": [11]}, "methods[0]: unknown method 11"),
+        (pb.OutputOptions(), {"methods": [99]}, "methods[0]: unknown method 99"),
     ],
 )
 def test_refusals_are_invalid_argument_naming_the_field(tiny_server, output, changes, start):

@@ -205,7 +205,7 @@ class OutputOptions(_message.Message):
     def __init__(self, resolution: _Optional[_Union[Resolution, str]] = ..., height: _Optional[int] = ..., width: _Optional[int] = ..., dtype: _Optional[_Union[DType, str]] = ..., raw: _Optional[bool] = ..., overlay: _Optional[bool] = ..., scores: _Optional[_Iterable[_Union[Score, str]]] = ..., score_steps: _Optional[int] = ..., score_curves: _Optional[bool] = ...) -> None: ...
 
 class ExplainRequest(_message.Message):
-    __slots__ = ("model", "images", "layer", "methods", "output", "top_predictions", "request_id", "eigen_smooth", "aug_smooth", "saliency")
+    __slots__ = ("model", "images", "layer", "methods", "output", "top_predictions", "request_id", "eigen_smooth", "aug_smooth", "pixel_attribution")
     MODEL_FIELD_NUMBER: _ClassVar[int]
     IMAGES_FIELD_NUMBER: _ClassVar[int]
     LAYER_FIELD_NUMBER: _ClassVar[int]
@@ -215,7 +215,7 @@ class ExplainRequest(_message.Message):
     REQUEST_ID_FIELD_NUMBER: _ClassVar[int]
     EIGEN_SMOOTH_FIELD_NUMBER: _ClassVar[int]
     AUG_SMOOTH_FIELD_NUMBER: _ClassVar[int]
-    SALIENCY_FIELD_NUMBER: _ClassVar[int]
+    PIXEL_ATTRIBUTION_FIELD_NUMBER: _ClassVar[int]
     model: str
     images: _containers.RepeatedCompositeFieldContainer[Image]
     layer: str
@@ -225,8 +225,8 @@ class ExplainRequest(_message.Message):
     request_id: str
     eigen_smooth: bool
     aug_smooth: bool
-    saliency: SaliencyOptions
-    def __init__(self, model: _Optional[str] = ..., images: _Optional[_Iterable[_Union[Image, _Mapping]]] = ..., layer: _Optional[str] = ..., methods: _Optional[_Iterable[_Union[Method, str]]] = ..., output: _Optional[_Union[OutputOptions, _Mapping]] = ..., top_predictions: _Optional[int] = ..., request_id: _Optional[str] = ..., eigen_smooth: _Optional[bool] = ..., aug_smooth: _Optional[bool] = ..., saliency: _Optional[_Union[SaliencyOptions, _Mapping]] = ...) -> None: ...
+    pixel_attribution: SaliencyOptions
+    def __init__(self, model: _Optional[str] = ..., images: _Optional[_Iterable[_Union[Image, _Mapping]]] = ..., layer: _Optional[str] = ..., methods: _Optional[_Iterable[_Union[Method, str]]] = ..., output: _Optional[_Union[OutputOptions, _Mapping]] = ..., top_predictions: _Optional[int] = ..., request_id: _Optional[str] = ..., eigen_smooth: _Optional[bool] = ..., aug_smooth: _Optional[bool] = ..., pixel_attribution: _Optional[_Union[SaliencyOptions, _Mapping]] = ...) -> None: ...
 
 class Prediction(_message.Message):
     __slots__ = ("index", "label", "probability", "logit")

@@ -1,4 +1,4 @@
-"""Checks `ExplainRequest.saliency` (the pixel attributions' options) into a plain record.
+"""Checks `ExplainRequest.pixel_attribution` (the pixel attributions' options) into a plain record.
 
 Torch-free, like the rest of request validation: what the engine needs arrives as names
 (`camserve.server.engine.saliency` spells the same ones). Every refusal names the field and
@@ -16,6 +16,7 @@ from camserve.server.records import ModelMeta
 from camserve.server.settings import LimitsSettings
 from camserve.v1 import explain_pb2 as pb
 
+FIELD = "pixel_attribution"  # the request field these options come from
 DEFAULT_SAMPLES = 25
 DEFAULT_NOISE = 0.15
 DEFAULT_STEPS = 50
@@ -46,7 +47,7 @@ BASELINES: dict[int, str] = {
 
 
 class PixelOptionError(InvalidRequest):
-    """A `saliency` field the server refuses; the message starts with the field's path."""
+    """A `pixel_attribution` field the server refuses; the message starts with its path."""
 
 
 @dataclass(frozen=True)
@@ -66,7 +67,7 @@ class PixelOptions:
 def _enum(value: int, names: dict[int, str], field: str, enum: object) -> str:
     if value not in names:
         offered = ", ".join(f"{enum.Name(v)}={v}" for v in names)  # type: ignore[attr-defined]
-        raise PixelOptionError(f"saliency.{field}: unknown value {value}; use one of {offered}")
+        raise PixelOptionError(f"{FIELD}.{field}: unknown value {value}; use one of {offered}")
     return names[value]
 
 
@@ -76,7 +77,7 @@ def _count(value: int, default: int, field: str, lowest: int, limits: LimitsSett
     highest = limits.max_saliency_rows
     if not lowest <= count <= highest:
         raise PixelOptionError(
-            f"saliency.{field}: {count} is outside {lowest}..{highest} (this server's "
+            f"{FIELD}.{field}: {count} is outside {lowest}..{highest} (this server's "
             "limits.max_saliency_rows); each costs a forward and a backward row per image: use "
             f"fewer, or 0 for the default {default}"
         )
@@ -84,12 +85,12 @@ def _count(value: int, default: int, field: str, lowest: int, limits: LimitsSett
 
 
 def pixel_options(options: pb.SaliencyOptions, limits: LimitsSettings) -> PixelOptions:
-    """The request's `saliency` options, checked, or PixelOptionError naming the field."""
+    """The request's pixel attribution options, checked, or PixelOptionError naming the field."""
     quadrature = _enum(options.quadrature, QUADRATURES, "quadrature", pb.Quadrature)
     noise = float(options.noise) or DEFAULT_NOISE
     if not (math.isfinite(noise) and noise > 0):
         raise PixelOptionError(
-            f"saliency.noise: {options.noise} must be a positive fraction of the input's range "
+            f"{FIELD}.noise: {options.noise} must be a positive fraction of the input's range "
             f"(0 for the default {DEFAULT_NOISE})"
         )
     return PixelOptions(
@@ -115,9 +116,11 @@ def check_pixel_methods(
     smoothing)."""
     pixel = tuple(m for m in methods if meta.method_info[m].pixel)
     if pixel and aug_smooth:
+        noisy = [info.method for info in meta.methods if info.gradient_rows == "noise"]
         raise PixelOptionError(
             f"aug_smooth: averages layer maps over augmented copies and does not apply to "
-            f"{', '.join(pixel)}; unset aug_smooth, or use smoothgrad to smooth pixel attributions"
+            f"{', '.join(pixel)}; unset aug_smooth, or smooth pixel attributions with "
+            f"{' or '.join(noisy) or 'noisy copies'}"
         )
     return pixel
 

@@ -39,7 +39,7 @@ from camserve.server.engine.gates import find_gates
 from camserve.server.engine.gradient_rows import GradientJob, run_gradient_jobs
 from camserve.server.engine.jobs import ForwardJob, run_forward
 from camserve.server.engine.kernels import conv_layers, conv_weights
-from camserve.server.engine.registry import GUIDED_METHODS, LAYER_METHODS
+from camserve.server.engine.registry import GUIDED_METHODS, LAYER_METHODS, UNGUIDED_PIXEL_METHODS
 from camserve.server.faults import checked_row
 from camserve.server.health import HealthTracker
 from camserve.server.metrics import Metrics
@@ -385,7 +385,7 @@ def _read_meta(
         raise ModelLoadError(f"model {spec.name!r}: {exc}") from None
     costs = engine.method_costs(default_layer, size)
     nonlinearities = engine.nonlinearities(size)
-    refused = {m: nonlinearities.refusal(m) for m in GUIDED_METHODS}
+    refused = {m: nonlinearities.refusal(m, UNGUIDED_PIXEL_METHODS) for m in GUIDED_METHODS}
     return ModelMeta(
         name=spec.name,
         version=spec.version,

@@ -135,7 +135,7 @@ class ExplainPlan:
     scores: tuple[str, ...] = ()
     score_steps: int = DEFAULT_SCORE_STEPS
     score_curves: bool = False
-    pixel: PixelOptions = PixelOptions()  # the pixel attributions' options (`saliency`)
+    pixel: PixelOptions = PixelOptions()  # the pixel attributions' options
     budget: RequestBudget = RequestBudget(())  # set by `validate`
 
 
@@ -427,7 +427,7 @@ def validate(request: pb.ExplainRequest, meta: ModelMeta, limits: LimitsSettings
     scores = _scores(request.output, meta, limits)
     _check_smoothing(request)
     check_pixel_methods(methods, meta, request.aug_smooth)
-    pixel = pixel_options(request.saliency, limits)
+    pixel = pixel_options(request.pixel_attribution, limits)
     return ExplainPlan(
         layer=layer,
         methods=methods,

@@ -20,7 +20,7 @@ Nothing of the model is changed: the mode and the tensor hooks exist only during
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import Any
@@ -97,14 +97,15 @@ class Nonlinearities:
         """Whether every nonlinearity is one the guided rule controls (and there is one)."""
         return not self.others and self.relu + self.relu6 > 0
 
-    def refusal(self, method: str) -> str | None:
-        """Why `method` (a guided one) does not apply to this model, or None when it does."""
+    def refusal(self, method: str, instead: Sequence[str]) -> str | None:
+        """Why `method` (a guided one) does not apply to this model, or None when it does;
+        the message suggests the methods `instead`."""
         if self.guided:
             return None
         if not self.others:
             return (
                 f"{method} needs {GUIDED_RULE} nonlinearities; this model runs none, so guided "
-                "backprop would be the plain gradient: use saliency"
+                f"backprop would be the plain gradient: use {' or '.join(instead)}"
             )
         found = ", ".join(
             f"{kind} (at {where}, {count} call{'s' if count > 1 else ''})"
@@ -112,8 +113,8 @@ class Nonlinearities:
         )
         return (
             f"{method} needs {GUIDED_RULE} nonlinearities; this model uses {found}, which guided "
-            "backprop has no rule for, so its map would not mean what it says: use saliency, "
-            "smoothgrad or integrated_gradients"
+            f"backprop has no rule for, so its map would not mean what it says: use "
+            f"{' or '.join(instead)}"
         )
 
 

@@ -46,7 +46,7 @@ from camserve.server.engine.input_pass import (
 from camserve.server.engine.layouts import Layout
 from camserve.server.engine.methods import PendingMaps, finish, start
 from camserve.server.engine.placement import Placement
-from camserve.server.engine.registry import BY_NAME, GUIDED_METHODS
+from camserve.server.engine.registry import BY_NAME, GUIDED_METHODS, UNGUIDED_PIXEL_METHODS
 from camserve.server.engine.rows import (
     ClassPlan,
     MapGroup,
@@ -198,7 +198,8 @@ class ExplainPass:
 
     def _check_guided(self, input_hw: tuple[int, int]) -> None:
         """Refuses the guided methods on a model whose nonlinearities they do not control."""
-        refusal = self.nonlinearities(input_hw).refusal(GUIDED_METHODS[0])
+        found = self.nonlinearities(input_hw)
+        refusal = found.refusal(GUIDED_METHODS[0], UNGUIDED_PIXEL_METHODS)
         if refusal is not None:
             raise EngineError(refusal)
 

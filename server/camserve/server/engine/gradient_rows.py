@@ -33,7 +33,12 @@ import torch
 
 from camserve.server.engine import saliency
 from camserve.server.engine.jobs import chunk_sizes, waves
-from camserve.server.engine.registry import GRADIENT_ROW_COST, Method, needing_gradient_rows
+from camserve.server.engine.registry import (
+    GRADIENT_ROW_COST,
+    PLAIN_GRADIENT,
+    Method,
+    needing_gradient_rows,
+)
 from camserve.server.engine.types import (
     ATTRIBUTIONS,
     EngineError,
@@ -56,8 +61,8 @@ def delta_kind(method: str) -> str:
 
 @dataclass(frozen=True)
 class SaliencyParams:
-    """The options of the pixel methods (`saliency` module docstring); `mean` and `std` make
-    the black baseline."""
+    """The options of the pixel methods (see `camserve.server.engine.saliency`); `mean` and
+    `std` make the black baseline."""
 
     samples: int = saliency.DEFAULT_SAMPLES
     noise: float = saliency.DEFAULT_NOISE
@@ -128,7 +133,7 @@ class _Attribution:
             images = points
         row = RowRequest(
             layer=self.result.layer,
-            methods=("saliency",),
+            methods=(PLAIN_GRADIENT,),
             classes=self.result.classes,
             outputs=(ATTRIBUTIONS,),
         )
@@ -141,7 +146,7 @@ class _Attribution:
             if self.path == "path" and index == self.params.steps:
                 self.baseline_scores = result.logits[list(self.result.classes)]
                 continue
-            gradient = result.outputs[attribution_kind("saliency")]
+            gradient = result.outputs[attribution_kind(PLAIN_GRADIENT)]
             weight = self.sizes[index] if self.path == "path" else 1.0
             add = gradient * weight if weight != 1.0 else gradient
             self.total = add.clone() if self.total is None else self.total.add_(add)

@@ -23,7 +23,7 @@ import torch
 
 from camserve.server.engine.activations import Guide
 from camserve.server.engine.methods import GRADCAM, flat_channels_last
-from camserve.server.engine.registry import BY_NAME, PixelMethod
+from camserve.server.engine.registry import BY_NAME, UNGUIDED_PIXEL_METHODS, PixelMethod
 from camserve.server.engine.saliency import upsampled_cam
 from camserve.server.engine.types import EngineError, RowRequest
 
@@ -63,9 +63,10 @@ class InputTape:
         """Refuses a guided pass that met a nonlinearity the guided rule does not cover."""
         if self.guide.uncontrolled:
             kinds = ", ".join(sorted(set(self.guide.uncontrolled)))
+            instead = " or ".join(UNGUIDED_PIXEL_METHODS)
             raise EngineError(
                 f"guided backprop needs ReLU or ReLU6 nonlinearities; this pass ran {kinds}; "
-                "use saliency, smoothgrad or integrated_gradients"
+                f"use {instead}"
             )
 
 
@@ -127,7 +128,7 @@ def pixel_attributions(
         guided = None if guided is None else guided[:, picked]
     cam = None
     if pixel.uses_cam:
-        assert gradients is not None, "guided_gradcam's entry asks for the layer's gradients"
+        assert gradients is not None, "a method using the Grad-CAM asks for the layer's gradients"
         fast = GRADCAM.fast
         assert fast is not None
         a = flat_channels_last(activations)

@@ -284,6 +284,13 @@ ROW_METHODS: tuple[str, ...] = tuple(m.name for m in REGISTRY if not m.produces.
 LAYER_METHODS: tuple[str, ...] = tuple(m.name for m in REGISTRY if m.kernel is not None)
 PIXEL_METHODS: tuple[str, ...] = tuple(m.name for m in REGISTRY if m.pixel is not None)
 GUIDED_METHODS: tuple[str, ...] = tuple(m.name for m in REGISTRY if m.guided)
+# The pixel methods for any differentiable model: what a guided method's refusal suggests.
+UNGUIDED_PIXEL_METHODS: tuple[str, ...] = tuple(
+    m.name for m in REGISTRY if m.pixel is not None and not m.guided
+)
+# The method whose unreduced attribution is the plain gradient at the input: the rows of
+# SmoothGrad and Integrated Gradients ask for it.
+PLAIN_GRADIENT = "saliency"
 
 
 def method(name: str) -> Method:

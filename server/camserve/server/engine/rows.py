@@ -87,7 +87,7 @@ def check_row(index: int, row: RowRequest) -> None:
     if row.aug_smooth and any(BY_NAME[m].pixel is not None for m in row.methods):
         raise EngineError(
             f"{where}: aug_smooth averages layer maps; pixel attributions take no aug_smooth "
-            "(smoothgrad is their smoothing)"
+            "(noisy copies after the pass are their smoothing)"
         )
     if len(set(row.methods)) != len(row.methods):
         raise EngineError(f"{where}.methods lists a method twice: {row.methods!r}; list each once")
