@@ -39,7 +39,11 @@ from camserve.server.engine.gates import find_gates
 from camserve.server.engine.gradient_rows import GradientJob, run_gradient_jobs
 from camserve.server.engine.jobs import ForwardJob, run_forward
 from camserve.server.engine.kernels import conv_layers, conv_weights
-from camserve.server.engine.registry import GUIDED_METHODS, LAYER_METHODS, UNGUIDED_PIXEL_METHODS
+from camserve.server.engine.registry import (
+    GUIDED_METHODS,
+    PASS_METHODS,
+    UNGUIDED_PIXEL_METHODS,
+)
 from camserve.server.faults import checked_row
 from camserve.server.health import HealthTracker
 from camserve.server.metrics import Metrics
@@ -138,7 +142,7 @@ class ModelRuntime:
         meta = _read_meta(spec, engine, str(device), recipe)
         if warmup:
             batch = spec.max_batch_size if device.type == "cuda" else 1
-            rows = [RowRequest(layer=meta.default_layer, methods=LAYER_METHODS)] * batch
+            rows = [RowRequest(layer=meta.default_layer, methods=PASS_METHODS)] * batch
             size = meta.recipe.crop
             engine.explain_batch(torch.zeros(batch, 3, size, size), rows)
         self._stager = InputStager(device, recipe.mean, recipe.std)

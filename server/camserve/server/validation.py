@@ -113,7 +113,9 @@ def budget_of(
         channels=meta.layer_shapes[layer][0],
         tail_methods=sum(m.channel_rows and m.through_tail for m in offered),
         model_methods=sum(m.channel_rows and not m.through_tail for m in offered),
-        pixel_maps_per_image=tuple(count * pixel_methods for count in classes),
+        pixel_maps_per_image=tuple(count * pixel_methods for count in classes)
+        if pixel_methods
+        else (),
         input_gradient=any(m.input_gradient for m in offered),
         gradient_rows=gradient_rows(methods, meta, pixel or PixelOptions()),
     )

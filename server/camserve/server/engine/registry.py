@@ -277,11 +277,13 @@ REGISTRY: tuple[Method, ...] = (
 )
 BY_NAME: Mapping[str, Method] = {method.name: method for method in REGISTRY}
 NAMES: tuple[str, ...] = tuple(BY_NAME)
-# The methods made by the explain pass itself, and those made by rows after it; the CAMs the
-# pass makes from the target layer alone; the pixel attributions.
-PASS_METHODS: tuple[str, ...] = tuple(m.name for m in REGISTRY if m.produces.from_pass)
+# The maps the explain pass makes from the target layer (the CAMs), the pixel attributions it
+# makes from the gradient at the input, and the methods made by rows after it.
+PASS_METHODS: tuple[str, ...] = tuple(m.name for m in REGISTRY if m.kernel is not None)
+PIXEL_PASS_METHODS: tuple[str, ...] = tuple(
+    m.name for m in REGISTRY if m.pixel is not None and m.produces.from_pass
+)
 ROW_METHODS: tuple[str, ...] = tuple(m.name for m in REGISTRY if not m.produces.from_pass)
-LAYER_METHODS: tuple[str, ...] = tuple(m.name for m in REGISTRY if m.kernel is not None)
 PIXEL_METHODS: tuple[str, ...] = tuple(m.name for m in REGISTRY if m.pixel is not None)
 GUIDED_METHODS: tuple[str, ...] = tuple(m.name for m in REGISTRY if m.guided)
 # The pixel methods for any differentiable model: what a guided method's refusal suggests.

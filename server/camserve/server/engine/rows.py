@@ -16,7 +16,7 @@ from dataclasses import dataclass
 
 import torch
 
-from camserve.server.engine.registry import BY_NAME, PASS_METHODS
+from camserve.server.engine.registry import BY_NAME, PASS_METHODS, PIXEL_PASS_METHODS
 from camserve.server.engine.saliency import REDUCTIONS
 from camserve.server.engine.types import EngineError, RowRequest
 
@@ -60,20 +60,26 @@ def check_row(index: int, row: RowRequest) -> None:
             f"{where}.layer must be a module name such as 'layer4', got {row.layer!r}; "
             "CamEngine.default_layer() gives a sensible one"
         )
+    _check_methods(where, row)
+    _check_classes(where, row)
+
+
+_BY_PASS = PASS_METHODS + PIXEL_PASS_METHODS
+
+
+def _check_methods(where: str, row: RowRequest) -> None:
     for flag in ("eigen_smooth", "aug_smooth", "keep_activations"):
         if not isinstance(getattr(row, flag), bool):
             raise EngineError(f"{where}.{flag} must be True or False, got {getattr(row, flag)!r}")
     if isinstance(row.methods, str) or not (row.methods or row.keep_activations):
         raise EngineError(
-            f"{where}.methods must be a non-empty tuple of method names from {PASS_METHODS} (empty "
+            f"{where}.methods must be a non-empty tuple of method names from {_BY_PASS} (empty "
             f"only with keep_activations=True), got {row.methods!r}"
         )
     for method in row.methods:
         entry = BY_NAME.get(method) if isinstance(method, str) else None
         if entry is None:
-            raise EngineError(
-                f"{where}.methods: unknown method {method!r}; choose from {PASS_METHODS}"
-            )
+            raise EngineError(f"{where}.methods: unknown method {method!r}; choose from {_BY_PASS}")
         if not entry.produces.from_pass:
             raise EngineError(
                 f"{where}.methods: {method!r} needs {entry.produces.value}, run after the explain "
@@ -91,6 +97,9 @@ def check_row(index: int, row: RowRequest) -> None:
         )
     if len(set(row.methods)) != len(row.methods):
         raise EngineError(f"{where}.methods lists a method twice: {row.methods!r}; list each once")
+
+
+def _check_classes(where: str, row: RowRequest) -> None:
     if isinstance(row.classes, (str, bytes)) or not all(_is_int(c) for c in row.classes):
         raise EngineError(
             f"{where}.classes must be a tuple of int class indices, got {row.classes!r}"
