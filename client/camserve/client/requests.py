@@ -33,6 +33,24 @@ RESOLUTIONS: dict[str, pb.Resolution] = {
     "input": pb.RESOLUTION_INPUT,
     "feature": pb.RESOLUTION_FEATURE_MAP,
 }
+# The pixel attributions' named options (SaliencyOptions), by the SDK's names.
+REDUCTIONS: dict[str, pb.Reduction] = {
+    "max_abs": pb.REDUCTION_MAX_ABS,
+    "sum_abs": pb.REDUCTION_SUM_ABS,
+    "sum": pb.REDUCTION_SUM,
+}
+NORMALISATIONS: dict[str, pb.Normalisation] = {
+    "min_max": pb.NORMALISATION_MIN_MAX,
+    "percentile_99": pb.NORMALISATION_PERCENTILE_99,
+}
+QUADRATURES: dict[str, pb.Quadrature] = {
+    "gausslegendre": pb.QUADRATURE_GAUSS_LEGENDRE,
+    "riemann_left": pb.QUADRATURE_RIEMANN_LEFT,
+    "riemann_right": pb.QUADRATURE_RIEMANN_RIGHT,
+    "riemann_middle": pb.QUADRATURE_RIEMANN_MIDDLE,
+    "riemann_trapezoid": pb.QUADRATURE_RIEMANN_TRAPEZOID,
+}
+BASELINES: dict[str, pb.Baseline] = {"zero": pb.BASELINE_ZERO, "black": pb.BASELINE_BLACK}
 DTYPES: dict[str, pb.DType] = {
     "float32": pb.DTYPE_FLOAT32,
     "float16": pb.DTYPE_FLOAT16,
@@ -47,7 +65,9 @@ class ExplainKwargs(TypedDict, total=False):
     label, or a sequence of them (default: the predicted class); `top_k`: the k most probable
     classes instead. `methods`: one or more of gradcam, gradcampp, xgradcam, hirescam, layercam,
     gradcamelementwise, eigencam, eigengradcam, ablationcam, scorecam (the last two are
-    gradient-free and cost a forward row per channel of the layer). `layer`: default the model's.
+    gradient-free and cost a forward row per channel of the layer), and the pixel attributions
+    saliency, input_x_gradient, smoothgrad, integrated_gradients, guided_backprop and
+    guided_gradcam (maps at the input's resolution). `layer`: default the model's.
     `resolution`: "original", "input", "feature" or (height, width). `dtype`: "float32",
     "float16" or "uint8". `raw`: unnormalised maps. `overlay`: also get the server's PNG overlay
     of the first heatmap. `top_predictions`: predictions returned. `eigen_smooth`: each map is
@@ -57,6 +77,14 @@ class ExplainKwargs(TypedDict, total=False):
     "confidence", "deletion", "insertion"), read from `Explanation.scores`. `score_steps`: steps
     of the deletion and insertion curves (default the server's, 20). `score_curves`: also get
     those curves (`Explanation.curves`).
+    Pixel attribution options (None: the server's default): `samples` (SmoothGrad's noisy
+    copies, 25), `noise` (their sigma over the input's range, 0.15), `seed` (SmoothGrad's noise;
+    None: drawn per request), `steps` (Integrated Gradients' points, 50), `quadrature`
+    (gausslegendre, riemann_left, riemann_right, riemann_middle, riemann_trapezoid), `baseline`
+    ("zero": the mean colour, or "black"), `reduction` over colour channels (max_abs, sum_abs,
+    sum), `normalisation` for display (min_max, percentile_99). With `raw`, a pixel
+    attribution's heatmap is its unreduced 3xHxW array at the input's resolution;
+    `Explanation.convergence_delta` holds IG's.
     Checked by `ExplainOptions`, whose fields are these keys with their defaults.
     """
 
@@ -75,6 +103,14 @@ class ExplainKwargs(TypedDict, total=False):
     scores: Scores
     score_steps: int | None
     score_curves: bool
+    samples: int | None
+    noise: float | None
+    seed: int | None
+    steps: int | None
+    quadrature: str | None
+    baseline: str | None
+    reduction: str | None
+    normalisation: str | None
 
 
 @dataclass(frozen=True)
@@ -99,6 +135,14 @@ class ExplainOptions:
     scores: Scores = ()
     score_steps: int | None = None
     score_curves: bool = False
+    samples: int | None = None
+    noise: float | None = None
+    seed: int | None = None
+    steps: int | None = None
+    quadrature: str | None = None
+    baseline: str | None = None
+    reduction: str | None = None
+    normalisation: str | None = None
 
     def __post_init__(self) -> None:
         if self.target is not None and self.top_k is not None:
@@ -116,6 +160,7 @@ class ExplainOptions:
         self.method_protos()
         self._check_scores()
         self.output_proto()
+        self.pixel_proto()
         if self.aug_smooth and self.resolution == "feature":
             raise ValueError(
                 "aug_smooth averages maps at the input resolution, so there is no "
@@ -183,6 +228,35 @@ class ExplainOptions:
             raise ValueError(f"unknown methods {unknown}; use one or more of {list(METHODS)}")
         return [METHODS[name] for name in dict.fromkeys(names)]
 
+    def pixel_proto(self) -> pb.SaliencyOptions:
+        """The pixel attributions' options; unset ones are left to the server's defaults."""
+        options = pb.SaliencyOptions()
+        for name in ("samples", "steps", "seed"):
+            value = getattr(self, name)
+            if value is None:
+                continue
+            least = 0 if name == "seed" else 1
+            if isinstance(value, bool) or not isinstance(value, int) or value < least:
+                raise ValueError(f"{name} must be an int >= {least}; got {value!r}")
+            setattr(options, name, value)
+        if self.noise is not None:
+            if isinstance(self.noise, bool) or not float(self.noise) > 0:
+                raise ValueError(f"noise must be a positive number; got {self.noise!r}")
+            options.noise = float(self.noise)
+        for name, table in (
+            ("quadrature", QUADRATURES),
+            ("baseline", BASELINES),
+            ("reduction", REDUCTIONS),
+            ("normalisation", NORMALISATIONS),
+        ):
+            value = getattr(self, name)
+            if value is None:
+                continue
+            if value not in table:
+                raise ValueError(f"{name}={value!r}: use one of {list(table)}")
+            setattr(options, name, table[value])
+        return options
+
     def output_proto(self) -> pb.OutputOptions:
         output = pb.OutputOptions(
             dtype=DTYPES[self.dtype],
@@ -232,4 +306,5 @@ def build_request(
         request_id=request_id or "",
         eigen_smooth=options.eigen_smooth,
         aug_smooth=options.aug_smooth,
+        pixel_attribution=options.pixel_proto(),
     )

@@ -58,6 +58,9 @@ class Explanation:
     request (`timing`, `batch_size`, `model`, `request_id`) are shared by the images of one
     request.
 
+    A pixel attribution's heatmap (saliency, ..., guided_gradcam) is HxW at the resolution asked
+    for, or its 3xHxW attribution at the model input's resolution when the call asked for `raw`.
+
     `scores` maps the same (method, class_index) keys to that heatmap's faithfulness scores by
     name (confidence_change, deletion_auc, insertion_auc), for the heatmaps that have any (none
     unless the call asked for `scores`). `curves` maps them to the deletion and insertion curves
@@ -77,6 +80,9 @@ class Explanation:
     request_id: str
     scores: Mapping[HeatmapKey, Mapping[str, float]] = field(default_factory=_empty)
     curves: Mapping[HeatmapKey, Mapping[str, tuple[float, ...]]] = field(default_factory=_empty)
+    # Integrated Gradients' convergence delta per heatmap: the sum of its attributions minus the
+    # change of the class score from the baseline to the image (near 0 when the steps suffice).
+    convergence_delta: Mapping[HeatmapKey, float] = field(default_factory=_empty)
 
     def heatmap(self, method: str | None = None, class_index: int | None = None) -> np.ndarray:
         """The first heatmap matching `method` and `class_index` (either may be left out)."""
@@ -189,6 +195,7 @@ def _explanation(
     heatmaps: dict[HeatmapKey, np.ndarray] = {}
     scores: dict[HeatmapKey, Mapping[str, float]] = {}
     curves: dict[HeatmapKey, Mapping[str, tuple[float, ...]]] = {}
+    deltas: dict[HeatmapKey, float] = {}
     labels: dict[int, str] = {}
     layer = ""
     for i, heatmap in enumerate(result.heatmaps):
@@ -198,6 +205,8 @@ def _explanation(
             scores[key] = found
         if found_curves := _curves(heatmap):
             curves[key] = found_curves
+        if heatmap.HasField("convergence_delta"):
+            deltas[key] = heatmap.convergence_delta
         labels[heatmap.class_index] = heatmap.class_label
         layer = layer or heatmap.layer
     overlay = None
@@ -220,6 +229,7 @@ def _explanation(
         request_id=response.request_id,
         scores=MappingProxyType(scores),
         curves=MappingProxyType(curves),
+        convergence_delta=MappingProxyType(deltas),
     )
 
 
