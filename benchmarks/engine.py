@@ -63,6 +63,12 @@ resnet18 at batches 8 and 32 unless told otherwise, Grad-CAM of the top class, r
   collecting the curves adds to the forward passes they need.
 
     python benchmarks/engine.py --scores --json       # {"device": ..., "scores": [...]}
+
+`--saliency` measures the pixel attributions instead (`benchmarks/saliency_cases.py`: saliency
+over its floor and against Captum, Guided Grad-CAM against Captum, SmoothGrad against 25
+saliency passes), on resnet18 at batch 32 unless told otherwise (`--input` sets the side):
+
+    python benchmarks/engine.py --saliency --json     # {"device": ..., "saliency": [...]}
 """
 
 from __future__ import annotations
@@ -852,6 +858,9 @@ def main(argv: list[str] | None = None) -> None:
         action="store_true",
         help="images/s of explain vs predict per precision (see above)",
     )
+    parser.add_argument(
+        "--saliency", action="store_true", help="measure the pixel attributions (see above)"
+    )
     parser.add_argument("--throughput-case", help=argparse.SUPPRESS)
     parser.add_argument("--case", help=argparse.SUPPRESS)
     parser.add_argument("--scores-case", help=argparse.SUPPRESS)
@@ -874,6 +883,9 @@ def main(argv: list[str] | None = None) -> None:
         return
     if args.gradient_free:
         _gradient_free_main(args, device)
+        return
+    if args.saliency:
+        _saliency_main(args, device)
         return
     args.repeats = args.repeats or 5
     args.models = args.models or DEFAULT_MODELS
@@ -929,6 +941,23 @@ def main(argv: list[str] | None = None) -> None:
         print(_table(description, results))
         if not cuda:
             print(_target_report(results))
+
+
+def _saliency_main(args: argparse.Namespace, device: torch.device) -> None:
+    import saliency_cases  # beside this script
+
+    batches = [int(b) for b in args.batches.split(",")] if args.batches else [32]
+    name = (args.models or "resnet18").split(",")[0]
+    rows: list[dict[str, Any]] = []
+    for batch in batches:
+        print(f"pixel attributions: {name} batch {batch} ...", file=sys.stderr, flush=True)
+        rows += saliency_cases.run(name, batch, args.input, device, args.repeats or 5)
+    cuda = device.type == "cuda"
+    description = torch.cuda.get_device_name(device) if cuda else f"cpu ({os.cpu_count()} cores)"
+    if args.json:
+        print(json.dumps({"device": description, "saliency": rows}))
+    else:
+        print(saliency_cases.table(description, name, args.input, rows))
 
 
 def _gradient_free_main(args: argparse.Namespace, device: torch.device) -> None:

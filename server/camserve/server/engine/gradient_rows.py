@@ -32,7 +32,7 @@ from typing import TYPE_CHECKING
 import torch
 
 from camserve.server.engine import saliency
-from camserve.server.engine.jobs import chunk_sizes, waves
+from camserve.server.engine.jobs import chunk_sizes
 from camserve.server.engine.registry import (
     GRADIENT_ROW_COST,
     PLAIN_GRADIENT,
@@ -248,30 +248,62 @@ def _finite(result: RowResult) -> bool:
     return all(bool(torch.isfinite(t).all()) for t in tensors)
 
 
+class _Packer:
+    """Rows of gradient jobs packed into passes of exactly `max_rows` (the last one fewer): a
+    job's rows may span two passes, so no pass runs part-empty because jobs do not fit whole."""
+
+    def __init__(self, engine: CamEngine, max_rows: int) -> None:
+        self._engine = engine
+        self._max_rows = max_rows
+        self._images: list[torch.Tensor] = []
+        self._rows: list[RowRequest] = []
+        self._owners: list[GradientJob] = []
+        self.results: dict[GradientJob, list[RowResult]] = {}
+
+    def add(self, job: GradientJob) -> None:
+        images, rows = job.build()
+        self.results[job] = []
+        for start in range(0, len(rows), self._max_rows):
+            self._images.append(images[start : start + self._max_rows])
+            self._rows += rows[start : start + self._max_rows]
+            self._owners += [job] * len(rows[start : start + self._max_rows])
+            while len(self._rows) >= self._max_rows:
+                self._run(self._max_rows)
+
+    def flush(self) -> None:
+        if self._rows:
+            self._run(len(self._rows))
+
+    def _run(self, count: int) -> None:
+        batch = torch.cat(self._images)
+        results = self._engine.explain_batch(batch[:count], self._rows[:count])
+        for owner, result in zip(self._owners[:count], results, strict=True):
+            self.results[owner].append(result)
+        rest = batch[count:]
+        self._images = [rest] if rest.shape[0] else []
+        self._rows, self._owners = self._rows[count:], self._owners[count:]
+
+
 def run_gradient_jobs(
     engine: CamEngine, jobs: Sequence[GradientJob], max_rows: int
 ) -> dict[GradientJob, ModelFault]:
-    """Runs gradient jobs, those sharing a key together in passes of at most `max_rows` rows
-    (a larger job alone), and hands each its results; a job with a non-finite result records
-    nothing and is returned with its fault instead."""
+    """Runs gradient jobs, those sharing a key together in passes of `max_rows` rows (`_Packer`),
+    and hands each its results; a job with a non-finite result records nothing and is returned
+    with its fault instead."""
     faulted: dict[GradientJob, ModelFault] = {}
     groups: dict[Hashable, list[GradientJob]] = {}
     for job in jobs:
         groups.setdefault(job.key, []).append(job)
     for group in groups.values():
-        for wave in waves(group, max_rows, size=lambda job: job.rows):
-            built = [job.build() for job in wave]
-            images = torch.cat([images for images, _ in built])
-            rows = [row for _, job_rows in built for row in job_rows]
-            results = engine.explain_batch(images, rows)
-            offset = 0
-            for job in wave:
-                share = results[offset : offset + job.rows]
-                offset += job.rows
-                if all(map(_finite, share)):
-                    job.record(share)
-                else:
-                    faulted[job] = ModelFault("its input gradients for this request are not finite")
+        packer = _Packer(engine, max_rows)
+        for job in group:
+            packer.add(job)
+        packer.flush()
+        for job, results in packer.results.items():
+            if all(map(_finite, results)):
+                job.record(results)
+            else:
+                faulted[job] = ModelFault("its input gradients for this request are not finite")
     return faulted
 
 
