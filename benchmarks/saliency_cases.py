@@ -90,10 +90,10 @@ def run(name: str, batch: int, size: int, device: torch.device, repeats: int) ->
     classes = [(int(t),) for t in targets]
     saliency = [RowRequest(LAYER, ("saliency",), classes=c) for c in classes]
     guided = [RowRequest(LAYER, ("guided_gradcam",), classes=c) for c in classes]
-    floor_x = x.contiguous(memory_format=torch.channels_last) if engine.channels_last else x
+    layout = torch.channels_last if engine.channels_last else torch.contiguous_format
 
     def floor() -> object:
-        leaf = floor_x.detach().requires_grad_()
+        leaf = x.contiguous(memory_format=layout).requires_grad_()
         logits = engine.model(leaf)
         return torch.autograd.grad(logits.gather(1, targets[:, None]).sum(), leaf)[0].cpu()
 
