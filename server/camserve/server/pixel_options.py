@@ -90,7 +90,7 @@ def pixel_options(options: pb.SaliencyOptions, limits: LimitsSettings) -> PixelO
     noise = float(options.noise) or DEFAULT_NOISE
     if not (math.isfinite(noise) and noise > 0):
         raise PixelOptionError(
-            f"{FIELD}.noise: {options.noise} must be a positive fraction of the input's range "
+            f"{FIELD}.noise: {options.noise:.6g} must be a positive fraction of the input's range "
             f"(0 for the default {DEFAULT_NOISE})"
         )
     return PixelOptions(

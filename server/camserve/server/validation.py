@@ -13,6 +13,7 @@ from typing import TYPE_CHECKING
 
 from camserve.server.errors import InvalidRequest
 from camserve.server.pixel_options import (
+    PixelOptionError,
     PixelOptions,
     check_pixel_methods,
     gradient_rows,
@@ -428,8 +429,11 @@ def validate(request: pb.ExplainRequest, meta: ModelMeta, limits: LimitsSettings
     output = _output(request.output, limits)
     scores = _scores(request.output, meta, limits)
     _check_smoothing(request)
-    check_pixel_methods(methods, meta, request.aug_smooth)
-    pixel = pixel_options(request.pixel_attribution, limits)
+    try:
+        check_pixel_methods(methods, meta, request.aug_smooth)
+        pixel = pixel_options(request.pixel_attribution, limits)
+    except PixelOptionError as exc:
+        raise RequestError(str(exc)) from None
     return ExplainPlan(
         layer=layer,
         methods=methods,
