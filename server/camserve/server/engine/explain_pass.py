@@ -137,7 +137,7 @@ class ExplainPass:
         staged = self._stage(expansion)
         needs = input_needs(staged.rows)
         if needs.guided:
-            self._check_guided(input_hw)
+            self._check_guided(staged.rows, input_hw)
         logits, captures, kept, tape = self._forward(expansion.images, staged, input_hw, needs)
         for source in dict.fromkeys(expansion.class_source):
             check_classes(expansion.origin[source], staged.rows[source], int(logits.shape[1]))
@@ -196,10 +196,10 @@ class ExplainPass:
         picked = dict(zip(subsets, uploaded[4:], strict=True))
         return _Staged(rows, layers, groups, plan.with_tensors(uploaded[:4]), picked)
 
-    def _check_guided(self, input_hw: tuple[int, int]) -> None:
+    def _check_guided(self, rows: list[RowRequest], input_hw: tuple[int, int]) -> None:
         """Refuses the guided methods on a model whose nonlinearities they do not control."""
-        found = self.nonlinearities(input_hw)
-        refusal = found.refusal(GUIDED_METHODS[0], UNGUIDED_PIXEL_METHODS)
+        asked = next(m for row in rows for m in row.methods if m in GUIDED_METHODS)
+        refusal = self.nonlinearities(input_hw).refusal(asked, UNGUIDED_PIXEL_METHODS)
         if refusal is not None:
             raise EngineError(refusal)
 
