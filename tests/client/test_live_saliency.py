@@ -95,6 +95,18 @@ def test_raw_gives_the_unreduced_attribution_and_reductions_are_named(client) ->
     assert (clipped.heatmap("saliency") == 1.0).sum() >= 10  # the top 1% saturate
 
 
+def test_pixel_maps_come_in_every_dtype(client) -> None:
+    common = {"model": "tiny", "methods": "guided_backprop", "target": 1, "resolution": "input"}
+    full = client.explain(CAT_JPEG, **common).heatmap()
+    half = client.explain(CAT_JPEG, dtype="float16", **common).heatmap()
+    byte = client.explain(CAT_JPEG, dtype="uint8", **common).heatmap()
+    assert (half.dtype, byte.dtype) == (np.float16, np.uint8)
+    np.testing.assert_allclose(half, full, atol=1e-3)
+    np.testing.assert_array_equal(byte, np.round(full * 255).astype(np.uint8))
+    raw_half = client.explain(CAT_JPEG, dtype="float16", raw=True, **common).heatmap()
+    assert (raw_half.dtype, raw_half.shape) == (np.float16, (3, SIZE, SIZE))
+
+
 def _min_max(values: np.ndarray) -> np.ndarray:
     return (values - values.min()) / (values.max() - values.min())
 

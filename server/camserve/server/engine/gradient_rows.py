@@ -250,19 +250,27 @@ def _finite(result: RowResult) -> bool:
 
 class _Packer:
     """Rows of gradient jobs packed into passes of exactly `max_rows` (the last one fewer): a
-    job's rows may span two passes, so no pass runs part-empty because jobs do not fit whole."""
+    job's rows may span two passes, so no pass runs part-empty because jobs do not fit whole.
+    A job is handed to `done` with its results as soon as its last row has run, so results
+    (each row's attribution) never pile up over a long run of passes."""
 
-    def __init__(self, engine: CamEngine, max_rows: int) -> None:
+    def __init__(
+        self,
+        engine: CamEngine,
+        max_rows: int,
+        done: Callable[[GradientJob, list[RowResult]], None],
+    ) -> None:
         self._engine = engine
         self._max_rows = max_rows
+        self._done = done
         self._images: list[torch.Tensor] = []
         self._rows: list[RowRequest] = []
         self._owners: list[GradientJob] = []
-        self.results: dict[GradientJob, list[RowResult]] = {}
+        self._results: dict[GradientJob, list[RowResult]] = {}
 
     def add(self, job: GradientJob) -> None:
         images, rows = job.build()
-        self.results[job] = []
+        self._results[job] = []
         for start in range(0, len(rows), self._max_rows):
             self._images.append(images[start : start + self._max_rows])
             self._rows += rows[start : start + self._max_rows]
@@ -278,7 +286,9 @@ class _Packer:
         batch = torch.cat(self._images)
         results = self._engine.explain_batch(batch[:count], self._rows[:count])
         for owner, result in zip(self._owners[:count], results, strict=True):
-            self.results[owner].append(result)
+            self._results[owner].append(result)
+            if len(self._results[owner]) == owner.rows:
+                self._done(owner, self._results.pop(owner))
         rest = batch[count:]
         self._images = [rest] if rest.shape[0] else []
         self._rows, self._owners = self._rows[count:], self._owners[count:]
@@ -291,19 +301,21 @@ def run_gradient_jobs(
     and hands each its results; a job with a non-finite result records nothing and is returned
     with its fault instead."""
     faulted: dict[GradientJob, ModelFault] = {}
+
+    def done(job: GradientJob, results: list[RowResult]) -> None:
+        if all(map(_finite, results)):
+            job.record(results)
+        else:
+            faulted[job] = ModelFault("its input gradients for this request are not finite")
+
     groups: dict[Hashable, list[GradientJob]] = {}
     for job in jobs:
         groups.setdefault(job.key, []).append(job)
     for group in groups.values():
-        packer = _Packer(engine, max_rows)
+        packer = _Packer(engine, max_rows, done)
         for job in group:
             packer.add(job)
         packer.flush()
-        for job, results in packer.results.items():
-            if all(map(_finite, results)):
-                job.record(results)
-            else:
-                faulted[job] = ModelFault("its input gradients for this request are not finite")
     return faulted
 
 
