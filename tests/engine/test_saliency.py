@@ -349,3 +349,39 @@ def test_mixed_rows_each_equal_their_row_alone(
         assert together[i].maps.keys() == alone.maps.keys()
         for key, value in alone.maps.items():
             close(together[i].maps[key], value)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize(("precision", "tolerance"), [("float32", 1e-2), ("float16", 5e-2)])
+def test_cuda_pixel_attributions_match_the_cpu_engine(
+    models: dict[str, nn.Module],
+    random_images: Callable[..., torch.Tensor],
+    precision: str,
+    tolerance: float,
+) -> None:
+    """On the device, in float32 and with float16 weights (the loss scale divided out of the
+    input gradients too), the normalised maps equal the CPU engine's; SmoothGrad's seeded noise
+    is drawn on the device and repeats itself."""
+    from camserve.server.engine import normalise
+
+    model = models["vgg11"]
+    images = random_images(2, (64, 64), seed=9)
+    rows = [RowRequest("features.20", PIXEL, classes=(t,)) for t in GRADCAM_TARGETS["vgg11"]]
+    on_cpu = CamEngine(copy.deepcopy(model)).explain_batch(images, rows)
+    cuda = CamEngine(copy.deepcopy(model), device="cuda", precision=precision)
+    on_cuda = cuda.explain_batch(images, rows)
+    for mine, reference in zip(on_cuda, on_cpu, strict=True):
+        for key, value in reference.maps.items():
+            difference = normalise(mine.maps[key]) - normalise(value)
+            assert float(difference.abs().max()) <= tolerance, key
+    smooth = [RowRequest("features.20", ("smoothgrad",), classes=(4,), outputs=(ATTRIBUTIONS,))]
+    params = SaliencyParams(samples=4, seed=2)
+    first = explain_with_gradient_rows(cuda, images[:1], smooth, params)
+    again = explain_with_gradient_rows(cuda, images[:1], smooth, params, chunk_rows=3)
+    # Another chunking may pick other cuDNN kernels: the same copies, up to their rounding.
+    torch.testing.assert_close(
+        attribution(first[0], "smoothgrad"),
+        attribution(again[0], "smoothgrad"),
+        rtol=1e-3,
+        atol=1e-5,
+    )
