@@ -69,6 +69,12 @@ plus 3 layers x 16 channels over explain alone, and a feature-map-only request o
 forward, resnet18 at batch 32 unless told otherwise.
 
     python benchmarks/engine.py --inspection --json   # {"inspection": [{"case", "batch", "ratio"}]}
+
+`--saliency` measures the pixel attributions instead (`benchmarks/saliency_cases.py`: saliency
+over its floor and against Captum, Guided Grad-CAM against Captum, SmoothGrad against 25
+saliency passes), on resnet18 at batch 32 unless told otherwise (`--input` sets the side):
+
+    python benchmarks/engine.py --saliency --json     # {"device": ..., "saliency": [...]}
 """
 
 from __future__ import annotations
@@ -859,6 +865,9 @@ def main(argv: list[str] | None = None) -> None:
         action="store_true",
         help="images/s of explain vs predict per precision (see above)",
     )
+    parser.add_argument(
+        "--saliency", action="store_true", help="measure the pixel attributions (see above)"
+    )
     parser.add_argument("--throughput-case", help=argparse.SUPPRESS)
     parser.add_argument(
         "--inspection", action="store_true", help="what feature maps cost (see above)"
@@ -884,6 +893,9 @@ def main(argv: list[str] | None = None) -> None:
         return
     if args.gradient_free:
         _gradient_free_main(args, device)
+        return
+    if args.saliency:
+        _saliency_main(args, device)
         return
     args.repeats = args.repeats or 5
     args.models = args.models or DEFAULT_MODELS
@@ -952,6 +964,23 @@ def _run_inspection(args: argparse.Namespace) -> None:
             print(f"inspection {name} batch {batch} ...", file=sys.stderr, flush=True)
             rows += run_inspection(name, batch, INPUT, args.repeats)
     print(json.dumps({"inspection": rows}) if args.json else table(rows))
+
+
+def _saliency_main(args: argparse.Namespace, device: torch.device) -> None:
+    import saliency_cases  # beside this script
+
+    batches = [int(b) for b in args.batches.split(",")] if args.batches else [32]
+    name = (args.models or "resnet18").split(",")[0]
+    rows: list[dict[str, Any]] = []
+    for batch in batches:
+        print(f"pixel attributions: {name} batch {batch} ...", file=sys.stderr, flush=True)
+        rows += saliency_cases.run(name, batch, args.input, device, args.repeats or 5)
+    cuda = device.type == "cuda"
+    description = torch.cuda.get_device_name(device) if cuda else f"cpu ({os.cpu_count()} cores)"
+    if args.json:
+        print(json.dumps({"device": description, "saliency": rows}))
+    else:
+        print(saliency_cases.table(description, name, args.input, rows))
 
 
 def _gradient_free_main(args: argparse.Namespace, device: torch.device) -> None:

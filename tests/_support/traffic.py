@@ -55,6 +55,16 @@ def tiny_net() -> nn.Module:
     return TinyNet()
 
 
+SMOOTH_SOURCE = "factory:tests._support.traffic:smooth_net"
+
+
+def smooth_net() -> nn.Module:
+    """The tiny network with SiLU for its second ReLU: guided backprop has no rule for it."""
+    net = tiny_net()
+    net.features[3] = nn.SiLU()
+    return net
+
+
 def small_resnet(weights: Path | str, name: str = "resnet18", **changes: Any) -> ModelSettings:
     """The seeded resnet18 at a 64x64 input (resized straight to the crop)."""
     values: dict[str, Any] = {

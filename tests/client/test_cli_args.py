@@ -72,7 +72,7 @@ def test_compare_defaults_to_every_method_and_score() -> None:
     args = cli.build_parser().parse_args(["compare", "a.jpg", "b.jpg"])
     assert args.images == [Path("a.jpg"), Path("b.jpg")]
     assert args.methods == list(METHODS)
-    assert len(args.methods) == 10
+    assert len(args.methods) == 16
     assert args.score == []  # all three when none is named
     assert args.out == Path("compare.png")
     assert (args.model, args.layer, args.score_steps) == (None, None, None)

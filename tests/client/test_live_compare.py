@@ -117,10 +117,11 @@ def test_compare_runs_every_method_and_writes_the_panel(server, tmp_path, capsys
     assert f"panel written to {out_file}" in out
     with Image.open(out_file) as panel:
         assert panel.format == "PNG"
-        assert panel.size == compare.panel_size(images=2, methods=10, scores=3) == (1856, 456)
+        methods = len(METHODS)  # every method, the pixel attributions too
+        assert panel.size == compare.panel_size(images=2, methods=methods, scores=3) == (2864, 456)
         pixels = np.asarray(panel.convert("RGB"))
     cell = compare.CELL
-    for column in range(11):  # the image and ten overlays: something drawn in every cell
+    for column in range(1 + methods):  # the image and an overlay per method: all drawn
         left = compare.MARGIN + column * (cell + compare.MARGIN)
         box = pixels[compare.MARGIN : compare.MARGIN + cell, left : left + cell]
         assert (box < 250).any(), column

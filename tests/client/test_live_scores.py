@@ -1,4 +1,4 @@
-"""All ten methods, smoothing and faithfulness scores through a real server and both SDK clients
+"""Every method, smoothing and faithfulness scores through a real server and both SDK clients
 (the ten-class tiny network of tests._support.traffic, so every method runs in milliseconds)."""
 
 from __future__ import annotations
@@ -113,15 +113,24 @@ def test_smoothing_options_change_the_maps(client) -> None:
     assert set(augmented.scores) == {("gradcampp", augmented.top.index)}
 
 
-def test_model_lists_all_ten_methods_with_costs(client) -> None:
+def test_model_lists_every_method_with_costs(client) -> None:
     info = client.model("tiny")
-    assert info.methods == tuple(METHODS)
+    assert info.methods == tuple(METHODS)  # a ReLU network: the guided methods too
     assert tuple(cost.method for cost in info.method_costs) == tuple(METHODS)
     channels = 16  # the tiny network's last layer
+    # Pixel attributions take the gradient at the input: a row costs two forward passes;
+    # SmoothGrad's 25 default copies and IG's 50 default steps plus its baseline add rows.
+    gradient_rows = {"smoothgrad": 25, "integrated_gradients": 51}
+    input_rows = ("saliency", "input_x_gradient", "guided_backprop", "guided_gradcam")
     for name in METHODS:
         cost = info.cost(name)
         if name in ("ablationcam", "scorecam"):
             assert cost.rows_per_image == 1 + channels
+        elif name in gradient_rows:
+            rows = gradient_rows[name]
+            assert (cost.rows_per_image, cost.forward_passes) == (1 + rows, 1.0 + 2 * rows)
+        elif name in input_rows:
+            assert (cost.rows_per_image, cost.forward_passes) == (1, 2.0)
         else:
             assert (cost.rows_per_image, cost.forward_passes) == (1, 1.0)
     assert info.cost("scorecam").forward_passes == 1 + channels
@@ -146,7 +155,7 @@ def test_the_server_refuses_steps_over_its_limit(client) -> None:
             {"aug_smooth": True},
             "aug_smooth: cannot be combined with output.resolution",
         ),
-        (pb.OutputOptions(), {"methods": [11]}, "methods[0]: unknown method 11"),
+        (pb.OutputOptions(), {"methods": [99]}, "methods[0]: unknown method 99"),
     ],
 )
 def test_refusals_are_invalid_argument_naming_the_field(tiny_server, output, changes, start):

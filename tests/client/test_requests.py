@@ -94,7 +94,7 @@ def test_top_k_sets_only_top_k() -> None:
 
 def test_every_method_name_reaches_the_wire() -> None:
     names = list(METHOD_BY_NAME)
-    assert len(names) == 10
+    assert len(names) == 16
     request = build_request([IMAGE], ExplainOptions(methods=names))
     assert list(request.methods) == list(METHOD_BY_NAME.values())
 
@@ -173,3 +173,45 @@ def test_sync_and_async_clients_take_the_same_explain_arguments(method: str) -> 
     options = sync_signature.parameters["options"]
     assert options.kind is inspect.Parameter.VAR_KEYWORD
     assert "Unpack[ExplainKwargs]" in str(options.annotation)
+
+
+def test_pixel_attribution_options_reach_the_wire_and_unset_ones_stay_unset() -> None:
+    options = ExplainOptions(
+        methods=["smoothgrad", "integrated_gradients"],
+        samples=8,
+        noise=0.2,
+        seed=0,
+        steps=16,
+        quadrature="riemann_trapezoid",
+        baseline="black",
+        reduction="sum_abs",
+        normalisation="percentile_99",
+    )
+    sent = build_request([IMAGE], options).pixel_attribution
+    assert (sent.samples, sent.steps, sent.seed) == (8, 16, 0)
+    assert sent.HasField("seed")  # seed 0 is a seed, not "draw one"
+    assert sent.noise == pytest.approx(0.2)
+    assert (sent.quadrature, sent.baseline) == (pb.QUADRATURE_RIEMANN_TRAPEZOID, pb.BASELINE_BLACK)
+    assert (sent.reduction, sent.normalisation) == (
+        pb.REDUCTION_SUM_ABS,
+        pb.NORMALISATION_PERCENTILE_99,
+    )
+    default = build_request([IMAGE], ExplainOptions(methods="saliency")).pixel_attribution
+    assert default == pb.SaliencyOptions()  # the server's defaults, a random seed
+
+
+@pytest.mark.parametrize(
+    ("changes", "message"),
+    [
+        ({"samples": 0}, r"samples must be an int >= 1; got 0"),
+        ({"seed": -1}, r"seed must be an int >= 0; got -1"),
+        ({"noise": 0.0}, r"noise must be a positive number"),
+        ({"reduction": "mean"}, r"reduction='mean': use one of \['max_abs', 'sum_abs', 'sum'\]"),
+        ({"quadrature": "simpson"}, r"quadrature='simpson': use one of"),
+    ],
+)
+def test_bad_pixel_attribution_options_are_refused_naming_them(
+    changes: dict[str, object], message: str
+) -> None:
+    with pytest.raises(ValueError, match=message):
+        ExplainOptions(methods="saliency", **changes)  # type: ignore[arg-type]

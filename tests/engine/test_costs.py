@@ -33,6 +33,10 @@ def test_engine_reports_costs_at_a_layer(
     costs = engine.method_costs("layer4", (64, 64))
     assert tuple(costs) == NAMES
     assert all(costs[m].forward_passes == 1.0 for m in PASS_METHODS)
+    # Pixel attributions differentiate the input: two forward passes per row.
+    assert costs["saliency"].forward_passes == costs["guided_gradcam"].forward_passes == 2.0
+    assert costs["smoothgrad"].follow_up_rows == 25  # its default copies
+    assert costs["integrated_gradients"].follow_up_rows == 51  # 50 steps and the baseline
     # After layer4 only the pooling and the classifier run: a tiny share of a forward pass.
     assert costs["ablationcam"].follow_up_rows == 512
     assert 1.0 < costs["ablationcam"].forward_passes < 0.01 * 512 + 1

@@ -12,7 +12,13 @@ import pytest
 from camserve.server.engine import BY_NAME, NAMES, PASS_METHODS, REGISTRY, ROW_METHODS, Produces
 from camserve.server.engine.layouts import LAYOUTS, NCHW
 from camserve.server.engine.methods import GRADCAM
-from camserve.server.engine.registry import ChannelRows, Method, needing_rows, pass_methods
+from camserve.server.engine.registry import (
+    PIXEL_PASS_METHODS,
+    ChannelRows,
+    Method,
+    needing_rows,
+    pass_methods,
+)
 from camserve.v1 import explain_pb2 as pb
 from camserve.v1.methods import DEFAULT_METHOD
 
@@ -52,12 +58,23 @@ def test_no_server_module_but_the_registry_spells_a_method_name() -> None:
 def test_every_method_states_what_its_pass_produces_and_accepts() -> None:
     assert len(NAMES) == len(REGISTRY) == len({m.wire for m in REGISTRY})
     assert BY_NAME[DEFAULT_METHOD].wire == pb.METHOD_GRADCAM
-    assert PASS_METHODS + ROW_METHODS == NAMES  # the pass methods come first in wire order
+    # The CAMs and pixel attributions of the pass, and the methods made by rows after it,
+    # split the registry, each in wire order.
+    made = PASS_METHODS + PIXEL_PASS_METHODS + ROW_METHODS
+    assert sorted(made, key=NAMES.index) == list(NAMES)
+    assert len(set(made)) == len(NAMES)
     for entry in REGISTRY:
         assert entry.layouts <= frozenset(LAYOUTS)
-        assert (entry.kernel is not None) == entry.produces.from_pass
-    assert [m.name for m in REGISTRY if not m.needs_gradients and m.produces.from_pass] == [
+        made_by_pass = entry.kernel is not None or (
+            entry.pixel is not None and not entry.pixel.path
+        )
+        assert made_by_pass == entry.produces.from_pass
+    assert [m.name for m in REGISTRY if not m.needs_gradients and m.kernel is not None] == [
         "eigencam"
+    ]
+    # Pixel attributions differentiate the input; only guided_gradcam needs the layer too.
+    assert [m.name for m in REGISTRY if m.pixel is not None and m.needs_gradients] == [
+        "guided_gradcam"
     ]
     ablation, score = BY_NAME["ablationcam"], BY_NAME["scorecam"]
     assert (ablation.produces, ablation.layouts) == (Produces.ROWS_AFTER_LAYER, {NCHW})
@@ -74,6 +91,14 @@ def test_rows_and_cost_per_copy_follow_what_the_pass_produces() -> None:
     assert BY_NAME["ablationcam"].rows_per_copy(512) == 513
     assert BY_NAME["ablationcam"].cost_per_copy(512, 0.25) == 1 + 128
     assert BY_NAME["scorecam"].cost_per_copy(512, 0.25) == 513
+    # A row with its gradient at the input weighs two forward passes; SmoothGrad and IG add
+    # such rows after their explain row.
+    assert BY_NAME["saliency"].cost_per_copy(512, 0.25) == 2.0
+    assert BY_NAME["smoothgrad"].rows_per_copy(512, gradient_rows=25) == 26
+    assert BY_NAME["smoothgrad"].cost_per_copy(512, 0.25, gradient_rows=25) == 51.0
+    assert BY_NAME["guided_gradcam"].needs_gradients  # its Grad-CAM: the layer's gradients
+    assert BY_NAME["guided_gradcam"].input_gradient == "guided"
+    assert BY_NAME["input_x_gradient"].input_gradient == "plain"
 
 
 def test_name_lists_split_a_request_by_what_it_needs() -> None:
@@ -85,7 +110,7 @@ def test_name_lists_split_a_request_by_what_it_needs() -> None:
 def test_an_entry_must_be_made_by_the_pass_or_by_rows_not_both() -> None:
     rows = BY_NAME["scorecam"].rows
     assert isinstance(rows, ChannelRows)
-    with pytest.raises(ValueError, match="never both"):
+    with pytest.raises(ValueError, match="never two"):
         Method("broken", 99, Produces.LAYER_GRADIENTS, frozenset(LAYOUTS), GRADCAM, rows)
-    with pytest.raises(ValueError, match="never both"):
+    with pytest.raises(ValueError, match="never two"):
         Method("broken", 99, Produces.ROWS_OF_MODEL, frozenset(LAYOUTS))

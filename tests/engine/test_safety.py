@@ -222,7 +222,10 @@ def test_a_model_in_train_mode_or_unfrozen_is_a_fault_not_a_refusal(
     ("rows", "match"),
     [
         ([RowRequest("layer4")] * 2, r"rows has 2 entries but batch holds 1 images"),
-        ([RowRequest("layer4", ("gradcam", "smoothgrad"))], r"rows\[0\]\.methods: unknown method"),
+        (
+            [RowRequest("layer4", ("gradcam", "gradcam_smooth"))],
+            r"rows\[0\]\.methods: unknown method",
+        ),
         ([RowRequest("layer4", ())], r"rows\[0\]\.methods must be a non-empty tuple"),
         ([RowRequest("layer4", "gradcam")], r"rows\[0\]\.methods must be a non-empty tuple"),
         ([RowRequest("layer4", ("gradcam", "gradcam"))], r"lists a method twice"),

@@ -107,6 +107,41 @@ async def test_a_stream_answers_every_request_when_the_engine_fails_one(
     assert not any(FAULT.failed_input_alive)
 
 
+async def test_an_out_of_memory_pass_of_input_gradients_is_split_and_retried(
+    faulty_server: ServerThread,
+) -> None:
+    """Rows with their input gradient (saliency, SmoothGrad's copies) run in passes of their
+    own; one that runs out of memory is bisected like any batch, so only its culprit fails."""
+    FAULT.reset("marked", lambda: torch.OutOfMemoryError("CUDA out of memory"))
+    methods = [pb.METHOD_SALIENCY, pb.METHOD_SMOOTHGRAD, pb.METHOD_GRADCAM]
+    options = pb.SaliencyOptions(samples=3, seed=1)
+    requests = [
+        pb.ExplainRequest(
+            images=[pb.Image(encoded=image)],
+            methods=methods,
+            pixel_attribution=options,
+            request_id=f"good-{i}",
+        )
+        for i, image in enumerate(GOOD)
+    ]
+    requests.insert(
+        1,
+        pb.ExplainRequest(
+            images=[pb.Image(encoded=MARKED)],
+            methods=methods,
+            pixel_attribution=options,
+            request_id="marked",
+        ),
+    )
+    by_id = {r.request_id: r for r in await stream_all(faulty_server.address, requests)}
+    assert sorted(by_id) == sorted(r.request_id for r in requests)
+    failed = by_id.pop("marked")
+    assert failed.error.code == grpc.StatusCode.RESOURCE_EXHAUSTED.value[0]
+    for answer in by_id.values():
+        assert not answer.HasField("error")
+        assert [h.method for h in answer.results[0].heatmaps] == methods
+
+
 async def test_unary_calls_in_one_batch_fail_alone(faulty_server: ServerThread) -> None:
     FAULT.reset("marked")
     async with grpc.aio.insecure_channel(faulty_server.address) as channel:

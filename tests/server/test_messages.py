@@ -101,6 +101,10 @@ def test_model_info_lists_every_method_with_its_cost() -> None:
             *((name, 1, 1.0) for name in list(METHOD_BY_NAME)[:8]),
             ("ablationcam", 17, 1.25),
             ("scorecam", 17, 17.0),
+            *((name, 1, 2.0) for name in ("saliency", "input_x_gradient")),
+            ("smoothgrad", 26, 51.0),
+            ("integrated_gradients", 52, 103.0),
+            *((name, 1, 2.0) for name in ("guided_backprop", "guided_gradcam")),
         )
     )
     status = ModelStatus(name="tiny", version="1", max_batch_size=8, meta=meta(costs))

@@ -49,12 +49,21 @@ async def test_models_describe_inputs_layers_and_methods(camserve_server: Any) -
 
 def assert_method_costs(info: pb.ModelInfo, channels: int) -> None:
     """One cost per method at the default layer: the gradient methods one row and one forward
-    pass; ScoreCAM a whole forward per channel; AblationCAM as many rows, but only the tail."""
+    pass; ScoreCAM a whole forward per channel; AblationCAM as many rows, but only the tail;
+    pixel attributions two forward passes per row (the backward to the input), SmoothGrad's 25
+    copies and IG's 50 steps and baseline after their explain row. Both models are ReLU or ReLU6
+    networks, so every method is listed, the guided ones too."""
     costs = {cost.method: cost for cost in info.method_costs}
     assert list(costs) == list(METHOD_BY_NAME.values())
+    after_pass = {"smoothgrad": 25, "integrated_gradients": 51}
     for name, value in METHOD_BY_NAME.items():
-        if name not in ("ablationcam", "scorecam"):
-            assert (costs[value].rows_per_image, costs[value].forward_passes) == (1, 1.0)
+        cost = (costs[value].rows_per_image, costs[value].forward_passes)
+        if name in after_pass:
+            assert cost == (1 + after_pass[name], 1.0 + 2 * after_pass[name])
+        elif name in ("saliency", "input_x_gradient", "guided_backprop", "guided_gradcam"):
+            assert cost == (1, 2.0)
+        elif name not in ("ablationcam", "scorecam"):
+            assert cost == (1, 1.0)
     score, ablation = costs[pb.METHOD_SCORECAM], costs[pb.METHOD_ABLATIONCAM]
     assert score.rows_per_image == ablation.rows_per_image == 1 + channels
     assert score.forward_passes == 1 + channels

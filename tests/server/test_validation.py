@@ -28,7 +28,18 @@ LIMITS = LimitsSettings()
 
 
 METHOD_INFO = tuple(
-    MethodInfo(m.name, 1, 1.0, m.layouts, not m.produces.from_pass, m.runs_tail) for m in REGISTRY
+    MethodInfo(
+        m.name,
+        1,
+        1.0,
+        m.layouts,
+        m.rows is not None,
+        m.runs_tail,
+        pixel=m.pixel is not None,
+        input_gradient=bool(m.input_gradient),
+        gradient_rows=m.pixel.path if m.pixel is not None else "",
+    )
+    for m in REGISTRY
 )
 
 
@@ -68,12 +79,12 @@ def test_every_method_is_accepted_in_request_order_without_repeats() -> None:
     assert plan_of(message).methods == tuple(reversed(METHOD_BY_NAME))
 
 
-def test_an_unknown_method_is_refused_listing_all_ten() -> None:
+def test_an_unknown_method_is_refused_listing_every_method() -> None:
     message = pb.ExplainRequest(images=[pb.Image(encoded=b"x")], methods=[1, 42])
     text = refusal(message)
     assert text.startswith("methods[1]: unknown method 42; use one of METHOD_GRADCAM=1")
     assert "METHOD_EIGENCAM=7" in text
-    assert text.endswith("METHOD_SCORECAM=10")
+    assert text.endswith("METHOD_GUIDED_GRADCAM=16")
 
 
 def test_smoothing_options_reach_the_plan() -> None:
@@ -243,3 +254,47 @@ def test_the_budget_is_counted_once_and_priced_by_admission() -> None:
     single = plan_of(pb.ExplainRequest(images=[pb.Image(encoded=b"x")]))
     assert single.budget == RequestBudget((1,), channels=16)
     assert not single.budget.rows_after_pass
+
+
+def test_pixel_attributions_are_budgeted_as_rows_with_their_input_gradient() -> None:
+    from camserve.server.followups import request_cost
+
+    message = pb.ExplainRequest(
+        images=[pb.Image(encoded=b"x", target=pb.Target(top_k=2)), pb.Image(encoded=b"x")],
+        methods=[
+            pb.METHOD_GRADCAM,
+            pb.METHOD_SALIENCY,
+            pb.METHOD_SMOOTHGRAD,
+            pb.METHOD_INTEGRATED_GRADIENTS,
+        ],
+        pixel_attribution=pb.SaliencyOptions(samples=4, steps=3, seed=5),
+    )
+    plan = plan_of(message)
+    assert plan.budget.maps_per_image == (8, 4)
+    assert plan.budget.pixel_maps_per_image == (6, 3)
+    assert plan.budget.input_gradient  # saliency: the explain row differentiates its input
+    assert plan.budget.gradient_rows == 4 + 3 + 1  # SmoothGrad's copies, IG's points, baseline
+    assert (plan.pixel.samples, plan.pixel.steps, plan.pixel.seed) == (4, 3, 5)
+    # Per image: the explain row at two forward passes, then 8 rows at two each.
+    assert request_cost(plan, tail_fraction=1.0, chunk=8) == 2 * (2 + 2 * 8)
+    unseeded = plan_of(pb.ExplainRequest(images=[pb.Image(encoded=b"x")], methods=[13]))
+    assert unseeded.pixel.samples == 25  # the defaults, and a seed drawn for the request
+    assert 0 <= unseeded.pixel.seed < 2**63
+
+
+@pytest.mark.parametrize(
+    ("options", "start"),
+    [
+        (pb.SaliencyOptions(samples=201), "pixel_attribution.samples: 201 is outside 1..200"),
+        (pb.SaliencyOptions(noise=-0.1), "pixel_attribution.noise: -0.1"),
+        (pb.SaliencyOptions(reduction=9), "pixel_attribution.reduction: unknown value 9"),
+        (pb.SaliencyOptions(quadrature=3, steps=1), "pixel_attribution.steps: 1 is outside 2"),
+    ],
+)
+def test_bad_pixel_attribution_options_are_refused_naming_the_field(
+    options: pb.SaliencyOptions, start: str
+) -> None:
+    message = pb.ExplainRequest(
+        images=[pb.Image(encoded=b"x")], methods=[pb.METHOD_SMOOTHGRAD], pixel_attribution=options
+    )
+    assert refusal(message).startswith(start)

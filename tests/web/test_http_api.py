@@ -137,6 +137,48 @@ async def test_a_multipart_upload_is_the_same_request(
     assert comparable(over_http) == comparable(over_grpc)
 
 
+PIXEL_REQUEST = pb.ExplainRequest(
+    model="efficientnet-lite0",
+    images=[pb.Image(encoded=CAT_BYTES, target=pb.Target(class_indices=[285]))],
+    methods=[pb.METHOD_GUIDED_GRADCAM, pb.METHOD_INTEGRATED_GRADIENTS],
+    output=pb.OutputOptions(resolution=pb.RESOLUTION_INPUT),
+    pixel_attribution=pb.SaliencyOptions(steps=4, reduction=pb.REDUCTION_SUM_ABS),
+    request_id="pixels-http",
+)
+
+
+async def test_pixel_attributions_by_json_and_by_form_equal_the_grpc_answer(
+    camserve_server: ServerThread, http: aiohttp.ClientSession
+) -> None:
+    """The HTTP API takes the new method names and options from the .proto like any other."""
+    url = http_url(camserve_server, "/v1/models/efficientnet-lite0:explain")
+    body = json_format.MessageToJson(PIXEL_REQUEST, preserving_proto_field_name=True)
+    async with http.post(url, data=body, headers={"Content-Type": "application/json"}) as reply:
+        assert reply.status == 200, await reply.text()
+        by_json = json_format.ParseDict(await reply.json(), pb.ExplainResponse())
+    form = aiohttp.FormData()
+    form.add_field("image", CAT_BYTES, filename="chelsea.jpg", content_type="image/jpeg")
+    for name, value in (
+        ("methods", "guided_gradcam"),
+        ("methods", "integrated_gradients"),
+        ("target.class_indices", "285"),
+        ("output.resolution", "input"),
+        ("pixel_attribution.steps", "4"),
+        ("pixel_attribution.reduction", "sum_abs"),
+        ("request_id", "pixels-http"),
+    ):
+        form.add_field(name, value)
+    async with http.post(url, data=form) as reply:
+        assert reply.status == 200, await reply.text()
+        by_form = json_format.ParseDict(await reply.json(), pb.ExplainResponse())
+    over_grpc = await grpc_explain(camserve_server, PIXEL_REQUEST)
+    guided, integrated = over_grpc.results[0].heatmaps
+    assert list(guided.data.shape) == [224, 224]
+    assert integrated.HasField("convergence_delta")
+    assert comparable(by_json) == comparable(over_grpc)
+    assert comparable(by_form) == comparable(over_grpc)
+
+
 async def test_models_model_and_health(
     camserve_server: ServerThread, http: aiohttp.ClientSession
 ) -> None:

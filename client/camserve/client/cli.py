@@ -27,7 +27,14 @@ from camserve.client.errors import CamserveError, Unavailable
 from camserve.client.health import SERVING
 from camserve.client.images import to_pil
 from camserve.client.render import COLORMAPS, overlay, panel
-from camserve.client.requests import METHODS, SCORE_ALIASES
+from camserve.client.requests import (
+    BASELINES,
+    METHODS,
+    NORMALISATIONS,
+    QUADRATURES,
+    REDUCTIONS,
+    SCORE_ALIASES,
+)
 from camserve.client.results import Explanation, ModelInfo
 from camserve.client.retry import DEFAULT_RETRY, NO_RETRY
 from camserve.client.sync import Client
@@ -160,7 +167,7 @@ def _add_explain(commands: Any, common: argparse.ArgumentParser) -> None:
         action="append",
         choices=list(METHODS),
         default=[],
-        help="CAM method; repeatable (default: gradcam)",
+        help="CAM method or pixel attribution; repeatable (default: gradcam)",
     )
     explain.add_argument("--layer", help="target layer (default: the model's)")
     explain.add_argument(
@@ -170,11 +177,17 @@ def _add_explain(commands: Any, common: argparse.ArgumentParser) -> None:
         "--aug-smooth", action="store_true", help="average six augmented copies (6x the cost)"
     )
     _add_score_options(explain, default_help="none")
+    _add_pixel_options(explain)
     explain.add_argument("--panel", action="store_true", help="write image|heatmap|overlay panels")
     explain.add_argument(
         "--out", type=Path, default=Path("out"), metavar="DIR", help="output folder (out)"
     )
-    explain.add_argument("--colormap", choices=COLORMAPS, default="jet")
+    explain.add_argument(
+        "--colormap",
+        choices=COLORMAPS,
+        default="jet",
+        help="heat colours (jet), or gray for grayscale pixel attributions",
+    )
     explain.add_argument("--alpha", type=float, default=0.4, help="heatmap opacity (0.4)")
     explain.add_argument(
         "--predictions", type=_positive_int, default=3, help="predictions printed per image (3)"
@@ -198,6 +211,32 @@ def _add_score_options(parser: argparse.ArgumentParser, *, default_help: str) ->
     )
 
 
+def _add_pixel_options(parser: argparse.ArgumentParser) -> None:
+    """Options of the pixel attributions (saliency ... guided_gradcam); unset: the server's."""
+    group = parser.add_argument_group("pixel attributions")
+    group.add_argument("--samples", type=_positive_int, help="smoothgrad's noisy copies (25)")
+    group.add_argument(
+        "--noise", type=_positive_float, help="smoothgrad's sigma over the input's range (0.15)"
+    )
+    group.add_argument("--seed", type=int, help="smoothgrad's noise seed (default: random)")
+    group.add_argument("--steps", type=_positive_int, help="integrated_gradients' steps (50)")
+    group.add_argument("--quadrature", choices=list(QUADRATURES), help="(gausslegendre)")
+    group.add_argument("--baseline", choices=list(BASELINES), help="IG's baseline (zero)")
+    group.add_argument(
+        "--reduction", choices=list(REDUCTIONS), help="over colour channels (the method's own)"
+    )
+    group.add_argument(
+        "--normalisation", choices=list(NORMALISATIONS), help="for display (min_max)"
+    )
+
+
+def _pixel_kwargs(args: argparse.Namespace) -> dict[str, Any]:
+    """The pixel attribution options given on the command line, as SDK keywords."""
+    names = ("samples", "noise", "seed", "steps", "quadrature", "baseline")
+    given = {name: getattr(args, name) for name in (*names, "reduction", "normalisation")}
+    return {name: value for name, value in given.items() if value is not None}
+
+
 def _add_compare(commands: Any, common: argparse.ArgumentParser) -> None:
     parser = commands.add_parser(
         "compare",
@@ -214,9 +253,10 @@ def _add_compare(commands: Any, common: argparse.ArgumentParser) -> None:
         type=_method_list,
         default=list(METHODS),
         metavar="M1,M2,...",
-        help=f"comma-separated methods (default: all ten: {','.join(METHODS)})",
+        help=f"comma-separated methods (default: all of them: {','.join(METHODS)})",
     )
     _add_score_options(parser, default_help="all three")
+    _add_pixel_options(parser)
     parser.add_argument("--model", help="model name (default: the server's default)")
     parser.add_argument("--layer", help="target layer (default: the model's)")
     parser.add_argument(
@@ -277,6 +317,7 @@ def _explain(client: Client, args: argparse.Namespace) -> int:
         aug_smooth=args.aug_smooth,
         scores=_score_names(args.score),
         score_steps=args.score_steps,
+        **_pixel_kwargs(args),
     )
     status = OK
     for path, outcome in zip(args.images, outcomes, strict=True):
@@ -314,6 +355,7 @@ def _compare(client: Client, args: argparse.Namespace) -> int:
     client.model(args.model or "")  # one call first: an absent server or model stops here
     scores = _score_names(args.score) or list(SCORE_ALIASES.values())
     options: dict[str, Any] = {"model": args.model, "layer": args.layer, "scores": scores}
+    options.update(_pixel_kwargs(args))
     if args.score_steps is not None:
         options["score_steps"] = args.score_steps
     results = compare.run(client.explain, pictures, args.methods, **options)

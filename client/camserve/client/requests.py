@@ -43,6 +43,24 @@ INSPECT_RESOLUTIONS: dict[str, pb.Resolution] = {
     "input": pb.RESOLUTION_INPUT,
     "original": pb.RESOLUTION_ORIGINAL,
 }
+# The pixel attributions' named options (SaliencyOptions), by the SDK's names.
+REDUCTIONS: dict[str, pb.Reduction] = {
+    "max_abs": pb.REDUCTION_MAX_ABS,
+    "sum_abs": pb.REDUCTION_SUM_ABS,
+    "sum": pb.REDUCTION_SUM,
+}
+NORMALISATIONS: dict[str, pb.Normalisation] = {
+    "min_max": pb.NORMALISATION_MIN_MAX,
+    "percentile_99": pb.NORMALISATION_PERCENTILE_99,
+}
+QUADRATURES: dict[str, pb.Quadrature] = {
+    "gausslegendre": pb.QUADRATURE_GAUSS_LEGENDRE,
+    "riemann_left": pb.QUADRATURE_RIEMANN_LEFT,
+    "riemann_right": pb.QUADRATURE_RIEMANN_RIGHT,
+    "riemann_middle": pb.QUADRATURE_RIEMANN_MIDDLE,
+    "riemann_trapezoid": pb.QUADRATURE_RIEMANN_TRAPEZOID,
+}
+BASELINES: dict[str, pb.Baseline] = {"zero": pb.BASELINE_ZERO, "black": pb.BASELINE_BLACK}
 DTYPES: dict[str, pb.DType] = {
     "float32": pb.DTYPE_FLOAT32,
     "float16": pb.DTYPE_FLOAT16,
@@ -57,7 +75,9 @@ class ExplainKwargs(TypedDict, total=False):
     label, or a sequence of them (default: the predicted class); `top_k`: the k most probable
     classes instead. `methods`: one or more of gradcam, gradcampp, xgradcam, hirescam, layercam,
     gradcamelementwise, eigencam, eigengradcam, ablationcam, scorecam (the last two are
-    gradient-free and cost a forward row per channel of the layer). `layer`: default the model's.
+    gradient-free and cost a forward row per channel of the layer), and the pixel attributions
+    saliency, input_x_gradient, smoothgrad, integrated_gradients, guided_backprop and
+    guided_gradcam (maps at the input's resolution). `layer`: default the model's.
     `resolution`: "original", "input", "feature" or (height, width). `dtype`: "float32",
     "float16" or "uint8". `raw`: unnormalised maps. `overlay`: also get the server's PNG overlay
     of the first heatmap. `top_predictions`: predictions returned. `eigen_smooth`: each map is
@@ -76,6 +96,14 @@ class ExplainKwargs(TypedDict, total=False):
     `gate_resolution`: where spatial gates are drawn ("feature", "input", "original").
     `heatmaps`: False returns only feature maps and gates (no heatmaps, no predictions; the
     server runs the model forward only, and only as deep as needed).
+    Pixel attribution options (None: the server's default): `samples` (SmoothGrad's noisy
+    copies, 25), `noise` (their sigma over the input's range, 0.15), `seed` (SmoothGrad's noise;
+    None: drawn per request), `steps` (Integrated Gradients' points, 50), `quadrature`
+    (gausslegendre, riemann_left, riemann_right, riemann_middle, riemann_trapezoid), `baseline`
+    ("zero": the mean colour, or "black"), `reduction` over colour channels (max_abs, sum_abs,
+    sum), `normalisation` for display (min_max, percentile_99). With `raw`, a pixel
+    attribution's heatmap is its unreduced 3xHxW array at the input's resolution;
+    `Explanation.convergence_delta` holds IG's.
     Checked by `ExplainOptions`, whose fields are these keys with their defaults.
     """
 
@@ -103,6 +131,14 @@ class ExplainKwargs(TypedDict, total=False):
     gates: bool | Sequence[str]
     gate_resolution: str
     heatmaps: bool
+    samples: int | None
+    noise: float | None
+    seed: int | None
+    steps: int | None
+    quadrature: str | None
+    baseline: str | None
+    reduction: str | None
+    normalisation: str | None
 
 
 @dataclass(frozen=True)
@@ -136,6 +172,14 @@ class ExplainOptions:
     gates: bool | Sequence[str] = False
     gate_resolution: str = "feature"
     heatmaps: bool = True
+    samples: int | None = None
+    noise: float | None = None
+    seed: int | None = None
+    steps: int | None = None
+    quadrature: str | None = None
+    baseline: str | None = None
+    reduction: str | None = None
+    normalisation: str | None = None
 
     def __post_init__(self) -> None:
         if self.target is not None and self.top_k is not None:
@@ -160,6 +204,7 @@ class ExplainOptions:
                 "heatmaps=False returns only feature maps and gates: ask for feature_layers or "
                 "gates too"
             )
+        self.pixel_proto()
         if self.aug_smooth and self.resolution == "feature":
             raise ValueError(
                 "aug_smooth averages maps at the input resolution, so there is no "
@@ -226,6 +271,35 @@ class ExplainOptions:
         if unknown:
             raise ValueError(f"unknown methods {unknown}; use one or more of {list(METHODS)}")
         return [METHODS[name] for name in dict.fromkeys(names)]
+
+    def pixel_proto(self) -> pb.SaliencyOptions:
+        """The pixel attributions' options; unset ones are left to the server's defaults."""
+        options = pb.SaliencyOptions()
+        for name in ("samples", "steps", "seed"):
+            value = getattr(self, name)
+            if value is None:
+                continue
+            least = 0 if name == "seed" else 1
+            if isinstance(value, bool) or not isinstance(value, int) or value < least:
+                raise ValueError(f"{name} must be an int >= {least}; got {value!r}")
+            setattr(options, name, value)
+        if self.noise is not None:
+            if isinstance(self.noise, bool) or not float(self.noise) > 0:
+                raise ValueError(f"noise must be a positive number; got {self.noise!r}")
+            options.noise = float(self.noise)
+        for name, table in (
+            ("quadrature", QUADRATURES),
+            ("baseline", BASELINES),
+            ("reduction", REDUCTIONS),
+            ("normalisation", NORMALISATIONS),
+        ):
+            value = getattr(self, name)
+            if value is None:
+                continue
+            if value not in table:
+                raise ValueError(f"{name}={value!r}: use one of {list(table)}")
+            setattr(options, name, table[value])
+        return options
 
     def output_proto(self) -> pb.OutputOptions:
         output = pb.OutputOptions(
@@ -328,6 +402,7 @@ def build_request(
         eigen_smooth=options.eigen_smooth,
         aug_smooth=options.aug_smooth,
         no_heatmaps=not options.heatmaps,
+        pixel_attribution=options.pixel_proto(),
     )
     if (features := feature_options(options)) is not None:
         request.feature_maps.CopyFrom(features)

@@ -89,6 +89,9 @@ class Explanation:
     request (`timing`, `batch_size`, `model`, `request_id`) are shared by the images of one
     request.
 
+    A pixel attribution's heatmap (saliency, ..., guided_gradcam) is HxW at the resolution asked
+    for, or its 3xHxW attribution at the model input's resolution when the call asked for `raw`.
+
     `scores` maps the same (method, class_index) keys to that heatmap's faithfulness scores by
     name (confidence_change, deletion_auc, insertion_auc), for the heatmaps that have any (none
     unless the call asked for `scores`). `curves` maps them to the deletion and insertion curves
@@ -114,6 +117,9 @@ class Explanation:
     curves: Mapping[HeatmapKey, Mapping[str, tuple[float, ...]]] = field(default_factory=_empty)
     feature_maps: Mapping[str, FeatureMap] = field(default_factory=_no_features)
     gates: Mapping[str, GateValues] = field(default_factory=_no_gates)
+    # Integrated Gradients' convergence delta per heatmap: the sum of its attributions minus the
+    # change of the class score from the baseline to the image (near 0 when the steps suffice).
+    convergence_delta: Mapping[HeatmapKey, float] = field(default_factory=_empty)
 
     def heatmap(self, method: str | None = None, class_index: int | None = None) -> np.ndarray:
         """The first heatmap matching `method` and `class_index` (either may be left out)."""
@@ -226,6 +232,7 @@ def _explanation(
     heatmaps: dict[HeatmapKey, np.ndarray] = {}
     scores: dict[HeatmapKey, Mapping[str, float]] = {}
     curves: dict[HeatmapKey, Mapping[str, tuple[float, ...]]] = {}
+    deltas: dict[HeatmapKey, float] = {}
     labels: dict[int, str] = {}
     layer = ""
     for i, heatmap in enumerate(result.heatmaps):
@@ -235,6 +242,8 @@ def _explanation(
             scores[key] = found
         if found_curves := _curves(heatmap):
             curves[key] = found_curves
+        if heatmap.HasField("convergence_delta"):
+            deltas[key] = heatmap.convergence_delta
         labels[heatmap.class_index] = heatmap.class_label
         layer = layer or heatmap.layer
     overlay = None
@@ -259,6 +268,7 @@ def _explanation(
         curves=MappingProxyType(curves),
         feature_maps=_feature_maps(result),
         gates=_gates(result),
+        convergence_delta=MappingProxyType(deltas),
     )
 
 

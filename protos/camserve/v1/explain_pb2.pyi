@@ -27,6 +27,40 @@ class Method(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
     METHOD_EIGENGRADCAM: _ClassVar[Method]
     METHOD_ABLATIONCAM: _ClassVar[Method]
     METHOD_SCORECAM: _ClassVar[Method]
+    METHOD_SALIENCY: _ClassVar[Method]
+    METHOD_INPUT_X_GRADIENT: _ClassVar[Method]
+    METHOD_SMOOTHGRAD: _ClassVar[Method]
+    METHOD_INTEGRATED_GRADIENTS: _ClassVar[Method]
+    METHOD_GUIDED_BACKPROP: _ClassVar[Method]
+    METHOD_GUIDED_GRADCAM: _ClassVar[Method]
+
+class Reduction(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
+    __slots__ = ()
+    REDUCTION_UNSPECIFIED: _ClassVar[Reduction]
+    REDUCTION_MAX_ABS: _ClassVar[Reduction]
+    REDUCTION_SUM_ABS: _ClassVar[Reduction]
+    REDUCTION_SUM: _ClassVar[Reduction]
+
+class Normalisation(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
+    __slots__ = ()
+    NORMALISATION_UNSPECIFIED: _ClassVar[Normalisation]
+    NORMALISATION_MIN_MAX: _ClassVar[Normalisation]
+    NORMALISATION_PERCENTILE_99: _ClassVar[Normalisation]
+
+class Quadrature(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
+    __slots__ = ()
+    QUADRATURE_UNSPECIFIED: _ClassVar[Quadrature]
+    QUADRATURE_GAUSS_LEGENDRE: _ClassVar[Quadrature]
+    QUADRATURE_RIEMANN_LEFT: _ClassVar[Quadrature]
+    QUADRATURE_RIEMANN_RIGHT: _ClassVar[Quadrature]
+    QUADRATURE_RIEMANN_MIDDLE: _ClassVar[Quadrature]
+    QUADRATURE_RIEMANN_TRAPEZOID: _ClassVar[Quadrature]
+
+class Baseline(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
+    __slots__ = ()
+    BASELINE_UNSPECIFIED: _ClassVar[Baseline]
+    BASELINE_ZERO: _ClassVar[Baseline]
+    BASELINE_BLACK: _ClassVar[Baseline]
 
 class Score(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
     __slots__ = ()
@@ -71,6 +105,28 @@ METHOD_EIGENCAM: Method
 METHOD_EIGENGRADCAM: Method
 METHOD_ABLATIONCAM: Method
 METHOD_SCORECAM: Method
+METHOD_SALIENCY: Method
+METHOD_INPUT_X_GRADIENT: Method
+METHOD_SMOOTHGRAD: Method
+METHOD_INTEGRATED_GRADIENTS: Method
+METHOD_GUIDED_BACKPROP: Method
+METHOD_GUIDED_GRADCAM: Method
+REDUCTION_UNSPECIFIED: Reduction
+REDUCTION_MAX_ABS: Reduction
+REDUCTION_SUM_ABS: Reduction
+REDUCTION_SUM: Reduction
+NORMALISATION_UNSPECIFIED: Normalisation
+NORMALISATION_MIN_MAX: Normalisation
+NORMALISATION_PERCENTILE_99: Normalisation
+QUADRATURE_UNSPECIFIED: Quadrature
+QUADRATURE_GAUSS_LEGENDRE: Quadrature
+QUADRATURE_RIEMANN_LEFT: Quadrature
+QUADRATURE_RIEMANN_RIGHT: Quadrature
+QUADRATURE_RIEMANN_MIDDLE: Quadrature
+QUADRATURE_RIEMANN_TRAPEZOID: Quadrature
+BASELINE_UNSPECIFIED: Baseline
+BASELINE_ZERO: Baseline
+BASELINE_BLACK: Baseline
 SCORE_UNSPECIFIED: Score
 SCORE_CONFIDENCE_CHANGE: Score
 SCORE_DELETION_AUC: Score
@@ -98,6 +154,26 @@ class Tensor(_message.Message):
     shape: _containers.RepeatedScalarFieldContainer[int]
     data: bytes
     def __init__(self, dtype: _Optional[_Union[DType, str]] = ..., shape: _Optional[_Iterable[int]] = ..., data: _Optional[bytes] = ...) -> None: ...
+
+class SaliencyOptions(_message.Message):
+    __slots__ = ("samples", "noise", "seed", "steps", "quadrature", "baseline", "reduction", "normalisation")
+    SAMPLES_FIELD_NUMBER: _ClassVar[int]
+    NOISE_FIELD_NUMBER: _ClassVar[int]
+    SEED_FIELD_NUMBER: _ClassVar[int]
+    STEPS_FIELD_NUMBER: _ClassVar[int]
+    QUADRATURE_FIELD_NUMBER: _ClassVar[int]
+    BASELINE_FIELD_NUMBER: _ClassVar[int]
+    REDUCTION_FIELD_NUMBER: _ClassVar[int]
+    NORMALISATION_FIELD_NUMBER: _ClassVar[int]
+    samples: int
+    noise: float
+    seed: int
+    steps: int
+    quadrature: Quadrature
+    baseline: Baseline
+    reduction: Reduction
+    normalisation: Normalisation
+    def __init__(self, samples: _Optional[int] = ..., noise: _Optional[float] = ..., seed: _Optional[int] = ..., steps: _Optional[int] = ..., quadrature: _Optional[_Union[Quadrature, str]] = ..., baseline: _Optional[_Union[Baseline, str]] = ..., reduction: _Optional[_Union[Reduction, str]] = ..., normalisation: _Optional[_Union[Normalisation, str]] = ...) -> None: ...
 
 class Target(_message.Message):
     __slots__ = ("class_indices", "class_labels", "top_k")
@@ -142,7 +218,7 @@ class OutputOptions(_message.Message):
     def __init__(self, resolution: _Optional[_Union[Resolution, str]] = ..., height: _Optional[int] = ..., width: _Optional[int] = ..., dtype: _Optional[_Union[DType, str]] = ..., raw: _Optional[bool] = ..., overlay: _Optional[bool] = ..., scores: _Optional[_Iterable[_Union[Score, str]]] = ..., score_steps: _Optional[int] = ..., score_curves: _Optional[bool] = ...) -> None: ...
 
 class ExplainRequest(_message.Message):
-    __slots__ = ("model", "images", "layer", "methods", "output", "top_predictions", "request_id", "eigen_smooth", "aug_smooth", "feature_maps", "gates", "no_heatmaps")
+    __slots__ = ("model", "images", "layer", "methods", "output", "top_predictions", "request_id", "eigen_smooth", "aug_smooth", "feature_maps", "gates", "no_heatmaps", "pixel_attribution")
     MODEL_FIELD_NUMBER: _ClassVar[int]
     IMAGES_FIELD_NUMBER: _ClassVar[int]
     LAYER_FIELD_NUMBER: _ClassVar[int]
@@ -155,6 +231,7 @@ class ExplainRequest(_message.Message):
     FEATURE_MAPS_FIELD_NUMBER: _ClassVar[int]
     GATES_FIELD_NUMBER: _ClassVar[int]
     NO_HEATMAPS_FIELD_NUMBER: _ClassVar[int]
+    PIXEL_ATTRIBUTION_FIELD_NUMBER: _ClassVar[int]
     model: str
     images: _containers.RepeatedCompositeFieldContainer[Image]
     layer: str
@@ -167,7 +244,8 @@ class ExplainRequest(_message.Message):
     feature_maps: FeatureMapOptions
     gates: GateOptions
     no_heatmaps: bool
-    def __init__(self, model: _Optional[str] = ..., images: _Optional[_Iterable[_Union[Image, _Mapping]]] = ..., layer: _Optional[str] = ..., methods: _Optional[_Iterable[_Union[Method, str]]] = ..., output: _Optional[_Union[OutputOptions, _Mapping]] = ..., top_predictions: _Optional[int] = ..., request_id: _Optional[str] = ..., eigen_smooth: _Optional[bool] = ..., aug_smooth: _Optional[bool] = ..., feature_maps: _Optional[_Union[FeatureMapOptions, _Mapping]] = ..., gates: _Optional[_Union[GateOptions, _Mapping]] = ..., no_heatmaps: _Optional[bool] = ...) -> None: ...
+    pixel_attribution: SaliencyOptions
+    def __init__(self, model: _Optional[str] = ..., images: _Optional[_Iterable[_Union[Image, _Mapping]]] = ..., layer: _Optional[str] = ..., methods: _Optional[_Iterable[_Union[Method, str]]] = ..., output: _Optional[_Union[OutputOptions, _Mapping]] = ..., top_predictions: _Optional[int] = ..., request_id: _Optional[str] = ..., eigen_smooth: _Optional[bool] = ..., aug_smooth: _Optional[bool] = ..., feature_maps: _Optional[_Union[FeatureMapOptions, _Mapping]] = ..., gates: _Optional[_Union[GateOptions, _Mapping]] = ..., no_heatmaps: _Optional[bool] = ..., pixel_attribution: _Optional[_Union[SaliencyOptions, _Mapping]] = ...) -> None: ...
 
 class FeatureMapOptions(_message.Message):
     __slots__ = ("layers", "selection", "channels", "channel_indices", "resolution", "dtype", "raw")
@@ -232,7 +310,7 @@ class Prediction(_message.Message):
     def __init__(self, index: _Optional[int] = ..., label: _Optional[str] = ..., probability: _Optional[float] = ..., logit: _Optional[float] = ...) -> None: ...
 
 class Heatmap(_message.Message):
-    __slots__ = ("method", "class_index", "class_label", "layer", "data", "confidence_change", "deletion_auc", "insertion_auc", "deletion_curve", "insertion_curve")
+    __slots__ = ("method", "class_index", "class_label", "layer", "data", "confidence_change", "deletion_auc", "insertion_auc", "deletion_curve", "insertion_curve", "convergence_delta")
     METHOD_FIELD_NUMBER: _ClassVar[int]
     CLASS_INDEX_FIELD_NUMBER: _ClassVar[int]
     CLASS_LABEL_FIELD_NUMBER: _ClassVar[int]
@@ -243,6 +321,7 @@ class Heatmap(_message.Message):
     INSERTION_AUC_FIELD_NUMBER: _ClassVar[int]
     DELETION_CURVE_FIELD_NUMBER: _ClassVar[int]
     INSERTION_CURVE_FIELD_NUMBER: _ClassVar[int]
+    CONVERGENCE_DELTA_FIELD_NUMBER: _ClassVar[int]
     method: Method
     class_index: int
     class_label: str
@@ -253,7 +332,8 @@ class Heatmap(_message.Message):
     insertion_auc: float
     deletion_curve: _containers.RepeatedScalarFieldContainer[float]
     insertion_curve: _containers.RepeatedScalarFieldContainer[float]
-    def __init__(self, method: _Optional[_Union[Method, str]] = ..., class_index: _Optional[int] = ..., class_label: _Optional[str] = ..., layer: _Optional[str] = ..., data: _Optional[_Union[Tensor, _Mapping]] = ..., confidence_change: _Optional[float] = ..., deletion_auc: _Optional[float] = ..., insertion_auc: _Optional[float] = ..., deletion_curve: _Optional[_Iterable[float]] = ..., insertion_curve: _Optional[_Iterable[float]] = ...) -> None: ...
+    convergence_delta: float
+    def __init__(self, method: _Optional[_Union[Method, str]] = ..., class_index: _Optional[int] = ..., class_label: _Optional[str] = ..., layer: _Optional[str] = ..., data: _Optional[_Union[Tensor, _Mapping]] = ..., confidence_change: _Optional[float] = ..., deletion_auc: _Optional[float] = ..., insertion_auc: _Optional[float] = ..., deletion_curve: _Optional[_Iterable[float]] = ..., insertion_curve: _Optional[_Iterable[float]] = ..., convergence_delta: _Optional[float] = ...) -> None: ...
 
 class ImageResult(_message.Message):
     __slots__ = ("predictions", "heatmaps", "overlay_png", "feature_maps", "gates")

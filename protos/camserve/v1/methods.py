@@ -20,6 +20,12 @@ METHOD_BY_NAME: dict[str, int] = {
     "eigengradcam": pb.METHOD_EIGENGRADCAM,
     "ablationcam": pb.METHOD_ABLATIONCAM,
     "scorecam": pb.METHOD_SCORECAM,
+    "saliency": pb.METHOD_SALIENCY,
+    "input_x_gradient": pb.METHOD_INPUT_X_GRADIENT,
+    "smoothgrad": pb.METHOD_SMOOTHGRAD,
+    "integrated_gradients": pb.METHOD_INTEGRATED_GRADIENTS,
+    "guided_backprop": pb.METHOD_GUIDED_BACKPROP,
+    "guided_gradcam": pb.METHOD_GUIDED_GRADCAM,
 }
 # Wire value to name; METHOD_UNSPECIFIED means Grad-CAM.
 NAME_BY_METHOD: dict[int, str] = {

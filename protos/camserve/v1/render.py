@@ -3,7 +3,8 @@
 Shared by the server (overlay PNGs in responses) and the client SDK (overlays and panels), so
 both draw the same picture. Colormaps are 256-entry lookup tables computed here: jet from its
 piecewise-linear definition; viridis, inferno and turbo by linear interpolation between 17
-evenly spaced anchor colours taken from the published maps (within 7/255 of the originals).
+evenly spaced anchor colours taken from the published maps (within 7/255 of the originals);
+gray from black to white, for pixel attributions drawn as grayscale.
 """
 
 from __future__ import annotations
@@ -21,14 +22,16 @@ _ANCHORS = {
     "turbo": "30123b 4040a2 466be3 4294ff 28bceb 18ddc2 32f298 6dfe62 a4fc3c cdec34 eecf3a "
     "fdac34 fb7e21 eb500e d02f05 a91601 7a0403",
 }
-COLORMAPS = ("jet", "viridis", "inferno", "turbo")
+COLORMAPS = ("jet", "viridis", "inferno", "turbo", "gray")
 
 
 @functools.cache
 def colormap(name: str = "jet") -> np.ndarray:
     """The (256, 3) uint8 lookup table of colormap `name` (read-only)."""
     x = np.linspace(0.0, 1.0, 256)
-    if name == "jet":
+    if name == "gray":  # black to white: the usual picture of a saliency map
+        table = np.stack([x, x, x], axis=1)
+    elif name == "jet":
         # Each channel is a trapezoid: a quarter up, a quarter or more flat, a quarter down.
         table = np.stack([np.clip(1.5 - np.abs(4 * x - c), 0, 1) for c in (3, 2, 1)], axis=1)
     elif name in _ANCHORS:

@@ -4,6 +4,9 @@ model's batcher (`engine.jobs.FollowUpPlan`).
 - Methods made by rows after the pass (AblationCAM, ScoreCAM): a `ChannelPlan` over the
   request's results, one row per channel of the target layer per explained copy, in jobs of at
   most `max_batch_size` rows; rows after the layer run only the modules that follow it.
+- Pixel attributions made by rows after the pass (SmoothGrad, Integrated Gradients): a
+  `GradientPlan` over the request's results, rows with their gradient at the input in jobs of
+  at most the model's `max_gradient_rows`.
 - Scores: a `ScorePlan` over every map of the request (after the rows-after-the-pass maps are
   merged), built from the model inputs the explain pass staged on the device.
 
@@ -24,7 +27,9 @@ from camserve.server.engine import MapScores, RowResult, forward_rows, plan_from
 from camserve.server.engine.augment import IDENTITY_INDEX
 from camserve.server.engine.costs import explain_rows
 from camserve.server.engine.gradient_free import ChannelPlan
+from camserve.server.engine.gradient_rows import GradientJob, GradientPlan, SaliencyParams
 from camserve.server.engine.jobs import ForwardJob, chunk_sizes, tail_cost, waves
+from camserve.server.engine.registry import GRADIENT_ROW_COST
 from camserve.server.engine.scoring import ScorePlan
 from camserve.server.runtime import ModelRuntime
 from camserve.server.validation import ExplainPlan
@@ -33,14 +38,45 @@ from camserve.server.validation import ExplainPlan
 def request_cost(plan: ExplainPlan, tail_fraction: float, chunk: int) -> int:
     """The whole request's cost in forward passes, priced from its budget the way its plans'
     jobs will count it: explain rows, rows after the pass (those through the tail at its share,
-    per job of at most `chunk` rows) and score rows."""
+    per job of at most `chunk` rows; those with their input gradient at `GRADIENT_ROW_COST`)
+    and score rows."""
     budget = plan.budget
     tail_jobs = sum(tail_cost(rows, tail_fraction) for rows in chunk_sizes(budget.channels, chunk))
-    per_copy = 1 + budget.tail_methods * tail_jobs + budget.model_methods * budget.channels
+    per_copy = explain_row_cost(plan) + budget.tail_methods * tail_jobs
+    per_copy += budget.model_methods * budget.channels + GRADIENT_ROW_COST * budget.gradient_rows
     total = explain_rows(plan.aug_smooth) * per_copy * len(plan.targets)
     if plan.scores:
         total += forward_rows(plan.scores, budget.maps, plan.score_steps)
     return total
+
+
+def explain_row_cost(plan: ExplainPlan) -> int:
+    """One explain row's cost: `GRADIENT_ROW_COST` when it takes the gradient at the input."""
+    return GRADIENT_ROW_COST if plan.budget.input_gradient else 1
+
+
+def gradient_plan(
+    results: Sequence[RowResult],
+    plan: ExplainPlan,
+    chunk: int,
+    mean: tuple[float, ...],
+    std: tuple[float, ...],
+) -> GradientPlan:
+    """The plan of the request's SmoothGrad and Integrated Gradients maps."""
+    options = plan.pixel
+    params = SaliencyParams(
+        samples=options.samples,
+        noise=options.noise,
+        seed=options.seed,
+        steps=options.steps,
+        quadrature=options.quadrature,
+        baseline=options.baseline,
+        reduction=options.reduction,
+        mean=mean,
+        std=std,
+    )
+    methods = [plan.methods] * len(results)
+    return GradientPlan(results, methods, params, raw=plan.output.raw, chunk=chunk)
 
 
 def channel_plan(
@@ -90,7 +126,7 @@ def scores_by_image(
 
 async def submit_in_waves(
     runtime: ModelRuntime,
-    jobs: list[ForwardJob],
+    jobs: Sequence[ForwardJob | GradientJob],
     deadline: float | None,
     reservation: Reservation,
     wave_cost: int,

@@ -56,6 +56,8 @@ def _heatmap(result: HeatmapResult) -> HeatmapPart:
         setattr(tail, name, value)  # each score's field has its (engine) name
     for name, curve in result.curves.items():
         getattr(tail, CURVE_FIELDS[name]).extend(curve)
+    if result.convergence_delta is not None:
+        tail.convergence_delta = result.convergence_delta
     return HeatmapPart(head, tensor, payload, tail)
 
 

@@ -2,7 +2,9 @@
 
 Runs on CPU worker threads after the batch, so upsampling to large originals and PNG encoding
 never hold up the engine. Heatmaps follow one normalisation rule at every resolution (see
-`shape_heatmaps`), the overlay too.
+`shape_heatmaps`), the overlay too. Pixel attributions' maps are at the input's resolution (so
+also "at the feature map's"); their display normalisation may clip at the 99th percentile
+first, and raw they are the unreduced 3xHxW attributions at the input's resolution.
 """
 
 from __future__ import annotations
@@ -10,10 +12,13 @@ from __future__ import annotations
 import io
 from collections.abc import Mapping
 
+import numpy as np
 import torch
 
 from camserve.server.engine import MapScores, RowResult
+from camserve.server.engine.gradient_rows import delta_kind
 from camserve.server.engine.shaping import shape_heatmaps
+from camserve.server.engine.types import attribution_kind
 from camserve.server.inspect_outputs import shape_inspection
 from camserve.server.metrics import StageClock, untimed
 from camserve.server.preprocess import PreparedImage
@@ -74,6 +79,57 @@ def _curves(scores: MapScores | None) -> dict[str, tuple[float, ...]]:
     return {name: curve.probabilities for name, curve in curves.items() if curve is not None}
 
 
+def _display(raw: torch.Tensor, normalisation: str) -> torch.Tensor:
+    """Pixel maps (K, H, W) ready for min-max normalisation: clipped at each map's 99th
+    percentile first for `percentile_99` (PAIR's display), as they are for min-max."""
+    if normalisation != "percentile_99" or raw.numel() == 0:
+        return raw
+    ceiling = torch.quantile(raw.flatten(1), 0.99, dim=1)
+    return torch.minimum(raw, ceiling[:, None, None])
+
+
+def _attribution(result: RowResult, method: str, cls: int, dtype: int) -> np.ndarray:
+    """A pixel method's unreduced (3, H, W) attribution at the input's resolution."""
+    k = result.classes.index(cls)
+    values = result.outputs[attribution_kind(method)][k].float()
+    return values.to(torch.float16).numpy() if dtype == pb.DTYPE_FLOAT16 else values.numpy()
+
+
+def _shaped(
+    result: RowResult,
+    keys: list[tuple[str, int]],
+    prepared: PreparedImage,
+    plan: ExplainPlan,
+    meta: ModelMeta,
+) -> tuple[dict[tuple[str, int], np.ndarray], torch.Tensor]:
+    """Every heatmap by key, and the first one's map as the overlay draws it. CAMs and pixel
+    maps are shaped apart (their raw maps differ in size); raw pixel maps are attributions."""
+    pixel = [key for key in keys if meta.method_info[key[0]].pixel]
+    cams = [key for key in keys if not meta.method_info[key[0]].pixel]
+    found: dict[tuple[str, int], np.ndarray] = {}
+    first: torch.Tensor | None = None
+    if cams:
+        raw = torch.stack([result.maps[key] for key in cams]).float()
+        found.update(zip(cams, _shape(raw, prepared, plan.output), strict=True))
+        first = raw[0] if keys[0] in cams else None
+    if pixel and plan.output.raw:
+        found.update({key: _attribution(result, *key, plan.output.dtype) for key in pixel})
+    if pixel:
+        maps = _display(
+            torch.stack([result.maps[key] for key in pixel]).float(), plan.pixel.normalisation
+        )
+        if not plan.output.raw:
+            found.update(zip(pixel, _shape(maps, prepared, plan.output), strict=True))
+        first = maps[0] if keys[0] in pixel else first
+    assert first is not None, "a request explains at least one map"
+    return found, first
+
+
+def _delta(result: RowResult, method: str, cls: int) -> float | None:
+    deltas = result.outputs.get(delta_kind(method))
+    return None if deltas is None else float(deltas[result.classes.index(cls)])
+
+
 def explain_image(
     result: RowResult,
     prepared: PreparedImage,
@@ -93,24 +149,25 @@ def explain_image(
         if not plan.inspect.heatmaps:
             return ImageExplanation((), (), b"", features, gates)
         keys = [(method, cls) for cls in result.classes for method in plan.methods]
-        raw = torch.stack([result.maps[key] for key in keys]).float()
+        shaped, first = _shaped(result, keys, prepared, plan, meta)
         heatmaps = tuple(
             HeatmapResult(
                 method=method,
                 class_index=cls,
                 class_label=meta.labels[cls],
                 layer=result.layer,
-                data=data,
+                data=shaped[(method, cls)],
                 scores=scores[(method, cls)].values() if (method, cls) in scores else {},
                 curves=_curves(scores.get((method, cls))) if plan.score_curves else {},
+                convergence_delta=_delta(result, method, cls),
             )
-            for (method, cls), data in zip(keys, _shape(raw, prepared, plan.output), strict=True)
+            for method, cls in keys
         )
         predictions = _predictions(result, plan.top_predictions, meta)
     overlay = b""
     if plan.output.overlay:
         with timed("overlay"):
-            overlay = _overlay_png(prepared, raw[0])
+            overlay = _overlay_png(prepared, first)
     return ImageExplanation(
         predictions=predictions,
         heatmaps=heatmaps,

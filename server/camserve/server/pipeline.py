@@ -34,8 +34,10 @@ from camserve.server.engine import (
 from camserve.server.engine.costs import explain_rows
 from camserve.server.engine.registry import pass_methods
 from camserve.server.engine.shaping import output_bytes
+from camserve.server.engine.types import ATTRIBUTIONS
 from camserve.server.errors import InvalidRequest, ModelNotFound, Unavailable
 from camserve.server.faults import service_error
+from camserve.server.followups import explain_row_cost
 from camserve.server.inspect_outputs import row_inspection, shaping_bytes
 from camserve.server.kernels import KernelCatalogue, KernelQuery, KernelView
 from camserve.server.metrics import Metrics, StageClock, untimed
@@ -99,18 +101,26 @@ def check_allocation(
     """Refuses, before compute, a request whose heatmaps would take more than `limit` bytes to
     shape (every intermediate counted, see `output_bytes`)."""
     _, feature_h, feature_w = meta.layer_shapes[plan.layer]
+    crop = meta.recipe.crop
     output = plan.output
     total = 0
-    for maps, item in zip(plan.budget.maps_per_image, prepared, strict=True):
-        total += output_bytes(
-            item.geometry,
-            RESOLUTION_NAMES[output.resolution],
-            output.size,
-            dtype_name(output.dtype),
-            maps,
-            (feature_h, feature_w),
-            overlay=output.overlay,
-        )
+    pixel_maps = plan.budget.pixel_maps_per_image or (0,) * len(prepared)
+    for maps, pixel, item in zip(plan.budget.maps_per_image, pixel_maps, prepared, strict=True):
+        # Pixel maps are at the input's resolution (3xHxW when raw) wherever a CAM is at the
+        # layer's.
+        for count, feature_hw in (
+            (maps - pixel, (feature_h, feature_w)),
+            (pixel * (3 if output.raw else 1), (crop, crop)),
+        ):
+            total += output_bytes(
+                item.geometry,
+                RESOLUTION_NAMES[output.resolution],
+                output.size,
+                dtype_name(output.dtype),
+                count,
+                feature_hw,
+                overlay=output.overlay and count == maps - pixel,
+            )
         total += shaping_bytes(plan.inspect, item.geometry, meta)
     if total > limit:
         raise InvalidRequest(
@@ -122,6 +132,11 @@ def check_allocation(
 
 def _gradient_free(plan: ExplainPlan) -> bool:
     return plan.budget.rows_after_pass
+
+
+def _keeps_input(plan: ExplainPlan) -> bool:
+    """Whether rows after the pass need the explain row's activations or staged input."""
+    return _gradient_free(plan) or bool(plan.scores) or bool(plan.budget.gradient_rows)
 
 
 async def _tail_fraction(runtime: ModelRuntime, plan: ExplainPlan) -> float:
@@ -266,8 +281,8 @@ class ExplainPipeline:
     async def _cost(self, runtime: ModelRuntime, meta: ModelMeta, plan: ExplainPlan) -> int:
         """The request's cost in forward passes: its images, plus the rows of gradient-free
         methods and scores when it asks for them."""
-        if not plan.scores and not _gradient_free(plan):
-            return len(plan.targets) * explain_rows(plan.aug_smooth)
+        if not _keeps_input(plan):
+            return len(plan.targets) * explain_rows(plan.aug_smooth) * explain_row_cost(plan)
         try:
             fraction = await _tail_fraction(runtime, plan)
         except Exception as exc:  # noqa: BLE001 - e.g. a layer the tail cannot be measured at
@@ -290,6 +305,10 @@ class ExplainPipeline:
         no_scores: list[dict[tuple[str, int], MapScores]] = [{} for _ in results]
         try:
             inputs = followups.staged_inputs(results) if plan.scores else []
+            if plan.budget.gradient_rows:
+                results = await self._gradient_rows(
+                    runtime, meta, plan, results, deadline, reservation
+                )
             if _gradient_free(plan):
                 fraction = await _tail_fraction(runtime, plan)
                 input_hw = (meta.recipe.crop, meta.recipe.crop)
@@ -301,7 +320,7 @@ class ExplainPipeline:
                 )
                 results = await runtime.on_worker(channels.finish)
             if not plan.scores:
-                return results, no_scores
+                return [dataclasses.replace(r, retained=()) for r in results], no_scores
             scored, keys = await runtime.on_worker(
                 followups.score_plan, inputs, results, plan, chunk
             )
@@ -310,6 +329,25 @@ class ExplainPipeline:
         except Exception as exc:  # noqa: BLE001 - every failure leaves as a domain error
             raise service_error(exc, runtime.spec.name) from None
         return [dataclasses.replace(r, retained=()) for r in results], scores
+
+    @staticmethod
+    async def _gradient_rows(
+        runtime: ModelRuntime,
+        meta: ModelMeta,
+        plan: ExplainPlan,
+        results: list[RowResult],
+        deadline: float | None,
+        reservation: Reservation,
+    ) -> list[RowResult]:
+        """SmoothGrad's and IG's rows, in jobs of at most the model's `max_gradient_rows`."""
+        recipe = meta.recipe
+        chunk = runtime.spec.max_gradient_rows
+        rows = await runtime.on_worker(
+            followups.gradient_plan, results, plan, chunk, recipe.mean, recipe.std
+        )
+        jobs = rows.jobs()
+        await followups.submit_in_waves(runtime, jobs, deadline, reservation, meta.max_batch_size)
+        return await runtime.on_worker(rows.finish)
 
     async def _prepare(
         self,
@@ -369,8 +407,11 @@ class ExplainPipeline:
                     top_k=target.top_k,
                     eigen_smooth=plan.eigen_smooth,
                     aug_smooth=plan.aug_smooth,
-                    # Rows after the pass need the activations; scores, the staged input.
-                    keep_activations=_gradient_free(plan) or bool(plan.scores),
+                    # Rows after the pass need the activations; scores and gradient rows, the
+                    # staged input.
+                    keep_activations=_keeps_input(plan),
+                    outputs=(ATTRIBUTIONS,) if plan.output.raw and plan.budget.pixel_maps else (),
+                    reduction=plan.pixel.reduction,
                     inspection=inspection,
                 ),
             )

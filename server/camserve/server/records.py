@@ -59,6 +59,9 @@ class MethodInfo:
     layouts: frozenset[str]  # the layer layouts it accepts (`LayerSpec.layout`)
     channel_rows: bool = False  # whether it adds a row per channel of the layer after the pass
     through_tail: bool = False  # whether those rows run only the modules after the layer
+    pixel: bool = False  # a pixel attribution: maps at the input's resolution, 3xHxW when raw
+    input_gradient: bool = False  # whether its explain row takes the gradient at the input
+    gradient_rows: str = ""  # "noise" (SmoothGrad) or "path" (IG): gradient rows after the pass
 
 
 @dataclass(frozen=True)
@@ -97,6 +100,9 @@ class ModelMeta:
     methods: tuple[MethodInfo, ...] = ()  # every method of the registry, in wire order
     conv_layers: tuple[ConvLayer, ...] = ()  # every Conv2d, in module order (kernels)
     gates: tuple[GateSpec, ...] = ()  # attention gates, in the order they run
+    # Methods of the registry this model is not offered, with the reason (the guided methods on
+    # a model whose nonlinearities they do not control).
+    refused: Mapping[str, str] = field(default_factory=dict)
 
     @functools.cached_property
     def layer_names(self) -> frozenset[str]:
@@ -155,6 +161,7 @@ class HeatmapResult:
     data: np.ndarray
     scores: Mapping[str, float] = field(default_factory=dict)
     curves: Mapping[str, tuple[float, ...]] = field(default_factory=dict)
+    convergence_delta: float | None = None  # Integrated Gradients only
 
 
 @dataclass(frozen=True)

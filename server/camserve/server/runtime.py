@@ -30,15 +30,20 @@ import torch
 from camserve.server.batcher import BatchInfo, DynamicBatcher, Reservation
 from camserve.server.engine import (
     BY_NAME,
-    PASS_METHODS,
     CamEngine,
     ModelFault,
     RowRequest,
     RowResult,
 )
 from camserve.server.engine.gates import find_gates
+from camserve.server.engine.gradient_rows import GradientJob, run_gradient_jobs
 from camserve.server.engine.jobs import ForwardJob, run_forward
 from camserve.server.engine.kernels import conv_layers, conv_weights
+from camserve.server.engine.registry import (
+    GUIDED_METHODS,
+    PASS_METHODS,
+    UNGUIDED_PIXEL_METHODS,
+)
 from camserve.server.faults import checked_row
 from camserve.server.health import HealthTracker
 from camserve.server.metrics import Metrics
@@ -52,7 +57,7 @@ from camserve.server.models.loading import (
 from camserve.server.records import InputRecipe, MethodInfo, ModelMeta
 from camserve.server.settings import ModelSettings
 from camserve.server.staging import InputStager
-from camserve.server.work import ImageJob, WorkItem, item_cost
+from camserve.server.work import ImageJob, WorkItem, item_cost, passes
 
 log = logging.getLogger("camserve.runtime")
 T = TypeVar("T")
@@ -209,7 +214,10 @@ class ModelRuntime:
         return computed
 
     async def run(
-        self, jobs: list[ForwardJob], deadline: float | None, reservation: Reservation | None
+        self,
+        jobs: list[ForwardJob | GradientJob],
+        deadline: float | None,
+        reservation: Reservation | None,
     ) -> float:
         """Queues forward-only jobs together and waits until each has recorded its logits;
         returns the compute seconds of the slowest batch they ran in."""
@@ -299,10 +307,16 @@ class ModelRuntime:
         started = time.monotonic()
         images = [job for job in jobs if isinstance(job, ImageJob)]
         forward = [job for job in jobs if isinstance(job, ForwardJob)]
+        gradients = [job for job in jobs if isinstance(job, GradientJob)]
         try:
             with self._metrics.cpu_time(self.spec.name, "compute"):
                 explained = iter(self._explain(images))
-                faulted = run_forward(self._engine, forward)
+                faulted: dict[ForwardJob | GradientJob, ModelFault] = {}
+                for ran in (
+                    run_forward(self._engine, forward),
+                    run_gradient_jobs(self._engine, gradients, self.spec.max_gradient_rows),
+                ):
+                    faulted.update(ran.items())
         except Exception as exc:  # noqa: BLE001 - isolated by the caller, reported per item
             return _detached(exc)
         seconds = time.monotonic() - started
@@ -319,7 +333,17 @@ class ModelRuntime:
         return outcomes
 
     def _explain(self, jobs: list[ImageJob]) -> list[RowResult | ModelFault]:
-        """Each job's result, or the fault of a row whose outputs are not finite."""
+        """Each job's result, or the fault of a row whose outputs are not finite. Rows taking
+        their gradient at the input run apart, in passes of at most `max_gradient_rows`."""
+        found: dict[int, RowResult | ModelFault] = {}
+        for part in passes(jobs, self.spec.max_gradient_rows):
+            for index, result in zip(
+                part, self._explain_pass([jobs[i] for i in part]), strict=True
+            ):
+                found[index] = result
+        return [found[i] for i in range(len(jobs))]
+
+    def _explain_pass(self, jobs: list[ImageJob]) -> list[RowResult | ModelFault]:
         if not jobs:
             return []
         assert self._engine is not None
@@ -340,6 +364,12 @@ def _detached(exc: BaseException) -> BaseException:
     return exc
 
 
+def _gradient_path(method: str) -> str:
+    """ "noise" or "path" for a method made by gradient rows after the pass, else ""."""
+    pixel = BY_NAME[method].pixel
+    return pixel.path if pixel is not None else ""
+
+
 def _read_meta(
     spec: ModelSettings, engine: CamEngine, device: str, recipe: InputRecipe
 ) -> ModelMeta:
@@ -358,6 +388,8 @@ def _read_meta(
     except ValueError as exc:
         raise ModelLoadError(f"model {spec.name!r}: {exc}") from None
     costs = engine.method_costs(default_layer, size)
+    nonlinearities = engine.nonlinearities(size)
+    refused = {m: nonlinearities.refusal(m, UNGUIDED_PIXEL_METHODS) for m in GUIDED_METHODS}
     return ModelMeta(
         name=spec.name,
         version=spec.version,
@@ -373,11 +405,16 @@ def _read_meta(
                 cost.rows,
                 cost.forward_passes,
                 BY_NAME[method].layouts,
-                channel_rows=not BY_NAME[method].produces.from_pass,
+                channel_rows=BY_NAME[method].rows is not None,
                 through_tail=BY_NAME[method].runs_tail,
+                pixel=BY_NAME[method].pixel is not None,
+                input_gradient=bool(BY_NAME[method].input_gradient),
+                gradient_rows=_gradient_path(method),
             )
             for method, cost in costs.items()
+            if refused.get(method) is None
         ),
+        refused={m: reason for m, reason in refused.items() if reason is not None},
         max_batch_size=spec.max_batch_size,
         conv_layers=conv_layers(engine.model),
         gates=find_gates(engine.model, size),

@@ -59,6 +59,9 @@ class ModelSettings:
     max_batch_size: int = 32
     max_delay_ms: float = 5.0
     max_queue: int = 256
+    # Rows per pass whose gradient at the input is taken (pixel attributions, SmoothGrad's copies,
+    # IG's points): they keep the whole network's activations, so they get their own bound.
+    max_gradient_rows: int = 16
     # Health: this many batches in a row that fail with a fault turn the model NOT_SERVING; while
     # failing it is probed with one image every health_probe_s (0 = only requests bring it back).
     failing_after: int = 3
@@ -87,7 +90,7 @@ class ModelSettings:
             len(self.mean) != 3 or len(self.std) != 3 or any(s <= 0 for s in self.std)
         ):
             raise SettingsError(f"{where}: mean and std need 3 values each, std > 0")
-        for key in ("max_batch_size", "max_queue", "failing_after"):
+        for key in ("max_batch_size", "max_queue", "failing_after", "max_gradient_rows"):
             if getattr(self, key) < 1:
                 raise SettingsError(f"{where}.{key} must be at least 1")
         if self.crop is not None and self.crop < 1:
@@ -153,6 +156,9 @@ class LimitsSettings:
     # Steps of a deletion or insertion curve a request may ask for (output.score_steps): each step
     # is a forward row per map and curve, so this bounds what one scored map can cost.
     max_score_steps: int = ENGINE_MAX_SCORE_STEPS
+    # SmoothGrad's copies and Integrated Gradients' steps a request may ask for per image: each
+    # is a row with its gradient at the input (saliency.samples, saliency.steps).
+    max_saliency_rows: int = 200
     max_kernel_tiles: int = 1024  # tiles on one page of a kernel grid (GetKernels)
     max_kernel_tile_size: int = 128  # pixels per side of one kernel tile
     # Feature maps in an explain request: layers per request, and channels returned per layer.
@@ -170,6 +176,7 @@ class LimitsSettings:
             "max_output_pixels",
             "max_concurrent_streams",
             "max_top_k",
+            "max_saliency_rows",
             "max_kernel_tiles",
             "max_kernel_tile_size",
             "max_feature_layers",

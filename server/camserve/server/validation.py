@@ -13,6 +13,13 @@ from typing import TYPE_CHECKING
 
 from camserve.server.errors import InvalidRequest
 from camserve.server.inspect_plan import InspectPlan, inspect_plan, wire_bytes
+from camserve.server.pixel_options import (
+    PixelOptionError,
+    PixelOptions,
+    check_pixel_methods,
+    gradient_rows,
+    pixel_options,
+)
 from camserve.server.records import ArrayImage, EncodedImage, ImageSource, ModelMeta
 from camserve.server.settings import LimitsSettings
 from camserve.v1 import explain_pb2 as pb
@@ -68,6 +75,12 @@ class RequestBudget:
     channels: int = 0  # of the target layer
     tail_methods: int = 0  # methods whose rows run only the modules after the layer
     model_methods: int = 0  # methods whose rows run the whole model
+    # Pixel attributions: their maps per image (at the input's resolution, 3xHxW when raw),
+    # whether the explain row takes the gradient at the input, and the rows with their input
+    # gradient after the pass per image (SmoothGrad's copies, IG's points and baseline).
+    pixel_maps_per_image: tuple[int, ...] = ()
+    input_gradient: bool = False
+    gradient_rows: int = 0
 
     @property
     def maps(self) -> int:
@@ -78,20 +91,35 @@ class RequestBudget:
         return 1 + self.channels * (self.tail_methods + self.model_methods)
 
     @property
+    def pixel_maps(self) -> int:
+        return sum(self.pixel_maps_per_image)
+
+    @property
     def rows_after_pass(self) -> bool:
         return bool(self.tail_methods or self.model_methods)
 
 
 def budget_of(
-    targets: Sequence[ImageTarget], methods: tuple[str, ...], layer: str, meta: ModelMeta
+    targets: Sequence[ImageTarget],
+    methods: tuple[str, ...],
+    layer: str,
+    meta: ModelMeta,
+    pixel: PixelOptions | None = None,
 ) -> RequestBudget:
     """The budget of explaining `targets` with `methods` at `layer` of the model."""
     offered = [meta.method_info[name] for name in methods]
+    classes = [len(t.classes) or t.top_k for t in targets]
+    pixel_methods = sum(m.pixel for m in offered)
     return RequestBudget(
-        maps_per_image=tuple((len(t.classes) or t.top_k) * len(methods) for t in targets),
+        maps_per_image=tuple(count * len(methods) for count in classes),
         channels=meta.layer_shapes[layer][0],
         tail_methods=sum(m.channel_rows and m.through_tail for m in offered),
         model_methods=sum(m.channel_rows and not m.through_tail for m in offered),
+        pixel_maps_per_image=tuple(count * pixel_methods for count in classes)
+        if pixel_methods
+        else (),
+        input_gradient=any(m.input_gradient for m in offered),
+        gradient_rows=gradient_rows(methods, meta, pixel or PixelOptions()),
     )
 
 
@@ -111,6 +139,7 @@ class ExplainPlan:
     scores: tuple[str, ...] = ()
     score_steps: int = DEFAULT_SCORE_STEPS
     score_curves: bool = False
+    pixel: PixelOptions = PixelOptions()  # the pixel attributions' options
     budget: RequestBudget = RequestBudget(())  # set by `validate`
     inspect: InspectPlan = InspectPlan()  # feature maps and gate values (`inspect_plan`)
 
@@ -146,6 +175,8 @@ def _methods(request: pb.ExplainRequest, meta: ModelMeta) -> tuple[str, ...]:
         request.methods, "methods", "method", NAME_BY_METHOD, METHOD_BY_NAME, pb.Method.Name
     )
     for name in methods:
+        if name in meta.refused:
+            raise RequestError(f"methods: {meta.refused[name]}")
         if name not in meta.method_info:
             raise RequestError(
                 f"methods: model {meta.name!r} does not offer {name}; it offers "
@@ -299,8 +330,16 @@ _DTYPE_BYTES: dict[int, int] = {pb.DTYPE_FLOAT32: 4, pb.DTYPE_FLOAT16: 2, pb.DTY
 RESPONSE_OVERHEAD = 64 * 1024  # predictions, labels, framing: generous
 
 
-def _heatmap_pixels(plan: ExplainPlan, geometry: Geometry, meta: ModelMeta) -> int:
+def _heatmap_pixels(
+    plan: ExplainPlan, geometry: Geometry, meta: ModelMeta, pixel: bool = False
+) -> int:
+    """One heatmap's pixels; a pixel attribution's is at the input's resolution at the feature
+    map's, and raw it is the 3xHxW attribution at the input's resolution."""
     output = plan.output
+    if pixel and output.raw:
+        return 3 * meta.recipe.crop * meta.recipe.crop
+    if pixel and output.resolution == pb.RESOLUTION_FEATURE_MAP:
+        return meta.recipe.crop * meta.recipe.crop
     if output.resolution == pb.RESOLUTION_EXPLICIT and output.size is not None:
         return output.size[0] * output.size[1]
     if output.resolution == pb.RESOLUTION_INPUT:
@@ -328,8 +367,13 @@ def check_response_size(
     itemsize = _DTYPE_BYTES[plan.output.dtype]
     per_map_extra = _score_bytes(plan)
     total = RESPONSE_OVERHEAD
-    for maps, geometry in zip(plan.budget.maps_per_image, geometries, strict=True):
-        total += maps * (_heatmap_pixels(plan, geometry, meta) * itemsize + per_map_extra)
+    pixel_maps = plan.budget.pixel_maps_per_image or (0,) * len(geometries)
+    for maps, pixel, geometry in zip(
+        plan.budget.maps_per_image, pixel_maps, geometries, strict=True
+    ):
+        total += (maps - pixel) * (_heatmap_pixels(plan, geometry, meta) * itemsize)
+        total += pixel * (_heatmap_pixels(plan, geometry, meta, pixel=True) * itemsize)
+        total += maps * per_map_extra
         total += wire_bytes(plan.inspect, geometry, meta)
         if plan.output.overlay:
             total += geometry.original_hw[0] * geometry.original_hw[1] * 3  # PNG, worst case
@@ -390,6 +434,11 @@ def validate(request: pb.ExplainRequest, meta: ModelMeta, limits: LimitsSettings
     output = _output(request.output, limits)
     scores = _scores(request.output, meta, limits)
     _check_smoothing(request)
+    try:
+        check_pixel_methods(methods, meta, request.aug_smooth)
+        pixel = pixel_options(request.pixel_attribution, limits)
+    except PixelOptionError as exc:
+        raise RequestError(str(exc)) from None
     return ExplainPlan(
         layer=layer,
         methods=methods,
@@ -401,7 +450,8 @@ def validate(request: pb.ExplainRequest, meta: ModelMeta, limits: LimitsSettings
         scores=scores.names,
         score_steps=scores.steps,
         score_curves=scores.curves,
-        budget=budget_of(targets, methods, layer, meta),
+        pixel=pixel,
+        budget=budget_of(targets, methods, layer, meta, pixel),
         inspect=inspect,
     )
 

@@ -11,6 +11,12 @@ normalisation rule at every resolution). The methods made by forward-only rows a
 (`ROW_METHODS`: AblationCAM, ScoreCAM) are run by `gradient_free`. `costs` says what each method
 weighs.
 
+Pixel attributions (`saliency`, `input_x_gradient`, `guided_backprop`, `guided_gradcam`: made by
+the same pass, which then also differentiates its input, `input_pass`; `smoothgrad` and
+`integrated_gradients`: rows with their input gradient after it, `gradient_rows`) give maps at
+the input's resolution (`saliency` has their arithmetic). The guided ones apply only to models
+whose nonlinearities are all ReLU or ReLU6 (`activations`, `CamEngine.nonlinearities`).
+
 Target layers (`CamEngine.layers`) are the modules that run exactly once per forward pass and
 output one map per image: an NCHW or NHWC feature map, or a vision transformer's token sequence
 (N, P + h * w, C) whose P prefix tokens (class, distillation, register) are dropped and whose

@@ -28,13 +28,15 @@ import torch
 from torch import nn
 
 from camserve.server.engine import augment, transfer
+from camserve.server.engine.activations import Nonlinearities
 from camserve.server.engine.costs import MethodCost, method_cost
 from camserve.server.engine.explain_pass import ExplainPass
 from camserve.server.engine.facts import ModelFacts, check_logits
+from camserve.server.engine.gradient_rows import SaliencyParams
 from camserve.server.engine.layers import probe_input
 from camserve.server.engine.layouts import LayoutHints, declared_hints
 from camserve.server.engine.placement import GRAD_SCALES, PRECISIONS, Placement
-from camserve.server.engine.registry import NAMES, REGISTRY
+from camserve.server.engine.registry import BY_NAME, NAMES, REGISTRY
 from camserve.server.engine.rows import (
     check_activations,
     check_batch,
@@ -218,7 +220,8 @@ class CamEngine:
     def method_costs(
         self, layer: str, input_size: tuple[int, int], *, aug_smooth: bool = False
     ) -> dict[str, MethodCost]:
-        """Every method's cost per image at `layer` (`camserve.server.engine.costs`).
+        """Every method's cost per image at `layer` (`camserve.server.engine.costs`), SmoothGrad's
+        and Integrated Gradients' at their default copies and steps.
 
         The tail is measured (a trace and a FLOP count) only when a method that runs it can
         explain the layer's layout; otherwise its rows are priced as whole forward passes.
@@ -229,12 +232,25 @@ class CamEngine:
         runs_tail = any(m.runs_tail and m.accepts(spec.layout) for m in REGISTRY)
         fraction = self.tail_fraction(layer, input_size) if runs_tail else 1.0
         channels = spec.shape[0]
+        defaults = SaliencyParams()
         return {
             method: method_cost(
-                method, channels=channels, tail_fraction=fraction, aug_smooth=aug_smooth
+                method,
+                channels=channels,
+                tail_fraction=fraction,
+                aug_smooth=aug_smooth,
+                gradient_rows=defaults.rows(BY_NAME[method]),
             )
             for method in NAMES
         }
+
+    def nonlinearities(self, input_size: tuple[int, int]) -> Nonlinearities:
+        """How the model writes its nonlinearities, which decides whether the guided methods
+        apply (`camserve.server.engine.activations`); one probe forward, cached."""
+        input_hw = _check_input_size(input_size)
+        with self._lock, MODEL_CALLS.running():
+            self._facts.check_state()
+            return self._pass.nonlinearities(input_hw)
 
     def _tail(self, layer: str, input_hw: tuple[int, int]) -> Tail:
         """`layer`'s tail at `input_hw` (`camserve.server.engine.tail.Tails`)."""

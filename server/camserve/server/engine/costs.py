@@ -10,15 +10,21 @@ method needs is stated by its `registry` entry):
   forward pass (`CamEngine.tail_fraction`; 1.0 when the model cannot be split there);
 - ScoreCAM: masked copies of the input through the whole model, one forward pass each.
 
+Pixel attributions differentiate the whole network down to the input: their explain row costs
+`GRADIENT_ROW_COST` forward passes (the backward computes activation gradients only, about a
+forward's work), and SmoothGrad and Integrated Gradients add that much per copy or point (and
+IG's baseline row), `gradient_rows` of them per image.
+
 aug_smooth multiplies everything by the six augmented copies of each image.
 """
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 from camserve.server.engine.augment import AUGMENTATIONS
-from camserve.server.engine.registry import method
+from camserve.server.engine.registry import BY_NAME, GRADIENT_ROW_COST, method
 from camserve.server.engine.types import EngineError
 
 
@@ -41,17 +47,28 @@ def explain_rows(aug_smooth: bool) -> int:
     return len(AUGMENTATIONS) if aug_smooth else 1
 
 
+def row_cost(methods: Sequence[str]) -> int:
+    """What one explain row of these methods costs in forward passes: 1, or
+    `GRADIENT_ROW_COST` when the pass takes the gradient at the input for one of them."""
+    return GRADIENT_ROW_COST if any(BY_NAME[m].input_gradient for m in methods) else 1
+
+
 def method_cost(
-    name: str, *, channels: int, tail_fraction: float, aug_smooth: bool = False
+    name: str,
+    *,
+    channels: int,
+    tail_fraction: float,
+    aug_smooth: bool = False,
+    gradient_rows: int = 0,
 ) -> MethodCost:
-    """The cost of method `name` per image at a layer with `channels` channels."""
+    """The cost of method `name` per image at a layer with `channels` channels; a method made
+    by gradient rows after the pass takes `gradient_rows` of them."""
     if channels < 1:
         raise EngineError(f"channels must be >= 1, got {channels}")
     if not 0.0 <= tail_fraction <= 1.0:
         raise EngineError(f"tail_fraction must be in [0, 1], got {tail_fraction}")
     copies = explain_rows(aug_smooth)
     entry = method(name)
-    rows = entry.rows_per_copy(channels)
-    return MethodCost(
-        copies, copies * (rows - 1), copies * entry.cost_per_copy(channels, tail_fraction)
-    )
+    rows = entry.rows_per_copy(channels, gradient_rows)
+    passes = entry.cost_per_copy(channels, tail_fraction, gradient_rows)
+    return MethodCost(copies, copies * (rows - 1), copies * passes)

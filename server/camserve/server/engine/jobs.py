@@ -117,13 +117,21 @@ def _image_of(job: ForwardJob) -> torch.Tensor:
     return job.image
 
 
+class _Costed(Protocol):
+    @property
+    def cost(self) -> int: ...
+
+
+J = TypeVar("J", bound=_Costed)
+
+
 def waves(
-    jobs: Sequence[ForwardJob], limit: int, size: Callable[[ForwardJob], int] = lambda j: j.cost
-) -> list[list[ForwardJob]]:
+    jobs: Sequence[J], limit: int, size: Callable[[J], int] = lambda j: j.cost
+) -> list[list[J]]:
     """The jobs in order, in waves whose `size` (default: cost) adds up to at most `limit`; a
     wave holds at least one job."""
-    found: list[list[ForwardJob]] = []
-    wave: list[ForwardJob] = []
+    found: list[list[J]] = []
+    wave: list[J] = []
     for job in jobs:
         if wave and sum(map(size, wave)) + size(job) > limit:
             found.append(wave)

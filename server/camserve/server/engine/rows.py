@@ -16,7 +16,8 @@ from dataclasses import dataclass
 
 import torch
 
-from camserve.server.engine.registry import BY_NAME, PASS_METHODS
+from camserve.server.engine.registry import BY_NAME, PASS_METHODS, PIXEL_PASS_METHODS
+from camserve.server.engine.saliency import REDUCTIONS
 from camserve.server.engine.types import EngineError, RowRequest
 
 
@@ -59,28 +60,46 @@ def check_row(index: int, row: RowRequest) -> None:
             f"{where}.layer must be a module name such as 'layer4', got {row.layer!r}; "
             "CamEngine.default_layer() gives a sensible one"
         )
+    _check_methods(where, row)
+    _check_classes(where, row)
+
+
+_BY_PASS = PASS_METHODS + PIXEL_PASS_METHODS
+
+
+def _check_methods(where: str, row: RowRequest) -> None:
     for flag in ("eigen_smooth", "aug_smooth", "keep_activations"):
         if not isinstance(getattr(row, flag), bool):
             raise EngineError(f"{where}.{flag} must be True or False, got {getattr(row, flag)!r}")
     if isinstance(row.methods, str) or not (row.methods or row.keep_activations or row.inspection):
         raise EngineError(
-            f"{where}.methods must be a non-empty tuple of method names from {PASS_METHODS} (empty "
+            f"{where}.methods must be a non-empty tuple of method names from {_BY_PASS} (empty "
             f"only with keep_activations=True or an inspection), got {row.methods!r}"
         )
     for method in row.methods:
         entry = BY_NAME.get(method) if isinstance(method, str) else None
         if entry is None:
-            raise EngineError(
-                f"{where}.methods: unknown method {method!r}; choose from {PASS_METHODS}"
-            )
+            raise EngineError(f"{where}.methods: unknown method {method!r}; choose from {_BY_PASS}")
         if not entry.produces.from_pass:
             raise EngineError(
                 f"{where}.methods: {method!r} needs {entry.produces.value}, run after the explain "
                 "pass; ask explain for keep_activations=True and run it with "
                 "camserve.server.engine.gradient_free (explain_all does both)"
             )
+    if row.reduction and row.reduction not in REDUCTIONS:
+        raise EngineError(
+            f"{where}.reduction must be one of {REDUCTIONS} or empty, got {row.reduction!r}"
+        )
+    if row.aug_smooth and any(BY_NAME[m].pixel is not None for m in row.methods):
+        raise EngineError(
+            f"{where}: aug_smooth averages layer maps; pixel attributions take no aug_smooth "
+            "(noisy copies after the pass are their smoothing)"
+        )
     if len(set(row.methods)) != len(row.methods):
         raise EngineError(f"{where}.methods lists a method twice: {row.methods!r}; list each once")
+
+
+def _check_classes(where: str, row: RowRequest) -> None:
     if isinstance(row.classes, (str, bytes)) or not all(_is_int(c) for c in row.classes):
         raise EngineError(
             f"{where}.classes must be a tuple of int class indices, got {row.classes!r}"
@@ -193,21 +212,28 @@ class MapGroup:
     method: str
     eigen_smooth: bool
     rows: tuple[int, ...]
+    reduction: str = ""  # pixel methods: the rows' channel reduction (empty: the method's own)
+
+
+def _options(row: RowRequest, method: str) -> tuple[bool, str]:
+    """What besides the method splits rows into groups: eigen_smooth, a pixel reduction."""
+    return row.eigen_smooth, row.reduction if BY_NAME[method].pixel is not None else ""
 
 
 def map_groups(rows: Sequence[RowRequest], layers: Sequence[str]) -> list[MapGroup]:
-    """Every (layer, method, eigen_smooth) some row asks for, with the rows that ask for it."""
+    """Every (layer, method, eigen_smooth, reduction) some row asks for, with its rows."""
     groups: list[MapGroup] = []
     for layer in layers:
         on_layer = [i for i, row in enumerate(rows) if row.layer == layer]
-        asked = dict.fromkeys((m, rows[i].eigen_smooth) for i in on_layer for m in rows[i].methods)
-        for method, eigen_smooth in asked:
+        asked = dict.fromkeys((m, *_options(rows[i], m)) for i in on_layer for m in rows[i].methods)
+        for method, eigen_smooth, reduction in asked:
             wanted = tuple(
                 i
                 for i in on_layer
-                if method in rows[i].methods and rows[i].eigen_smooth == eigen_smooth
+                if method in rows[i].methods
+                and _options(rows[i], method) == (eigen_smooth, reduction)
             )
-            groups.append(MapGroup(layer, method, eigen_smooth, wanted))
+            groups.append(MapGroup(layer, method, eigen_smooth, wanted, reduction))
     return groups
 
 

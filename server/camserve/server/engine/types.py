@@ -69,6 +69,16 @@ def gate_key(name: str) -> str:
     return f"gate/{name}"
 
 
+# Each pixel method's unreduced attributions (classes, 3, H, W), float32, under
+# `attribution_kind(method)` in `RowResult.outputs`.
+ATTRIBUTIONS = "attributions"
+
+
+def attribution_kind(method: str) -> str:
+    """The `RowResult.outputs` key of a pixel method's unreduced attributions."""
+    return f"{ATTRIBUTIONS}.{method}"
+
+
 class EngineError(ValueError):
     """A request the engine cannot serve; the message names the bad argument and the fix."""
 
@@ -98,9 +108,11 @@ class RowRequest:
     `camserve.server.engine.augment`); the maps then come back at input resolution.
     `keep_activations` hands back what gradient-free methods need (`RowResult.retained`); such a
     row may leave `methods` empty. `outputs` names what else the pass should send back for the
-    row, by kind (`ACTIVATIONS`), in `RowResult.outputs`. `inspection` asks for layers'
-    activations and gates' values (`Inspection`); a row with an inspection may leave `methods`
-    empty, and a batch of such rows alone runs forward only (`inspection`).
+    row, by kind (`ACTIVATIONS`, `ATTRIBUTIONS`), in `RowResult.outputs`. `inspection` asks for
+    layers' activations and gates' values (`Inspection`); a row with an inspection may leave
+    `methods` empty, and a batch of such rows alone runs forward only (`inspection`).
+    `reduction` names how pixel attributions become maps (`saliency.REDUCTIONS`; empty: each
+    method's own).
     """
 
     layer: str
@@ -112,6 +124,7 @@ class RowRequest:
     keep_activations: bool = False
     outputs: tuple[str, ...] = ()
     inspection: Inspection | None = None
+    reduction: str = ""
 
 
 @dataclass(frozen=True)
