@@ -289,3 +289,39 @@ async def test_the_http_api_takes_the_same_options(server: ServerThread) -> None
     assert found["channels"] == [0, 1, 2, 3]
     assert len(found["channel_means"]) == 64
     assert "predictions" not in answer["results"][0]
+
+
+async def test_feature_maps_and_pixel_attributions_share_a_batch_and_answer_as_alone(
+    server: ServerThread,
+) -> None:
+    asks: list[dict[str, Any]] = [
+        {"methods": ["saliency", "gradcam"], "feature_layers": ["layer1"], "channels": 3},
+        {"heatmaps": False, "feature_layers": ["layer2"], "channels": 4, "feature_raw": True},
+        {"methods": ["integrated_gradients"], "steps": 4, "feature_layers": ["layer3"]},
+        {"methods": ["guided_gradcam"], "feature_layers": ["layer4"], "channels": 2},
+    ]
+    async with AsyncClient(address=server.address) as client:
+        together = await asyncio.gather(
+            *(
+                client.explain(image, model="resnet18", **ask)
+                for image, ask in zip(INPUTS, asks, strict=True)
+            )
+        )
+        alone = [
+            await client.explain(image, model="resnet18", **ask)
+            for image, ask in zip(INPUTS, asks, strict=True)
+        ]
+    assert [answer.batch_size for answer in together] == [4] * 4
+    for mixed, single, ask in zip(together, alone, asks, strict=True):
+        assert mixed.heatmaps.keys() == single.heatmaps.keys()
+        assert len(mixed.heatmaps) == len(ask.get("methods", []))
+        for key, heatmap in mixed.heatmaps.items():
+            assert np.isfinite(heatmap).all()
+            np.testing.assert_allclose(heatmap, single.heatmaps[key], rtol=1e-4, atol=1e-4)
+        assert list(mixed.feature_maps) == ask["feature_layers"]
+        for layer, found in mixed.feature_maps.items():
+            assert found.channels == single.feature_maps[layer].channels
+            np.testing.assert_allclose(found.array, single.feature_maps[layer].array, **CLOSE)
+    assert len(together[2].convergence_delta) == 1
+    seen = hooked(seeded_model("resnet18"), ["layer2"], INPUTS[1])["layer2"]
+    np.testing.assert_allclose(together[1].feature_maps["layer2"].array, seen[:4], **CLOSE)
