@@ -78,6 +78,19 @@ def hooked(model: torch.nn.Module, names: Sequence[str], image: np.ndarray) -> d
     return seen
 
 
+async def together_and_alone(
+    server: ServerThread, asks: Sequence[dict[str, Any]]
+) -> tuple[list[Any], list[Any]]:
+    """Each ask with its image of INPUTS, sent at once (one batch), then one after another."""
+    async with AsyncClient(address=server.address) as client:
+        pairs = list(zip(INPUTS, asks, strict=True))
+        together = await asyncio.gather(
+            *(client.explain(image, model="resnet18", **ask) for image, ask in pairs)
+        )
+        alone = [await client.explain(image, model="resnet18", **ask) for image, ask in pairs]
+    return list(together), alone
+
+
 def test_feature_maps_equal_hooks_and_come_back_as_asked(server: ServerThread) -> None:
     layers = ["conv1", "bn1", "layer4"]  # bn1 is ReLU'd in place after it
     with Client(address=server.address) as client:
@@ -118,17 +131,7 @@ async def test_a_batch_mixing_feature_maps_and_plain_explains_answers_each_as_al
         {"heatmaps": False, "feature_layers": ["conv1"], "channel_selection": "top_mean"},
         {"heatmaps": False, "feature_layers": ["layer1"], "channels": [3, 60, 1]},
     ]
-    async with AsyncClient(address=server.address) as client:
-        together = await asyncio.gather(
-            *(
-                client.explain(image, model="resnet18", **ask)
-                for image, ask in zip(INPUTS, asks, strict=True)
-            )
-        )
-        alone = [
-            await client.explain(image, model="resnet18", **ask)
-            for image, ask in zip(INPUTS, asks, strict=True)
-        ]
+    together, alone = await together_and_alone(server, asks)
     assert [answer.batch_size for answer in together] == [4] * 4
     assert [answer.batch_size for answer in alone] == [1] * 4
     for mixed, single in zip(together, alone, strict=True):
@@ -300,17 +303,7 @@ async def test_feature_maps_and_pixel_attributions_share_a_batch_and_answer_as_a
         {"methods": ["integrated_gradients"], "steps": 4, "feature_layers": ["layer3"]},
         {"methods": ["guided_gradcam"], "feature_layers": ["layer4"], "channels": 2},
     ]
-    async with AsyncClient(address=server.address) as client:
-        together = await asyncio.gather(
-            *(
-                client.explain(image, model="resnet18", **ask)
-                for image, ask in zip(INPUTS, asks, strict=True)
-            )
-        )
-        alone = [
-            await client.explain(image, model="resnet18", **ask)
-            for image, ask in zip(INPUTS, asks, strict=True)
-        ]
+    together, alone = await together_and_alone(server, asks)
     assert [answer.batch_size for answer in together] == [4] * 4
     for mixed, single, ask in zip(together, alone, asks, strict=True):
         assert mixed.heatmaps.keys() == single.heatmaps.keys()
