@@ -88,7 +88,6 @@ import os
 import statistics
 import subprocess
 import sys
-import time
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -97,6 +96,7 @@ import torch
 import torch.nn.functional as F  # noqa: N812 - the conventional alias
 import torchvision
 from inspection_cases import run_inspection, table
+from timing import timed as _timed
 from torch import nn
 
 from camserve.server.engine import (
@@ -267,16 +267,6 @@ def _contenders(
         "reference": lambda: reference(input_tensor=x, targets=None),
         "loop": lambda: loop(x),
     }
-
-
-def _timed(fn: Callable[[], object], device: torch.device) -> float:
-    if device.type == "cuda":
-        torch.cuda.synchronize()
-    start = time.perf_counter()
-    fn()
-    if device.type == "cuda":
-        torch.cuda.synchronize()
-    return time.perf_counter() - start
 
 
 def _cuda_peak_mb(fn: Callable[[], object]) -> float:

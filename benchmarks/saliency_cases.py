@@ -19,13 +19,13 @@ from __future__ import annotations
 
 import copy
 import statistics
-import time
 import warnings
 from collections.abc import Callable
 from typing import Any
 
 import torch
 import torchvision
+from timing import timed as _timed
 from torch import nn
 
 from camserve.server.engine import CamEngine, RowRequest
@@ -45,16 +45,6 @@ TARGETS = {  # (bound, whether the ratio must be at most it)
 }
 LAYER = "layer4"
 SAMPLES = 25
-
-
-def _timed(fn: Callable[[], object], device: torch.device) -> float:
-    if device.type == "cuda":
-        torch.cuda.synchronize()
-    start = time.perf_counter()
-    fn()
-    if device.type == "cuda":
-        torch.cuda.synchronize()
-    return time.perf_counter() - start
 
 
 def _paired(
