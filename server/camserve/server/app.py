@@ -25,6 +25,8 @@ from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
 from camserve.server import logs
+from camserve.server.backend import ModelBackend
+from camserve.server.compute import LocalBackend
 from camserve.server.interceptors import (
     BearerTokenInterceptor,
     ObservabilityInterceptor,
@@ -41,6 +43,7 @@ from camserve.server.settings import (
     SettingsError,
     load_settings,
 )
+from camserve.server.supervisor import Supervisor, start_supervisor
 from camserve.server.web.server import HttpServer
 from camserve.v1 import explain_pb2, explain_pb2_grpc
 
@@ -96,9 +99,10 @@ def _serving(ok: bool) -> health_pb2.HealthCheckResponse.ServingStatus:
     )
 
 
-def _grpc_server(settings: Settings, metrics: Metrics) -> grpc.aio.Server:
+def _grpc_server(settings: Settings, metrics: Metrics, reuse_port: bool) -> grpc.aio.Server:
     """The gRPC server with its interceptors (outermost first, so every call is counted, the
-    token's refusals included) and its bounds."""
+    token's refusals included) and its bounds. SO_REUSEPORT only where the supervisor asks for
+    it (its own frontends share the port): gRPC would otherwise let a stale server share it."""
     interceptors: list[grpc.aio.ServerInterceptor] = [ObservabilityInterceptor(metrics)]
     if token := _token(settings):
         interceptors.append(BearerTokenInterceptor(token))
@@ -110,24 +114,45 @@ def _grpc_server(settings: Settings, metrics: Metrics) -> grpc.aio.Server:
             ("grpc.max_send_message_length", settings.max_message_bytes),
             ("grpc.max_receive_message_length", settings.max_message_bytes),
             ("grpc.max_concurrent_streams", settings.limits.max_concurrent_streams),
-            ("grpc.so_reuseport", 0),
+            ("grpc.so_reuseport", 1 if reuse_port else 0),
+            *_connection_age(settings),
         ],
     )
+
+
+def _connection_age(settings: Settings) -> list[tuple[str, int]]:
+    """Ends connections after `max_connection_age_s`, so long-lived clients reconnect and
+    spread over the frontends again."""
+    if settings.max_connection_age_s <= 0:
+        return []
+    age_ms = int(settings.max_connection_age_s * 1000)
+    return [("grpc.max_connection_age_ms", age_ms), ("grpc.max_connection_age_grace_ms", 30_000)]
 
 
 class CamServer:
     """A started server: its port, its models, and how to stop it gracefully."""
 
-    def __init__(self, settings: Settings) -> None:
+    def __init__(
+        self,
+        settings: Settings,
+        backend: ModelBackend | None = None,
+        metrics: Metrics | None = None,
+        reuse_port: bool = False,
+    ) -> None:
         self.settings = settings
-        self.metrics = Metrics()
-        self.registry = ModelRegistry(settings, self.metrics, on_health=self._model_health)
+        self.metrics = metrics or Metrics()
+        self._reuse_port = reuse_port
         self.health = health.aio.HealthServicer()  # type: ignore[attr-defined]
         self._pool = ThreadPoolExecutor(
             max_workers=settings.pool_threads, thread_name_prefix="preprocess"
         )
-        self.server = _grpc_server(settings, self.metrics)
-        self.pipeline = ExplainPipeline(self.registry, settings, self._pool, self.metrics)
+        self.backend: ModelBackend = (
+            backend if backend is not None else LocalBackend(settings, self.metrics, self._pool)
+        )
+        self.server = _grpc_server(settings, self.metrics, reuse_port)
+        self.pipeline = ExplainPipeline(
+            self.backend, settings, self._pool, self.metrics, device_decode=backend is None
+        )
         self.servicer = ExplainServicer(
             self.pipeline, settings.limits, max_message_bytes=settings.max_message_bytes
         )
@@ -160,20 +185,31 @@ class CamServer:
                 _token(settings),
                 self.serving,
                 self.metrics,
+                reuse_port=reuse_port,
             )
         self.http_port: int | None = None
         self._stopped = asyncio.Event()
         self._health_updates: set[asyncio.Task[None]] = set()
 
+    @property
+    def registry(self) -> ModelRegistry:
+        """This process's models (the one-process layout; tests read their queues)."""
+        if not isinstance(self.backend, LocalBackend):
+            raise AttributeError("the models live in the engine process")
+        return self.backend.registry
+
     def serving(self) -> tuple[bool, dict[str, bool]]:
         """Whether the server serves (some model does), and each model: loaded, not failing,
         and the server not shutting down. The HTTP API's health; gRPC's follows the same rule."""
         running = not self._stopped.is_set()
-        models = {r.spec.name: running and r.ready and r.healthy for r in self.registry}
+        models = {
+            s.name: running and s.meta is not None and s.serving for s in self.backend.statuses()
+        }
         return any(models.values()), models
 
     async def _set_health(self, status: health_pb2.HealthCheckResponse.ServingStatus) -> None:
-        for service in ("", SERVICE_NAME, *(model_health_name(r.spec.name) for r in self.registry)):
+        names = (model_health_name(s.name) for s in self.backend.statuses())
+        for service in ("", SERVICE_NAME, *names):
             await self.health.set(service, status)
 
     def _model_health(self, model: str, serving: bool) -> None:
@@ -181,7 +217,7 @@ class CamServer:
         overall status is NOT_SERVING while every model is failing."""
         if self._stopped.is_set():
             return
-        overall = any(runtime.healthy for runtime in self.registry)
+        overall = any(status.serving for status in self.backend.statuses())
         updates = {
             model_health_name(model): serving,
             "": overall,
@@ -207,10 +243,7 @@ class CamServer:
                 self.settings.host, self.settings.metrics_port
             )
             self.metrics_port = int(self._metrics_server.server_port)
-        await asyncio.get_running_loop().run_in_executor(None, self.registry.load_all)
-        self.registry.start_all()
-        if any(runtime.meta.device.startswith("cuda") for runtime in self.registry):
-            self.metrics.watch_cuda_memory()
+        await self.backend.start(self._model_health)
         await self._set_health(health_pb2.HealthCheckResponse.SERVING)
         if self.settings.ready_file:
             ready = {
@@ -226,7 +259,7 @@ class CamServer:
                 "port": self.port,
                 "metrics_port": self.metrics_port,
                 "http_port": self.http_port,
-                "models": ",".join(r.spec.name for r in self.registry),
+                "models": ",".join(s.name for s in self.backend.statuses()),
             },
         )
 
@@ -252,7 +285,7 @@ class CamServer:
         if self.http is not None and self.http_port is not None:
             await self.http.stop()
         await self.server.stop(max(0.0, deadline - time.monotonic()))
-        await self.registry.close_all()
+        await self.backend.close()
         self._pool.shutdown(wait=True)
         if self._metrics_server is not None:
             self._metrics_server.shutdown()
@@ -260,8 +293,18 @@ class CamServer:
         log.info("stopped")
 
 
-async def start_server(settings: Settings) -> CamServer:
-    """A server listening and with every model loaded; on failure nothing is left running."""
+def _cuda_present() -> bool:
+    import torch
+
+    return bool(torch.cuda.is_available())
+
+
+async def start_server(settings: Settings) -> CamServer | Supervisor:
+    """A server listening and with every model loaded; on failure nothing is left running.
+    With `frontends` > 0 (or auto beside a GPU) it is the multi-process layout's supervisor."""
+    frontends = settings.resolved_frontends(_cuda_present())
+    if frontends > 0:
+        return await start_supervisor(settings, frontends)
     server = CamServer(settings)
     try:
         await server.start()

@@ -40,10 +40,26 @@ class JsonFormatter(logging.Formatter):
         return json.dumps(event, default=str)
 
 
-def configure(level: str, fmt: str) -> None:
-    """Sends camserve's logs to stderr; called once by the command-line entry point."""
+class _ProcessField(logging.Filter):
+    """Adds `process_role` (e.g. frontend-1) to every line, so the lines of the multi-process
+    layout's processes, interleaved on one stderr, say whose they are."""
+
+    def __init__(self, role: str) -> None:
+        super().__init__()
+        self._role = role
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        record.process_role = self._role
+        return True
+
+
+def configure(level: str, fmt: str, process_role: str = "") -> None:
+    """Sends camserve's logs to stderr; called once by the command-line entry point and by each
+    child process of the multi-process layout (with its role)."""
     handler = logging.StreamHandler()
     handler.setFormatter(JsonFormatter() if fmt == "json" else TextFormatter())
+    if process_role:
+        handler.addFilter(_ProcessField(process_role))
     root = logging.getLogger("camserve")
     root.handlers[:] = [handler]
     root.setLevel(level.upper())

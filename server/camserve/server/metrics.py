@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import contextlib
 import functools
+import os
 import time
 from collections.abc import Callable
 from contextlib import AbstractContextManager
@@ -82,7 +83,11 @@ class Metrics:
             registry=r,
         )
         self.queue_depth = Gauge(
-            "camserve_queue_depth", "Images waiting for a batch", ["model"], registry=r
+            "camserve_queue_depth",
+            "Images waiting for a batch",
+            ["model"],
+            registry=r,
+            multiprocess_mode="liveall",
         )
         self.latency = Histogram(
             "camserve_latency_seconds",
@@ -120,11 +125,38 @@ class Metrics:
     def _add_gauges(self) -> None:
         r = self.registry
         self.model_ready = Gauge(
-            "camserve_model_ready", "1 when the model is loaded and serving", ["model"], registry=r
+            "camserve_model_ready",
+            "1 when the model is loaded and serving",
+            ["model"],
+            registry=r,
+            multiprocess_mode="liveall",
         )
         self.gpu_memory = Gauge(
-            "camserve_gpu_memory_bytes", "CUDA memory allocated by torch", ["device"], registry=r
+            "camserve_gpu_memory_bytes",
+            "CUDA memory allocated by torch",
+            ["device"],
+            registry=r,
+            multiprocess_mode="liveall",
         )
+        # One series per process of the multi-process layout (role: engine or frontend).
+        self.process_cpu = Gauge(
+            "camserve_process_cpu_seconds",
+            "CPU time used so far by each process of the server",
+            ["role", "index"],
+            registry=r,
+            multiprocess_mode="liveall",
+        )
+
+    def sample_process(self, role: str, index: str, cuda: bool = False) -> None:
+        """Records this process's CPU time (and CUDA memory): called periodically by each
+        process of the multi-process layout, whose gauges cannot be read at scrape time."""
+        times = os.times()
+        self.process_cpu.labels(role, index).set(times.user + times.system)
+        if cuda:
+            import torch
+
+            for device in range(torch.cuda.device_count()):
+                self.gpu_memory.labels(f"cuda:{device}").set(torch.cuda.memory_allocated(device))
 
     def watch_cuda_memory(self) -> None:
         """Reports torch's allocated CUDA memory per device at each scrape."""

@@ -1,12 +1,12 @@
-"""The explain pipeline: the torch side of the seam between the servicer and the engine.
+"""The explain pipeline: the CPU side of a request, between the servicer and the models.
 
-One request travels: admission for its whole cost -> prepare its images on CPU threads (JPEGs
-on the GPU for CUDA models) -> submit them together to the model's batcher -> the forward-only
-work its methods and scores need, through the same batcher (`followups`) -> shape each image's
-result and build the answer from the `ExplainOutcome` on CPU threads (one hop for a one-image
-request). Every refusal leaves as one of the domain errors of `camserve.server.errors`; batcher,
-engine and device failures become domain errors through `faults.service_error` alone, which
-tells refusals apart from faults.
+One request travels: admission for its whole cost (`backend.ModelBackend.admit`) -> prepare its
+images on CPU threads (JPEGs on the GPU for CUDA models in one process) -> the backend batches
+them with every other request's, runs the engine and the forward-only work its methods and
+scores need -> shape each image's result and build the answer from the `ExplainOutcome` on CPU
+threads (one hop for a one-image request). Every refusal leaves as one of the domain errors of
+`camserve.server.errors`; batcher, engine and device failures become domain errors through
+`faults.service_error` alone, which tells refusals apart from faults.
 """
 
 from __future__ import annotations
@@ -23,22 +23,12 @@ from typing import TypeVar
 
 import torch
 
-from camserve.server import followups
-from camserve.server.batcher import Reservation
+from camserve.server.backend import ModelBackend
 from camserve.server.device_jpeg import is_jpeg, prepare_jpegs
-from camserve.server.engine import (
-    MapScores,
-    RowRequest,
-    RowResult,
-)
-from camserve.server.engine.costs import explain_rows
-from camserve.server.engine.registry import pass_methods
+from camserve.server.engine import MapScores, RowResult
 from camserve.server.engine.shaping import output_bytes
-from camserve.server.engine.types import ATTRIBUTIONS
-from camserve.server.errors import InvalidRequest, ModelNotFound, Unavailable
-from camserve.server.faults import service_error
-from camserve.server.followups import explain_row_cost
-from camserve.server.inspect_outputs import row_inspection, shaping_bytes
+from camserve.server.errors import InvalidRequest, Unavailable
+from camserve.server.inspect_outputs import shaping_bytes
 from camserve.server.kernels import KernelCatalogue, KernelQuery, KernelView
 from camserve.server.metrics import Metrics, StageClock, untimed
 from camserve.server.outputs import RESOLUTION_NAMES, explain_image
@@ -59,11 +49,8 @@ from camserve.server.records import (
     ModelStatus,
     StageTimes,
 )
-from camserve.server.registry import ModelRegistry, UnknownModel
-from camserve.server.runtime import Computed, ModelRuntime
 from camserve.server.settings import LimitsSettings, Settings
 from camserve.server.validation import ExplainPlan, check_response_size
-from camserve.server.work import ImageJob
 from camserve.v1.tensors import dtype_name
 
 log = logging.getLogger("camserve.pipeline")
@@ -130,22 +117,6 @@ def check_allocation(
         )
 
 
-def _gradient_free(plan: ExplainPlan) -> bool:
-    return plan.budget.rows_after_pass
-
-
-def _keeps_input(plan: ExplainPlan) -> bool:
-    """Whether rows after the pass need the explain row's activations or staged input."""
-    return _gradient_free(plan) or bool(plan.scores) or bool(plan.budget.gradient_rows)
-
-
-async def _tail_fraction(runtime: ModelRuntime, plan: ExplainPlan) -> float:
-    """What a row after the layer costs; only methods running the tail measure one."""
-    if not plan.budget.tail_methods:
-        return 1.0
-    return await runtime.tail_fraction(plan.layer)
-
-
 @dataclass(frozen=True)
 class _Answer:
     """A computed request's images, shaped and built into its answer on CPU threads."""
@@ -199,43 +170,44 @@ class _Answer:
 
 
 class ExplainPipeline:
-    """Runs explain requests for the models of a registry; see the module docstring."""
+    """Runs explain requests for the models of a backend; see the module docstring."""
 
     def __init__(
         self,
-        registry: ModelRegistry,
+        backend: ModelBackend,
         settings: Settings,
         pool: ThreadPoolExecutor,
         metrics: Metrics,
+        device_decode: bool = True,
     ) -> None:
-        self._registry = registry
+        self._backend = backend
         self._metrics = metrics
         self._pool = pool
         self._limits = settings.limits
         self._max_bytes = settings.max_message_bytes
         self._kernels = KernelCatalogue(pool)
+        # JPEGs of CUDA models are decoded on the device, where this process holds the model.
+        self._device_decode = device_decode
 
     def statuses(self) -> list[ModelStatus]:
         """Every hosted model, loaded or not, in configuration order."""
-        return [self._status(runtime) for runtime in self._registry]
+        return self._backend.statuses()
 
     def status(self, name: str) -> ModelStatus:
         """The named model, loaded or not; ModelNotFound when it is not hosted."""
-        return self._status(self._runtime(name))
+        return self._backend.status(name)
 
     def model(self, name: str) -> ModelMeta:
         """The named (or default) model, ready to explain; else ModelNotFound or Unavailable."""
-        runtime = self._runtime(name)
-        if not runtime.ready:
-            raise Unavailable(f"model {runtime.spec.name!r} is still loading; retry")
-        return runtime.meta
+        status = self._backend.status(name)
+        if status.meta is None:
+            raise Unavailable(f"model {status.name!r} is still loading; retry")
+        return status.meta
 
     async def kernels(self, query: KernelQuery) -> KernelView:
         """A conv layer's weights and grid page (`camserve.server.kernels`); no pass runs."""
-        runtime = self._runtime(query.model)
-        return await self._kernels.view(
-            query, functools.partial(runtime.conv_weights, pool=self._pool)
-        )
+        model = self._backend.status(query.model).name
+        return await self._kernels.view(query, functools.partial(self._backend.conv_weights, model))
 
     async def explain(
         self,
@@ -249,105 +221,23 @@ class ExplainPipeline:
         on a worker thread (building the answer message there keeps it off the event loop);
         raises a ServiceError when refused."""
         arrived = time.monotonic()
-        runtime = self._runtime(meta.name)
         timed = functools.partial(self._metrics.cpu_time, meta.name)
-        try:  # admission first: a refused request costs no decoding
-            reservation = runtime.reserve(await self._cost(runtime, meta, plan))
-        except Exception as exc:  # noqa: BLE001 - translated into the domain error
-            raise service_error(exc, meta.name) from None
-        with reservation:
+        async with self._backend.admit(meta, plan) as admission:
             prepared = await self._prepare(sources, meta, plan, timed)
             check_response_size(plan, [item.geometry for item in prepared], meta, self._max_bytes)
             check_allocation(plan, prepared, meta, self._limits.max_request_output_bytes)
             preprocessed = time.monotonic()
-            computed = await self._compute(
-                runtime, self._jobs(prepared, plan), deadline, reservation
-            )
-            follow_up_started = time.monotonic()
-            results, scores = await self._follow_up(
-                runtime, meta, plan, [c.result for c in computed], deadline, reservation
-            )
-            follow_up_s = time.monotonic() - follow_up_started
+            computed = await admission.compute([item.pixels for item in prepared], deadline)
         times = StageTimes(
-            queue_s=max(c.batch.queue_s for c in computed),
+            queue_s=computed.queue_s,
             preprocess_s=preprocessed - arrived,
-            compute_s=max(c.compute_s for c in computed) + follow_up_s,
+            compute_s=computed.compute_s,
             total_s=0.0,  # set when the answer is built
         )
-        answer = _Answer(meta, plan, prepared, results, scores, times, arrived, timed)
-        batch_size = max(c.batch.size for c in computed)
-        return await answer.send(self._pool, batch_size, respond)
-
-    async def _cost(self, runtime: ModelRuntime, meta: ModelMeta, plan: ExplainPlan) -> int:
-        """The request's cost in forward passes: its images, plus the rows of gradient-free
-        methods and scores when it asks for them."""
-        if not _keeps_input(plan):
-            return len(plan.targets) * explain_rows(plan.aug_smooth) * explain_row_cost(plan)
-        try:
-            fraction = await _tail_fraction(runtime, plan)
-        except Exception as exc:  # noqa: BLE001 - e.g. a layer the tail cannot be measured at
-            raise service_error(exc, meta.name) from None
-        return followups.request_cost(plan, tail_fraction=fraction, chunk=meta.max_batch_size)
-
-    async def _follow_up(
-        self,
-        runtime: ModelRuntime,
-        meta: ModelMeta,
-        plan: ExplainPlan,
-        results: list[RowResult],
-        deadline: float | None,
-        reservation: Reservation,
-    ) -> tuple[list[RowResult], list[dict[tuple[str, int], MapScores]]]:
-        """Runs the request's forward-only work: the maps of methods made by rows after the
-        pass, then the scores of all its maps. Plans are built and finished on the model's
-        worker thread, where the tensors the explain pass left on the device live."""
-        chunk = meta.max_batch_size
-        no_scores: list[dict[tuple[str, int], MapScores]] = [{} for _ in results]
-        try:
-            inputs = followups.staged_inputs(results) if plan.scores else []
-            if plan.budget.gradient_rows:
-                results = await self._gradient_rows(
-                    runtime, meta, plan, results, deadline, reservation
-                )
-            if _gradient_free(plan):
-                fraction = await _tail_fraction(runtime, plan)
-                input_hw = (meta.recipe.crop, meta.recipe.crop)
-                channels = await runtime.on_worker(
-                    followups.channel_plan, results, plan, chunk, fraction, input_hw
-                )
-                await followups.submit_in_waves(
-                    runtime, channels.jobs(), deadline, reservation, chunk
-                )
-                results = await runtime.on_worker(channels.finish)
-            if not plan.scores:
-                return [dataclasses.replace(r, retained=()) for r in results], no_scores
-            scored, keys = await runtime.on_worker(
-                followups.score_plan, inputs, results, plan, chunk
-            )
-            await followups.submit_in_waves(runtime, scored.jobs(), deadline, reservation, chunk)
-            scores = await runtime.on_worker(followups.scores_by_image, scored, keys, len(results))
-        except Exception as exc:  # noqa: BLE001 - every failure leaves as a domain error
-            raise service_error(exc, runtime.spec.name) from None
-        return [dataclasses.replace(r, retained=()) for r in results], scores
-
-    @staticmethod
-    async def _gradient_rows(
-        runtime: ModelRuntime,
-        meta: ModelMeta,
-        plan: ExplainPlan,
-        results: list[RowResult],
-        deadline: float | None,
-        reservation: Reservation,
-    ) -> list[RowResult]:
-        """SmoothGrad's and IG's rows, in jobs of at most the model's `max_gradient_rows`."""
-        recipe = meta.recipe
-        chunk = runtime.spec.max_gradient_rows
-        rows = await runtime.on_worker(
-            followups.gradient_plan, results, plan, chunk, recipe.mean, recipe.std
+        answer = _Answer(
+            meta, plan, prepared, computed.results, computed.scores, times, arrived, timed
         )
-        jobs = rows.jobs()
-        await followups.submit_in_waves(runtime, jobs, deadline, reservation, meta.max_batch_size)
-        return await runtime.on_worker(rows.finish)
+        return await answer.send(self._pool, computed.batch_size, respond)
 
     async def _prepare(
         self,
@@ -362,7 +252,7 @@ class ExplainPipeline:
         loop = asyncio.get_running_loop()
         keep = plan.output.overlay
         on_device: dict[int, PreparedImage] = {}
-        if meta.device.startswith("cuda") and not keep:
+        if self._device_decode and meta.device.startswith("cuda") and not keep:
             jpegs = [
                 (index, source)
                 for index, source in enumerate(sources)
@@ -393,56 +283,3 @@ class ExplainPipeline:
         with timed("decode"):
             items = [(source.data, source.field) for source in sources]
             return prepare_jpegs(items, meta.recipe, self._limits, torch.device(meta.device))
-
-    @staticmethod
-    def _jobs(prepared: list[PreparedImage], plan: ExplainPlan) -> list[ImageJob]:
-        inspection = row_inspection(plan.inspect)
-        return [
-            ImageJob(
-                pixels=item.pixels,
-                row=RowRequest(
-                    layer=plan.layer,
-                    methods=pass_methods(plan.methods),
-                    classes=target.classes,
-                    top_k=target.top_k,
-                    eigen_smooth=plan.eigen_smooth,
-                    aug_smooth=plan.aug_smooth,
-                    # Rows after the pass need the activations; scores and gradient rows, the
-                    # staged input.
-                    keep_activations=_keeps_input(plan),
-                    outputs=(ATTRIBUTIONS,) if plan.output.raw and plan.budget.pixel_maps else (),
-                    reduction=plan.pixel.reduction,
-                    inspection=inspection,
-                ),
-            )
-            for item, target in zip(prepared, plan.targets, strict=True)
-        ]
-
-    @staticmethod
-    async def _compute(
-        runtime: ModelRuntime,
-        jobs: list[ImageJob],
-        deadline: float | None,
-        reservation: Reservation,
-    ) -> list[Computed]:
-        try:
-            return await runtime.submit(jobs, deadline, reservation)
-        except Exception as exc:  # noqa: BLE001 - every failure leaves as a domain error
-            raise service_error(exc, runtime.spec.name) from None
-
-    def _runtime(self, name: str) -> ModelRuntime:
-        try:
-            return self._registry.get(name)
-        except UnknownModel as exc:
-            raise ModelNotFound(exc.args[0]) from None
-
-    @staticmethod
-    def _status(runtime: ModelRuntime) -> ModelStatus:
-        spec = runtime.spec
-        return ModelStatus(
-            name=spec.name,
-            version=spec.version,
-            max_batch_size=spec.max_batch_size,
-            meta=runtime.meta if runtime.ready else None,
-            serving=runtime.healthy,
-        )

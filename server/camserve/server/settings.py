@@ -21,6 +21,8 @@ IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
 METRICS_DISABLED = -1
 HTTP_DISABLED = -1
+AUTO_FRONTENDS = -1
+MAX_AUTO_FRONTENDS = 8
 MIN_IMAGE_SIDE = 8  # pixels; smaller images are refused
 LOG_LEVELS = ("debug", "info", "warning", "error", "critical")
 # The input recipe of builtin, torchvision and factory sources; timm sources bring their own.
@@ -230,6 +232,15 @@ class Settings:
     # CPU pool for decoding, resizing, shaping and encoding; 0 = one per usable core, at most
     # 4 (more threads than cores only trade the GIL back and forth).
     preprocess_threads: int = 0
+    # The process layout (camserve.server.supervisor): N gRPC frontend processes on one port and
+    # one engine process holding the models; 0 = everything in one process; -1 = auto (CUDA: one
+    # per core less one, at most 8; CPU: 0, which measured best there, see README).
+    frontends: int = AUTO_FRONTENDS
+    # Each frontend's two shared-memory rings (pixels in, maps out), MiB each.
+    shm_ring_mb: int = 64
+    # Connections older than this are closed (gracefully) so clients reconnect and rebalance
+    # over the frontends; 0 = never.
+    max_connection_age_s: float = 0.0
     limits: LimitsSettings = field(default_factory=LimitsSettings)
     models: tuple[ModelSettings, ...] = ()
 
@@ -263,6 +274,7 @@ class Settings:
                 f"engine_threads={self.engine_threads}: use 0 (torch's default) or a thread count"
             )
         self._check_ports()
+        self._check_layout()
         for model in self.models:
             self._check_model_fits_limits(model)
 
@@ -296,6 +308,29 @@ class Settings:
                     f"http_cors_origins: {origin!r} is not an origin; write scheme://host[:port] "
                     "such as https://dashboard.example, or * for any origin"
                 )
+
+    def _check_layout(self) -> None:
+        if self.frontends < AUTO_FRONTENDS:
+            raise SettingsError(
+                f"frontends={self.frontends}: use -1 (auto), 0 (one process) or the number of "
+                "gRPC frontend processes"
+            )
+        if self.shm_ring_mb < 1:
+            raise SettingsError(f"shm_ring_mb={self.shm_ring_mb} must be at least 1 (MiB)")
+        if not self.max_connection_age_s >= 0:
+            raise SettingsError(
+                f"max_connection_age_s={self.max_connection_age_s}: use 0 (never) or seconds"
+            )
+
+    def resolved_frontends(self, cuda: bool) -> int:
+        """The frontend count to run: `frontends`, or for auto one per core less one (at most
+        8) beside a GPU, and the one-process layout on the CPU."""
+        if self.frontends != AUTO_FRONTENDS:
+            return self.frontends
+        if not cuda:
+            return 0
+        cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
+        return max(1, min(MAX_AUTO_FRONTENDS, (cores or 1) - 1))
 
     def _check_model_fits_limits(self, model: ModelSettings) -> None:
         """Refuses a model no request could use as configured, with the keys to change."""
@@ -367,6 +402,9 @@ _ENV_KEYS: dict[str, type] = {
     "ready_file": str,
     "engine_threads": int,
     "preprocess_threads": int,
+    "frontends": int,
+    "shm_ring_mb": int,
+    "max_connection_age_s": float,
 }
 
 
@@ -437,6 +475,11 @@ def _parser() -> argparse.ArgumentParser:
     parser.add_argument("--grace-period", dest="grace_period_s", type=float, help="seconds")
     parser.add_argument("--ready-file", help="write the bound ports here as JSON once serving")
     parser.add_argument("--default-model", help="model used when a request names none")
+    parser.add_argument(
+        "--frontends",
+        type=int,
+        help="gRPC frontend processes beside one engine process; 0 = one process, -1 = auto",
+    )
     return parser
 
 
@@ -470,6 +513,7 @@ def load_settings(
         "grace_period_s",
         "ready_file",
         "default_model",
+        "frontends",
     ):
         value = getattr(args, key)
         if value is not None:

@@ -80,8 +80,10 @@ class HttpServer:
         token: str,
         health: HealthReport,
         metrics: Metrics,
+        reuse_port: bool = False,
     ) -> None:
         self._settings = settings
+        self._reuse_port = reuse_port  # the multi-process layout's frontends share the port
         routes = ApiRoutes(servicer, pipeline, settings, pool, health, metrics)
         self._runner = web.AppRunner(
             application(settings, routes, token, StaticFiles(), metrics),
@@ -99,6 +101,7 @@ class HttpServer:
             self._settings.host,
             self._settings.http_port,
             ssl_context=tls_context(self._settings),
+            reuse_port=self._reuse_port or None,
         )
         await site.start()
         self.port = int(self._runner.addresses[0][1])
