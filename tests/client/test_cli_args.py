@@ -173,6 +173,11 @@ def test_loadtest_options_parse() -> None:
         ["--server", "h:1", "--rate", "50", "--requests", "100", "--json", "--fixed-interval"]
     )
     assert (args.rate, args.requests, args.json, args.fixed_interval) == (50.0, 100, True, True)
+    assert args.connections == 1
+    assert (
+        loadtest.build_parser().parse_args(["--server", "h:1", "--connections", "4"]).connections
+        == 4
+    )
 
 
 @pytest.mark.parametrize(
@@ -185,6 +190,8 @@ def test_loadtest_options_parse() -> None:
         ["--server", "h:1", "--concurrency", "0"],
         ["--server", "h:1", "--requests", "0"],
         ["--server", "h:1", "--rate", "0"],
+        ["--server", "h:1", "--connections", "0"],
+        ["--server", "h:1", "--connections", "two"],
     ],
 )
 def test_loadtest_usage_errors_exit_2(argv, capsys) -> None:

@@ -6,6 +6,7 @@ import json
 import os
 import subprocess
 import sys
+import threading
 import time
 
 import pytest
@@ -13,6 +14,7 @@ from PIL import Image
 
 from camserve.client import cli, loadtest
 from tests._support.servers import CAT_JPEG, COFFEE_JPEG
+from tests._support.traffic import tiny_model
 
 COMMAND = [sys.executable, "-c", "from camserve.client.cli import main; raise SystemExit(main())"]
 
@@ -125,7 +127,9 @@ def test_a_closed_loop_load_test_reports_consistent_numbers(camserve_server, cap
         "throughput_rps",
         "latency_ms",
         "mean_batch",
+        "connections",
     }
+    assert report["connections"] == 1
     successes = report["requests"] - sum(report["errors"].values())
     assert successes > 0
     assert report["errors"] == {}
@@ -152,3 +156,25 @@ def test_an_open_loop_load_test_stops_at_its_duration(camserve_server, capsys) -
     report = json.loads(capsys.readouterr().out)
     assert 5 <= report["requests"] <= 80  # Poisson arrivals at 20/s for 1.5 s
     assert 1.5 <= report["duration_s"] < 20
+
+
+def test_a_load_test_spreads_its_calls_over_connections(
+    server_factory, client_ports, capsys
+) -> None:
+    server = server_factory(models=(tiny_model("tiny"),), metrics_port=-1)
+    argv = ["--server", server.address, "--model", "tiny", "--concurrency", "6"]
+    argv += ["--duration", "1", "--connections", "3", "--json", "--quiet"]
+    outcome: list[int] = []
+    run = threading.Thread(target=lambda: outcome.append(loadtest.main(argv)))
+    run.start()
+    seen: set[int] = set()  # every client port that connected while the test ran
+    while run.is_alive():
+        seen |= client_ports(server.port)
+        time.sleep(0.02)
+    run.join()
+    assert outcome == [0]
+    report = json.loads(capsys.readouterr().out)
+    assert report["connections"] == 3
+    assert report["errors"] == {}
+    assert report["requests"] > 0
+    assert len(seen) == 3

@@ -73,7 +73,8 @@ def test_retries_ride_out_a_full_queue(gated_server) -> None:
     policy = RetryPolicy(max_attempts=20, initial_backoff_s=0.05, max_backoff_s=0.2)
     with (
         Client(address=gated_server.address, retry=None, timeout=30) as filler,
-        Client(address=gated_server.address, retry=policy, timeout=30) as patient,
+        # Retries over three connections: each attempt takes the next one.
+        Client(address=gated_server.address, retry=policy, timeout=30, connections=3) as patient,
         ThreadPoolExecutor(3) as pool,
     ):
         pending = fill_queue(gated_server, filler, pool)
@@ -105,6 +106,8 @@ def test_the_bearer_token_is_required_and_checked(open_server, tmp_path) -> None
     with Client(address=server.address, token="s3cret") as trusted:
         assert trusted.explain(IMAGE).model == "gated"
         assert [m.name for m in trusted.models()] == ["gated"]
+    with Client(address=server.address, token="s3cret", connections=3) as spread:
+        assert [spread.explain(IMAGE).model for _ in range(3)] == ["gated"] * 3  # every channel
     assert cli.main(["models", "--server", server.address, "--token-file", str(token_file)]) == 0
 
 
@@ -117,6 +120,9 @@ def test_tls_with_a_private_certificate_authority(open_server, tmp_path) -> None
     )
     with Client(address=server.address, tls=TLSConfig(root_certificates=cert)) as client:
         assert client.explain(IMAGE).model == "gated"
+    tls = TLSConfig(root_certificates=cert)
+    with Client(address=server.address, tls=tls, connections=3) as spread:
+        assert [spread.explain(IMAGE).model for _ in range(3)] == ["gated"] * 3  # every channel
     with (
         Client(address=server.address, retry=None, timeout=5) as plaintext,
         pytest.raises(Unavailable),

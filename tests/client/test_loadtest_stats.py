@@ -35,7 +35,7 @@ def test_report_has_exactly_the_documented_keys_and_consistent_numbers() -> None
     stats.failure("RESOURCE_EXHAUSTED")
     stats.failure("RESOURCE_EXHAUSTED")
     stats.failure("DEADLINE_EXCEEDED")
-    report = stats.report(duration_s=2.0)
+    report = stats.report(duration_s=2.0, connections=4)
     assert set(report) == {
         "requests",
         "errors",
@@ -43,13 +43,16 @@ def test_report_has_exactly_the_documented_keys_and_consistent_numbers() -> None
         "throughput_rps",
         "latency_ms",
         "mean_batch",
+        "connections",
     }
     assert report["requests"] == 13
     assert report["errors"] == {"DEADLINE_EXCEEDED": 1, "RESOURCE_EXHAUSTED": 2}
     assert report["throughput_rps"] == 5.0  # successes per second
     assert report["latency_ms"] == {"p50": 5.0, "p90": 9.0, "p99": 10.0, "max": 10.0}
     assert report["mean_batch"] == 3.0
+    assert report["connections"] == 4
     assert "RESOURCE_EXHAUSTED 2" in format_report(report)
+    assert "connections 4" in format_report(report).splitlines()
 
 
 def test_report_without_successes_has_no_latencies() -> None:
@@ -80,6 +83,8 @@ def test_synthetic_images_are_seeded_jpegs() -> None:
         {"duration_s": 3601.0},
         {"concurrency": 5000},
         {"max_in_flight": 0},
+        {"connections": 0},
+        {"connections": 65},
         {"images": ()},
     ],
 )

@@ -12,15 +12,21 @@ import asyncio
 import contextlib
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Sequence
-from dataclasses import dataclass
 from types import TracebackType
 from typing import Any, TypeVar, Unpack
 
 import grpc
 
-from camserve.client.connection import DEFAULT_ADDRESS, DEFAULT_MESSAGE_BYTES, TLS, Connection
+from camserve.client.connection import (
+    DEFAULT_ADDRESS,
+    DEFAULT_MESSAGE_BYTES,
+    TLS,
+    ChannelPool,
+    Connection,
+    PooledChannel,
+)
 from camserve.client.errors import CamserveError, from_rpc_error
-from camserve.client.health import CHECK_METHOD, SERVING, decode_status, encode_request
+from camserve.client.health import SERVING, decode_status, encode_request
 from camserve.client.images import ImageInput
 from camserve.client.kernels import Kernels, kernels_from_proto, kernels_request
 from camserve.client.requests import (
@@ -43,7 +49,6 @@ from camserve.client.retry import (
 )
 from camserve.client.stream import Outcome, StreamScheduler
 from camserve.v1 import explain_pb2 as pb
-from camserve.v1 import explain_pb2_grpc
 
 T = TypeVar("T")
 
@@ -51,8 +56,9 @@ T = TypeVar("T")
 class AsyncClient:
     """An asyncio client of a camserve server; see `Client` for the options.
 
-    The channel is opened on first use, inside the running event loop, and must be used from
-    that loop only. Use `async with` (or `await close()`); a closed client refuses further calls.
+    The channels (`connections` of them) are opened on first use, inside the running event
+    loop, and must be used from that loop only. Use `async with` (or `await close()`); a closed
+    client refuses further calls.
     """
 
     def __init__(
@@ -65,6 +71,7 @@ class AsyncClient:
         max_send_bytes: int = DEFAULT_MESSAGE_BYTES,
         max_receive_bytes: int = DEFAULT_MESSAGE_BYTES,
         token: str | None = None,
+        connections: int = 1,
     ) -> None:
         self._conn = Connection(
             address=address,
@@ -74,13 +81,19 @@ class AsyncClient:
             max_send_bytes=max_send_bytes,
             max_receive_bytes=max_receive_bytes,
             token=token,
+            connections=connections,
         )
-        self._open_channel: _Channel | None = None
+        self._pool: ChannelPool[grpc.aio.Channel] | None = None
         self._closed = False
 
     @property
     def address(self) -> str:
         return self._conn.address
+
+    @property
+    def connections(self) -> int:
+        """How many channels the client spreads its calls over."""
+        return self._conn.connections
 
     async def __aenter__(self) -> AsyncClient:
         self._open()
@@ -95,11 +108,11 @@ class AsyncClient:
         await self.close()
 
     async def close(self) -> None:
-        """Closes the channel, cancelling calls still running; calling it again does nothing."""
+        """Closes the channels, cancelling calls still running; calling it again does nothing."""
         self._closed = True
-        opened, self._open_channel = self._open_channel, None
+        opened, self._pool = self._pool, None
         if opened is not None:
-            await opened.channel.close(grace=None)
+            await asyncio.gather(*(member.channel.close(grace=None) for member in opened))
 
     async def explain(
         self,
@@ -153,14 +166,14 @@ class AsyncClient:
 
     async def models(self, *, timeout: float | None = None) -> list[ModelInfo]:
         """Every model the server hosts."""
-        stub = self._open().stub
-        response = await self._call(stub.ListModels, pb.ListModelsRequest(), timeout=timeout)
+        request = pb.ListModelsRequest()
+        response = await self._call(lambda c: c.stub.ListModels, request, timeout=timeout)
         return [model_from_proto(info) for info in response.models]
 
     async def model(self, name: str, *, timeout: float | None = None) -> ModelInfo:
         """One model by name; NotFound when the server has no such model."""
-        stub = self._open().stub
-        info = await self._call(stub.GetModel, pb.GetModelRequest(name=name), timeout=timeout)
+        request = pb.GetModelRequest(name=name)
+        info = await self._call(lambda c: c.stub.GetModel, request, timeout=timeout)
         return model_from_proto(info)
 
     async def kernels(
@@ -187,8 +200,8 @@ class AsyncClient:
             tiles_per_page=tiles_per_page,
             tile_size=tile_size,
         )
-        stub = self._open().stub
-        return kernels_from_proto(await self._call(stub.GetKernels, request, timeout=timeout))
+        response = await self._call(lambda c: c.stub.GetKernels, request, timeout=timeout)
+        return kernels_from_proto(response)
 
     async def health(self, *, service: str = "", timeout: float | None = None) -> bool:
         """True when the server (or `service`) reports SERVING; errors raise as usual."""
@@ -196,8 +209,8 @@ class AsyncClient:
 
     async def health_status(self, *, service: str = "", timeout: float | None = None) -> str:
         """The grpc.health.v1 status name: SERVING, NOT_SERVING, SERVICE_UNKNOWN or UNKNOWN."""
-        check = self._open().health_check
-        data = await self._call(check, encode_request(service), timeout=timeout)
+        request = encode_request(service)
+        data = await self._call(lambda c: c.health_check, request, timeout=timeout)
         return decode_status(data)
 
     async def _explain(
@@ -208,20 +221,25 @@ class AsyncClient:
         timeout: float | None,
         request_id: str | None,
     ) -> list[Explanation]:
-        stub = self._open().stub
         request = build_request(images, options, request_id=request_id)
-        response = await self._call(stub.Explain, request, timeout=timeout)
+        response = await self._call(lambda c: c.stub.Explain, request, timeout=timeout)
         return explanations_from_response(response)
 
     async def _call(
-        self, method: Callable[..., Awaitable[T]], request: Any, *, timeout: float | None
+        self,
+        method: Callable[[PooledChannel[grpc.aio.Channel]], Callable[..., Awaitable[T]]],
+        request: Any,
+        *,
+        timeout: float | None,
     ) -> T:
+        """One unary call; `method` picks the callable off a channel, and each attempt takes the
+        pool's next channel, so calls (and retries) spread over every connection."""
         metadata = self._conn.metadata()
 
         async def attempt(time_left: float | None) -> T:
-            self._check_open()
+            call = method(self._open().next())
             try:
-                return await method(request, timeout=time_left, metadata=metadata)
+                return await call(request, timeout=time_left, metadata=metadata)
             except grpc.RpcError as exc:
                 raise from_rpc_error(exc) from exc
 
@@ -232,7 +250,7 @@ class AsyncClient:
     async def _run_stream(
         self, scheduler: StreamScheduler, *, timeout: float | None
     ) -> AsyncIterator[Outcome]:
-        stub = self._open().stub
+        stub = self._open().next().stub  # the whole stream runs on one channel
         call = stub.ExplainStream(timeout=timeout, metadata=self._conn.metadata())
         outgoing: asyncio.Queue[pb.ExplainRequest | None] = asyncio.Queue()
         # Writing runs beside reading, so a server that answers while it reads never waits on us.
@@ -267,33 +285,17 @@ class AsyncClient:
             with contextlib.suppress(asyncio.CancelledError, grpc.RpcError):
                 await writer
 
-    def _open(self) -> _Channel:
+    def _open(self) -> ChannelPool[grpc.aio.Channel]:
         self._check_open()
-        if self._open_channel is None:
-            channel = self._conn.aio_channel()
-            self._open_channel = _Channel(
-                channel=channel,
-                stub=explain_pb2_grpc.ExplainServiceStub(channel),
-                health_check=channel.unary_unary(
-                    CHECK_METHOD, request_serializer=None, response_deserializer=None
-                ),
-            )
-        return self._open_channel
+        if self._pool is None:
+            self._pool = self._conn.aio_channels()
+        return self._pool
 
     def _check_open(self) -> None:
         if self._closed:
             raise RuntimeError(
                 "this camserve AsyncClient has been closed; create a new one to make more calls"
             )
-
-
-@dataclass(frozen=True)
-class _Channel:
-    """The channel and the callables made from it, created together on first use."""
-
-    channel: grpc.aio.Channel
-    stub: explain_pb2_grpc.ExplainServiceStub
-    health_check: Any
 
 
 async def _write_all(call: Any, outgoing: asyncio.Queue[pb.ExplainRequest | None]) -> None:

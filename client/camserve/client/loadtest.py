@@ -8,6 +8,8 @@ scheduled start, so queueing in the client is not hidden.
 
 The test always ends by itself (--duration is at most an hour, --requests at most a million), and
 only talks to --server. Calls are not retried: refusals are counted by status code.
+--connections N spreads the calls over N TCP connections (HTTP/2 balances per connection, so one
+connection reaches one of a server's frontend processes); the report says how many it used.
 
 Exit status: 0 when the test ran and some requests succeeded, 1 when the server could not be
 reached or lacks the model (checked with one GetModel call before the load starts) or when no
@@ -43,6 +45,7 @@ MAX_DURATION_S = 3600.0
 MAX_REQUESTS = 1_000_000
 MAX_CONCURRENCY = 1024
 MAX_RATE = 10_000.0
+MAX_CONNECTIONS = 64
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".webp")
 
 
@@ -62,6 +65,7 @@ class LoadConfig:
     timeout_s: float = 30.0
     token: str | None = None
     seed: int = 0
+    connections: int = 1
 
     def __post_init__(self) -> None:
         if (self.concurrency is None) == (self.rate is None):
@@ -78,6 +82,8 @@ class LoadConfig:
             raise ValueError(f"requests must be within 1..{MAX_REQUESTS}")
         if not 1 <= self.max_in_flight <= MAX_CONCURRENCY:
             raise ValueError(f"max_in_flight must be within 1..{MAX_CONCURRENCY}")
+        if not 1 <= self.connections <= MAX_CONNECTIONS:
+            raise ValueError(f"connections must be within 1..{MAX_CONNECTIONS}")
         if not self.images:
             raise ValueError("no images to send")
 
@@ -101,8 +107,9 @@ class LoadStats:
     def failure(self, code_name: str) -> None:
         self.errors[code_name] += 1
 
-    def report(self, duration_s: float) -> dict[str, Any]:
-        """The summary `--json` prints; latency and throughput count successful calls only."""
+    def report(self, duration_s: float, *, connections: int = 1) -> dict[str, Any]:
+        """The summary `--json` prints; latency and throughput count successful calls only.
+        `connections`: how many TCP connections the calls were spread over."""
         ordered = sorted(self.latencies_s)
         latency = {
             name: None if not ordered else round(percentile(ordered, p) * 1000, 3)
@@ -115,6 +122,7 @@ class LoadStats:
             "throughput_rps": round(len(ordered) / duration_s, 3) if duration_s > 0 else 0.0,
             "latency_ms": latency,
             "mean_batch": round(float(np.mean(self.batch_sizes)), 3) if self.batch_sizes else None,
+            "connections": connections,
         }
 
 
@@ -231,7 +239,11 @@ async def run_load(config: LoadConfig, *, progress: TextIO | None = None) -> dic
     """Runs the test and returns its report (see `LoadStats.report`); raises CamserveError
     before any load is sent when the server cannot be reached or does not host the model."""
     async with AsyncClient(
-        address=config.server, token=config.token, timeout=config.timeout_s, retry=None
+        address=config.server,
+        token=config.token,
+        timeout=config.timeout_s,
+        retry=None,
+        connections=config.connections,
     ) as client:
         await client.model(config.model or "")  # the server's default model when none is named
         run = _Run(config, client)
@@ -247,7 +259,7 @@ async def run_load(config: LoadConfig, *, progress: TextIO | None = None) -> dic
                 with contextlib.suppress(asyncio.CancelledError):
                     await reporter
                 progress.write("\n")
-        return run.stats.report(run.elapsed())
+        return run.stats.report(run.elapsed(), connections=client.connections)
 
 
 def format_report(report: dict[str, Any]) -> str:
@@ -256,6 +268,7 @@ def format_report(report: dict[str, Any]) -> str:
     lines = [
         f"requests   {report['requests']} in {report['duration_s']:.2f} s (errors: {errors})",
         f"throughput {report['throughput_rps']:.1f} successful requests/s",
+        f"connections {report['connections']}",
     ]
     if latency["p50"] is not None:
         lines.append(
@@ -303,6 +316,13 @@ def build_parser() -> argparse.ArgumentParser:
     )
     parser.add_argument(
         "--images", type=Path, metavar="DIR", help="send these files (default: synthetic JPEGs)"
+    )
+    parser.add_argument(
+        "--connections",
+        type=int,
+        default=1,
+        metavar="N",
+        help=f"spread the calls over N TCP connections (1, at most {MAX_CONNECTIONS})",
     )
     parser.add_argument("--model", help="model name (default: the server's default)")
     parser.add_argument("--timeout", type=float, default=30.0, help="seconds per call (30)")
@@ -359,6 +379,7 @@ def _config(args: argparse.Namespace) -> LoadConfig:
         timeout_s=args.timeout,
         token=args.token_file.read_text().strip() if args.token_file else None,
         seed=args.seed,
+        connections=args.connections,
     )
 
 

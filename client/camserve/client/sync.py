@@ -10,9 +10,15 @@ from typing import Any, TypeVar, Unpack
 
 import grpc
 
-from camserve.client.connection import DEFAULT_ADDRESS, DEFAULT_MESSAGE_BYTES, TLS, Connection
+from camserve.client.connection import (
+    DEFAULT_ADDRESS,
+    DEFAULT_MESSAGE_BYTES,
+    TLS,
+    Connection,
+    PooledChannel,
+)
 from camserve.client.errors import CamserveError, from_rpc_error
-from camserve.client.health import CHECK_METHOD, SERVING, decode_status, encode_request
+from camserve.client.health import SERVING, decode_status, encode_request
 from camserve.client.images import ImageInput
 from camserve.client.kernels import Kernels, kernels_from_proto, kernels_request
 from camserve.client.requests import (
@@ -35,14 +41,13 @@ from camserve.client.retry import (
 )
 from camserve.client.stream import Outcome, StreamScheduler
 from camserve.v1 import explain_pb2 as pb
-from camserve.v1 import explain_pb2_grpc
 
 T = TypeVar("T")
 _CLOSE = object()
 
 
 class Client:
-    """A blocking client of a camserve server; one channel, safe to share between threads.
+    """A blocking client of a camserve server; safe to share between threads.
 
     Use it as a context manager (or call `close()`); a closed client refuses further calls.
 
@@ -51,6 +56,9 @@ class Client:
     `timeout`: default seconds per call, retries included (None: no deadline). `retry`: how
     UNAVAILABLE and RESOURCE_EXHAUSTED are retried (None: not at all). `max_send_bytes` and
     `max_receive_bytes`: message size limits. `token`: sent as `authorization: Bearer <token>`.
+    `connections`: how many channels (TCP connections) to open; unary calls take them in turn and
+    a stream stays on one, so a server with several frontend processes on one port gets calls on
+    each (HTTP/2 balances per connection, not per call).
     """
 
     def __init__(
@@ -63,6 +71,7 @@ class Client:
         max_send_bytes: int = DEFAULT_MESSAGE_BYTES,
         max_receive_bytes: int = DEFAULT_MESSAGE_BYTES,
         token: str | None = None,
+        connections: int = 1,
     ) -> None:
         self._conn = Connection(
             address=address,
@@ -72,17 +81,19 @@ class Client:
             max_send_bytes=max_send_bytes,
             max_receive_bytes=max_receive_bytes,
             token=token,
+            connections=connections,
         )
-        self._channel = self._conn.channel()
-        self._stub = explain_pb2_grpc.ExplainServiceStub(self._channel)
-        self._health_check = self._channel.unary_unary(
-            CHECK_METHOD, request_serializer=None, response_deserializer=None
-        )
+        self._pool = self._conn.channels()
         self._closed = False
 
     @property
     def address(self) -> str:
         return self._conn.address
+
+    @property
+    def connections(self) -> int:
+        """How many channels the client spreads its calls over."""
+        return self._conn.connections
 
     def __enter__(self) -> Client:
         self._check_open()
@@ -97,10 +108,11 @@ class Client:
         self.close()
 
     def close(self) -> None:
-        """Closes the channel; calling it again does nothing."""
+        """Closes the channels; calling it again does nothing."""
         if not self._closed:
             self._closed = True
-            self._channel.close()
+            for member in self._pool:
+                member.channel.close()
 
     def explain(
         self,
@@ -165,12 +177,12 @@ class Client:
 
     def models(self, *, timeout: float | None = None) -> list[ModelInfo]:
         """Every model the server hosts."""
-        response = self._call(self._stub.ListModels, pb.ListModelsRequest(), timeout=timeout)
+        response = self._call(lambda c: c.stub.ListModels, pb.ListModelsRequest(), timeout=timeout)
         return [model_from_proto(info) for info in response.models]
 
     def model(self, name: str, *, timeout: float | None = None) -> ModelInfo:
         """One model by name; NotFound when the server has no such model."""
-        info = self._call(self._stub.GetModel, pb.GetModelRequest(name=name), timeout=timeout)
+        info = self._call(lambda c: c.stub.GetModel, pb.GetModelRequest(name=name), timeout=timeout)
         return model_from_proto(info)
 
     def kernels(
@@ -197,7 +209,7 @@ class Client:
             tiles_per_page=tiles_per_page,
             tile_size=tile_size,
         )
-        return kernels_from_proto(self._call(self._stub.GetKernels, request, timeout=timeout))
+        return kernels_from_proto(self._call(lambda c: c.stub.GetKernels, request, timeout=timeout))
 
     def health(self, *, service: str = "", timeout: float | None = None) -> bool:
         """True when the server (or `service`) reports SERVING; errors raise as usual."""
@@ -205,7 +217,7 @@ class Client:
 
     def health_status(self, *, service: str = "", timeout: float | None = None) -> str:
         """The grpc.health.v1 status name: SERVING, NOT_SERVING, SERVICE_UNKNOWN or UNKNOWN."""
-        data = self._call(self._health_check, encode_request(service), timeout=timeout)
+        data = self._call(lambda c: c.health_check, encode_request(service), timeout=timeout)
         return decode_status(data)
 
     def _explain(
@@ -217,16 +229,24 @@ class Client:
         request_id: str | None,
     ) -> list[Explanation]:
         request = build_request(images, options, request_id=request_id)
-        response = self._call(self._stub.Explain, request, timeout=timeout)
+        response = self._call(lambda c: c.stub.Explain, request, timeout=timeout)
         return explanations_from_response(response)
 
-    def _call(self, method: Callable[..., T], request: Any, *, timeout: float | None) -> T:
+    def _call(
+        self,
+        method: Callable[[PooledChannel[grpc.Channel]], Callable[..., T]],
+        request: Any,
+        *,
+        timeout: float | None,
+    ) -> T:
+        """One unary call; `method` picks the callable off a channel, and each attempt takes the
+        pool's next channel, so calls (and retries) spread over every connection."""
         self._check_open()
         metadata = self._conn.metadata()
 
         def attempt(time_left: float | None) -> T:
             try:
-                return method(request, timeout=time_left, metadata=metadata)
+                return method(self._pool.next())(request, timeout=time_left, metadata=metadata)
             except grpc.RpcError as exc:
                 raise from_rpc_error(exc) from exc
 
@@ -243,7 +263,8 @@ class Client:
             while (request := outgoing.get()) is not _CLOSE:
                 yield request
 
-        call = self._stub.ExplainStream(requests(), timeout=timeout, metadata=self._conn.metadata())
+        stub = self._pool.next().stub  # the whole stream runs on one channel
+        call = stub.ExplainStream(requests(), timeout=timeout, metadata=self._conn.metadata())
         try:
             while not scheduler.finished:
                 for request in scheduler.to_send(time.monotonic()):
