@@ -10,6 +10,13 @@
 # serves the built-in EfficientNet-Lite0, whose weights ship inside a Python package installed
 # here, so nothing is downloaded at run time.
 #
+# The CUDA image runs CAMSERVE_FRONTENDS=4 gRPC frontend processes plus one engine process under
+# a supervisor (one container per GPU). Pixels and maps cross between them in /dev/shm, about
+# 2 x shm_ring_mb (64) x frontends MiB, which Docker's default 64 MiB /dev/shm cannot hold:
+#   docker run --gpus device=0 --shm-size=1g -p 50051:50051 -p 9090:9090 camserve:0.1.0
+# The CPU image leaves CAMSERVE_FRONTENDS unset (auto: one process on the CPU), so the default
+# /dev/shm is enough there.
+#
 # Stages: base-<variant> (where Python and PyTorch come from) -> torch-<variant> (a virtualenv
 # that sees PyTorch) -> builder (builds camserve's wheel, installs it with the server extra) ->
 # runtime (the base again plus the finished virtualenv, run as a non-root user).
@@ -22,7 +29,13 @@ ARG BASE_IMAGE=pytorch/pytorch:2.5.1-cuda12.4-cudnn9-runtime
 ARG CPU_BASE_IMAGE=python:3.11.11-slim-bookworm
 
 FROM ${BASE_IMAGE} AS base-cuda
+# GPU image: 4 frontends + the engine. A fixed count rather than auto (one per CPU core less one,
+# at most 8), so the /dev/shm it needs does not depend on the host: 2 x 64 x 4 = 512 MiB, which
+# --shm-size=1g covers. The environment beats the TOML: set CAMSERVE_FRONTENDS at run time (or
+# set it empty to let the config's `frontends` decide).
+ENV CAMSERVE_FRONTENDS=4
 
+# CPU image: CAMSERVE_FRONTENDS stays unset = auto, the single-process layout on the CPU.
 FROM ${CPU_BASE_IMAGE} AS base-cpu
 
 # ---------------------------------------------------------------------------------------------
@@ -78,18 +91,22 @@ ENV PATH=/opt/camserve/bin:${PATH} \
 USER camserve:camserve
 WORKDIR /home/camserve
 
-# 50051: gRPC (Explain, health, reflection); 9090: Prometheus /metrics over HTTP.
+# 50051: gRPC (Explain, health, reflection; every frontend listens on it with SO_REUSEPORT);
+# 9090: Prometheus /metrics over HTTP (the supervisor's, aggregated over all processes).
 EXPOSE 50051 9090 8080
 
 # SIGTERM makes the server report NOT_SERVING, refuse new calls, finish accepted ones and exit
 # within its grace period (20 s by default); give the container runtime a longer stop timeout.
+# With frontends the supervisor receives it and stops its children the same way.
 STOPSIGNAL SIGTERM
 
 # SERVING only after the models are loaded and warmed up: allow a generous start period.
-# The port is the default one; change both together if the config moves it.
+# The port is the default one; change both together if the config moves it. Whichever frontend
+# takes the connection answers; all report NOT_SERVING while the engine process restarts.
 HEALTHCHECK --interval=15s --timeout=5s --start-period=120s --retries=3 \
     CMD ["camserve", "health", "--server", "127.0.0.1:50051"]
 
-# Exec form: the server is PID 1 and receives the stop signal itself.
+# Exec form: the server (the supervisor, with frontends) is PID 1 and receives the stop signal
+# itself.
 ENTRYPOINT ["camserve-server"]
 CMD []

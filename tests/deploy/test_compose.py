@@ -11,6 +11,7 @@ from __future__ import annotations
 import os
 import re
 import subprocess
+import tomllib
 from pathlib import Path
 from typing import Any
 
@@ -37,6 +38,22 @@ def _compose(compose_bin: str, repo_root: Path, *args: str) -> subprocess.Comple
         timeout=120,
         check=False,
     )
+
+
+def _mib(size: str | int) -> float:
+    """Compose/Docker byte sizes (1073741824, "1gb", "512m", "1g") in MiB; units are binary."""
+    if isinstance(size, int):
+        return size / 2**20
+    match = re.fullmatch(r"(\d+(?:\.\d+)?)\s*([kmg]?)b?", size.strip().lower())
+    assert match, f"not a size: {size!r}"
+    scale = {"": 1, "k": 2**10, "m": 2**20, "g": 2**30}[match.group(2)]
+    return float(match.group(1)) * scale / 2**20
+
+
+def _shm_ring_mb(repo_root: Path) -> int:
+    """shm_ring_mb of deploy/camserve.toml (the config compose mounts), else the default 64."""
+    config = tomllib.loads((repo_root / "deploy" / "camserve.toml").read_text())
+    return int(config.get("server", {}).get("shm_ring_mb", 64))
 
 
 def _profile_args(profile: str | None) -> list[str]:
@@ -93,6 +110,35 @@ def test_server_reserves_a_gpu_and_drains_before_being_killed(resolved: dict[str
     assert grace == SERVER_GRACE_S
     # Docker sends SIGKILL after stop_grace_period: it must outlast the server's own drain.
     assert _seconds(server["stop_grace_period"]) >= grace + 5
+
+
+def test_servers_run_frontends_with_enough_shared_memory(
+    resolved: dict[str, Any], repo_root: Path
+) -> None:
+    """Every server container sets its frontend count (CAMSERVE_FRONTENDS) and a /dev/shm that
+    holds each frontend's two rings (Docker's default 64 MiB does not), and the loadtest opens one
+    connection per frontend, since a connection stays on the frontend that accepted it."""
+    services = resolved["services"]
+    servers = {n: s for n, s in services.items() if s.get("image", "").startswith("camserve:")}
+    servers.pop("loadtest")
+    assert {"server", "server-2"} <= set(servers)
+    ring_mb = _shm_ring_mb(repo_root)
+    frontends: set[int] = set()
+    for name, service in servers.items():
+        assert "CAMSERVE_FRONTENDS" in service["environment"], f"{name}: frontends not set"
+        count = int(service["environment"]["CAMSERVE_FRONTENDS"])
+        assert count >= 1, f"{name}: CAMSERVE_FRONTENDS={count}, not the multi-process layout"
+        frontends.add(count)
+        assert "shm_size" in service, f"{name}: no shm_size, so /dev/shm is Docker's 64 MiB"
+        shm = _mib(service["shm_size"])
+        assert shm >= 256, f"{name}: shm_size {service['shm_size']} is under 256 MiB"
+        assert shm >= 2 * ring_mb * count * 1.25, (
+            f"{name}: shm_size {service['shm_size']} does not hold 2 x {ring_mb} MiB x {count} "
+            "frontends plus headroom"
+        )
+    command = services["loadtest"]["command"]
+    assert "--connections" in command
+    assert {int(command[command.index("--connections") + 1])} == frontends
 
 
 def test_images_are_pinned(resolved: dict[str, Any]) -> None:

@@ -163,6 +163,26 @@ def test_runtime_listens_on_all_interfaces_and_exposes_its_ports(dockerfile: Doc
     assert re.search(r"\bCAMSERVE_HOST=0\.0\.0\.0\b", env)
 
 
+def _env(dockerfile: Dockerfile, stage: Stage) -> dict[str, str]:
+    """The KEY=VALUE pairs of a stage's ENV instructions."""
+    pairs = [p for args in dockerfile.all("ENV", stage) for p in args.split()]
+    return dict(p.split("=", 1) for p in pairs if "=" in p)
+
+
+def test_gpu_image_sets_the_frontend_count(dockerfile: Dockerfile) -> None:
+    """The CUDA runtime runs a fixed number of gRPC frontends (so the /dev/shm it needs is known,
+    whatever the host's core count); the CPU runtime leaves CAMSERVE_FRONTENDS unset (auto: one
+    process on the CPU), so Docker's default /dev/shm is enough for it."""
+    stages = {s.name: s for s in dockerfile.stages}
+    cuda, cpu = _env(dockerfile, stages["base-cuda"]), _env(dockerfile, stages["base-cpu"])
+    assert "CAMSERVE_FRONTENDS" in cuda, "the CUDA image leaves the frontend count to auto"
+    assert int(cuda["CAMSERVE_FRONTENDS"]) >= 1
+    assert "CAMSERVE_FRONTENDS" not in cpu
+    assert "CAMSERVE_FRONTENDS" not in _env(dockerfile, dockerfile.final()), (
+        "set in the final stage, it would apply to the CPU variant too"
+    )
+
+
 def test_nothing_is_fetched_at_run_time(dockerfile: Dockerfile) -> None:
     """Weights come from the image (built-in model) or the /models volume, never from the
     network: no ADD of a URL, and the entrypoint is the server itself, not a fetch script."""

@@ -7,6 +7,7 @@ server's drain, a config the server would refuse.
 
 from __future__ import annotations
 
+import re
 import tomllib
 from pathlib import Path
 from typing import Any
@@ -69,6 +70,51 @@ def test_pod_gets_a_gpu_and_bounded_memory(manifests: dict[str, dict[str, Any]])
     assert resources["requests"]["cpu"]
     assert resources["requests"]["memory"]
     assert resources["limits"]["memory"]
+
+
+def _quantity(value: str | int | float) -> float:
+    """A Kubernetes quantity ("1Gi", "512Mi", "500m", "5") as a plain number."""
+    text = str(value).strip()
+    match = re.fullmatch(r"(\d+(?:\.\d+)?)(Ki|Mi|Gi|Ti|m|k|M|G|T)?", text)
+    assert match, f"not a quantity: {value!r}"
+    scales = {"Ki": 2**10, "Mi": 2**20, "Gi": 2**30, "Ti": 2**40, "m": 1e-3}
+    scales |= {"k": 1e3, "M": 1e6, "G": 1e9, "T": 1e12}
+    return float(match.group(1)) * scales.get(match.group(2) or "", 1)
+
+
+def test_pod_runs_frontends_with_a_memory_backed_dev_shm(
+    manifests: dict[str, dict[str, Any]],
+) -> None:
+    """One pod per GPU runs CAMSERVE_FRONTENDS frontends and an engine: the count is set (auto
+    would count the node's cores), the CPU request covers every process, and /dev/shm is a
+    memory-backed emptyDir large enough for each frontend's two rings (the runtime's default
+    /dev/shm is 64 MiB)."""
+    deployment = manifests["Deployment"]
+    container = _container(deployment)
+    env = {e["name"]: e.get("value") for e in container["env"]}
+    assert "CAMSERVE_FRONTENDS" in env, "the frontend count is not set"
+    frontends = int(env["CAMSERVE_FRONTENDS"])
+    assert frontends >= 1, f"CAMSERVE_FRONTENDS={frontends}, not the multi-process layout"
+    assert container["resources"]["limits"]["nvidia.com/gpu"] == 1
+    assert _quantity(container["resources"]["requests"]["cpu"]) >= frontends + 1
+
+    volumes = {v["name"]: v for v in deployment["spec"]["template"]["spec"]["volumes"]}
+    mounts = {m["mountPath"]: m for m in container["volumeMounts"]}
+    assert "/dev/shm" in mounts, "/dev/shm is the runtime's 64 MiB default"
+    assert not mounts["/dev/shm"].get("readOnly", False)
+    shm = volumes[mounts["/dev/shm"]["name"]]
+    assert shm["emptyDir"]["medium"] == "Memory"
+    size_mib = _quantity(shm["emptyDir"]["sizeLimit"]) / 2**20
+    ring_mb = _config(manifests)["server"].get("shm_ring_mb", 64)
+    assert size_mib >= 256
+    assert size_mib >= 2 * ring_mb * frontends * 1.25, (
+        f"sizeLimit {shm['emptyDir']['sizeLimit']} does not hold 2 x {ring_mb} MiB x "
+        f"{frontends} frontends plus headroom"
+    )
+    # tmpfs pages count against the container's memory limit.
+    assert _quantity(container["resources"]["limits"]["memory"]) > _quantity(
+        shm["emptyDir"]["sizeLimit"]
+    )
 
 
 def test_termination_grace_outlasts_the_drain(manifests: dict[str, dict[str, Any]]) -> None:
