@@ -65,6 +65,9 @@ def test_settings(resnet18_weights: Path) -> Callable[..., Any]:
             "metrics_port": 0,
             "http_port": 0,
             "grace_period_s": 5.0,
+            # One process unless a test asks for the multi-process layout (auto would pick it
+            # beside a GPU).
+            "frontends": 0,
         }
         base.update(changes)
         return Settings(models=models, limits=limits or LimitsSettings(), **base)
@@ -91,6 +94,15 @@ def server_factory(test_settings: Callable[..., Any]) -> Iterator[Callable[..., 
 def camserve_server(test_settings: Callable[..., Any]) -> Iterator[ServerThread]:
     """One shared server: the pretrained `efficientnet-lite0` (default) and a seeded `resnet18`."""
     server = ServerThread(test_settings())
+    yield server
+    server.stop(grace=1.0)
+
+
+@pytest.fixture(scope="session")
+def camserve_processes(test_settings: Callable[..., Any]) -> Iterator[ServerThread]:
+    """The same models as `camserve_server` in the multi-process layout: a supervisor, one
+    engine process and two gRPC frontends on one port."""
+    server = ServerThread(test_settings(frontends=2))
     yield server
     server.stop(grace=1.0)
 

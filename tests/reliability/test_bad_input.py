@@ -434,11 +434,12 @@ CASES: list[Case] = [
 ]
 
 
-@pytest.fixture(scope="module")
-def server(resnet18_weights: Path) -> Iterator[ServerThread]:
-    """One server for the module: a 1 MB message limit and at most 4 images per request."""
+@pytest.fixture(scope="module", params=[0, 2], ids=["one-process", "frontends-2"])
+def server(resnet18_weights: Path, request: pytest.FixtureRequest) -> Iterator[ServerThread]:
+    """One server per process layout: a 1 MB message limit and at most 4 images per request."""
     running = ServerThread(
         Settings(
+            frontends=request.param,
             port=0,
             metrics_port=-1,
             http_port=0,

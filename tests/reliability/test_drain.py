@@ -31,13 +31,17 @@ UNARY_GRACE_S = 30.0  # long enough that every started unary request finishes on
 IMAGE = png_bytes(seeded_images(1, size=(64, 64), seed=4)[0])
 
 
-def start(tmp_path: Path, weights: Path, grace_s: float) -> tuple[subprocess.Popen[bytes], int]:
-    """`camserve-server` as a child process (resnet18 at 64x64) with the given grace period."""
+def start(
+    tmp_path: Path, weights: Path, grace_s: float, frontends: int = 0
+) -> tuple[subprocess.Popen[bytes], int]:
+    """`camserve-server` as a child process (resnet18 at 64x64) with the given grace period, in
+    one process or with `frontends` gRPC frontends beside an engine process."""
     config = tmp_path / "camserve.toml"
     config.write_text(
         f"""
 [server]
 grace_period_s = {grace_s}
+frontends = {frontends}
 [[models]]
 name = "resnet18"
 source = "torchvision:resnet18"
@@ -52,12 +56,13 @@ max_delay_ms = 2
     return start_server_process(config, tmp_path / "ready.json")
 
 
-@pytest.fixture
+@pytest.fixture(params=[0, 2], ids=["one-process", "frontends-2"])
 def server_process(
-    tmp_path: Path, resnet18_weights: Path
+    tmp_path: Path, resnet18_weights: Path, request: pytest.FixtureRequest
 ) -> Iterator[tuple[subprocess.Popen[bytes], int]]:
-    """A server process with a short grace period; killed if a test leaves it running."""
-    process, port = start(tmp_path, resnet18_weights, GRACE_S)
+    """A server process with a short grace period, in each process layout; killed if a test
+    leaves it running."""
+    process, port = start(tmp_path, resnet18_weights, GRACE_S, request.param)
     try:
         yield process, port
     finally:
@@ -154,10 +159,11 @@ async def test_request_in_flight_on_a_stream_at_sigterm_is_answered(
     assert exit_code == 0
 
 
+@pytest.mark.parametrize("frontends", [0, 2], ids=["one-process", "frontends-2"])
 async def test_sigterm_answers_every_accepted_request(
-    tmp_path: Path, resnet18_weights: Path
+    tmp_path: Path, resnet18_weights: Path, frontends: int
 ) -> None:
-    process, port = start(tmp_path, resnet18_weights, UNARY_GRACE_S)
+    process, port = start(tmp_path, resnet18_weights, UNARY_GRACE_S, frontends)
     images = [png_bytes(image) for image in seeded_images(4, size=(64, 64))]
     try:
         async with grpc.aio.insecure_channel(f"127.0.0.1:{port}") as channel:

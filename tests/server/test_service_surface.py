@@ -21,8 +21,16 @@ from tests._support import gated_model
 from tests._support.servers import CAT_BYTES, COFFEE_BYTES
 
 
-async def test_models_describe_inputs_layers_and_methods(camserve_server: Any) -> None:
-    async with grpc.aio.insecure_channel(camserve_server.address) as channel:
+@pytest.fixture(scope="module", params=["one-process", "frontends-2"])
+def surface(request: pytest.FixtureRequest) -> Any:
+    """The shared server in each process layout: one process, and a supervisor with an engine
+    process and two gRPC frontends (whose /metrics aggregates every process)."""
+    name = "camserve_server" if request.param == "one-process" else "camserve_processes"
+    return request.getfixturevalue(name)
+
+
+async def test_models_describe_inputs_layers_and_methods(surface: Any) -> None:
+    async with grpc.aio.insecure_channel(surface.address) as channel:
         stub = pb_grpc.ExplainServiceStub(channel)
         listed = await stub.ListModels(pb.ListModelsRequest())
         resnet = await stub.GetModel(pb.GetModelRequest(name="resnet18"))
@@ -70,8 +78,8 @@ def assert_method_costs(info: pb.ModelInfo, channels: int) -> None:
     assert 1 < ablation.forward_passes < score.forward_passes
 
 
-async def test_health_and_reflection(camserve_server: Any) -> None:
-    async with grpc.aio.insecure_channel(camserve_server.address) as channel:
+async def test_health_and_reflection(surface: Any) -> None:
+    async with grpc.aio.insecure_channel(surface.address) as channel:
         health = health_pb2_grpc.HealthStub(channel)
         for service in ("", "camserve.v1.ExplainService"):
             reply = await health.Check(health_pb2.HealthCheckRequest(service=service))
@@ -83,12 +91,12 @@ async def test_health_and_reflection(camserve_server: Any) -> None:
     assert "camserve.v1.ExplainService" in services
 
 
-async def test_metrics_endpoint_serves_prometheus_text(camserve_server: Any) -> None:
-    async with grpc.aio.insecure_channel(camserve_server.address) as channel:
+async def test_metrics_endpoint_serves_prometheus_text(surface: Any) -> None:
+    async with grpc.aio.insecure_channel(surface.address) as channel:
         await pb_grpc.ExplainServiceStub(channel).Explain(
             pb.ExplainRequest(images=[pb.Image(encoded=CAT_BYTES)])
         )
-    port = camserve_server.server.metrics_port
+    port = surface.server.metrics_port
     url = f"http://127.0.0.1:{port}/metrics"
     text = await asyncio.to_thread(lambda: urllib.request.urlopen(url, timeout=10).read().decode())
     for name in (
@@ -111,7 +119,7 @@ async def test_metrics_endpoint_serves_prometheus_text(camserve_server: Any) -> 
 
 
 async def test_stream_answers_each_request_by_id_and_isolates_bad_ones(
-    camserve_server: Any,
+    surface: Any,
 ) -> None:
     requests = [
         pb.ExplainRequest(images=[pb.Image(encoded=CAT_BYTES)], request_id="cat"),
@@ -124,7 +132,7 @@ async def test_stream_answers_each_request_by_id_and_isolates_bad_ones(
         for request in requests:
             yield request
 
-    async with grpc.aio.insecure_channel(camserve_server.address) as channel:
+    async with grpc.aio.insecure_channel(surface.address) as channel:
         stream = pb_grpc.ExplainServiceStub(channel).ExplainStream(send())
         replies = {reply.request_id: reply async for reply in stream}
     assert set(replies) == {"cat", "bad", "lost", "coffee"}
