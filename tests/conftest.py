@@ -114,13 +114,14 @@ def gated_server_factory(
     """Starts a server whose only model, "gated", blocks in its forward pass until the test
     opens `gated_model.GATE`; the gate is closed once the server serves."""
 
-    def start(max_queue: int = 2) -> ServerThread:
+    def start(max_queue: int = 2, frontends: int = 0) -> ServerThread:
         from camserve.server.settings import LimitsSettings
 
         gated_model.GATE.set()  # the warm-up pass must get through
         server = server_factory(
             models=(gated_settings(max_queue),),
             metrics_port=-1,
+            frontends=frontends,
             # A request may hold no more images than the queue (settings refuse otherwise).
             limits=LimitsSettings(max_images_per_request=max_queue),
         )

@@ -33,14 +33,22 @@ MAX_QUEUE = 8
 IMAGE = png_bytes(seeded_images(1, size=(32, 32), seed=3)[0])
 
 
-@pytest.fixture
-def server(gated_server_factory: Callable[..., ServerThread]) -> ServerThread:
-    """The gated model, one image per batch, a queue of 8; the gate is closed once it serves."""
-    return gated_server_factory(max_queue=MAX_QUEUE)
+@pytest.fixture(params=[0, 2], ids=["one-process", "frontends-2"])
+def server(
+    gated_server_factory: Callable[..., ServerThread], request: pytest.FixtureRequest
+) -> ServerThread:
+    """The gated model, one image per batch, a queue of 8; the gate is closed once it serves.
+    In one process, and with two frontends beside an engine process."""
+    return gated_server_factory(max_queue=MAX_QUEUE, frontends=request.param)
 
 
 def depth(server: ServerThread) -> int:
-    return int(server.server.registry.get("gated").queue_depth)
+    """The model's queue depth: read off the runtime in one process; in the multi-process
+    layout, the engine process's gauge in the supervisor's aggregated metrics."""
+    if not server.settings.frontends:
+        return int(server.server.registry.get("gated").queue_depth)
+    engine = str(server.server.pids()["engine"])
+    return int(server.metric("camserve_queue_depth", model="gated", pid=engine))
 
 
 def computed(server: ServerThread) -> float:

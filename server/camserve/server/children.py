@@ -18,7 +18,7 @@ from typing import Any
 
 from camserve.server.settings import Settings, SettingsError
 
-SAMPLE_EVERY_S = 1.0
+SAMPLE_EVERY_S = 0.1
 _PR_SET_PDEATHSIG = 1
 
 
@@ -42,9 +42,20 @@ def _report(ready: Connection, message: tuple[Any, ...]) -> None:
         ready.send(message)
 
 
-async def _sample(metrics: Any, role: str, index: str, cuda: bool) -> None:  # noqa: ANN401
+async def _sample(
+    metrics: Any,  # noqa: ANN401 - camserve.server.metrics.Metrics, imported late
+    role: str,
+    index: str,
+    cuda: bool,
+    backend: Any = None,  # noqa: ANN401 - the engine's LocalBackend
+) -> None:
+    """Writes this process's gauges, which a multiprocess registry cannot read at scrape time:
+    its CPU time, CUDA memory and (in the engine) every model's queue depth."""
     while True:
         metrics.sample_process(role, index, cuda)
+        if backend is not None:
+            for runtime in backend.registry:
+                metrics.queue_depth.labels(runtime.spec.name).set(runtime.queue_depth)
         await asyncio.sleep(SAMPLE_EVERY_S)
 
 
@@ -82,7 +93,7 @@ async def _engine(settings: Settings, socket_path: str, ready: Connection) -> No
     cuda = any(
         status.meta and status.meta.device.startswith("cuda") for status in backend.statuses()
     )
-    sampler = asyncio.get_running_loop().create_task(_sample(metrics, "engine", "0", cuda))
+    sampler = asyncio.get_running_loop().create_task(_sample(metrics, "engine", "0", cuda, backend))
     _report(ready, ("ready", os.getpid()))
     await _until_sigterm()
     sampler.cancel()
