@@ -57,7 +57,15 @@ CALL_TIMEOUT_S = 300.0
 CLIENT_TIMEOUT_S = 900.0
 MAX_MESSAGE = 256 * 1024 * 1024
 STAGE_METRIC = "camserve_stage_cpu_seconds_total"
-CEILING_KEYS = ("input", "output", "transport", "ips", "server_cpu_ms_per_image")
+CEILING_KEYS = (
+    "input",
+    "output",
+    "transport",
+    "frontends",
+    "ips",
+    "server_cpu_ms_per_image",
+    "engine_cpu_ms_per_image",
+)
 
 
 def log(message: str) -> None:
@@ -115,11 +123,12 @@ def request_bytes(image: Any, output: str) -> bytes:
 # -------------------------------------------------------------------------------------- server
 
 
-def server_config(preprocess_threads: int, max_batch_size: int) -> str:
+def server_config(preprocess_threads: int, max_batch_size: int, frontends: int = 0) -> str:
     return "\n".join(
         [
             "[server]",
             'host = "127.0.0.1"',
+            f"frontends = {frontends}",
             'log_level = "warning"',
             "grace_period_s = 5",
             "max_message_mb = 128",
@@ -147,7 +156,9 @@ def start_camserve(
     from serving import start_server
 
     config = workdir / "ceiling.toml"
-    config.write_text(server_config(args.preprocess_threads, args.batch))
+    # A baseline checkout may predate the multi-process layout: it runs in one process.
+    frontends = args.frontends if source is None else 0
+    config.write_text(server_config(args.preprocess_threads, args.batch, frontends))
     paths = [str(HERE)]
     if source is not None:
         paths += [str(source / "server"), str(source / "protos")]
@@ -257,10 +268,11 @@ def check_answer(data: bytes) -> None:
 
 
 class Window:
-    """Counts answers and takes the server's CPU readings at the start and end of the window."""
+    """Counts answers and takes the server's CPU readings at the start and end of the window:
+    every process of the server summed, and the engine processes on their own."""
 
-    def __init__(self, pids: list[int], metrics_ports: list[int]) -> None:
-        self.pids, self.metrics_ports = pids, metrics_ports
+    def __init__(self, pids: list[int], engine_pids: list[int], metrics_ports: list[int]) -> None:
+        self.pids, self.engine_pids, self.metrics_ports = pids, engine_pids, metrics_ports
         self.answered = 0
         self.checked = 0
         self.stop = False
@@ -271,12 +283,13 @@ class Window:
             check_answer(data)
             self.checked += 1
 
-    def reading(self) -> tuple[float, int, float, dict[str, float]]:
+    def reading(self) -> tuple[float, int, float, dict[str, float], float]:
         return (
             time.perf_counter(),
             self.answered,
             sum(process_cpu_s(pid) for pid in self.pids),
             _summed([stage_cpu_s(port) for port in self.metrics_ports]),
+            sum(process_cpu_s(pid) for pid in self.engine_pids),
         )
 
 
@@ -317,14 +330,21 @@ async def drive(
     warmup_s: float,
     duration_s: float,
     window: Window,
+    connections: int = 1,
 ) -> dict[str, Any]:
     import grpc
 
     options = [
         ("grpc.max_send_message_length", MAX_MESSAGE),
         ("grpc.max_receive_message_length", MAX_MESSAGE),
+        # Distinct connections, so the kernel spreads them over a server's frontends.
+        ("grpc.use_local_subchannel_pool", 1),
     ]
-    channels = [grpc.aio.insecure_channel(address, options=options) for address in addresses]
+    channels = [
+        grpc.aio.insecure_channel(address, options=[*options, ("camserve.connection", index)])
+        for address in addresses
+        for index in range(connections)
+    ]
     try:
         if transport == "http":
             tasks = [asyncio.create_task(_http(http_urls, body, concurrency, window))]
@@ -353,6 +373,7 @@ async def drive(
     seconds = ended[0] - started[0]
     images = ended[1] - started[1]
     cpu_ms = 1000 * (ended[2] - started[2])
+    engine_ms = 1000 * (ended[4] - started[4])
     stages = {name: 1000 * (ended[3][name] - started[3].get(name, 0.0)) for name in ended[3]}
     per_image = {name: round(ms / images, 3) for name, ms in stages.items()} if images else {}
     if images and stages:
@@ -361,6 +382,10 @@ async def drive(
         "ips": round(images / seconds, 2),
         "server_cpu_ms_per_image": round(cpu_ms / images, 3) if images else None,
         "server_cores": round(cpu_ms / 1000 / seconds, 2),
+        # The engine process alone (None in the one-process layout, which has none).
+        "engine_cpu_ms_per_image": (
+            round(engine_ms / images, 3) if images and window.engine_pids else None
+        ),
         "stages_ms_per_image": per_image,
         "images": images,
     }
@@ -388,7 +413,7 @@ def client_main(spec_path: str) -> int:
     """The client process: reads its case, drives the server, prints one JSON line."""
     spec = json.loads(Path(spec_path).read_text())
     body = Path(spec["body"]).read_bytes()
-    window = Window(spec["pids"], spec["metrics_ports"])
+    window = Window(spec["pids"], spec["engine_pids"], spec["metrics_ports"])
     result = asyncio.run(
         drive(
             spec["addresses"],
@@ -399,6 +424,7 @@ def client_main(spec_path: str) -> int:
             spec["warmup_s"],
             spec["duration_s"],
             window,
+            spec["connections"],
         )
     )
     print(json.dumps(result))
@@ -417,7 +443,11 @@ def run_client(
         "http_urls": [
             f"http://127.0.0.1:{ready.get('http_port')}/v1/models/tiny:explain" for ready in servers
         ],
-        "pids": [ready["pid"] for ready in servers],
+        # A multi-process server: the supervisor and every child it lists.
+        "pids": [pid for ready in servers for pid in _server_pids(ready)],
+        "engine_pids": [
+            ready["children"]["engine"] for ready in servers if "engine" in ready.get("children", {})
+        ],
         "metrics_ports": [ready.get("metrics_port", 0) for ready in servers],
         "body": str(body_path),
         **case,
@@ -437,6 +467,10 @@ def run_client(
     return result
 
 
+def _server_pids(ready: dict[str, Any]) -> list[int]:
+    return [ready["pid"], *ready.get("children", {}).values()]
+
+
 def one_answer(ready: dict[str, Any], body: bytes) -> bytes:
     """The server's answer bytes to `body` (what the bare server then replays)."""
     import grpc
@@ -453,16 +487,19 @@ def one_answer(ready: dict[str, Any], body: bytes) -> bytes:
 def render(result: dict[str, Any]) -> str:
     stages = sorted({s for row in result["ceiling"] for s in row["stages_ms_per_image"]})
     header = f"{'input':<8} {'output':<8} {'transport':<9} {'images/s':>9} {'CPU ms/img':>10}"
+    header += f" {'engine':>7}"
     header += "".join(f" {stage:>10}" for stage in stages)
     if any("bare_ips" in row for row in result["ceiling"]):
         header += f" {'bare img/s':>10} {'bare ms':>8}"
     if any("baseline_ips" in row for row in result["ceiling"]):
         header += f" {'base img/s':>10} {'base ms':>8} {'ms ratio':>8}"
     lines = [
-        f"camserve serving ceiling: tiny CNN, {result['processes']} server process(es), "
+        f"camserve serving ceiling: tiny CNN, {result['processes']} server(s) of "
+        f"{_layout(result['frontends'])}, {result['connections']} connection(s) per server, "
         f"{result['concurrency']} calls in flight, {result['duration_s']:g} s per case, "
         f"{result['cores']} cores",
-        "CPU ms/img: server process CPU time per image answered; stage columns split it",
+        "CPU ms/img: the server's CPU time per image answered, every process summed; stage "
+        "columns split it; engine: the engine process alone",
         "",
         header,
     ]
@@ -470,6 +507,7 @@ def render(result: dict[str, Any]) -> str:
         line = (
             f"{row['input']:<8} {row['output']:<8} {row['transport']:<9} {row['ips']:>9.1f} "
             f"{_fmt(row['server_cpu_ms_per_image']):>10}"
+            f" {_fmt(row.get('engine_cpu_ms_per_image')):>7}"
         )
         line += "".join(f" {_fmt(row['stages_ms_per_image'].get(s)):>10}" for s in stages)
         if "bare_ips" in row:
@@ -493,6 +531,10 @@ def http_ratios(rows: list[dict[str, Any]]) -> list[str]:
                 f"HTTP/JSON vs gRPC unary, {image} -> {output}: {http / grpc_cpu:.2f}x CPU"
             )
     return ["", *lines] if lines else []
+
+
+def _layout(frontends: int) -> str:
+    return f"{frontends} frontend(s) + 1 engine process" if frontends else "one process"
 
 
 def _fmt(value: float | None) -> str:
@@ -528,6 +570,19 @@ def build_parser() -> argparse.ArgumentParser:
         "sums them",
     )
     parser.add_argument(
+        "--frontends",
+        type=int,
+        default=0,
+        help="gRPC frontend processes per server beside its engine process (0: one process)",
+    )
+    parser.add_argument(
+        "--connections",
+        type=int,
+        default=0,
+        help="client connections per server (0: 4 per frontend, else 1), so that the kernel "
+        "spreads them over the frontends",
+    )
+    parser.add_argument(
         "--baseline",
         type=Path,
         help="another camserve checkout (e.g. a git worktree of an older commit): each case is "
@@ -550,6 +605,10 @@ def cases(args: argparse.Namespace) -> list[tuple[str, str, str]]:
     ]
 
 
+def connections(args: argparse.Namespace) -> int:
+    return args.connections or (4 * args.frontends if args.frontends else 1)
+
+
 def measure_all(args: argparse.Namespace, workdir: Path) -> list[dict[str, Any]]:
     from serving import stop_server
 
@@ -560,6 +619,7 @@ def measure_all(args: argparse.Namespace, workdir: Path) -> list[dict[str, Any]]
         "concurrency": args.concurrency,
         "warmup_s": args.warmup,
         "duration_s": args.duration,
+        "connections": connections(args),
     }
     rows = []
     started = []
@@ -578,7 +638,12 @@ def measure_all(args: argparse.Namespace, workdir: Path) -> list[dict[str, Any]]
         for image, output, transport in cases(args):
             body = (json_bodies if transport == "http" else bodies)[(image, output)]
             log(f"{image} -> {output} over {transport}")
-            row: dict[str, Any] = {"input": image, "output": output, "transport": transport}
+            row: dict[str, Any] = {
+                "input": image,
+                "output": output,
+                "transport": transport,
+                "frontends": args.frontends,
+            }
             if baseline and transport != "http":  # just before, so both see the same machine
                 before = run_client(workdir, baseline, body, transport=transport, **timing)
                 row["baseline_ips"] = before["ips"]
@@ -615,12 +680,16 @@ def main(argv: list[str] | None = None) -> int:
         return bare_server_main(*args.bare_server)
     if min(args.concurrency, args.batch, args.processes) < 1 or args.duration <= 0:
         raise SystemExit("--concurrency, --batch and --processes must be >= 1, --duration > 0")
+    if args.frontends < 0 or args.connections < 0:
+        raise SystemExit("--frontends and --connections must be >= 0")
     with tempfile.TemporaryDirectory(prefix="camserve-ceiling-") as tmp:
         rows = measure_all(args, Path(tmp))
     result = {
         "concurrency": args.concurrency,
         "duration_s": args.duration,
         "processes": args.processes,
+        "frontends": args.frontends,
+        "connections": connections(args),
         "cores": usable_cores(),
         "ceiling": rows,
     }

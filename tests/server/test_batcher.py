@@ -269,3 +269,69 @@ async def test_a_reservation_is_used_up_across_waves_of_submissions() -> None:
         await batcher.submit([6], reservation=reservation)
     assert batcher.depth == 0
     await batcher.close()
+
+
+class SlowRecorder(Recorder):
+    """A recorder whose batches take `seconds` each, like a model on a slow device."""
+
+    def __init__(self, seconds: float) -> None:
+        super().__init__()
+        self.seconds = seconds
+
+    async def __call__(self, items: list[int]) -> list[int | BaseException]:
+        self.batches.append(items)
+        await asyncio.sleep(self.seconds)
+        return [i * 10 for i in items]
+
+
+async def _trickle(batcher: DynamicBatcher[int, int], count: int, gap_s: float) -> None:
+    """`count` single-item callers arriving `gap_s` apart, as closed-loop clients come back."""
+    calls = []
+    for index in range(count):
+        calls.append(asyncio.create_task(batcher.submit([index])))
+        await asyncio.sleep(gap_s)
+    await asyncio.gather(*calls)
+
+
+@pytest.mark.parametrize("adaptive", [False, True])
+async def test_the_adaptive_wait_gathers_returning_callers_into_full_batches(
+    adaptive: bool,
+) -> None:
+    """Closed-loop callers: three wait in the queue while a 0.2 s batch runs, five come back
+    10 ms apart once it ends. A 2 ms delay runs the three alone; the adaptive wait (up to half
+    a batch) takes all eight together."""
+    recorder = SlowRecorder(0.2)
+    batcher = DynamicBatcher(
+        recorder, max_batch_size=8, max_delay_s=0.002, max_queue=64, adaptive=adaptive
+    )
+    batcher.start()
+    await batcher.submit([99])  # one batch, so the batcher knows what a batch costs
+    recorder.batches.clear()
+    first = asyncio.create_task(_trickle(batcher, 4, 0.01))  # one runs, three queue
+    while not recorder.batches:
+        await asyncio.sleep(0.001)
+    await asyncio.sleep(0.19)  # about when the first batch ends
+    await _trickle(batcher, 5, 0.01)
+    await first
+    sizes = [len(batch) for batch in recorder.batches]
+    if adaptive:
+        assert sizes == [1, 8]
+    else:
+        assert sizes[0] == 1 and len(sizes) >= 3 and max(sizes) < 8, sizes
+    await batcher.close()
+
+
+async def test_the_adaptive_wait_never_holds_a_lone_item_past_the_delay() -> None:
+    """After a pause in arrivals, one item waits only `max_delay_s`, however slow batches are."""
+    recorder = SlowRecorder(0.4)
+    batcher = DynamicBatcher(
+        recorder, max_batch_size=8, max_delay_s=0.002, max_queue=64, adaptive=True
+    )
+    batcher.start()
+    await _trickle(batcher, 4, 0.005)  # a quick burst: a short average gap
+    await asyncio.sleep(0.5)
+    started = time.monotonic()
+    ((_, info),) = await batcher.submit([7])
+    assert info.queue_s < 0.05, info
+    assert time.monotonic() - started < 0.4 + 0.15
+    await batcher.close()

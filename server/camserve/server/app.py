@@ -168,11 +168,17 @@ class CamServer:
         )
         address = f"{settings.host}:{settings.port}"
         credentials = _credentials(settings)
-        self.port = (
-            self.server.add_secure_port(address, credentials)
-            if credentials
-            else self.server.add_insecure_port(address)
-        )
+        try:
+            self.port = (
+                self.server.add_secure_port(address, credentials)
+                if credentials
+                else self.server.add_insecure_port(address)
+            )
+        except RuntimeError as exc:  # gRPC's way of saying the bind failed
+            raise SettingsError(
+                f"port {address} is already in use or cannot be bound ({exc}); stop the process "
+                "that holds it or choose another port"
+            ) from None
         self.metrics_port: int | None = None
         self._metrics_server: WSGIServer | None = None
         self.http: HttpServer | None = None

@@ -11,6 +11,15 @@ its items in waves holds room for all of them), items whose deadline passed are 
 processing, and a caller that goes away takes its items out of the queue. Each item's outcome
 (a result or an exception) goes to its own caller.
 
+Adaptive wait (`adaptive=True`): when items arrive fast enough that the batch would fill within
+half the time a batch takes to process, the oldest item waits up to that long instead of
+`max_delay_s`. Closed-loop callers (each sends again once answered) come back spread over the
+time their answers take to shape and send, while the others already wait in the queue; a fixed
+short delay would then run the waiting ones alone and the returning ones in the next batch,
+halving every batch. The arrival gap is the median of the recent gaps, grown while nothing arrives (counted
+from the end of the last batch, before which its callers cannot return), so a lone caller or a
+trickle waits little longer than `max_delay_s`.
+
 Supervision: a failing callback or processing step fails only its batch and the loop goes on;
 should the loop task end anyway, every waiting caller is failed and new ones are refused at once
 with `BatcherClosed`, never left hanging.
@@ -21,6 +30,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import statistics
 import time
 from collections import deque
 from collections.abc import Awaitable, Callable, Sequence
@@ -28,6 +38,11 @@ from dataclasses import dataclass, field
 from typing import Any, Generic, TypeVar
 
 log = logging.getLogger("camserve.batcher")
+# The adaptive wait: at most this share of a batch's processing time, and never above the cap.
+ADAPTIVE_SHARE = 0.5
+ADAPTIVE_CAP_S = 1.0
+MIN_TICK_S = 0.001
+GAP_SAMPLES = 16
 T = TypeVar("T")
 R = TypeVar("R")
 
@@ -133,6 +148,7 @@ class DynamicBatcher(Generic[T, R]):
         on_batch: Callable[[int, int], None] | None = None,
         on_expired: Callable[[int], None] | None = None,
         cost: Callable[[T], int] | None = None,
+        adaptive: bool = False,
     ) -> None:
         if max_batch_size < 1 or max_queue < 1 or max_delay_s < 0:
             raise ValueError("max_batch_size and max_queue must be >= 1, max_delay_s >= 0")
@@ -151,7 +167,12 @@ class DynamicBatcher(Generic[T, R]):
         self._closed = False
         self._stopped: BaseException | None = None  # why the loop ended, if it did
         self._running: list[_Entry[T, R]] = []  # the batch being processed
-        self._batch_seconds = 0.0  # moving average, for retry hints
+        self._batch_seconds = 0.0  # moving average, for retry hints and the adaptive wait
+        self._adaptive = adaptive
+        self._gaps: deque[float] = deque(maxlen=GAP_SAMPLES)  # recent times between items
+        self._gap_s = 0.0  # their median: idle pauses between bursts do not skew it
+        self._last_arrival = 0.0
+        self._last_batch_end = 0.0
 
     @property
     def depth(self) -> int:
@@ -244,6 +265,7 @@ class DynamicBatcher(Generic[T, R]):
             raise
         self._queue.extend(entries)
         self._queued_cost += cost
+        self._note_arrival(now, cost)
         self._arrived.set()
         try:
             results = await asyncio.gather(*(e.future for e in entries))
@@ -259,6 +281,22 @@ class DynamicBatcher(Generic[T, R]):
             for result, e in zip(results, entries, strict=True)
         ]
 
+    def _note_arrival(self, now: float, cost: int) -> None:
+        if self._last_arrival:
+            self._gaps.append((now - self._last_arrival) / cost)
+            self._gap_s = statistics.median(self._gaps)
+        self._last_arrival = now
+
+    def _wait_s(self, now: float) -> float:
+        """How long the oldest item may wait for a fuller batch (see the module docstring)."""
+        if not self._adaptive or not self._batch_seconds or not self._gap_s:
+            return self._max_delay_s
+        budget = min(ADAPTIVE_CAP_S, ADAPTIVE_SHARE * self._batch_seconds)
+        # Callers waiting on the batch that just ended cannot have come back before it ended.
+        gap = max(self._gap_s, now - max(self._last_arrival, self._last_batch_end))
+        missing = self._max_batch_size - self._queued_cost
+        return max(self._max_delay_s, budget) if missing * gap <= budget else self._max_delay_s
+
     async def _gather_batch(self) -> list[_Entry[T, R]]:
         """Waits for the first item, then for a full batch or the delay, whichever comes first."""
         while not self._queue:
@@ -268,14 +306,19 @@ class DynamicBatcher(Generic[T, R]):
             await self._arrived.wait()
         oldest = self._queue[0].enqueued_at
         while self._queued_cost < self._max_batch_size and not self._closed:
-            remaining = oldest + self._max_delay_s - time.monotonic()
-            if remaining <= 0:
-                break
+            now = time.monotonic()
+            fixed_end = oldest + self._max_delay_s
+            if now < fixed_end:
+                timeout = fixed_end - now
+            else:  # past the fixed delay: wait on only while arrivals keep coming, counted
+                # from when the batcher was free to run the oldest item
+                remaining = max(oldest, self._last_batch_end) + self._wait_s(now) - now
+                if remaining <= 0:
+                    break
+                timeout = min(remaining, max(MIN_TICK_S, 2 * self._gap_s))
             self._arrived.clear()
-            try:
-                await asyncio.wait_for(self._arrived.wait(), remaining)
-            except TimeoutError:
-                break
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._arrived.wait(), timeout)
         batch: list[_Entry[T, R]] = []
         now = time.monotonic()
         expired = 0
@@ -327,7 +370,8 @@ class DynamicBatcher(Generic[T, R]):
                 raise RuntimeError(f"process returned {len(outcomes)} results for {len(batch)}")
         except Exception as exc:  # noqa: BLE001 - every caller must learn of the failure
             outcomes = [exc] * len(batch)
-        elapsed = time.monotonic() - started
+        self._last_batch_end = time.monotonic()
+        elapsed = self._last_batch_end - started
         average = self._batch_seconds
         self._batch_seconds = elapsed if not average else 0.8 * average + 0.2 * elapsed
         for entry, outcome in zip(batch, outcomes, strict=True):

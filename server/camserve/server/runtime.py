@@ -168,6 +168,7 @@ class ModelRuntime:
             on_batch=lambda size, depth: self._metrics.observe_batch(name, size, depth),
             on_expired=lambda count: self._metrics.expired.labels(name).inc(count),
             cost=item_cost,
+            adaptive=self.spec.adaptive_delay,
         )
         self._batcher.start()
 

@@ -60,6 +60,9 @@ class ModelSettings:
     std: tuple[float, ...] = ()
     max_batch_size: int = 32
     max_delay_ms: float = 5.0
+    # Wait longer than max_delay_ms while items arrive fast enough to fill the batch within half
+    # a batch's compute time (camserve.server.batcher); false: max_delay_ms alone.
+    adaptive_delay: bool = True
     max_queue: int = 256
     # Rows per pass whose gradient at the input is taken (pixel attributions, SmoothGrad's copies,
     # IG's points): they keep the whole network's activations, so they get their own bound.

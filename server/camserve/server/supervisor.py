@@ -271,7 +271,8 @@ class Supervisor:
             extra={"child": role, "exitcode": child.process.exitcode, "lived_s": round(lived, 1)},
         )
         self.metrics.forget(child.process.pid)
-        child.process.close()
+        # The dead child stays listed (and its Process open) until its successor replaces it,
+        # so `pids` and `stop` can read it during the backoff.
         await asyncio.sleep(RESTART_BACKOFF_S[min(restarts, len(RESTART_BACKOFF_S) - 1)])
         if self._stopping:
             return
