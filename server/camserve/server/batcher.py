@@ -16,9 +16,9 @@ half the time a batch takes to process, the oldest item waits up to that long in
 `max_delay_s`. Closed-loop callers (each sends again once answered) come back spread over the
 time their answers take to shape and send, while the others already wait in the queue; a fixed
 short delay would then run the waiting ones alone and the returning ones in the next batch,
-halving every batch. The arrival gap is the median of the recent gaps, grown while nothing arrives (counted
-from the end of the last batch, before which its callers cannot return), so a lone caller or a
-trickle waits little longer than `max_delay_s`.
+halving every batch. The arrival gap is the median of the recent gaps, grown while nothing
+arrives (counted from the end of the last batch, before which its callers cannot return), so a
+lone caller or a trickle waits little longer than `max_delay_s`.
 
 Supervision: a failing callback or processing step fails only its batch and the loop goes on;
 should the loop task end anyway, every waiting caller is failed and new ones are refused at once
