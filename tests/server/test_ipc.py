@@ -1,0 +1,84 @@
+"""The shared-memory rings and the codec the engine and frontend processes talk through."""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Iterator
+from multiprocessing import shared_memory
+
+import numpy as np
+import pytest
+import torch
+
+from camserve.server.errors import Overloaded
+from camserve.server.ipc.codec import dumps, loads
+from camserve.server.ipc.rings import ALIGN, RingFull, ShmRing, segment_bytes
+
+
+@pytest.fixture
+def ring() -> Iterator[ShmRing]:
+    """A 1 MiB ring; the producer and consumer are the same object here, as in the tests of a
+    pipe's two ends in one process."""
+    segment = shared_memory.SharedMemory(create=True, size=segment_bytes(1))
+    ring = ShmRing(segment)
+    yield ring
+    ring.close()
+    segment.unlink()
+
+
+@dataclasses.dataclass(frozen=True)
+class Result:
+    logits: torch.Tensor
+    maps: dict[tuple[str, int], torch.Tensor]
+    array: np.ndarray
+    label: str
+
+
+def test_a_message_crosses_with_its_tensors_in_the_ring_not_the_pickle(ring: ShmRing) -> None:
+    big = torch.arange(200_000, dtype=torch.float32).reshape(2, 100_000)
+    message = Result(
+        logits=big,
+        maps={("gradcam", 3): torch.ones(7, 7, dtype=torch.bfloat16), ("x", 1): torch.empty(0)},
+        array=np.arange(12, dtype=np.uint8).reshape(3, 4),
+        label="cat",
+    )
+    payload = dumps(("done", 7, message, Overloaded("queue full", retry_after_s=0.5)), ring)
+    assert len(payload) < 2_000  # 800 KB of tensors, a pickle of structure only
+    kind, request_id, copy, error = loads(payload, ring)
+    assert (kind, request_id, copy.label) == ("done", 7, "cat")
+    assert torch.equal(copy.logits, big)
+    assert copy.maps[("gradcam", 3)].dtype == torch.bfloat16
+    assert torch.equal(copy.maps[("gradcam", 3)], torch.ones(7, 7, dtype=torch.bfloat16))
+    assert copy.maps[("x", 1)].shape == (0,)
+    np.testing.assert_array_equal(copy.array, message.array)
+    assert isinstance(error, Overloaded)
+    assert error.retry_after_s == 0.5  # domain errors keep their retry hint
+    ring.release(ring.written)
+    ring.data.fill_(0)  # the copies do not share the ring's memory
+    assert torch.equal(copy.logits, big)
+
+
+def test_non_contiguous_tensors_cross_as_their_values(ring: ShmRing) -> None:
+    base = torch.arange(24, dtype=torch.int64).reshape(4, 6)
+    view = base.t()[1:, ::2]
+    copy = loads(dumps(view, ring), ring)
+    assert torch.equal(copy, view)
+
+
+def test_the_producer_waits_for_the_consumer_and_wraps_around(ring: ShmRing) -> None:
+    quarter = ring.capacity // 4 // ALIGN * ALIGN
+    assert [ring.alloc(quarter) for _ in range(3)] == [0, quarter, 2 * quarter]
+    with pytest.raises(RingFull):
+        ring.alloc(2 * quarter)  # the tail holds one quarter; the front is not read yet
+    ring.release(ring.written)  # the consumer has copied everything out
+    assert ring.alloc(2 * quarter) == 0  # would straddle the end: starts at the front
+    with pytest.raises(RingFull):
+        ring.alloc(ring.capacity)  # more than the room left
+
+
+def test_reset_empties_the_ring(ring: ShmRing) -> None:
+    ring.alloc(ring.capacity)
+    assert not ring.idle()
+    ring.reset()
+    assert ring.idle()
+    assert ring.alloc(ring.capacity) == 0
