@@ -109,15 +109,16 @@ def json_body(request: bytes) -> bytes:
     ).encode()
 
 
-def request_bytes(image: Any, output: str) -> bytes:
-    """One serialised ExplainRequest: the image, Grad-CAM at the default layer, `output`."""
+def request_bytes(image: Any, output: str, per_request: int = 1) -> bytes:
+    """One serialised ExplainRequest: the image `per_request` times, Grad-CAM at the default
+    layer, `output`."""
     from camserve.client.requests import ExplainOptions, build_request
 
     if output == "uint8":
         options = ExplainOptions(resolution="input", dtype="uint8")
     else:
         options = ExplainOptions(overlay=output == "overlay")
-    return build_request([image], options).SerializeToString()  # type: ignore[no-any-return]
+    return build_request([image] * per_request, options).SerializeToString()  # type: ignore[no-any-return]
 
 
 # -------------------------------------------------------------------------------------- server
@@ -331,6 +332,7 @@ async def drive(
     duration_s: float,
     window: Window,
     connections: int = 1,
+    per_request: int = 1,
 ) -> dict[str, Any]:
     import grpc
 
@@ -371,7 +373,7 @@ async def drive(
         for channel in channels:
             await channel.close()
     seconds = ended[0] - started[0]
-    images = ended[1] - started[1]
+    images = (ended[1] - started[1]) * per_request
     cpu_ms = 1000 * (ended[2] - started[2])
     engine_ms = 1000 * (ended[4] - started[4])
     stages = {name: 1000 * (ended[3][name] - started[3].get(name, 0.0)) for name in ended[3]}
@@ -425,6 +427,7 @@ def client_main(spec_path: str) -> int:
             spec["duration_s"],
             window,
             spec["connections"],
+            spec["per_request"],
         )
     )
     print(json.dumps(result))
@@ -494,6 +497,7 @@ def render(result: dict[str, Any]) -> str:
     lines = [
         f"camserve serving ceiling: tiny CNN, {result['processes']} server(s) of "
         f"{_layout(result['frontends'])}, {result['connections']} connection(s) per server, "
+        f"{result['images_per_request']} image(s) per request, "
         f"{result['concurrency']} calls in flight, {result['duration_s']:g} s per case, "
         f"{result['cores']} cores",
         "CPU ms/img: the server's CPU time per image answered, every process summed; stage "
@@ -574,6 +578,12 @@ def build_parser() -> argparse.ArgumentParser:
         help="gRPC frontend processes per server beside its engine process (0: one process)",
     )
     parser.add_argument(
+        "--images-per-request",
+        type=int,
+        default=1,
+        help="images in each request (1); images/s and CPU per image count every image",
+    )
+    parser.add_argument(
         "--connections",
         type=int,
         default=0,
@@ -611,13 +621,18 @@ def measure_all(args: argparse.Namespace, workdir: Path) -> list[dict[str, Any]]
     from serving import stop_server
 
     images = input_images(workdir)
-    bodies = {(i, o): request_bytes(images[i], o) for i in args.inputs for o in args.outputs}
+    bodies = {
+        (i, o): request_bytes(images[i], o, args.images_per_request)
+        for i in args.inputs
+        for o in args.outputs
+    }
     json_bodies = {key: json_body(body) for key, body in bodies.items()}
     timing = {
         "concurrency": args.concurrency,
         "warmup_s": args.warmup,
         "duration_s": args.duration,
         "connections": connections(args),
+        "per_request": args.images_per_request,
     }
     rows = []
     started = []
@@ -688,6 +703,7 @@ def main(argv: list[str] | None = None) -> int:
         "processes": args.processes,
         "frontends": args.frontends,
         "connections": connections(args),
+        "images_per_request": args.images_per_request,
         "cores": usable_cores(),
         "ceiling": rows,
     }

@@ -169,7 +169,14 @@ def run_worker(args: list[str]) -> dict[str, Any]:
 
 
 def server_config(
-    model: str, weights: str, max_batch_size: int, max_delay_ms: float, threads: int, prep: int
+    model: str,
+    weights: str,
+    max_batch_size: int,
+    max_delay_ms: float,
+    threads: int,
+    prep: int,
+    frontends: int = 0,
+    adaptive: bool = True,
 ) -> str:
     """The TOML the server subprocess reads; json.dumps quotes strings the way TOML accepts."""
     return "\n".join(
@@ -180,6 +187,7 @@ def server_config(
             f"grace_period_s = {GRACE_S}",
             f"engine_threads = {threads}",
             f"preprocess_threads = {prep}",
+            f"frontends = {frontends}",
             "",
             "[[models]]",
             f"name = {json.dumps(model)}",
@@ -191,6 +199,7 @@ def server_config(
             f"default_layer = {json.dumps(LAYER)}",
             f"max_batch_size = {max_batch_size}",
             f"max_delay_ms = {max_delay_ms}",
+            f"adaptive_delay = {json.dumps(adaptive)}",
             "max_queue = 1024",
             "",
         ]
@@ -274,7 +283,12 @@ def scrape_batches(metrics_port: int) -> tuple[float, float]:
 
 
 async def measure(
-    address: str, metrics_port: int, concurrency: int, warmup_s: float, duration_s: float
+    address: str,
+    metrics_port: int,
+    concurrency: int,
+    warmup_s: float,
+    duration_s: float,
+    connections: int = 1,
 ) -> dict[str, Any]:
     """Warm-up, then one closed-loop window; the histogram delta covers that window only."""
     images = synthetic_images(count=16, size=CROP)
@@ -286,6 +300,7 @@ async def measure(
             concurrency=concurrency,
             duration_s=seconds,
             timeout_s=CALL_TIMEOUT_S,
+            connections=connections,
         )
 
     if warmup_s > 0:
@@ -319,6 +334,8 @@ def serve_case(
             args.max_delay_ms,
             args.threads,
             args.preprocess_threads,
+            args.frontends,
+            not args.fixed_delay,
         )
     )
     process, ready = start_server(config, workdir)
@@ -330,6 +347,8 @@ def serve_case(
                 concurrency,
                 args.warmup,
                 args.duration,
+                # Several connections, so the kernel spreads them over the frontends.
+                4 * args.frontends if args.frontends else 1,
             )
         )
     finally:
@@ -351,12 +370,15 @@ def _verdict(ok: bool) -> str:
 def render(result: dict[str, Any], args: argparse.Namespace) -> str:
     """The readable table, derived ratios and the three targets, met or missed."""
     batch, delay = args.batch, args.max_delay_ms
+    layout = f"{args.frontends} frontends + engine" if args.frontends else "one process"
     offline, offline_b1 = result["offline_ips"], result["offline_b1_ips"]
     lines = [
         f"model {result['model']} (Grad-CAM, {LAYER}, {CROP}x{CROP} JPEG)",
         f"device {result['device']}",
         f"torch threads {args.threads}, preprocess threads {args.preprocess_threads}, "
-        f"B={batch}, max_delay_ms={delay:g}, {args.duration:g} s per run after "
+        f"B={batch}, max_delay_ms={delay:g} ({'fixed' if args.fixed_delay else 'adaptive'}), "
+        f"{layout}, "
+        f"{args.duration:g} s per run after "
         f"{args.warmup:g} s warm-up",
         "",
         f"offline engine: batch {batch} {offline:.2f} images/s, batch 1 {offline_b1:.2f} images/s",
@@ -428,6 +450,17 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--warmup", type=float, default=3.0, help="seconds of warm-up per run")
     parser.add_argument("--max-delay-ms", type=float, default=5.0, help="batching delay (5)")
     parser.add_argument("--model", choices=MODELS, default="resnet18")
+    parser.add_argument(
+        "--frontends",
+        type=int,
+        default=0,
+        help="gRPC frontend processes beside the engine process (0: one process)",
+    )
+    parser.add_argument(
+        "--fixed-delay",
+        action="store_true",
+        help="turn the batcher's adaptive wait off (max_delay_ms alone)",
+    )
     parser.add_argument(
         "--threads",
         type=int,

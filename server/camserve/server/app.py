@@ -156,29 +156,8 @@ class CamServer:
         self.servicer = ExplainServicer(
             self.pipeline, settings.limits, max_message_bytes=settings.max_message_bytes
         )
-        explain_pb2_grpc.add_ExplainServiceServicer_to_server(self.servicer, self.server)
-        health_pb2_grpc.add_HealthServicer_to_server(self.health, self.server)
-        reflection.enable_server_reflection(
-            (
-                SERVICE_NAME,
-                health_pb2.DESCRIPTOR.services_by_name["Health"].full_name,
-                reflection.SERVICE_NAME,
-            ),
-            self.server,
-        )
-        address = f"{settings.host}:{settings.port}"
-        credentials = _credentials(settings)
-        try:
-            self.port = (
-                self.server.add_secure_port(address, credentials)
-                if credentials
-                else self.server.add_insecure_port(address)
-            )
-        except RuntimeError as exc:  # gRPC's way of saying the bind failed
-            raise SettingsError(
-                f"port {address} is already in use or cannot be bound ({exc}); stop the process "
-                "that holds it or choose another port"
-            ) from None
+        self._add_services()
+        self.port = self._bind()
         self.metrics_port: int | None = None
         self._metrics_server: WSGIServer | None = None
         self.http: HttpServer | None = None
@@ -196,6 +175,32 @@ class CamServer:
         self.http_port: int | None = None
         self._stopped = asyncio.Event()
         self._health_updates: set[asyncio.Task[None]] = set()
+
+    def _add_services(self) -> None:
+        explain_pb2_grpc.add_ExplainServiceServicer_to_server(self.servicer, self.server)
+        health_pb2_grpc.add_HealthServicer_to_server(self.health, self.server)
+        reflection.enable_server_reflection(
+            (
+                SERVICE_NAME,
+                health_pb2.DESCRIPTOR.services_by_name["Health"].full_name,
+                reflection.SERVICE_NAME,
+            ),
+            self.server,
+        )
+
+    def _bind(self) -> int:
+        """Binds the gRPC port; a port taken by another process is a SettingsError."""
+        address = f"{self.settings.host}:{self.settings.port}"
+        credentials = _credentials(self.settings)
+        try:
+            if credentials:
+                return int(self.server.add_secure_port(address, credentials))
+            return int(self.server.add_insecure_port(address))
+        except RuntimeError as exc:  # gRPC's way of saying the bind failed
+            raise SettingsError(
+                f"port {address} is already in use or cannot be bound ({exc}); stop the process "
+                "that holds it or choose another port"
+            ) from None
 
     @property
     def registry(self) -> ModelRegistry:

@@ -82,13 +82,6 @@ class Metrics:
             buckets=BATCH_BUCKETS,
             registry=r,
         )
-        self.queue_depth = Gauge(
-            "camserve_queue_depth",
-            "Images waiting for a batch",
-            ["model"],
-            registry=r,
-            multiprocess_mode="liveall",
-        )
         self.latency = Histogram(
             "camserve_latency_seconds",
             "Per answered request, time per stage: queue, preprocess, compute, total",
@@ -123,7 +116,15 @@ class Metrics:
         return _CpuTime(child)
 
     def _add_gauges(self) -> None:
+        """Gauges; with several processes (multiprocess mode) one series per live process."""
         r = self.registry
+        self.queue_depth = Gauge(
+            "camserve_queue_depth",
+            "Images waiting for a batch",
+            ["model"],
+            registry=r,
+            multiprocess_mode="liveall",
+        )
         self.model_ready = Gauge(
             "camserve_model_ready",
             "1 when the model is loaded and serving",
