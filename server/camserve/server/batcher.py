@@ -16,9 +16,10 @@ half the time a batch takes to process, the oldest item waits up to that long in
 `max_delay_s`. Closed-loop callers (each sends again once answered) come back spread over the
 time their answers take to shape and send, while the others already wait in the queue; a fixed
 short delay would then run the waiting ones alone and the returning ones in the next batch,
-halving every batch. The arrival gap is the median of the recent gaps, grown while nothing
-arrives (counted from the end of the last batch, before which its callers cannot return), so a
-lone caller or a trickle waits little longer than `max_delay_s`.
+halving every batch. The wait goes on only while the batch would fill in time at the median of
+the recent arrival gaps, and while arrivals keep coming (no pause longer than four gaps, or a
+tenth of a batch's time, counted from the end of the last batch, before which its callers
+cannot return); a lone caller waits at most that tenth longer than `max_delay_s`.
 
 Supervision: a failing callback or processing step fails only its batch and the loop goes on;
 should the loop task end anyway, every waiting caller is failed and new ones are refused at once
@@ -41,7 +42,8 @@ log = logging.getLogger("camserve.batcher")
 # The adaptive wait: at most this share of a batch's processing time, and never above the cap.
 ADAPTIVE_SHARE = 0.5
 ADAPTIVE_CAP_S = 1.0
-MIN_TICK_S = 0.001
+PATIENCE_GAPS = 4  # a pause longer than this many arrival gaps ends the wait
+PATIENCE_SHARE = 0.1  # ... or than this share of a batch's time, whichever is longer
 GAP_SAMPLES = 16
 T = TypeVar("T")
 R = TypeVar("R")
@@ -287,15 +289,23 @@ class DynamicBatcher(Generic[T, R]):
             self._gap_s = statistics.median(self._gaps)
         self._last_arrival = now
 
-    def _wait_s(self, now: float) -> float:
-        """How long the oldest item may wait for a fuller batch (see the module docstring)."""
+    def _adaptive_timeout(self, now: float, start: float) -> float:
+        """How much longer a partial batch may wait for more items (0: run it now); `start` is
+        when the batcher was first free to run its oldest item. See the module docstring."""
         if not self._adaptive or not self._batch_seconds or not self._gap_s:
-            return self._max_delay_s
+            return 0.0
         budget = min(ADAPTIVE_CAP_S, ADAPTIVE_SHARE * self._batch_seconds)
-        # Callers waiting on the batch that just ended cannot have come back before it ended.
-        gap = max(self._gap_s, now - max(self._last_arrival, self._last_batch_end))
+        left = budget - (now - start)
         missing = self._max_batch_size - self._queued_cost
-        return max(self._max_delay_s, budget) if missing * gap <= budget else self._max_delay_s
+        if left <= 0 or missing * self._gap_s > left:
+            return 0.0  # the batch would not fill in time
+        # Arrivals must keep coming: no pause longer than a few gaps (or, before the callers of
+        # the batch that just ended are back, a tenth of a batch's time).
+        patience = min(
+            budget, max(PATIENCE_GAPS * self._gap_s, PATIENCE_SHARE * self._batch_seconds)
+        )
+        stall = now - max(self._last_arrival, self._last_batch_end)
+        return max(0.0, min(left, patience - stall))
 
     async def _gather_batch(self) -> list[_Entry[T, R]]:
         """Waits for the first item, then for a full batch or the delay, whichever comes first."""
@@ -312,10 +322,9 @@ class DynamicBatcher(Generic[T, R]):
                 timeout = fixed_end - now
             else:  # past the fixed delay: wait on only while arrivals keep coming, counted
                 # from when the batcher was free to run the oldest item
-                remaining = max(oldest, self._last_batch_end) + self._wait_s(now) - now
-                if remaining <= 0:
+                timeout = self._adaptive_timeout(now, max(fixed_end, self._last_batch_end))
+                if timeout <= 0:
                     break
-                timeout = min(remaining, max(MIN_TICK_S, 2 * self._gap_s))
             self._arrived.clear()
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(self._arrived.wait(), timeout)
