@@ -50,3 +50,43 @@ def test_ceiling_json_reports_each_case_with_its_server_cpu() -> None:
         stages = row["stages_ms_per_image"]
         assert {"decode", "compute", "shape", "respond", "other"} <= set(stages)
     assert "preprocess" in rows[0]["stages_ms_per_image"]  # a JPEG is resized; a tensor is not
+
+
+def test_ceiling_with_frontends_reports_the_engine_process_apart() -> None:
+    """--frontends 1: every process of the server summed, and the engine process alone (a part
+    of that sum), with 4 images per request counted as 4 images."""
+    done = subprocess.run(
+        [
+            sys.executable,
+            str(SCRIPT),
+            "--ceiling",
+            "--inputs",
+            "uint8",
+            "--outputs",
+            "uint8",
+            "--transports",
+            "unary",
+            "--frontends",
+            "1",
+            "--images-per-request",
+            "4",
+            "--duration",
+            "1",
+            "--warmup",
+            "0.5",
+            "--concurrency",
+            "4",
+            "--json",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=240,
+        check=False,
+    )
+    assert done.returncode == 0, done.stderr[-3000:]
+    document = json.loads(done.stdout)
+    assert (document["frontends"], document["images_per_request"]) == (1, 4)
+    (row,) = document["ceiling"]
+    assert row["frontends"] == 1
+    assert row["images"] % 4 == 0
+    assert 0 < row["engine_cpu_ms_per_image"] < row["server_cpu_ms_per_image"]
