@@ -24,6 +24,7 @@ import shutil
 import signal
 import socket
 import subprocess
+import sys
 import tempfile
 import threading
 import time
@@ -557,3 +558,57 @@ max_delay_ms = 2
     assert exited_after < grace_s + 5
     assert own_segments(process.pid) == set()
     assert [role for role, pid in children.items() if not gone(pid)] == []
+
+
+def test_the_installed_command_aggregates_every_childs_metrics(tmp_path: Path) -> None:
+    """`camserve-server` as installed (a launcher script, which spawn re-imports in each child
+    before the child's entry point runs): /metrics still lists the engine and the frontend."""
+    command = Path(sys.executable).with_name("camserve-server")
+    model = tiny_model()
+    config = tmp_path / "camserve.toml"
+    config.write_text(
+        f"""
+[server]
+frontends = 1
+log_level = "warning"
+[[models]]
+name = "{model.name}"
+source = "{model.source}"
+labels = ""
+resize = 0
+crop = {model.crop}
+"""
+    )
+    ready = tmp_path / "ready.json"
+    root = Path(__file__).resolve().parents[2]  # the test model's module, for the children
+    path = os.pathsep.join(filter(None, [str(root), os.environ.get("PYTHONPATH", "")]))
+    process = subprocess.Popen(
+        [str(command), "--config", str(config), "--port", "0", "--metrics-port", "0"]
+        + ["--http-port", "-1", "--ready-file", str(ready)],
+        stdout=subprocess.DEVNULL,
+        env={**os.environ, "PYTHONPATH": path},
+    )
+    try:
+        wait_for(
+            lambda: (ready.exists() and ready.stat().st_size > 0) or process.poll() is not None,
+            RESTART_S,
+            "ready file",
+        )
+        assert process.poll() is None, f"the server exited with {process.returncode}"
+        url = f"http://127.0.0.1:{json.loads(ready.read_text())['metrics_port']}/metrics"
+
+        def roles() -> set[str]:
+            with urllib.request.urlopen(url, timeout=10) as response:  # noqa: S310 - loopback
+                text = response.read().decode()
+            return {
+                sample.labels["role"]
+                for family in text_string_to_metric_families(text)
+                for sample in family.samples
+                if sample.name == "camserve_process_cpu_seconds"
+            }
+
+        wait_for(lambda: roles() == {"engine", "frontend"}, 30, "both processes' series")
+        process.send_signal(signal.SIGTERM)
+        assert process.wait(timeout=30) == 0
+    finally:
+        stop_process(process)

@@ -29,6 +29,7 @@ import shutil
 import socket
 import tempfile
 import time
+from collections.abc import Iterator
 from multiprocessing import shared_memory
 from multiprocessing.connection import Connection
 from multiprocessing.process import BaseProcess
@@ -216,7 +217,11 @@ class Supervisor:
         process = self._context.Process(
             target=target, args=args, name=f"camserve-{role}", daemon=True
         )
-        process.start()
+        # The child may import prometheus_client before its entry point runs (spawn re-imports
+        # a script's __main__, such as the camserve-server launcher), so the multiprocess
+        # directory must already be in the environment it starts with, not in this process's.
+        with _environment(PROMETHEUS_MULTIPROC_DIR=self._metrics_dir):
+            process.start()
         sender.close()
         child = _Child(role, process, receiver, time.monotonic(), restarts)
         self._children[role] = child
@@ -328,6 +333,21 @@ class Supervisor:
                 segment.unlink()
         self._segments.clear()
         shutil.rmtree(self._workdir, ignore_errors=True)
+
+
+@contextlib.contextmanager
+def _environment(**values: str) -> Iterator[None]:
+    """`values` in os.environ while a child is started (it copies the environment then)."""
+    saved = {key: os.environ.get(key) for key in values}
+    os.environ.update(values)
+    try:
+        yield
+    finally:
+        for key, value in saved.items():
+            if value is None:
+                os.environ.pop(key, None)
+            else:
+                os.environ[key] = value
 
 
 def _log_restart_failure(role: str, task: asyncio.Task[None]) -> None:
