@@ -27,11 +27,17 @@ COFFEE_JPEG = EXAMPLES / "coffee.jpg"
 
 
 class ServerThread:
-    """A camserve server on a private event loop; `address` is "127.0.0.1:PORT"."""
+    """A camserve server on a private event loop; `address` is "127.0.0.1:PORT". It runs in one
+    process unless the settings ask for frontends (auto would pick them beside a GPU)."""
 
     def __init__(self, settings: Any) -> None:
-        from camserve.server.app import start_server
+        import dataclasses
 
+        from camserve.server.app import start_server
+        from camserve.server.settings import AUTO_FRONTENDS
+
+        if settings.frontends == AUTO_FRONTENDS:  # the same layout on every machine: one process
+            settings = dataclasses.replace(settings, frontends=0)
         self.settings = settings
         self.loop = asyncio.new_event_loop()
         self._thread = threading.Thread(
