@@ -19,10 +19,18 @@ def resnet_state(resnet18_weights: Path) -> dict[str, torch.Tensor]:
     return torch.load(resnet18_weights, weights_only=True)
 
 
+@pytest.fixture(params=["one-process", "frontends-2"])
+def layout(request: pytest.FixtureRequest) -> Any:
+    """The shared server in one process, and with the weights in an engine process (they reach
+    a frontend through the shared-memory ring)."""
+    name = "camserve_server" if request.param == "one-process" else "camserve_processes"
+    return request.getfixturevalue(name)
+
+
 def test_the_first_rgb_conv_comes_in_colour_with_its_exact_weights(
-    camserve_server: Any, resnet_state: dict[str, torch.Tensor]
+    layout: Any, resnet_state: dict[str, torch.Tensor]
 ) -> None:
-    with Client(address=camserve_server.address) as client:
+    with Client(address=layout.address) as client:
         info = client.model("resnet18")
         kernels = client.kernels(model="resnet18")  # no layer: the first conv
     assert [conv.name for conv in info.conv_layers][:3] == [
