@@ -65,6 +65,7 @@ CEILING_KEYS = (
     "ips",
     "server_cpu_ms_per_image",
     "engine_cpu_ms_per_image",
+    "frontends_cpu_ms_per_image",
 )
 
 
@@ -272,8 +273,15 @@ class Window:
     """Counts answers and takes the server's CPU readings at the start and end of the window:
     every process of the server summed, and the engine processes on their own."""
 
-    def __init__(self, pids: list[int], engine_pids: list[int], metrics_ports: list[int]) -> None:
+    def __init__(
+        self,
+        pids: list[int],
+        engine_pids: list[int],
+        metrics_ports: list[int],
+        frontend_pids: list[int] | None = None,
+    ) -> None:
         self.pids, self.engine_pids, self.metrics_ports = pids, engine_pids, metrics_ports
+        self.frontend_pids = frontend_pids or []
         self.answered = 0
         self.checked = 0
         self.stop = False
@@ -284,13 +292,14 @@ class Window:
             check_answer(data)
             self.checked += 1
 
-    def reading(self) -> tuple[float, int, float, dict[str, float], float]:
+    def reading(self) -> tuple[float, int, float, dict[str, float], float, float]:
         return (
             time.perf_counter(),
             self.answered,
             sum(process_cpu_s(pid) for pid in self.pids),
             _summed([stage_cpu_s(port) for port in self.metrics_ports]),
             sum(process_cpu_s(pid) for pid in self.engine_pids),
+            sum(process_cpu_s(pid) for pid in self.frontend_pids),
         )
 
 
@@ -376,6 +385,7 @@ async def drive(
     images = (ended[1] - started[1]) * per_request
     cpu_ms = 1000 * (ended[2] - started[2])
     engine_ms = 1000 * (ended[4] - started[4])
+    frontends_ms = 1000 * (ended[5] - started[5])
     stages = {name: 1000 * (ended[3][name] - started[3].get(name, 0.0)) for name in ended[3]}
     per_image = {name: round(ms / images, 3) for name, ms in stages.items()} if images else {}
     if images and stages:
@@ -387,6 +397,10 @@ async def drive(
         # The engine process alone (None in the one-process layout, which has none).
         "engine_cpu_ms_per_image": (
             round(engine_ms / images, 3) if images and window.engine_pids else None
+        ),
+        # The frontend processes summed.
+        "frontends_cpu_ms_per_image": (
+            round(frontends_ms / images, 3) if images and window.frontend_pids else None
         ),
         "stages_ms_per_image": per_image,
         "images": images,
@@ -415,7 +429,7 @@ def client_main(spec_path: str) -> int:
     """The client process: reads its case, drives the server, prints one JSON line."""
     spec = json.loads(Path(spec_path).read_text())
     body = Path(spec["body"]).read_bytes()
-    window = Window(spec["pids"], spec["engine_pids"], spec["metrics_ports"])
+    window = Window(spec["pids"], spec["engine_pids"], spec["metrics_ports"], spec["frontend_pids"])
     result = asyncio.run(
         drive(
             spec["addresses"],
@@ -488,7 +502,7 @@ def one_answer(ready: dict[str, Any], body: bytes) -> bytes:
 def render(result: dict[str, Any]) -> str:
     stages = sorted({s for row in result["ceiling"] for s in row["stages_ms_per_image"]})
     header = f"{'input':<8} {'output':<8} {'transport':<9} {'images/s':>9} {'CPU ms/img':>10}"
-    header += f" {'engine':>7}"
+    header += f" {'frontends':>9} {'engine':>7}"
     header += "".join(f" {stage:>10}" for stage in stages)
     if any("bare_ips" in row for row in result["ceiling"]):
         header += f" {'bare img/s':>10} {'bare ms':>8}"
@@ -501,7 +515,8 @@ def render(result: dict[str, Any]) -> str:
         f"{result['concurrency']} calls in flight, {result['duration_s']:g} s per case, "
         f"{result['cores']} cores",
         "CPU ms/img: the server's CPU time per image answered, every process summed; stage "
-        "columns split it; engine: the engine process alone",
+        "columns split it; frontends: the frontend processes summed; engine: the engine "
+        "process alone",
         "",
         header,
     ]
@@ -509,6 +524,7 @@ def render(result: dict[str, Any]) -> str:
         line = (
             f"{row['input']:<8} {row['output']:<8} {row['transport']:<9} {row['ips']:>9.1f} "
             f"{_fmt(row['server_cpu_ms_per_image']):>10}"
+            f" {_fmt(row.get('frontends_cpu_ms_per_image')):>9}"
             f" {_fmt(row.get('engine_cpu_ms_per_image')):>7}"
         )
         line += "".join(f" {_fmt(row['stages_ms_per_image'].get(s)):>10}" for s in stages)

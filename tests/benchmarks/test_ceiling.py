@@ -56,3 +56,4 @@ def test_ceiling_with_frontends_reports_the_engine_process_apart() -> None:
     assert row["frontends"] == 1
     assert row["images"] % 4 == 0
     assert 0 < row["engine_cpu_ms_per_image"] < row["server_cpu_ms_per_image"]
+    assert 0 < row["frontends_cpu_ms_per_image"] < row["server_cpu_ms_per_image"]
