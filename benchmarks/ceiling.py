@@ -463,6 +463,12 @@ def run_client(
         # A multi-process server: the supervisor and every child it lists.
         "pids": [pid for ready in servers for pid in _server_pids(ready)],
         "engine_pids": [ready["children"]["engine"] for ready in servers if "children" in ready],
+        "frontend_pids": [
+            pid
+            for ready in servers
+            for role, pid in ready.get("children", {}).items()
+            if role.startswith("frontend")
+        ],
         "metrics_ports": [ready.get("metrics_port", 0) for ready in servers],
         "body": str(body_path),
         **case,
