@@ -71,6 +71,12 @@ def own_segments(pid: int) -> set[str]:
     return {entry.name for entry in SHM.iterdir() if entry.name.startswith(f"camserve-{pid}-")}
 
 
+def segments_of(server: ServerThread) -> set[str]:
+    """The /dev/shm entries of one supervisor (others may run in this process)."""
+    prefix = server.server.segment_prefix
+    return {entry.name for entry in SHM.iterdir() if entry.name.startswith(prefix)}
+
+
 def shm_snapshot() -> set[str]:
     """Every /dev/shm entry but other processes' camserve rings (another run's servers)."""
     mine = f"camserve-{os.getpid()}-"
@@ -384,7 +390,7 @@ def test_rings_exist_exactly_once_after_the_kills(processes: ServerThread) -> No
     names = processes.server.segment_names
     assert len(names) == 4  # two rings per frontend
     assert len(set(names)) == len(names)
-    assert own_segments(os.getpid()) == set(names)  # nothing else of this supervisor's
+    assert segments_of(processes) == set(names)  # nothing else of this supervisor's
 
 
 # -- the aggregated /metrics ---------------------------------------------------------------
@@ -443,9 +449,9 @@ def test_metrics_list_every_live_process_and_sum_both_frontends(processes: Serve
 def test_stop_removes_every_segment(processes: ServerThread) -> None:
     pids = pids_of(processes)
     assert pids is not None
-    assert own_segments(os.getpid()) == set(processes.server.segment_names)
+    assert segments_of(processes) == set(processes.server.segment_names)
     processes.stop(grace=1.0)
-    assert own_segments(os.getpid()) == set()
+    assert segments_of(processes) == set()
     assert [role for role, pid in pids.items() if not gone(pid)] == []
 
 

@@ -113,6 +113,9 @@ class Supervisor:
         self.http_port: int | None = None
         self.metrics_port: int | None = None
         self._child_settings = settings
+        # Every shared-memory segment of this supervisor is named with this prefix (several
+        # supervisors may share a process).
+        self.segment_prefix = f"camserve-{os.getpid()}-{id(self) & 0xFFFF:x}-"
 
     # -- what tests and operators read -----------------------------------------------------
 
@@ -185,12 +188,11 @@ class Supervisor:
 
     def _create_rings(self) -> None:
         size = segment_bytes(self.settings.shm_ring_mb)
-        prefix = f"camserve-{os.getpid()}-{id(self) & 0xFFFF:x}"
         for index in range(self.frontends):
             names = []
             for direction in ("pixels", "maps"):
                 segment = shared_memory.SharedMemory(
-                    name=f"{prefix}-{index}-{direction}", create=True, size=size
+                    name=f"{self.segment_prefix}{index}-{direction}", create=True, size=size
                 )
                 self._segments.append(segment)
                 names.append(segment.name)
