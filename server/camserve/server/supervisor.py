@@ -44,7 +44,6 @@ from camserve.server.ports import reserve_port
 from camserve.server.settings import HTTP_DISABLED, METRICS_DISABLED, Settings, SettingsError
 
 log = logging.getLogger("camserve.supervisor")
-WATCH_EVERY_S = 0.05
 KILL_AFTER_S = 5.0  # past the grace period, a child that has not exited is killed
 RESTART_BACKOFF_S = (0.0, 0.5, 1.0, 2.0, 4.0, 8.0)
 QUICK_DEATH_S = 5.0  # a child dying sooner than this after starting backs off its restarts
@@ -106,7 +105,7 @@ class Supervisor:
         self._segments: list[shared_memory.SharedMemory] = []
         self._rings: list[FrontendRings] = []
         self._children: dict[str, _Child] = {}
-        self._watch: asyncio.Task[None] | None = None
+        self._restarts: set[asyncio.Task[None]] = set()
         self._metrics_server: WSGIServer | None = None
         self._stopping = False
         self.port = 0
@@ -147,7 +146,8 @@ class Supervisor:
         except BaseException:
             await self.stop(0)
             raise
-        self._watch = asyncio.get_running_loop().create_task(self._watch_children())
+        for child in self._children.values():
+            self._watch(child)
         self._write_ready_file()
         log.info(
             "serving",
@@ -263,12 +263,19 @@ class Supervisor:
 
     # -- watching --------------------------------------------------------------------------
 
-    async def _watch_children(self) -> None:
-        while not self._stopping:
-            await asyncio.sleep(WATCH_EVERY_S)
-            for role, child in list(self._children.items()):
-                if child.process.exitcode is not None and not self._stopping:
-                    await self._restart(role, child)
+    def _watch(self, child: _Child) -> None:
+        """Restarts `child` when it exits: its process sentinel turns readable (no polling)."""
+        asyncio.get_running_loop().add_reader(child.process.sentinel, self._exited, child)
+
+    def _exited(self, child: _Child) -> None:
+        loop = asyncio.get_running_loop()
+        loop.remove_reader(child.process.sentinel)
+        child.process.join(0)  # reaps it, so its exit code is known
+        if self._stopping or self._children.get(child.role) is not child:
+            return
+        task = loop.create_task(self._restart(child.role, child))
+        self._restarts.add(task)
+        task.add_done_callback(self._restarts.discard)
 
     async def _restart(self, role: str, child: _Child) -> None:
         lived = time.monotonic() - child.started
@@ -284,6 +291,7 @@ class Supervisor:
         if self._stopping:
             return
         fresh = self._spawn(role, restarts)
+        self._watch(fresh)
         task = asyncio.get_running_loop().create_task(self._await_ready(fresh))
         task.add_done_callback(functools.partial(_log_restart_failure, role))
 
@@ -296,8 +304,12 @@ class Supervisor:
             return
         self._stopping = True
         grace = self.settings.grace_period_s if grace_s is None else grace_s
-        if self._watch is not None:
-            self._watch.cancel()
+        loop = asyncio.get_running_loop()
+        for child in self._children.values():
+            with contextlib.suppress(ValueError, OSError):  # a closed or unwatched sentinel
+                loop.remove_reader(child.process.sentinel)
+        for task in list(self._restarts):
+            task.cancel()
         frontends = [c for role, c in self._children.items() if role != "engine"]
         await self._terminate(frontends, grace + KILL_AFTER_S)
         engine = [c for role, c in self._children.items() if role == "engine"]
