@@ -280,12 +280,8 @@ def format_report(report: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
-def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
-        prog="camserve-loadtest",
-        description="Load-test a camserve server with Explain calls (no retries).",
-    )
-    parser.add_argument("--server", required=True, metavar="HOST:PORT", help="server to test")
+def _add_load_shape(parser: argparse.ArgumentParser) -> None:
+    """The options that shape the load: closed or open loop, and how long it lasts."""
     loop = parser.add_mutually_exclusive_group()
     loop.add_argument(
         "--concurrency",
@@ -314,6 +310,15 @@ def build_parser() -> argparse.ArgumentParser:
     length.add_argument(
         "--requests", type=int, metavar="N", help=f"requests to send (at most {MAX_REQUESTS})"
     )
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="camserve-loadtest",
+        description="Load-test a camserve server with Explain calls (no retries).",
+    )
+    parser.add_argument("--server", required=True, metavar="HOST:PORT", help="server to test")
+    _add_load_shape(parser)
     parser.add_argument(
         "--images", type=Path, metavar="DIR", help="send these files (default: synthetic JPEGs)"
     )

@@ -14,6 +14,7 @@ import asyncio
 import contextlib
 import logging
 import os
+import pickle
 from typing import Any
 
 from camserve.server.backend import ComputedRequest
@@ -117,8 +118,6 @@ class FrontendSession:
 
 def _plain(frame: bytes) -> tuple[Any, ...]:
     """A hello frame: a pickle of plain values, sent before the rings are known."""
-    import pickle
-
     message = pickle.loads(frame[8:])  # noqa: S301 - from this server's own frontend process
     assert message[0] == "hello", message
     return tuple(message)

@@ -2,11 +2,16 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 
 from camserve.server.metrics import Metrics
 from camserve.server.runtime import ModelRuntime
 from camserve.server.settings import Settings
+
+
+def unknown_model_message(name: str, hosted: Iterable[str]) -> str:
+    """What a request naming a model this server does not host is told (in either layout)."""
+    return f"model: {name!r} is not hosted here; available: {', '.join(hosted)}"
 
 
 class UnknownModel(KeyError):
@@ -37,9 +42,7 @@ class ModelRegistry:
         try:
             return self._runtimes[name or self._default]
         except KeyError:
-            raise UnknownModel(
-                f"model: {name!r} is not hosted here; available: {', '.join(self._runtimes)}"
-            ) from None
+            raise UnknownModel(unknown_model_message(name, self._runtimes)) from None
 
     def load_all(self) -> None:
         """Loads and warms every model (blocking; run off the event loop)."""

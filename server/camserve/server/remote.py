@@ -27,6 +27,7 @@ from camserve.server.ipc.frames import read_frame, write_frame
 from camserve.server.ipc.names import FrontendRings
 from camserve.server.ipc.rings import ShmRing
 from camserve.server.records import ModelMeta, ModelStatus
+from camserve.server.registry import unknown_model_message
 from camserve.server.settings import Settings
 from camserve.server.validation import ExplainPlan
 
@@ -71,7 +72,6 @@ class RemoteBackend:
         self._pending: dict[int, asyncio.Future[Any]] = {}
         self._ids = itertools.count(1)
         self._sender: RingSender | None = None
-        self._writer: asyncio.StreamWriter | None = None
         self._task: asyncio.Task[None] | None = None
         self._first = asyncio.Event()
 
@@ -83,9 +83,7 @@ class RemoteBackend:
     def status(self, name: str) -> ModelStatus:
         name = name or self._default
         if name not in self._names:
-            raise ModelNotFound(
-                f"model: {name!r} is not hosted here; available: {', '.join(self._names)}"
-            )
+            raise ModelNotFound(unknown_model_message(name, self._names))
         return self._status(name)
 
     @contextlib.asynccontextmanager
@@ -178,7 +176,7 @@ class RemoteBackend:
         kind, statuses = receive(await read_frame(reader), self._maps)
         assert kind == "models", kind
         self._statuses = {status.name: status for status in statuses}
-        self._writer, self._sender = writer, RingSender(writer, self._pixels)
+        self._sender = RingSender(writer, self._pixels)
         self._connected = True
         self._first.set()
         log.info("connected to the engine", extra={"frontend": self._name})
