@@ -618,3 +618,24 @@ crop = {model.crop}
         assert process.wait(timeout=30) == 0
     finally:
         stop_process(process)
+
+
+def test_inputs_larger_than_the_ring_are_refused_with_the_setting_to_raise(
+    server_factory: Callable[..., ServerThread],
+) -> None:
+    """A request whose model inputs cannot fit the frontend's 1 MiB ring at all is refused
+    INVALID_ARGUMENT naming `shm_ring_mb`; a request that fits is served by the same server."""
+    server = server_factory(
+        frontends=1,
+        shm_ring_mb=1,
+        metrics_port=-1,
+        http_port=-1,
+        models=(tiny_model(crop=256, max_batch_size=8),),
+    )
+    big = [seeded_images(1, size=(256, 256), seed=i)[0] for i in range(8)]  # 8 x 192 KiB
+    with Client(address=server.address, retry=None) as client:
+        with pytest.raises(CamserveError) as refused:
+            client.explain_batch([png_bytes(image) for image in big], timeout=CALL_S)
+        assert refused.value.code.name == "INVALID_ARGUMENT"
+        assert "shm_ring_mb" in str(refused.value)
+        assert client.explain(png_bytes(big[0]), timeout=CALL_S).predictions
