@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import ctypes
+import multiprocessing
 import os
 import signal
 from multiprocessing.connection import Connection
@@ -27,6 +28,9 @@ def _prepare(settings: Settings, metrics_dir: str, role: str, threads: int) -> N
     # A child whose supervisor is killed gets SIGTERM and drains, never lingers.
     with contextlib.suppress(OSError, AttributeError):
         ctypes.CDLL(None, use_errno=True).prctl(_PR_SET_PDEATHSIG, signal.SIGTERM)
+    parent = multiprocessing.parent_process()
+    if parent is not None and os.getppid() != parent.pid:  # it died before the line above
+        raise SystemExit(0)
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C reaches the supervisor, which drains
     from camserve.server import logs
 
