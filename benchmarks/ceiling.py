@@ -57,6 +57,8 @@ CALL_TIMEOUT_S = 300.0
 CLIENT_TIMEOUT_S = 900.0
 MAX_MESSAGE = 256 * 1024 * 1024
 STAGE_METRIC = "camserve_stage_cpu_seconds_total"
+BATCH_SUM, BATCH_COUNT = "camserve_batch_size_sum", "camserve_batch_size_count"
+BATCH_KEYS = (BATCH_SUM, BATCH_COUNT)
 CEILING_KEYS = (
     "input",
     "output",
@@ -66,6 +68,7 @@ CEILING_KEYS = (
     "server_cpu_ms_per_image",
     "engine_cpu_ms_per_image",
     "frontends_cpu_ms_per_image",
+    "mean_batch",
 )
 
 
@@ -236,7 +239,8 @@ def process_cpu_s(pid: int) -> float:
 
 
 def stage_cpu_s(metrics_port: int) -> dict[str, float]:
-    """The server's CPU seconds per stage so far (empty for a server without the counter)."""
+    """The server's CPU seconds per stage so far (empty for a server without the counter), and
+    its engine batches' image and batch counts under BATCH_SUM and BATCH_COUNT."""
     if not metrics_port:
         return {}
     from prometheus_client.parser import text_string_to_metric_families
@@ -250,6 +254,8 @@ def stage_cpu_s(metrics_port: int) -> dict[str, float]:
             if sample.name == STAGE_METRIC:
                 stage = sample.labels["stage"]
                 stages[stage] = stages.get(stage, 0.0) + sample.value
+            elif sample.name in (BATCH_SUM, BATCH_COUNT):
+                stages[sample.name] = stages.get(sample.name, 0.0) + sample.value
     return stages
 
 
@@ -386,6 +392,7 @@ async def drive(
     cpu_ms = 1000 * (ended[2] - started[2])
     engine_ms = 1000 * (ended[4] - started[4])
     frontends_ms = 1000 * (ended[5] - started[5])
+    batch_counts = [ended[3].pop(key, 0.0) - started[3].pop(key, 0.0) for key in BATCH_KEYS]
     stages = {name: 1000 * (ended[3][name] - started[3].get(name, 0.0)) for name in ended[3]}
     per_image = {name: round(ms / images, 3) for name, ms in stages.items()} if images else {}
     if images and stages:
@@ -404,6 +411,8 @@ async def drive(
         ),
         "stages_ms_per_image": per_image,
         "images": images,
+        # Engine batches over the window (the server's batch-size histogram).
+        "mean_batch": round(batch_counts[0] / batch_counts[1], 2) if batch_counts[1] else None,
     }
 
 
@@ -508,7 +517,7 @@ def one_answer(ready: dict[str, Any], body: bytes) -> bytes:
 def render(result: dict[str, Any]) -> str:
     stages = sorted({s for row in result["ceiling"] for s in row["stages_ms_per_image"]})
     header = f"{'input':<8} {'output':<8} {'transport':<9} {'images/s':>9} {'CPU ms/img':>10}"
-    header += f" {'frontends':>9} {'engine':>7}"
+    header += f" {'frontends':>9} {'engine':>7} {'batch':>6}"
     header += "".join(f" {stage:>10}" for stage in stages)
     if any("bare_ips" in row for row in result["ceiling"]):
         header += f" {'bare img/s':>10} {'bare ms':>8}"
@@ -522,7 +531,7 @@ def render(result: dict[str, Any]) -> str:
         f"{result['cores']} cores",
         "CPU ms/img: the server's CPU time per image answered, every process summed; stage "
         "columns split it; frontends: the frontend processes summed; engine: the engine "
-        "process alone",
+        "process alone; batch: the engine's mean batch",
         "",
         header,
     ]
@@ -532,6 +541,7 @@ def render(result: dict[str, Any]) -> str:
             f"{_fmt(row['server_cpu_ms_per_image']):>10}"
             f" {_fmt(row.get('frontends_cpu_ms_per_image')):>9}"
             f" {_fmt(row.get('engine_cpu_ms_per_image')):>7}"
+            f" {_fmt(row.get('mean_batch')):>6}"
         )
         line += "".join(f" {_fmt(row['stages_ms_per_image'].get(s)):>10}" for s in stages)
         if "bare_ips" in row:

@@ -7,10 +7,12 @@ One run, one model, one machine:
   `--repeats` timed runs after a warm-up;
 * served: a `camserve.server` subprocess (TOML config, `--ready-file`, metrics on an ephemeral
   port) driven from this process by C closed-loop single-image callers (`camserve-loadtest`'s
-  `run_load`, so client and server never share a process or a GIL), once with batching
-  (max_batch_size B, max_delay_ms D) and once with max_batch_size 1, for each C. Each run warms up,
-  then sends for `--duration` seconds. `mean_batch` is the server's own batch-size histogram
-  (sum/count delta over the measured window), so it counts engine batches, not requests.
+  `run_load`, so client and server never share a process or a GIL; `--clients N` splits the
+  callers over N client processes, for a GPU server one client process cannot keep busy), once
+  with batching (max_batch_size B, max_delay_ms D) and once with max_batch_size 1, for each C.
+  Each run warms up, then sends for `--duration` seconds. `mean_batch` is the server's own
+  batch-size histogram (sum/count delta over the measured window), so it counts engine batches,
+  not requests.
 
 The model is torchvision's resnet18 (or resnet50) with seeded random weights saved as a state dict:
 timing does not depend on what the weights are. Images are 224x224 JPEGs and the server uses
@@ -282,6 +284,71 @@ def scrape_batches(metrics_port: int) -> tuple[float, float]:
     return total, count
 
 
+def load_config(
+    address: str, concurrency: int, seconds: float, connections: int, seed: int = 0
+) -> LoadConfig:
+    """One closed-loop window of single-image calls on the benchmark's synthetic JPEGs."""
+    return LoadConfig(
+        server=address,
+        images=synthetic_images(count=16, size=CROP, seed=seed),
+        concurrency=concurrency,
+        duration_s=seconds,
+        timeout_s=CALL_TIMEOUT_S,
+        connections=connections,
+        seed=seed,
+    )
+
+
+def worker_load(address: str, concurrency: int, seconds: float, connections: int, seed: int) -> Any:
+    """One client process's window: its report, for the parent to add up."""
+    return asyncio.run(run_load(load_config(address, concurrency, seconds, connections, seed)))
+
+
+async def load_window(
+    address: str, concurrency: int, seconds: float, connections: int, clients: int
+) -> dict[str, Any]:
+    """`concurrency` callers for `seconds`: in this process, or split over `clients` processes
+    (one Python client tops out near a few thousand calls/s, below what a GPU server answers).
+    With several processes, throughput is their sum, p50 the request-weighted mean of theirs and
+    p99 the worst of theirs (an upper bound of the merged p99)."""
+    if clients <= 1:
+        return await run_load(load_config(address, concurrency, seconds, connections))
+    shares = [concurrency // clients + (i < concurrency % clients) for i in range(clients)]
+    links = max(1, connections // clients)
+    reports = await asyncio.gather(
+        *(
+            asyncio.to_thread(
+                run_worker, ["load", "-", address, str(c), str(seconds), str(links), str(i)]
+            )
+            for i, c in enumerate(shares)
+            if c > 0
+        )
+    )
+    done = [r for r in reports if r["latency_ms"]["p50"] is not None]
+    successes = [r["throughput_rps"] * r["duration_s"] for r in done]
+    errors: dict[str, int] = {}
+    for report in reports:
+        for name, count in report["errors"].items():
+            errors[name] = errors.get(name, 0) + count
+    weights = sum(successes) or 1.0
+    return {
+        "requests": sum(r["requests"] for r in reports),
+        "errors": errors,
+        "throughput_rps": sum(r["throughput_rps"] for r in reports),
+        "latency_ms": {
+            "p50": sum(r["latency_ms"]["p50"] * n for r, n in zip(done, successes, strict=True))
+            / weights
+            if done
+            else None,
+            "p99": max((r["latency_ms"]["p99"] for r in done), default=None),
+        },
+        "mean_batch": sum(r["mean_batch"] * n for r, n in zip(done, successes, strict=True))
+        / weights
+        if done
+        else None,
+    }
+
+
 async def measure(
     address: str,
     metrics_port: int,
@@ -289,24 +356,13 @@ async def measure(
     warmup_s: float,
     duration_s: float,
     connections: int = 1,
+    clients: int = 1,
 ) -> dict[str, Any]:
     """Warm-up, then one closed-loop window; the histogram delta covers that window only."""
-    images = synthetic_images(count=16, size=CROP)
-
-    def config(seconds: float) -> LoadConfig:
-        return LoadConfig(
-            server=address,
-            images=images,
-            concurrency=concurrency,
-            duration_s=seconds,
-            timeout_s=CALL_TIMEOUT_S,
-            connections=connections,
-        )
-
     if warmup_s > 0:
-        await run_load(config(warmup_s))
+        await load_window(address, concurrency, warmup_s, connections, clients)
     before = await asyncio.to_thread(scrape_batches, metrics_port)
-    report = await run_load(config(duration_s))
+    report = await load_window(address, concurrency, duration_s, connections, clients)
     after = await asyncio.to_thread(scrape_batches, metrics_port)
     batches = after[1] - before[1]
     latency = report["latency_ms"]
@@ -348,7 +404,8 @@ def serve_case(
                 args.warmup,
                 args.duration,
                 # Several connections, so the kernel spreads them over the frontends.
-                4 * args.frontends if args.frontends else 1,
+                max(4 * args.frontends, args.clients),
+                args.clients,
             )
         )
     finally:
@@ -377,7 +434,7 @@ def render(result: dict[str, Any], args: argparse.Namespace) -> str:
         f"device {result['device']}",
         f"torch threads {args.threads}, preprocess threads {args.preprocess_threads}, "
         f"B={batch}, max_delay_ms={delay:g} ({'fixed' if args.fixed_delay else 'adaptive'}), "
-        f"{layout}, "
+        f"{layout}, {args.clients} client process(es), "
         f"{args.duration:g} s per run after "
         f"{args.warmup:g} s warm-up",
         "",
@@ -473,6 +530,18 @@ def build_parser() -> argparse.ArgumentParser:
         default=min(4, usable_cores()),
         help="server decode/encode threads (default: min(4, cores))",
     )
+    parser.add_argument(
+        "--clients",
+        type=int,
+        default=1,
+        help="client processes sharing the C callers (1); more where one cannot keep up (GPU)",
+    )
+    parser.add_argument(
+        "--unbatched",
+        action=argparse.BooleanOptionalAction,
+        default=True,
+        help="also serve with max_batch_size 1, for the batching gain (default: yes)",
+    )
     parser.add_argument("--repeats", type=int, default=5, help="offline timed runs (median)")
     parser.add_argument("--json", action="store_true", help="print the results as JSON")
     parser.add_argument(
@@ -488,9 +557,13 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def worker_main(argv: list[str]) -> int:
-    """`--worker weights MODEL PATH` or `--worker offline MODEL PATH B THREADS REPEATS`."""
+    """`--worker weights MODEL PATH`, `--worker offline MODEL PATH B THREADS REPEATS` or
+    `--worker load - ADDRESS C SECONDS CONNECTIONS SEED`."""
     kind, model, path, *rest = argv
-    if kind == "weights":
+    if kind == "load":
+        concurrency, seconds, links, seed = rest
+        result = worker_load(path, int(concurrency), float(seconds), int(links), int(seed))
+    elif kind == "weights":
         result = worker_weights(model, path)
     else:
         batch, threads, repeats = (int(v) for v in rest)
@@ -512,8 +585,8 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     if args.worker:
         return worker_main(args.worker)
-    if args.batch < 1 or args.threads < 1 or args.duration <= 0 or args.repeats < 1:
-        raise SystemExit("--batch, --threads and --repeats must be >= 1, --duration > 0")
+    if min(args.batch, args.threads, args.repeats, args.clients) < 1 or args.duration <= 0:
+        raise SystemExit("--batch, --threads, --repeats, --clients must be >= 1, --duration > 0")
     if hasattr(os, "getloadavg"):  # other work on the machine skews every figure below
         log(f"load average before: {' '.join(f'{v:.2f}' for v in os.getloadavg())}")
     with tempfile.TemporaryDirectory(prefix="camserve-bench-") as tmp:
@@ -530,7 +603,7 @@ def main(argv: list[str] | None = None) -> int:
             log(f"  {offline[batch]['ips']:.2f} images/s")
         runs = []
         for concurrency in args.concurrency:
-            for batching in (True, False):
+            for batching in (True, False) if args.unbatched else (True,):
                 log(f"server, C={concurrency}, batching {'on' if batching else 'off'}")
                 run = serve_case(args, weights, workdir, concurrency, batching)
                 log(
