@@ -65,6 +65,19 @@ def test_non_contiguous_tensors_cross_as_their_values(ring: ShmRing) -> None:
     assert torch.equal(copy, view)
 
 
+def test_permuted_tensors_cross_in_their_memory_layout(ring: ShmRing) -> None:
+    """Decoded pixels are (3, H, W) views of (H, W, 3) memory: they cross with those strides,
+    so the engine stacks them without a transposing copy."""
+    by_pixel = torch.arange(5 * 7 * 3, dtype=torch.uint8).reshape(5, 7, 3)
+    pixels = by_pixel.permute(2, 0, 1)
+    broadcast = torch.ones(3, 1).expand(3, 4)  # not dense: crosses as its values
+    copy, expanded = loads(dumps((pixels, broadcast), ring), ring)
+    assert torch.equal(copy, pixels)
+    assert copy.stride() == pixels.stride()
+    assert copy.permute(1, 2, 0).is_contiguous()
+    assert torch.equal(expanded, broadcast)
+
+
 def test_the_producer_waits_for_the_consumer_and_wraps_around(ring: ShmRing) -> None:
     quarter = ring.capacity // 4 // ALIGN * ALIGN
     assert [ring.alloc(quarter) for _ in range(3)] == [0, quarter, 2 * quarter]

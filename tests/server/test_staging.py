@@ -31,6 +31,22 @@ def test_uint8_batches_equal_the_images_normalised_one_by_one() -> None:
     assert torch.equal(batch, torch.stack([image.tensor for image in images]))
 
 
+def test_batches_are_channels_last_whatever_layout_the_pixels_have() -> None:
+    """Decoded pixels view the decoder's (H, W, 3) memory, and the batch keeps that layout (the
+    one the CPU engine runs); contiguous (3, H, W) pixels give the same values."""
+    images = prepared_images(3)
+    assert all(image.pixels.permute(1, 2, 0).is_contiguous() for image in images)
+    stager = InputStager(torch.device("cpu"), RECIPE.mean, RECIPE.std)
+    batch = stager.batch([image.pixels for image in images])
+    assert batch.is_contiguous(memory_format=torch.channels_last)
+    planar = stager.batch([image.pixels.contiguous() for image in images])
+    assert torch.equal(planar, batch)
+    per_channel = torch.stack([image.pixels.contiguous() for image in images]).float()
+    mean = torch.tensor(RECIPE.mean).view(3, 1, 1)
+    std = torch.tensor(RECIPE.std).view(3, 1, 1)
+    assert torch.equal(batch, per_channel.div_(255).sub_(mean).div_(std))
+
+
 def test_mixed_batches_keep_each_row_in_place() -> None:
     """Ready float inputs are used as they are; uint8 rows are normalised; order is kept."""
     images = prepared_images(3)

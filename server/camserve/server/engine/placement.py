@@ -17,8 +17,10 @@ Pass True or False to decide explicitly.
 cuDNN's autotuner (`torch.backends.cudnn.benchmark`) is left as the process has it, off by
 default: it times every algorithm again for each new input shape, and a dynamic batcher makes a
 new batch size, hence a new shape for every convolution, forward and backward, at any moment.
-Measured serving a ResNet-50 at batch 64 on an H200, those re-tunings held the engine at a tenth
-of its offline rate; cuDNN's heuristics pick without running anything.
+Serving a ResNet-50 at batch 64 on an H200 with it on, the engine's thread spent 73% of its time
+inside convolution calls (py-spy) and the server answered 256 images/s against 3,041 offline;
+with it off, the tiny-model serving ceiling there went from 327 to 928 images/s. cuDNN's
+heuristics pick an algorithm without running anything.
 """
 
 from __future__ import annotations

@@ -39,12 +39,16 @@ class _RingUnpickler(pickle.Unpickler):
         self._ring = ring
 
     def persistent_load(self, pid: Any) -> Any:  # noqa: ANN401 - pickle's own hook
-        kind, dtype, shape, offset, nbytes = pid
+        kind, dtype, shape, offset, nbytes, *order = pid
         if kind == "t":
             if not nbytes:
                 return torch.empty(shape, dtype=dtype)
             raw = self._ring.data[offset : offset + nbytes]
-            return raw.view(dtype).view(shape).clone()
+            if not order:
+                return raw.view(dtype).view(shape).clone()
+            (dims,) = order
+            dense = raw.view(dtype).view([shape[d] for d in dims])
+            return dense.permute(_inverse(dims)).clone()  # clone keeps the strides
         if not nbytes:
             return np.empty(shape, dtype=dtype)
         raw_array = self._ring.array[offset : offset + nbytes]
@@ -52,14 +56,38 @@ class _RingUnpickler(pickle.Unpickler):
 
 
 def _put_tensor(ring: ShmRing, tensor: torch.Tensor) -> tuple[object, ...]:
+    """Writes the tensor's elements into the ring; a permutation of a contiguous tensor (such as
+    (3, H, W) pixels over (H, W, 3) memory) is written in its memory order and read back with
+    the same strides, so neither side makes a transposing copy."""
     tensor = tensor.detach()
     nbytes = tensor.numel() * tensor.element_size()
     shape = tuple(tensor.shape)
     if not nbytes:
         return ("t", tensor.dtype, shape, 0, 0)
     offset = ring.alloc(nbytes)
-    ring.data[offset : offset + nbytes].view(tensor.dtype).view(shape).copy_(tensor)
-    return ("t", tensor.dtype, shape, offset, nbytes)
+    dims = _memory_order(tensor)
+    dense = tensor if dims is None else tensor.permute(dims)
+    target = ring.data[offset : offset + nbytes].view(tensor.dtype).view(dense.shape)
+    target.copy_(dense)
+    if dims is None:
+        return ("t", tensor.dtype, shape, offset, nbytes)
+    return ("t", tensor.dtype, shape, offset, nbytes, dims)
+
+
+def _memory_order(tensor: torch.Tensor) -> tuple[int, ...] | None:
+    """The dimensions from outermost to innermost in memory when the tensor is a permutation of
+    a contiguous one other than itself; None otherwise (contiguous, or not dense)."""
+    if tensor.is_contiguous():
+        return None
+    dims = tuple(sorted(range(tensor.dim()), key=lambda d: -tensor.stride(d)))
+    return dims if tensor.permute(dims).is_contiguous() else None
+
+
+def _inverse(dims: tuple[int, ...]) -> tuple[int, ...]:
+    inverse = [0] * len(dims)
+    for position, dim in enumerate(dims):
+        inverse[dim] = position
+    return tuple(inverse)
 
 
 def _put_array(ring: ShmRing, array: np.ndarray) -> tuple[object, ...]:
