@@ -79,7 +79,8 @@ def _memory_order(tensor: torch.Tensor) -> tuple[int, ...] | None:
     a contiguous one other than itself; None otherwise (contiguous, or not dense)."""
     if tensor.is_contiguous():
         return None
-    dims = tuple(sorted(range(tensor.dim()), key=lambda d: -tensor.stride(d)))
+    strides = tensor.stride()
+    dims = tuple(sorted(range(tensor.dim()), key=lambda d: -strides[d]))
     return dims if tensor.permute(dims).is_contiguous() else None
 
 
