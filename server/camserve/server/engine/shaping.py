@@ -237,13 +237,15 @@ def normalise(maps: torch.Tensor) -> torch.Tensor:
     flat = batch.flatten(1)
     if flat.shape[1] == 0:
         return maps.float()
-    low, high = torch.aminmax(flat, dim=1)
+    # amin and amax, not aminmax: torch's CPU aminmax over a dimension ran 15 times slower
+    # (186 against 13 us for one 224x224 map), and the values are the same.
+    low, high = flat.amin(dim=1), flat.amax(dim=1)
     span = high - low
     scale = torch.maximum(high.abs(), low.abs())
     constant = span <= scale * _CONSTANT_RTOL
     span = torch.where(constant, torch.ones_like(span), span)
-    out = (batch - low[:, None, None]) / span[:, None, None]
-    out = torch.where(constant[:, None, None], torch.zeros_like(out), out)
+    out = batch.sub(low[:, None, None]).div_(span[:, None, None])
+    out.masked_fill_(constant[:, None, None], 0.0)
     return out[0] if single else out
 
 
