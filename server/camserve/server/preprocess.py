@@ -79,23 +79,9 @@ def normalise_pixels(
 ) -> torch.Tensor:
     """uint8 (..., 3, H, W) RGB as the model's float32 input, by the same operations as
     torchvision's `to_tensor` then `normalize`, so values are identical on every device."""
-    mean_t, std_t = channel_constants(mean, std, pixels.device)
-    return normalise_with(pixels, mean_t, std_t)
-
-
-def channel_constants(
-    mean: tuple[float, ...], std: tuple[float, ...], device: torch.device
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """`mean` and `std` as (3, 1, 1) float32 tensors on `device`, for `normalise_with`."""
-    shape = (3, 1, 1)
-    mean_t = torch.as_tensor(mean, dtype=torch.float32, device=device).view(shape)
-    std_t = torch.as_tensor(std, dtype=torch.float32, device=device).view(shape)
-    return mean_t, std_t
-
-
-def normalise_with(pixels: torch.Tensor, mean: torch.Tensor, std: torch.Tensor) -> torch.Tensor:
-    """`normalise_pixels` with its constants already on the pixels' device."""
-    return pixels.float().div_(255).sub_(mean).div_(std)
+    mean_t = torch.as_tensor(mean, dtype=torch.float32, device=pixels.device).view(3, 1, 1)
+    std_t = torch.as_tensor(std, dtype=torch.float32, device=pixels.device).view(3, 1, 1)
+    return pixels.float().div_(255).sub_(mean_t).div_(std_t)
 
 
 class DecodedImage(NamedTuple):

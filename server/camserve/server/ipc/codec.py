@@ -39,14 +39,13 @@ class _RingUnpickler(pickle.Unpickler):
         self._ring = ring
 
     def persistent_load(self, pid: Any) -> Any:  # noqa: ANN401 - pickle's own hook
-        kind, dtype, shape, offset, nbytes, *order = pid
+        kind, dtype, shape, offset, nbytes, dims = pid
         if kind == "t":
             if not nbytes:
                 return torch.empty(shape, dtype=dtype)
             raw = self._ring.data[offset : offset + nbytes]
-            if not order:
+            if dims is None:
                 return raw.view(dtype).view(shape).clone()
-            (dims,) = order
             dense = raw.view(dtype).view([shape[d] for d in dims])
             return dense.permute(_inverse(dims)).clone()  # clone keeps the strides
         if not nbytes:
@@ -63,14 +62,11 @@ def _put_tensor(ring: ShmRing, tensor: torch.Tensor) -> tuple[object, ...]:
     nbytes = tensor.numel() * tensor.element_size()
     shape = tuple(tensor.shape)
     if not nbytes:
-        return ("t", tensor.dtype, shape, 0, 0)
+        return ("t", tensor.dtype, shape, 0, 0, None)
     offset = ring.alloc(nbytes)
     dims = _memory_order(tensor)
     dense = tensor if dims is None else tensor.permute(dims)
-    target = ring.data[offset : offset + nbytes].view(tensor.dtype).view(dense.shape)
-    target.copy_(dense)
-    if dims is None:
-        return ("t", tensor.dtype, shape, offset, nbytes)
+    ring.data[offset : offset + nbytes].view(tensor.dtype).view(dense.shape).copy_(dense)
     return ("t", tensor.dtype, shape, offset, nbytes, dims)
 
 
@@ -85,19 +81,16 @@ def _memory_order(tensor: torch.Tensor) -> tuple[int, ...] | None:
 
 
 def _inverse(dims: tuple[int, ...]) -> tuple[int, ...]:
-    inverse = [0] * len(dims)
-    for position, dim in enumerate(dims):
-        inverse[dim] = position
-    return tuple(inverse)
+    return tuple(dims.index(dim) for dim in range(len(dims)))
 
 
 def _put_array(ring: ShmRing, array: np.ndarray) -> tuple[object, ...]:
     nbytes = array.nbytes
     if not nbytes:
-        return ("a", array.dtype.str, array.shape, 0, 0)
+        return ("a", array.dtype.str, array.shape, 0, 0, None)
     offset = ring.alloc(nbytes)
     ring.array[offset : offset + nbytes].view(array.dtype).reshape(array.shape)[...] = array
-    return ("a", array.dtype.str, array.shape, offset, nbytes)
+    return ("a", array.dtype.str, array.shape, offset, nbytes, None)
 
 
 def dumps(message: object, ring: ShmRing) -> bytes:
