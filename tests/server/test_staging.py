@@ -57,6 +57,9 @@ def test_mixed_batches_keep_each_row_in_place() -> None:
     assert torch.equal(batch, expected)
     only_ready = InputStager(torch.device("cpu"), RECIPE.mean, RECIPE.std).batch([ready])
     assert torch.equal(only_ready, ready[None])
+    # Float inputs in (3, H, W) memory are transposed by the one copy into the batch.
+    assert only_ready.is_contiguous(memory_format=torch.channels_last)
+    assert batch.is_contiguous(memory_format=torch.channels_last)
 
 
 def test_an_empty_batch_is_refused() -> None:
