@@ -3,6 +3,9 @@
 from __future__ import annotations
 
 import dataclasses
+import gc
+import pickle
+import weakref
 from collections.abc import Iterator
 from multiprocessing import shared_memory
 
@@ -76,6 +79,46 @@ def test_permuted_tensors_cross_in_their_memory_layout(ring: ShmRing) -> None:
     assert copy.stride() == pixels.stride()
     assert copy.permute(1, 2, 0).is_contiguous()
     assert torch.equal(expanded, broadcast)
+
+
+def test_every_dtype_and_object_arrays_cross(ring: ShmRing) -> None:
+    """Dtypes numpy lacks go through torch; numpy arrays of objects are pickled as usual."""
+    tensors = [
+        torch.arange(6, dtype=dtype).reshape(2, 3)
+        for dtype in (torch.bfloat16, torch.float16, torch.float64, torch.int8, torch.int32)
+    ]
+    flags = torch.tensor([True, False])
+    objects = np.array(["cat", None], dtype=object)
+    *copies, flags_copy, objects_copy = loads(dumps((*tensors, flags, objects), ring), ring)
+    for copy, tensor in zip(copies, tensors, strict=True):
+        assert copy.dtype == tensor.dtype
+        assert torch.equal(copy, tensor)
+    assert torch.equal(flags_copy, flags)
+    assert objects_copy.tolist() == ["cat", None]
+
+
+def test_messages_are_freed_once_sent_and_once_read(ring: ShmRing) -> None:
+    """No reference cycle through the codec: a sent message, and a received one, go as soon
+    as nothing else holds them (the garbage collector is off here)."""
+    gc.disable()
+    try:
+        pixels = torch.zeros(3, 8, 8)
+        sent = weakref.ref(pixels)
+        payload = dumps(("explain", [pixels]), ring)
+        del pixels
+        assert sent() is None
+        _, (received,) = loads(payload, ring)
+        read = weakref.ref(received)
+        del received
+        assert read() is None
+    finally:
+        gc.enable()
+
+
+def test_a_plain_unpickler_refuses_a_ring_message(ring: ShmRing) -> None:
+    payload = dumps(("done", torch.ones(2)), ring)
+    with pytest.raises(pickle.UnpicklingError, match="codec.loads"):
+        pickle.loads(payload)  # noqa: S301 - this test's own bytes
 
 
 def test_the_producer_waits_for_the_consumer_and_wraps_around(ring: ShmRing) -> None:
