@@ -270,7 +270,10 @@ class DynamicBatcher(Generic[T, R]):
         self._note_arrival(now, cost)
         self._arrived.set()
         try:
-            results = await asyncio.gather(*(e.future for e in entries))
+            if len(entries) == 1:  # most requests: no gathering future to make
+                results = [await entries[0].future]
+            else:
+                results = await asyncio.gather(*(e.future for e in entries))
         except BaseException:
             for entry in entries:  # a caller that leaves frees its queue slots at once
                 entry.future.cancel()

@@ -93,6 +93,11 @@ async def request_cost(runtime: ModelRuntime, meta: ModelMeta, plan: ExplainPlan
     return followups.request_cost(plan, tail_fraction=fraction, chunk=meta.max_batch_size)
 
 
+def _without_retained(results: list[RowResult]) -> list[RowResult]:
+    """The results without the tensors kept for follow-up rows, which never leave the engine."""
+    return [dataclasses.replace(r, retained=()) if r.retained else r for r in results]
+
+
 class LocalAdmission:
     """A request admitted to one model of this process; `compute` runs it to its results."""
 
@@ -148,7 +153,7 @@ class LocalAdmission:
                 )
                 results = await runtime.on_worker(channels.finish)
             if not plan.scores:
-                return [dataclasses.replace(r, retained=()) for r in results], no_scores
+                return _without_retained(results), no_scores
             scored, keys = await runtime.on_worker(
                 followups.score_plan, inputs, results, plan, chunk
             )
@@ -156,7 +161,7 @@ class LocalAdmission:
             scores = await runtime.on_worker(followups.scores_by_image, scored, keys, len(results))
         except Exception as exc:  # noqa: BLE001 - every failure leaves as a domain error
             raise service_error(exc, runtime.spec.name) from None
-        return [dataclasses.replace(r, retained=()) for r in results], scores
+        return _without_retained(results), scores
 
     async def _gradient_rows(
         self, results: list[RowResult], deadline: float | None
