@@ -30,6 +30,7 @@ The tensor functions take (K, h, w) maps (or a single (h, w) map) and return the
 
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass
 
 import numpy as np
@@ -95,14 +96,35 @@ def _check_size(name: str, size_hw: tuple[int, int]) -> None:
 
 
 def _resize(maps: torch.Tensor, size_hw: tuple[int, int]) -> torch.Tensor:
-    """(K, h, w) -> (K, H, W), bilinear, half-pixel centres, float32."""
+    """(K, h, w) -> (K, H, W), bilinear, half-pixel centres, float32.
+
+    On the CPU as two small matrix products, rows then columns, over the interpolation weights
+    of each axis (two taps per output pixel, the rest zeros): the same taps as F.interpolate,
+    equal to it up to float32 rounding (about 1e-7), and 4-5 times faster for a 14x14 map
+    brought to 224x224 (38 against 140-200 us), where torch's bilinear kernel loops per pixel.
+    """
     maps = maps.float()
     if tuple(maps.shape[-2:]) == tuple(size_hw):
         return maps
     if maps.shape[0] == 0:
         return maps.new_zeros((0, *size_hw))
-    resized = F.interpolate(maps[:, None], size=size_hw, mode="bilinear", align_corners=False)
-    return resized[:, 0]
+    if maps.device.type != "cpu":
+        resized = F.interpolate(maps[:, None], size=size_hw, mode="bilinear", align_corners=False)
+        return resized[:, 0]
+    rows = _interpolation_matrix(size_hw[0], int(maps.shape[-2]))
+    cols = _interpolation_matrix(size_hw[1], int(maps.shape[-1]))
+    return torch.matmul(torch.matmul(rows, maps), cols.T)
+
+
+@functools.lru_cache(maxsize=64)
+def _interpolation_matrix(out_len: int, in_len: int) -> torch.Tensor:
+    """(out_len, in_len) float32: output pixel i is row i's weights times the input line."""
+    index_a, index_b, fraction = _source_taps(out_len, in_len)
+    weights = np.zeros((out_len, in_len), dtype=np.float32)
+    lines = np.arange(out_len)
+    np.add.at(weights, (lines, index_a), np.float32(1) - fraction)
+    np.add.at(weights, (lines, index_b), fraction)
+    return torch.from_numpy(weights)
 
 
 def to_input(maps: torch.Tensor, input_hw: tuple[int, int]) -> torch.Tensor:
@@ -129,21 +151,27 @@ class _Taps:
         return len(self.a)
 
 
+def _source_taps(out_len: int, in_len: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """For each of `out_len` output pixels, the two input pixels F.interpolate(bilinear,
+    align_corners=False) reads and the second one's weight, computed in float32 as PyTorch's
+    CPU kernel does."""
+    index = np.arange(out_len)
+    if out_len == in_len:  # PyTorch copies: no arithmetic, no rounding
+        return index, index, np.zeros(out_len, dtype=np.float32)
+    scale = np.float32(in_len) / np.float32(out_len)
+    half = np.float32(0.5)
+    source = np.maximum(scale * (index.astype(np.float32) + half) - half, np.float32(0))
+    index_a = np.minimum(np.floor(source).astype(np.int64), in_len - 1)
+    fraction = np.clip(source - index_a.astype(np.float32), 0, 1).astype(np.float32)
+    index_b = np.where(index_a < in_len - 1, index_a + 1, index_a)
+    return index_a, index_b, fraction
+
+
 def _taps(out_len: int, resized_len: int, crop_start: int, crop_len: int) -> _Taps | None:
     """The taps of F.interpolate(bilinear, align_corners=False) from `resized_len` to `out_len`
     pixels, computed in float32 as PyTorch's CPU kernel does, for a resized image that is zero
     outside [crop_start, crop_start + crop_len)."""
-    index = np.arange(out_len)
-    if out_len == resized_len:  # PyTorch copies: no arithmetic, no rounding
-        index_a, index_b = index, index
-        fraction = np.zeros(out_len, dtype=np.float32)
-    else:
-        scale = np.float32(resized_len) / np.float32(out_len)
-        half = np.float32(0.5)
-        source = np.maximum(scale * (index.astype(np.float32) + half) - half, np.float32(0))
-        index_a = np.minimum(np.floor(source).astype(np.int64), resized_len - 1)
-        fraction = np.clip(source - index_a.astype(np.float32), 0, 1).astype(np.float32)
-        index_b = np.where(index_a < resized_len - 1, index_a + 1, index_a)
+    index_a, index_b, fraction = _source_taps(out_len, resized_len)
     # The crop clipped to the resized image: a padded crop's outside part is not drawn.
     low, high = max(crop_start, 0), min(crop_start + crop_len, resized_len)
     inside_a = (index_a >= low) & (index_a < high)
@@ -241,11 +269,13 @@ def normalise(maps: torch.Tensor) -> torch.Tensor:
     # (186 against 13 us for one 224x224 map), and the values are the same.
     low, high = flat.amin(dim=1), flat.amax(dim=1)
     span = high - low
-    scale = torch.maximum(high.abs(), low.abs())
-    constant = span <= scale * _CONSTANT_RTOL
-    span = torch.where(constant, torch.ones_like(span), span)
+    constant = span <= torch.maximum(high.abs(), low.abs()) * _CONSTANT_RTOL
+    any_constant = bool(constant.any())  # rare: skip a pass over every map when none is
+    if any_constant:
+        span = torch.where(constant, torch.ones_like(span), span)
     out = batch.sub(low[:, None, None]).div_(span[:, None, None])
-    out.masked_fill_(constant[:, None, None], 0.0)
+    if any_constant:
+        out.masked_fill_(constant[:, None, None], 0.0)
     return out[0] if single else out
 
 
