@@ -43,6 +43,7 @@ import sys
 import tempfile
 import time
 import urllib.request
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -330,22 +331,23 @@ async def load_window(
     for report in reports:
         for name, count in report["errors"].items():
             errors[name] = errors.get(name, 0) + count
-    weights = sum(successes) or 1.0
+
+    def weighted(value: Callable[[dict[str, Any]], float]) -> float | None:
+        """The request-weighted mean of one figure over the processes that answered."""
+        if not done:
+            return None
+        total = sum(value(r) * n for r, n in zip(done, successes, strict=True))
+        return total / (sum(successes) or 1.0)
+
     return {
         "requests": sum(r["requests"] for r in reports),
         "errors": errors,
         "throughput_rps": sum(r["throughput_rps"] for r in reports),
         "latency_ms": {
-            "p50": sum(r["latency_ms"]["p50"] * n for r, n in zip(done, successes, strict=True))
-            / weights
-            if done
-            else None,
+            "p50": weighted(lambda r: r["latency_ms"]["p50"]),
             "p99": max((r["latency_ms"]["p99"] for r in done), default=None),
         },
-        "mean_batch": sum(r["mean_batch"] * n for r, n in zip(done, successes, strict=True))
-        / weights
-        if done
-        else None,
+        "mean_batch": weighted(lambda r: r["mean_batch"]),
     }
 
 

@@ -42,7 +42,6 @@ class InputStager:
         self._mean = torch.as_tensor(mean, dtype=torch.float32, device=device)
         self._std = torch.as_tensor(std, dtype=torch.float32, device=device)
         self._rows: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
-        self._pinned = device.type == "cuda"
         self._buffer: torch.Tensor | None = None
         self._copied: torch.cuda.Event | None = None
 
@@ -76,33 +75,35 @@ class InputStager:
             if item.dtype == torch.uint8:
                 raw.append(index)
         rows = by_pixel.view(len(pixels), h, w * 3)
-        mean, std = self._row_constants(w)
         if len(raw) == len(pixels):
-            rows.div_(255).sub_(mean).div_(std)
+            self._normalise_rows(rows)
         else:
             for index in raw:
-                rows[index].div_(255).sub_(mean).div_(std)
+                self._normalise_rows(rows[index])
         return by_pixel.permute(0, 3, 1, 2)
 
     def _normalised(self, pixels: Sequence[torch.Tensor]) -> torch.Tensor:
         """(N, 3, H, W) float32 on the device, channels_last (module docstring)."""
         by_pixel = self._upload(pixels)
         n, h, w, c = by_pixel.shape
-        mean, std = self._row_constants(w)
-        rows = by_pixel.view(n, h, w * c).float().div_(255).sub_(mean).div_(std)
+        rows = self._normalise_rows(by_pixel.view(n, h, w * c).float())
         return rows.view(n, h, w, c).permute(0, 3, 1, 2)
 
-    def _row_constants(self, width: int) -> tuple[torch.Tensor, torch.Tensor]:
-        """The per-channel constants repeated along a row of `width` pixels, on the device."""
+    def _normalise_rows(self, rows: torch.Tensor) -> torch.Tensor:
+        """Float rows of W * 3 pixel values (0-255) normalised in place, against the per-channel
+        constants repeated W times: the (3, H, W) formula's arithmetic, value for value."""
+        width = rows.shape[-1] // 3
         if width not in self._rows:
             self._rows[width] = (self._mean.repeat(width), self._std.repeat(width))
-        return self._rows[width]
+        mean, std = self._rows[width]
+        return rows.div_(255).sub_(mean).div_(std)
 
     def _upload(self, pixels: Sequence[torch.Tensor]) -> torch.Tensor:
-        """The uint8 batch as (N, H, W, 3) on the device: stacked into the pinned buffer and
-        copied asynchronously; pixels already on the device (decoded there) are stacked there."""
+        """The uint8 batch as (N, H, W, 3) on the CUDA device: stacked into the pinned buffer
+        and copied asynchronously; pixels already on the device (decoded there) are stacked
+        there."""
         by_pixel = [p.permute(1, 2, 0) for p in pixels]  # a plain view of decoded pixels
-        if not self._pinned or any(p.device != torch.device("cpu") for p in pixels):
+        if any(p.device != torch.device("cpu") for p in pixels):
             return torch.stack([p.to(self._device) for p in by_pixel])
         shape = (len(pixels), *by_pixel[0].shape)
         buffer = self._buffer
