@@ -132,6 +132,31 @@ def test_the_producer_waits_for_the_consumer_and_wraps_around(ring: ShmRing) -> 
         ring.alloc(ring.capacity)  # more than the room left
 
 
+def test_once_the_consumer_has_read_everything_the_producer_starts_at_the_front(
+    ring: ShmRing,
+) -> None:
+    """The bytes crossing stay in the ring's first, cached, bytes rather than cycling through
+    all of it: each message starts at the front when the one before has been read."""
+    assert ring.alloc(100) == 0
+    assert ring.alloc(100) == ALIGN * 2  # the first is not read yet: the next one follows it
+    ring.release(ring.written)
+    assert ring.alloc(100) == 0
+    ring.release(ring.written - 1)  # not quite everything
+    assert ring.alloc(100) == ALIGN * 2
+    ring.release(ring.written)
+    mark = ring.written
+    assert ring.alloc(100) == 0
+    ring.written = mark  # a sender rolling back a message that did not fit
+    assert ring.alloc(ring.capacity) == 0  # the whole ring is free again
+    ring.release(ring.written)
+    assert ring.alloc(ALIGN) == 0
+    ring.release(ring.written)
+    half = ring.capacity // 2 // ALIGN * ALIGN
+    # One message's tensors: the first starts at the front, the rest follow it, in a ring the
+    # consumer has not yet read past the bytes the producer skipped.
+    assert [ring.alloc(half), ring.alloc(half)] == [0, half]
+
+
 def test_reset_empties_the_ring(ring: ShmRing) -> None:
     ring.alloc(ring.capacity)
     assert not ring.idle()

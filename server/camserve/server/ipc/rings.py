@@ -4,7 +4,9 @@ Each frontend owns two (pixels to the engine, maps back), created once by the su
 no message creates a segment. The producer carves tensors out of the ring in order; the
 consumer copies a message's tensors out as soon as the message arrives and then publishes how
 far it has read, which is all the producer waits on. The positions only grow; a tensor that
-would straddle the end starts again at the front.
+would straddle the end starts again at the front, and so does every message sent once the
+consumer has read all before it (the usual case), so the bytes crossing stay in a few cached
+MiB at the front rather than cycling through the whole ring.
 """
 
 from __future__ import annotations
@@ -44,6 +46,7 @@ class ShmRing:
         )
         self.array = np.ndarray((self.capacity,), np.uint8, buffer=segment.buf, offset=HEADER_BYTES)
         self.written = 0  # the producer's position
+        self._skipped = 0  # where the producer last started again at the front
 
     @classmethod
     def attach(cls, name: str) -> ShmRing:
@@ -52,6 +55,7 @@ class ShmRing:
     def reset(self) -> None:
         """Empties the ring; only while no peer uses it (before a new connection's hello)."""
         self.written = 0
+        self._skipped = 0
         self._read[0] = 0
 
     @property
@@ -66,11 +70,20 @@ class ShmRing:
         """The data offset of `nbytes` of fresh room; RingFull when the consumer lags."""
         size = _aligned(nbytes)
         position = self.written
+        read = max(self.released, self._skipped)
+        if position % self.capacity and read >= position:
+            # The consumer has read everything: start again at the front, whose memory the last
+            # messages left in the CPU caches. Cycling through the whole ring writes to memory
+            # they no longer hold (one 600 KB input: 120 us against 46).
+            position += self.capacity - position % self.capacity
+            # The bytes skipped were never written: free for this message's other tensors too,
+            # before the consumer publishes a position past them.
+            self._skipped = read = position
         offset = position % self.capacity
         if offset + size > self.capacity:  # never straddle the end
             position += self.capacity - offset
             offset = 0
-        if position + size - self.released > self.capacity:
+        if position + size - read > self.capacity:
             raise RingFull(nbytes)
         self.written = position + size
         return offset
