@@ -17,6 +17,7 @@ from camserve.server.preprocess import (
     check_size,
     decode,
     decode_for_model,
+    from_normalised_array,
     from_uint8_array,
     peek,
     prepare,
@@ -244,3 +245,19 @@ def test_prepared_pixels_normalise_exactly_as_torchvision_does() -> None:
     resized = tf.center_crop(tf.resize(image, RECIPE.resize), [RECIPE.crop, RECIPE.crop])
     expected = tf.normalize(tf.to_tensor(resized), list(RECIPE.mean), list(RECIPE.std))
     assert torch.equal(prepared.tensor, expected)
+
+
+def test_float_inputs_for_a_channels_last_engine_keep_their_values_in_pixel_order() -> None:
+    """A CPU engine runs channels_last: float inputs are laid out (H, W, 3) in memory, like
+    decoded pixels, so its stager copies them without transposing; the values are the same."""
+    array = np.random.default_rng(3).standard_normal((3, 224, 224), dtype=np.float32)
+    array.flags.writeable = False  # as the wire's bytes are
+    plain = from_normalised_array(array, "images[0].tensor", RECIPE, keep_original=False)
+    by_pixel = from_normalised_array(
+        array, "images[0].tensor", RECIPE, keep_original=True, channels_last=True
+    )
+    assert plain.pixels.is_contiguous()
+    assert by_pixel.pixels.permute(1, 2, 0).is_contiguous()
+    assert torch.equal(by_pixel.pixels, torch.from_numpy(array.copy()))
+    assert by_pixel.original is not None
+    assert by_pixel.original.size == (224, 224)

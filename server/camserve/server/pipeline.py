@@ -68,7 +68,13 @@ def prepare_image(
     with timed("decode"):
         if isinstance(source, ArrayImage):
             if source.normalised:
-                return from_normalised_array(source.array, source.field, meta.recipe, keep_original)
+                return from_normalised_array(
+                    source.array,
+                    source.field,
+                    meta.recipe,
+                    keep_original,
+                    channels_last=meta.channels_last_input,
+                )
             image = from_uint8_array(source.array, source.field, limits, meta.recipe)
             size = None
         else:

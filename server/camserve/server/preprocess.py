@@ -323,9 +323,18 @@ def prepare(
 
 
 def from_normalised_array(
-    array: np.ndarray, field: str, recipe: InputRecipe, keep_original: bool
+    array: np.ndarray,
+    field: str,
+    recipe: InputRecipe,
+    keep_original: bool,
+    channels_last: bool = False,
 ) -> PreparedImage:
-    """A float32 (3, H, W) array that the caller already resized and normalised, used as is."""
+    """A float32 (3, H, W) array that the caller already resized and normalised, used as is.
+
+    With `channels_last` (the engine runs on the CPU in that layout) its values are laid out
+    (H, W, 3) in memory, as decoded pixels are: the engine's single-threaded stager then copies
+    them straight into its batch, and the transposing copy is made here, in a process that
+    scales with the cores."""
     size = recipe.crop
     if array.shape != (3, size, size):
         raise ImageError(
@@ -337,7 +346,10 @@ def from_normalised_array(
     geometry = Geometry(
         original_hw=(size, size), resized_hw=(size, size), crop_box=(0, 0, size, size)
     )
-    tensor = torch.from_numpy(array.copy())
+    tensor = torch.from_numpy(array.copy())  # the wire's bytes are read-only
+    if channels_last:
+        by_pixel = torch.empty((size, size, 3), dtype=tensor.dtype)
+        tensor = by_pixel.copy_(tensor.permute(1, 2, 0)).permute(2, 0, 1)
     original: Image.Image | None = None
     if keep_original:  # an overlay needs pixels: undo the normalisation the caller applied
         mean = torch.tensor(recipe.mean).view(3, 1, 1)

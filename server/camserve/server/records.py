@@ -103,6 +103,9 @@ class ModelMeta:
     # Methods of the registry this model is not offered, with the reason (the guided methods on
     # a model whose nonlinearities they do not control).
     refused: Mapping[str, str] = field(default_factory=dict)
+    # The engine runs the model on the CPU in channels_last: prepared float inputs are then
+    # laid out (H, W, 3) in memory, like decoded pixels, so its stager needs no transposing copy.
+    channels_last_input: bool = False
 
     @functools.cached_property
     def layer_names(self) -> frozenset[str]:

@@ -419,4 +419,5 @@ def _read_meta(
         max_batch_size=spec.max_batch_size,
         conv_layers=conv_layers(engine.model),
         gates=find_gates(engine.model, size),
+        channels_last_input=engine.device.type == "cpu" and engine.channels_last,
     )
