@@ -5,9 +5,9 @@ from __future__ import annotations
 import torch
 
 from camserve.server import batcher
-from camserve.server.engine import EngineError, LayerError, ModelFault
+from camserve.server.engine import EngineError, LayerError, ModelFault, RowResult
 from camserve.server.errors import InvalidRequest, ServerFault
-from camserve.server.faults import is_fault, service_error
+from camserve.server.faults import checked_rows, is_fault, service_error
 from camserve.server.health import HealthTracker
 
 OK = ("result", 0.01)
@@ -93,3 +93,30 @@ def test_forward_rows_with_non_finite_logits_fail_their_own_job_alone() -> None:
     assert is_fault(faulted[bad])
     assert list(recorded) == ["good"]
     assert bool(torch.isfinite(recorded["good"]).all())
+
+
+def _row(logits: torch.Tensor, heatmap: torch.Tensor) -> RowResult:
+    return RowResult(
+        logits=logits,
+        probabilities=torch.softmax(logits, 0),
+        classes=(0,),
+        layer="features",
+        maps={("gradcam", 0): heatmap},
+    )
+
+
+def test_a_batch_is_checked_at_once_and_only_its_non_finite_rows_fail() -> None:
+    rows = [_row(torch.zeros(5), torch.ones(3, 3)) for _ in range(4)]
+    checked = checked_rows(rows)
+    assert all(a is b for a, b in zip(checked, rows, strict=True))  # all finite: the rows
+
+    bad_logits = _row(torch.tensor([0.0, float("nan"), 0, 0, 0]), torch.ones(3, 3))
+    bad_map = _row(torch.zeros(5), torch.full((3, 3), float("inf")))
+    checked = checked_rows([rows[0], bad_logits, rows[1], bad_map])
+    assert checked[0] is rows[0]
+    assert checked[2] is rows[1]
+    assert isinstance(checked[1], ModelFault)
+    assert "logits" in str(checked[1])
+    assert isinstance(checked[3], ModelFault)
+    assert "activations or gradients" in str(checked[3])
+    assert checked_rows([]) == []

@@ -44,7 +44,7 @@ from camserve.server.engine.registry import (
     PASS_METHODS,
     UNGUIDED_PIXEL_METHODS,
 )
-from camserve.server.faults import checked_row
+from camserve.server.faults import checked_rows
 from camserve.server.health import HealthTracker
 from camserve.server.metrics import Metrics
 from camserve.server.models.labels import load_labels
@@ -351,7 +351,7 @@ class ModelRuntime:
         assert self._stager is not None
         batch = self._stager.batch([job.pixels for job in jobs])
         results = self._engine.explain_batch(batch, [job.row for job in jobs])
-        return [checked_row(result) for result in results]
+        return checked_rows(results)
 
 
 def _detached(exc: BaseException) -> BaseException:
