@@ -17,10 +17,10 @@ and normalisation loops 3 values long).
 On the CPU each image is copied once, straight into its row of the float batch: uint8 pixels
 are converted by that copy, and float inputs in (3, H, W) memory are transposed by it (the
 server's frontends prepare float inputs for a CPU engine in (H, W, 3) memory already, so
-theirs is a plain copy). Stacking
-them first and converting or transposing the stack afterwards touched every value twice, into
-freshly allocated memory each time (for 32 float inputs of 224 x 224, the stack and the
-engine's channels_last conversion were three quarters of the tiny model's explain time).
+theirs is a plain copy). Stacking them first and converting or transposing the stack
+afterwards touched every value twice, into freshly allocated memory each time (for 32 float
+inputs of 224 x 224, the stack and the engine's channels_last conversion were three quarters
+of the tiny model's explain time).
 """
 
 from __future__ import annotations
